@@ -1,0 +1,29 @@
+"""chainrule: reverse-mode automatic differentiation you can read, inspect and trust.
+
+`cr.grad`, `cr.value_and_grad` and `cr.vjp` have `jax.grad`'s signatures and
+differentiate the same functions (written with `jax.numpy`, `jax.nn`, `lax`, or
+`chainrule.numpy`) with chainrule's own hand-written VJP rules. They compose
+with `jax.jit`, `jax.vmap` and with each other.
+
+Examples:
+  >>> import chainrule as cr
+  >>> cr.grad(lambda w, x, y: (w * x - y) ** 2)(1.0, 1.0, 2.0)
+  Array(-2., dtype=float32, weak_type=True)
+"""
+
+from chainrule import errors
+from chainrule.engine.core import Tracer
+from chainrule.engine.rules import PRIMITIVES
+from chainrule.engine.transforms import grad, value_and_grad, vjp
+
+__version__ = "0.1.0"
+
+__all__ = ["PRIMITIVES", "Tracer", "errors", "grad", "numpy", "value_and_grad", "vjp"]
+
+
+def __getattr__(name: str):
+    if name == "numpy":  # `cr.numpy` without a circular import at package load
+        import chainrule.numpy as cnp
+
+        return cnp
+    raise AttributeError(f"module 'chainrule' has no attribute {name!r}")

@@ -1,0 +1,361 @@
+"""The tracer core: `Tracer`, `Node`, trace levels, `bind` and the backward pass.
+
+This module knows nothing about arrays beyond "a value has a dtype". Everything
+array-shaped (the primitives, their VJP rules, operator overloading, jaxpr
+replay) is built on the four things defined here:
+
+* a **level** numbers one active differentiation (one call of `cr.grad`,
+  `cr.vjp`, ...). Levels only grow, so a transform started inside another one
+  always has a higher level, and two transforms never share one. That is what
+  keeps `cr.grad(cr.grad(f))` from confusing the perturbations of the two.
+* a `Tracer` boxes a value for one level. Its value may itself be a `Tracer`
+  of a lower level (nesting) or a JAX value (a concrete array, or a JAX tracer
+  under `jax.jit`/`jax.vmap`/`jax.grad`).
+* a `Node` records how a `Tracer` was made: the primitive, the primal inputs
+  and output (one level down), its parents.
+* `backward` walks the nodes in reverse topological order, without recursion,
+  and hands each node's cotangent to its primitive's VJP rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from jax import dtypes
+
+
+class _TraceState(threading.local):
+    """The one piece of mutable global state: the trace stack, per thread."""
+
+    def __init__(self) -> None:
+        self.levels = itertools.count(1)
+        # Levels of transforms that are capturing a jaxpr with jax.make_jaxpr;
+        # a lower-level Tracer met during a capture must be replayed instead.
+        self.capturing: list[int] = []
+
+
+_state = _TraceState()
+
+
+def new_level() -> int:
+    """Returns a fresh level, higher than every level handed out before."""
+    return next(_state.levels)
+
+
+class ReplayNeeded(Exception):
+    """A Tracer of an enclosing transform met a jaxpr being captured.
+
+    The transform that owns `level` catches this and re-runs the user's
+    function through jaxpr replay. If it reaches user code, a Tracer escaped
+    the transform that made it.
+    """
+
+    def __init__(self, level: int):
+        self.level = level
+        super().__init__(
+            f"A chainrule Tracer (level {level}) was used inside a JAX transformation "
+            "outside the chainrule transform that created it. This happens when a traced "
+            "value escapes the differentiated function, e.g. it is stored in a global or a "
+            "closure that outlives the call. Return values from the function instead."
+        )
+
+
+def names_tracer(exc: BaseException) -> bool:
+    """True if `exc` is JAX refusing a chainrule Tracer as an argument.
+
+    JAX functions (`jnp.sin`, `jax.jit(f)`, ...) do not accept foreign objects;
+    they raise a TypeError or ValueError naming the object's type. The dynamic
+    front end then replays the function as a jaxpr instead.
+    """
+    return isinstance(exc, (TypeError, ValueError)) and "chainrule.Tracer" in str(exc).replace(
+        "chainrule.engine.core.Tracer", "chainrule.Tracer"
+    )
+
+
+class capturing:
+    """Context manager marking `level` as capturing a jaxpr (jaxpr replay)."""
+
+    def __init__(self, level: int):
+        self.level = level
+
+    def __enter__(self) -> None:
+        _state.capturing.append(self.level)
+
+    def __exit__(self, *exc: object) -> None:
+        _state.capturing.pop()
+
+
+class Node:
+    """How one traced value was computed.
+
+    Attributes:
+      prim: the `Primitive` applied (None for an input of the transform).
+      primals: the primitive's inputs, one level down (`Tracer`s of lower
+        levels or JAX values).
+      params: the primitive's static parameters.
+      ans: the primitive's output, one level down.
+      argnums: which of `primals` were traced at this node's level.
+      parents: the nodes of those traced inputs, aligned with `argnums`.
+    """
+
+    __slots__ = ("prim", "primals", "params", "ans", "argnums", "parents", "__weakref__")
+
+    def __init__(self, prim, primals, params, ans, argnums, parents):
+        self.prim = prim
+        self.primals = primals
+        self.params = params
+        self.ans = ans
+        self.argnums = argnums
+        self.parents = parents
+
+    def vjp(self, g: Any) -> Sequence[Any]:
+        """Cotangents for `parents` given the cotangent `g` of this node's output."""
+        return self.prim.vjp(g, self)
+
+    def release(self) -> None:
+        """Drops the references that keep intermediate values alive."""
+        self.primals = self.params = self.ans = None
+        self.parents = ()
+
+    def __repr__(self) -> str:
+        name = self.prim.name if self.prim is not None else "input"
+        return f"Node({name}, parents={len(self.parents)})"
+
+
+def input_node(value: Any) -> Node:
+    """A node for an input of a transform: no primitive, no parents."""
+    return Node(None, (), {}, value, (), ())
+
+
+class Tracer:
+    """A value boxed for one level of differentiation.
+
+    Operators and array methods (`+`, `@`, `.sum()`, indexing, ...) are attached
+    by `chainrule.engine.dynamic`; the core only defines the box.
+    """
+
+    __slots__ = ("value", "node", "level")
+    __array_priority__ = 1000  # NumPy defers binary operators to us.
+
+    def __init__(self, value: Any, node: Node, level: int):
+        self.value = value
+        self.node = node
+        self.level = level
+
+    @property
+    def aval(self):
+        return raw(self).aval if hasattr(raw(self), "aval") else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.value.shape)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.value.shape:
+            n *= d
+        return n
+
+    def __repr__(self) -> str:
+        return f"chainrule.Tracer(level={self.level}, {raw(self)!r})"
+
+
+def raw(x: Any) -> Any:
+    """Strips every level of boxing: the JAX value underneath."""
+    while isinstance(x, Tracer):
+        x = x.value
+    return x
+
+
+def top_level(args: Iterable[Any]) -> int:
+    """The highest level among the Tracers in `args`, 0 if none."""
+    level = 0
+    for a in args:
+        if isinstance(a, Tracer) and a.level > level:
+            level = a.level
+    return level
+
+
+def is_differentiable(x: Any) -> bool:
+    """Only floating (and complex) values carry cotangents."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and dtypes.issubdtype(dtype, np.inexact)
+
+
+class Primitive:
+    """An operation the tracer records, with its implementation and VJP rule.
+
+    Args:
+      name: the `jax.lax` primitive this mirrors (e.g. "mul").
+      impl: computes the result on untraced JAX values.
+      params: names of the static parameters taken from a jaxpr equation.
+      differentiable: False for primitives whose output carries no gradient
+        (comparisons, argmax, stop_gradient): their output is never traced.
+      multiple_results: the implementation returns a sequence.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        impl: Callable[..., Any],
+        params: Sequence[str] = (),
+        *,
+        differentiable: bool = True,
+        multiple_results: bool = False,
+    ):
+        self.name = name
+        self.impl = impl
+        self.params = tuple(params)
+        self.differentiable = differentiable
+        self.multiple_results = multiple_results
+        self.vjp_makers: tuple[Callable | None, ...] | None = None
+
+    def bind(self, *args: Any, **params: Any) -> Any:
+        return bind(self, *args, **params)
+
+    def vjp(self, g: Any, node: Node) -> list[Any]:
+        """Cotangents for the traced inputs of `node`. Override for joint rules."""
+        makers = self.vjp_makers
+        if makers is None:
+            from chainrule.errors import NoVJPRuleError
+
+            raise NoVJPRuleError(self.name)
+        out = []
+        for i in node.argnums:
+            maker = makers[i] if i < len(makers) else None
+            if maker is None:
+                from chainrule.errors import NoVJPRuleError
+
+                raise NoVJPRuleError(self.name, detail=f"it has no rule for argument {i}")
+            out.append(maker(node.ans, *node.primals, **node.params)(g))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Primitive({self.name})"
+
+
+class _Projection:
+    """Selects output `index` of a multiple-results node; its VJP is one-hot."""
+
+    __slots__ = ("index", "count")
+    name = "projection"
+
+    def __init__(self, index: int, count: int):
+        self.index = index
+        self.count = count
+
+    def vjp(self, g: Any, node: Node) -> list[Any]:
+        cts = [None] * self.count
+        cts[self.index] = g
+        return [tuple(cts)]
+
+
+def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
+    """Applies `prim` to `args`, recording a node at the highest level present.
+
+    Inputs at lower levels are passed down unchanged, so the recursion records
+    one node per level, innermost first.
+    """
+    level = top_level(args)
+    if level == 0:
+        return prim.impl(*args, **params)
+    if not prim.differentiable:
+        return prim.impl(*(raw(a) for a in args), **params)
+    if _state.capturing and level <= _state.capturing[-1]:
+        # A value of an enclosing transform met a jaxpr being captured for an
+        # inner one: the enclosing transform must replay instead.
+        raise ReplayNeeded(level)
+    primals = tuple(a.value if isinstance(a, Tracer) and a.level == level else a for a in args)
+    ans = bind(prim, *primals, **params)
+    argnums = tuple(
+        i for i, a in enumerate(args) if isinstance(a, Tracer) and a.level == level
+    )
+    parents = tuple(args[i].node for i in argnums)
+    node = Node(prim, primals, params, ans, argnums, parents)
+    if not prim.multiple_results:
+        return Tracer(ans, node, level) if is_differentiable(raw(ans)) else raw(ans)
+    n = len(ans)
+    return [
+        Tracer(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), level)
+        if is_differentiable(raw(a))
+        else raw(a)
+        for i, a in enumerate(ans)
+    ]
+
+
+def toposort(roots: Iterable[Node]) -> Iterator[Node]:
+    """Nodes reachable from `roots`, each after every node that uses it.
+
+    Iterative (Kahn's algorithm), so a chain of 10^5 operations is fine.
+    """
+    roots = list(dict.fromkeys(roots))
+    child_counts: dict[Node, int] = {}
+    seen: set[Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for parent in node.parents:
+            child_counts[parent] = child_counts.get(parent, 0) + 1
+            stack.append(parent)
+    ready = [r for r in roots if child_counts.get(r, 0) == 0]
+    while ready:
+        node = ready.pop()
+        parents = node.parents  # read before yielding: the consumer may release the node
+        yield node
+        for parent in parents:
+            child_counts[parent] -= 1
+            if child_counts[parent] == 0:
+                ready.append(parent)
+
+
+def backward(
+    seeds: Iterable[tuple[Node, Any]],
+    add: Callable[[Any, Any], Any],
+    *,
+    release: bool,
+) -> dict[Node, Any]:
+    """The backward pass: propagates cotangents from `seeds` to the input nodes.
+
+    Args:
+      seeds: (node, cotangent of its output) pairs, e.g. the loss and 1.0.
+      add: adds two cotangents (accumulation where a value is used twice).
+      release: drop each node's saved values once it has been processed, so
+        the graph's memory is freed during the pass (as in PyTorch's
+        `backward()` without `retain_graph`).
+
+    Returns:
+      The cotangent of every reached node without parents (the inputs).
+    """
+    cotangents: dict[Node, Any] = {}
+    for node, g in seeds:
+        cotangents[node] = add(cotangents[node], g) if node in cotangents else g
+    inputs: dict[Node, Any] = {}
+    for node in toposort(list(cotangents)):
+        g = cotangents.pop(node, None)
+        if g is None:  # every use of this node contributed a structural zero
+            continue
+        if not node.parents:
+            inputs[node] = g
+            continue
+        for parent, ct in zip(node.parents, node.vjp(g), strict=True):
+            if ct is not None:
+                cotangents[parent] = add(cotangents[parent], ct) if parent in cotangents else ct
+        if release:
+            node.release()
+    return inputs

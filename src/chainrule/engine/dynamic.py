@@ -1,0 +1,372 @@
+"""The dynamic front end: Tracers that record operations as Python runs them.
+
+Operators (`+ - * / ** @`, comparisons, indexing) and array methods (`.sum()`,
+`.T`, `.reshape()`, ...) on a `Tracer` record nodes immediately, PyTorch-style,
+so Python control flow on concrete values just works outside `jax.jit`. The
+functions here give `jax.numpy` semantics (dtype promotion, broadcasting) on
+top of the lax-level ops of `rules`; `chainrule.numpy` re-exports them.
+
+Anything without a hand-written fast path (e.g. fancy indexing) is recorded
+with `lift`: the `jax.numpy` function is captured as a jaxpr and replayed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chainrule.engine import core, replay, rules
+from chainrule.engine.core import Tracer, raw
+
+# --- dtype promotion and broadcasting, as jax.numpy does them -----------------
+
+
+def _result_type(*args: Any):
+    return jnp.result_type(*(raw(a) for a in args))
+
+
+def _as_operand(x: Any, dtype) -> Any:
+    if isinstance(x, Tracer):
+        return rules.convert_element_type(x, dtype)
+    return jnp.asarray(x, dtype=dtype)
+
+
+def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
+    """Broadcasts `x` to `shape` with NumPy's rule, recording `broadcast_in_dim`."""
+    shape, xshape = tuple(shape), rules.shape_of(x)
+    if xshape == shape:
+        return x
+    lead = len(shape) - len(xshape)
+    return rules.broadcast_in_dim(x, shape, tuple(range(lead, len(shape))))
+
+
+def _broadcast_to(x: Any, shape: tuple[int, ...]) -> Any:
+    # lax's binary primitives take a rank-0 operand beside an array as it is.
+    return x if rules.shape_of(x) == () else broadcast_to(x, shape)
+
+
+def promote(*args: Any, inexact: bool = False) -> list[Any]:
+    """Converts `args` to one dtype and a broadcast-compatible shape."""
+    dtype = _result_type(*args)
+    if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.result_type(dtype, float)
+    ops = [_as_operand(a, dtype) for a in args]
+    shape = tuple(np.broadcast_shapes(*(rules.shape_of(a) for a in ops)))
+    return [_broadcast_to(a, shape) for a in ops]
+
+
+def _binary(op: Callable, inexact: bool = False) -> Callable:
+    def f(x, y):
+        return op(*promote(x, y, inexact=inexact))
+
+    return f
+
+
+def _unary(op: Callable) -> Callable:
+    def f(x):
+        (x,) = promote(x, inexact=True)
+        return op(x)
+
+    return f
+
+
+add = _binary(rules.add)
+subtract = _binary(rules.sub)
+multiply = _binary(rules.mul)
+true_divide = divide = _binary(rules.div, inexact=True)
+maximum = _binary(rules.maximum)
+minimum = _binary(rules.minimum)
+arctan2 = _binary(rules.atan2_p.bind, inexact=True)
+less, less_equal = _binary(rules.lt), _binary(rules.le)
+greater, greater_equal = _binary(rules.gt), _binary(rules.ge)
+equal, not_equal = _binary(rules.eq), _binary(rules.ne)
+
+negative = _unary(rules.neg)
+sin, cos, tan = _unary(rules.sin), _unary(rules.cos), _unary(rules.tan_p.bind)
+arcsin, arccos, arctan = (_unary(p.bind) for p in (rules.asin_p, rules.acos_p, rules.atan_p))
+sinh, cosh, tanh = _unary(rules.sinh), _unary(rules.cosh), _unary(rules.tanh)
+arcsinh, arccosh, arctanh = (_unary(p.bind) for p in (rules.asinh_p, rules.acosh_p, rules.atanh_p))
+exp, exp2, log = _unary(rules.exp), _unary(rules.exp2_p.bind), _unary(rules.log)
+log1p, expm1 = _unary(rules.log1p_p.bind), _unary(rules.expm1_p.bind)
+sqrt, cbrt, square = _unary(rules.sqrt), _unary(rules.cbrt_p.bind), _unary(rules.square_p.bind)
+abs = absolute = _unary(rules.abs_)
+sign = _unary(rules.sign)
+
+
+def power(x: Any, y: Any) -> Any:
+    """x ** y; an integer exponent records `integer_pow`, as jax.numpy does."""
+    if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
+        (x,) = promote(x)
+        return rules.integer_pow(x, int(y))
+    return rules.pow_(*promote(x, y, inexact=True))
+
+
+def where(condition: Any, x: Any, y: Any) -> Any:
+    """Selects `x` where `condition` holds, else `y` (jax.numpy.where with 3 args)."""
+    x, y = promote(x, y)
+    cond = jnp.asarray(raw(condition), dtype=bool)
+    shape = tuple(np.broadcast_shapes(cond.shape, rules.shape_of(x)))
+    x, y = broadcast_to(x, shape), broadcast_to(y, shape)
+    cond = jnp.broadcast_to(cond, shape)
+    return rules.select_n(cond, y, x)
+
+
+def clip(x: Any, min: Any = None, max: Any = None) -> Any:  # noqa: A002 - numpy's names
+    if min is not None:
+        x = maximum(min, x)
+    if max is not None:
+        x = minimum(max, x)
+    return x
+
+
+# --- reductions -----------------------------------------------------------------
+
+
+def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (int, np.integer)):
+        axis = (axis,)
+    return tuple(sorted(operator.index(a) % builtins.max(ndim, 1) for a in axis))
+
+
+def _reduction(op: Callable) -> Callable:
+    def f(x, axis=None, keepdims=False):
+        (x,) = promote(x)
+        shape = rules.shape_of(x)
+        axes = _axes(axis, len(shape))
+        out = op(x, axes)
+        if keepdims:
+            out = rules.reshape(out, tuple(1 if d in axes else n for d, n in enumerate(shape)))
+        return out
+
+    return f
+
+
+sum = _reduction(rules.reduce_sum)
+max = amax = _reduction(lambda x, axes: rules.reduce_max_p.bind(x, axes=axes))
+min = amin = _reduction(lambda x, axes: rules.reduce_min_p.bind(x, axes=axes))
+
+
+def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    (x,) = promote(x, inexact=True)
+    shape = rules.shape_of(x)
+    count = int(np.prod([shape[d] for d in _axes(axis, len(shape))]))
+    return divide(sum(x, axis, keepdims), rules.const(x, count))
+
+
+def argmax(x: Any, axis: Any = None) -> Any:
+    return jnp.argmax(raw(x), axis=axis)
+
+
+def argmin(x: Any, axis: Any = None) -> Any:
+    return jnp.argmin(raw(x), axis=axis)
+
+
+# --- shapes -----------------------------------------------------------------------
+
+
+def reshape(x: Any, *shape: Any) -> Any:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    (x,) = promote(x)
+    size = int(np.prod(rules.shape_of(x)))
+    if -1 in shape:
+        known = int(np.prod([n for n in shape if n != -1]))
+        shape = tuple(size // known if n == -1 else n for n in shape)
+    return rules.reshape(x, shape)
+
+
+def ravel(x: Any) -> Any:
+    return reshape(x, (-1,))
+
+
+def transpose(x: Any, *axes: Any) -> Any:
+    if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
+        axes = axes[0]
+    (x,) = promote(x)
+    ndim = len(rules.shape_of(x))
+    perm = tuple(reversed(range(ndim))) if not axes else tuple(a % ndim for a in axes)
+    return rules.transpose(x, perm)
+
+
+def expand_dims(x: Any, axis: int) -> Any:
+    shape = list(rules.shape_of(x))
+    shape.insert(axis % (len(shape) + 1), 1)
+    return reshape(x, tuple(shape))
+
+
+def squeeze(x: Any, axis: Any = None) -> Any:
+    shape = rules.shape_of(x)
+    axes = tuple(d for d, n in enumerate(shape) if n == 1) if axis is None else _axes(
+        axis, len(shape))  # fmt: skip
+    return reshape(x, tuple(n for d, n in enumerate(shape) if d not in axes))
+
+
+def concatenate(arrays: Sequence[Any], axis: int = 0) -> Any:
+    arrays = promote_dtypes_only(*arrays)
+    return rules.concatenate(arrays, axis % len(rules.shape_of(arrays[0])))
+
+
+def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
+    return concatenate([expand_dims(a, axis) for a in arrays], axis)
+
+
+def promote_dtypes_only(*args: Any) -> list[Any]:
+    dtype = _result_type(*args)
+    return [_as_operand(a, dtype) for a in args]
+
+
+def matmul(x: Any, y: Any) -> Any:
+    """Matrix product with numpy's rules (1-D operands, broadcast batch dims)."""
+    x, y = promote_dtypes_only(x, y)
+    xs, ys = rules.shape_of(x), rules.shape_of(y)
+    if not xs or not ys:
+        raise ValueError(f"matmul: operands must be at least 1-D, got shapes {xs} and {ys}")
+    if len(xs) == 1 and len(ys) == 1:
+        return rules.dot_general(x, y, (((0,), (0,)), ((), ())))
+    x2 = reshape(x, (1, *xs)) if len(xs) == 1 else x
+    y2 = reshape(y, (*ys, 1)) if len(ys) == 1 else y
+    xs2, ys2 = rules.shape_of(x2), rules.shape_of(y2)
+    if xs2[-1] != ys2[-2]:
+        raise ValueError(
+            f"matmul: contracting dimensions differ: {xs} @ {ys} ({xs2[-1]} != {ys2[-2]})")
+    batch = tuple(np.broadcast_shapes(xs2[:-2], ys2[:-2]))
+    if len(xs2) == 2 and not batch:
+        out = rules.dot_general(x2, y2, (((1,), (0,)), ((), ())))
+    else:
+        x2 = _broadcast_leading(x2, batch)
+        y2 = _broadcast_leading(y2, batch)
+        nb = len(batch)
+        out = rules.dot_general(
+            x2, y2, (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))))
+    if len(xs) == 1:
+        out = squeeze(out, -2)
+    if len(ys) == 1:
+        out = squeeze(out, -1)
+    return out
+
+
+def _broadcast_leading(x: Any, batch: tuple[int, ...]) -> Any:
+    shape = rules.shape_of(x)
+    target = (*batch, *shape[-2:])
+    if shape == target:
+        return x
+    lead = len(target) - len(shape)
+    return rules.broadcast_in_dim(x, target, tuple(range(lead, len(target))))
+
+
+def dot(x: Any, y: Any) -> Any:
+    if not rules.shape_of(x) or not rules.shape_of(y):
+        return multiply(x, y)
+    return matmul(x, y)
+
+
+def zeros_like(x: Any, dtype: Any = None) -> Any:
+    return jnp.zeros_like(raw(x), dtype=dtype)
+
+
+def ones_like(x: Any, dtype: Any = None) -> Any:
+    return jnp.ones_like(raw(x), dtype=dtype)
+
+
+def asarray(x: Any, dtype: Any = None) -> Any:
+    if isinstance(x, Tracer):
+        return x if dtype is None else _as_operand(x, dtype)
+    return jnp.asarray(x, dtype=dtype)
+
+
+def lift(fun: Callable) -> Callable:
+    """Makes any JAX function accept Tracers, by capturing and replaying it.
+
+    Without Tracers among the arguments `fun` runs as it is.
+    """
+
+    @functools.wraps(fun)
+    def lifted(*args: Any, **kwargs: Any) -> Any:
+        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+        traced = [i for i, x in enumerate(leaves) if isinstance(x, Tracer)]
+        if not traced:
+            return fun(*args, **kwargs)
+
+        def flat_fun(*xs):
+            full = list(leaves)
+            for i, x in zip(traced, xs, strict=True):
+                full[i] = x
+            a, k = jax.tree_util.tree_unflatten(tree, full)
+            return fun(*a, **k)
+
+        level = core.top_level(leaves[i] for i in traced)
+        outs, out_tree = replay.replay(flat_fun, [leaves[i] for i in traced], level)
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    return lifted
+
+
+def getitem(x: Any, index: Any) -> Any:
+    """`x[index]` with all of numpy's indexing, recorded through jax.numpy's own."""
+    if isinstance(index, Tracer):
+        raise TypeError(
+            "chainrule: an array index must be an integer array, not a differentiated "
+            f"value ({index!r}). Convert it with .astype(int) outside the gradient."
+        )
+    return lift(operator.getitem)(x, index)
+
+
+# --- Tracer methods ---------------------------------------------------------------
+
+
+def _flip(f: Callable) -> Callable:
+    return lambda self, other: f(other, self)
+
+
+def _no_numpy(self: Tracer, *args: Any, **kwargs: Any):
+    raise TypeError(
+        f"A chainrule.Tracer ({self!r}) was converted to a NumPy array, which would drop "
+        "its gradient. Use jax.numpy or chainrule.numpy functions on traced values, not "
+        "numpy ones."
+    )
+
+
+def _concrete(self: Tracer):
+    return raw(self)
+
+
+_METHODS: dict[str, Any] = {
+    "__add__": add, "__radd__": _flip(add),
+    "__sub__": subtract, "__rsub__": _flip(subtract),
+    "__mul__": multiply, "__rmul__": _flip(multiply),
+    "__truediv__": divide, "__rtruediv__": _flip(divide),
+    "__pow__": power, "__rpow__": _flip(power),
+    "__matmul__": matmul, "__rmatmul__": _flip(matmul),
+    "__lt__": less, "__le__": less_equal, "__gt__": greater, "__ge__": greater_equal,
+    "__eq__": equal, "__ne__": not_equal,
+    "__neg__": negative, "__pos__": lambda self: self, "__abs__": abs,
+    "__getitem__": getitem,
+    "__len__": lambda self: len(raw(self)),
+    "__iter__": lambda self: (self[i] for i in range(len(raw(self)))),
+    "__bool__": lambda self: bool(raw(self)),
+    "__float__": lambda self: float(raw(self)),
+    "__int__": lambda self: int(raw(self)),
+    "__array__": _no_numpy,
+    "item": lambda self: raw(self).item(),
+    "sum": sum, "mean": mean, "max": max, "min": min,
+    "argmax": argmax, "argmin": argmin,
+    "reshape": reshape, "transpose": transpose, "ravel": ravel, "flatten": ravel,
+    "squeeze": squeeze, "dot": dot, "clip": clip,
+    "astype": lambda self, dtype: _as_operand(self, dtype),
+    "T": property(lambda self: transpose(self)),
+    "mT": property(lambda self: transpose(
+        self, (*range(self.ndim - 2), self.ndim - 1, self.ndim - 2))),
+}  # fmt: skip
+
+for _name, _method in _METHODS.items():
+    setattr(Tracer, _name, _method)
+Tracer.__hash__ = None  # type: ignore[assignment]  # like jax arrays: __eq__ is elementwise

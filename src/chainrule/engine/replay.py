@@ -1,0 +1,239 @@
+"""The jaxpr replay front end: run any JAX function through chainrule's rules.
+
+`jax.make_jaxpr` turns a function written with `jax.numpy`, `jax.nn` or `lax`
+into a list of primitive equations. `eval_jaxpr` walks that list: equations
+whose inputs are untraced run through JAX unchanged; equations that touch a
+`Tracer` go through chainrule's primitive table (`rules.PRIMITIVES`) and are
+recorded on the tape.
+
+Call-like equations are interpreted here:
+
+* `jit` / `pjit` / `closed_call` / `remat`: their body is replayed inline.
+* `custom_jvp_call` (`jax.nn.relu`, `softplus`, ... and users' own): the
+  function's custom JVP rule is honoured. Its JVP jaxpr is linear in the
+  tangents, so reverse-differentiating it in the tangents with chainrule's own
+  engine gives the VJP (the transpose of that linear map).
+* `custom_vjp_call`: the user's `fwd` computes the output and residuals; the
+  user's `bwd` is the rule.
+
+None of this calls JAX's differentiation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax._src import ad_util, source_info_util
+from jax.extend import core as jcore
+
+from chainrule.engine import core, rules
+from chainrule.engine.core import Primitive, Tracer, raw
+from chainrule.errors import NoVJPRuleError, UnrecordableJaxCallError
+
+_CALLS = ("jit", "pjit", "closed_call", "core_call")
+_REMATS = ("remat", "checkpoint", "remat2")
+
+
+def _read_literal(v: Any) -> Any:
+    aval = getattr(v, "aval", None)
+    if aval is not None and hasattr(aval, "dtype"):
+        return np.asarray(v.val, dtype=aval.dtype)
+    return v.val
+
+
+def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], *args: Any) -> list[Any]:
+    """Evaluates `jaxpr`, recording every equation that touches a Tracer."""
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return _read_literal(v) if isinstance(v, jcore.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, Tracer) for x in invals):
+            outvals = _apply_traced(eqn, invals)
+        else:
+            outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outvals = [outvals]
+        for v, x in zip(eqn.outvars, outvals, strict=True):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def eval_closed(closed: jcore.ClosedJaxpr, *args: Any) -> list[Any]:
+    return eval_jaxpr(closed.jaxpr, closed.consts, *args)
+
+
+def where(eqn: jcore.JaxprEqn) -> str:
+    """The user's source line that emitted `eqn`, as JAX records it."""
+    try:
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # pragma: no cover - best effort only
+        return "unknown location"
+
+
+def _apply_traced(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
+    name = eqn.primitive.name
+    params = eqn.params
+    if name in _CALLS:
+        return eval_closed(params["jaxpr"], *invals)
+    if name in _REMATS:
+        body = params["jaxpr"]
+        if isinstance(body, jcore.ClosedJaxpr):
+            return eval_closed(body, *invals)
+        return eval_jaxpr(body, (), *invals)
+    if name == "custom_jvp_call":
+        return custom_jvp_call_p.bind(*invals, **params)
+    if name == "custom_vjp_call":  # outputs, then residuals (kept for the rule)
+        return custom_vjp_call_p.bind(*invals, **params)[: len(params["call_jaxpr"].out_avals)]
+    prim = rules.PRIMITIVES.get(name)
+    if prim is None:
+        raise NoVJPRuleError(name, where(eqn))
+    out = prim.bind(*invals, **{k: params[k] for k in prim.params if k in params})
+    return list(out) if prim.multiple_results else [out]
+
+
+# --- custom_jvp_call ----------------------------------------------------------
+
+
+def _jvp_rule_vjp(g: Any, node: core.Node) -> list[Any]:
+    """VJP of a custom_jvp function, from its JVP rule.
+
+    The rule maps tangents to output tangents linearly (for fixed primals), so
+    the VJP of that map, taken by chainrule at tangents = 0, is its transpose.
+    """
+    params = node.params
+    n_consts = params["num_consts"]
+    primals = node.primals[n_consts:]
+    if any(i < n_consts for i in node.argnums):
+        raise UnrecordableJaxCallError(
+            "a jax.custom_jvp function closes over a value that chainrule is differentiating; "
+            "pass that value to the function as an argument instead."
+        )
+    jvp_jaxpr, jvp_consts, out_zeros = params["jvp_jaxpr_fun"].call_wrapped(
+        *([False] * len(primals))
+    )
+    outs = node.ans
+    cts = list(g) if isinstance(g, tuple) else [g]
+    n_out = len(outs) if isinstance(outs, (list, tuple)) else 1
+
+    def tangent_map(*tangents):
+        results = eval_jaxpr(jvp_jaxpr, jvp_consts, *primals, *tangents)
+        return results[n_out:]
+
+    tangents = [rules.zeros_like(p) for p in primals]
+    from chainrule.engine.transforms import vjp_flat
+
+    nonzero_cts = [ct for ct, z in zip(cts, out_zeros, strict=True) if not z]
+    nonzero_cts = [rules.zeros_like(o) if ct is None else ct
+                   for ct, o in zip(nonzero_cts, _nonzero_outs(outs, out_zeros), strict=True)]  # fmt: skip
+    tangent_cts = vjp_flat(tangent_map, tangents, nonzero_cts)
+    return [tangent_cts[i - n_consts] for i in node.argnums]
+
+
+def _nonzero_outs(outs: Any, out_zeros: Sequence[bool]) -> list[Any]:
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    return [o for o, z in zip(outs, out_zeros, strict=True) if not z]
+
+
+class _CustomJVPCall(Primitive):
+    def vjp(self, g, node):
+        return _jvp_rule_vjp(g, node)
+
+
+def _custom_jvp_call_impl(*args: Any, **params: Any) -> list[Any]:
+    """Untraced: JAX runs the function (and applies its rule if JAX differentiates)."""
+    prim = jcore.primitives.custom_jvp_call_p
+    return prim.bind(*args, **prim.get_bind_params(params))
+
+
+custom_jvp_call_p = _CustomJVPCall("custom_jvp_call", _custom_jvp_call_impl,
+                                   multiple_results=True)  # fmt: skip
+
+
+# --- custom_vjp_call ------------------------------------------------------------
+
+
+def _custom_vjp_forward(*args: Any, **params: Any) -> list[Any]:
+    """Runs the user's fwd; returns the outputs followed by the residuals."""
+    n_consts = params["num_consts"]
+    primals = args[n_consts:]
+    fwd_jaxpr, fwd_consts = params["fwd_jaxpr_thunk"].call_wrapped(*([True] * len(primals)))
+    results = eval_jaxpr(fwd_jaxpr, fwd_consts, *primals)
+    out_tree, res_tree, input_fwds = params["out_trees"]()
+    n_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
+    res_out, outs = results[:n_res_out], results[n_res_out:]
+    res_out = iter(res_out)
+    residuals = [args[f] if f is not None else next(res_out) for f in input_fwds]
+    return [*outs, *residuals]
+
+
+class _CustomVJPCall(Primitive):
+    """Output = the user's fwd; VJP = the user's bwd on the saved residuals."""
+
+    def vjp(self, g, node):
+        params = node.params
+        n_consts = params["num_consts"]
+        if any(i < n_consts for i in node.argnums):
+            raise UnrecordableJaxCallError(
+                "a jax.custom_vjp function closes over a value that chainrule is "
+                "differentiating; pass that value to the function as an argument instead."
+            )
+        n_out = len(params["call_jaxpr"].out_avals)
+        full = node.ans  # outputs, then residuals
+        outs, residuals = full[:n_out], full[n_out:]
+        cts = list(g[:n_out]) if isinstance(g, tuple) else [g]
+        cts = [rules.zeros_like(o) if ct is None else ct for ct, o in zip(cts, outs, strict=True)]
+        bwd = params["bwd"]
+        cts_in = call_jax_function(lambda *a: bwd.call_wrapped(*a), *residuals, *cts)
+        cts_in = [
+            rules.zeros_like(p) if isinstance(ct, ad_util.Zero) or ct is None else ct
+            for ct, p in zip(cts_in, node.primals[n_consts:], strict=True)
+        ]
+        return [cts_in[i - n_consts] for i in node.argnums]
+
+
+custom_vjp_call_p = _CustomVJPCall("custom_vjp_call", _custom_vjp_forward,
+                                   multiple_results=True)  # fmt: skip
+
+
+
+# --- replaying arbitrary JAX functions ------------------------------------------
+
+
+def call_jax_function(fun: Callable, *args: Any) -> list[Any]:
+    """Calls a JAX function on values that may be Tracers, recording it by replay.
+
+    `fun` takes and returns flat lists of arrays. Without Tracers it simply runs.
+    """
+    if not any(isinstance(a, Tracer) for a in args):
+        return list(fun(*args))
+    closed = jax.make_jaxpr(fun)(*(raw(a) for a in args))
+    return eval_closed(closed, *args)
+
+
+def replay(fun: Callable, args: Sequence[Any], level: int) -> tuple[list[Any], Any]:
+    """Captures `fun(*args)` as a jaxpr and replays it on `args` (some Tracers).
+
+    Returns the flat outputs and their pytree structure.
+    """
+    out_tree: list[Any] = []
+
+    def flat_fun(*flat_args):
+        out = fun(*flat_args)
+        leaves, tree = jax.tree_util.tree_flatten(out)
+        out_tree.append(tree)
+        return leaves
+
+    with core.capturing(level):
+        closed = jax.make_jaxpr(flat_fun)(*(raw(a) for a in args))
+    return eval_closed(closed, *args), out_tree[0]

@@ -1,0 +1,682 @@
+"""The primitive table: every operation chainrule can differentiate, with its rule.
+
+Each entry mirrors one `jax.lax` primitive and has
+
+* an implementation (a public `jax.lax` call on untraced values), and
+* its VJP makers, written right below it, one per argument, in the form
+  `(ans, *primals, **params) -> (g -> cotangent)`.
+
+The rules are written with the traced ops defined in this file (`mul`, `neg`,
+`reduce_sum`, ...), never with `jax.numpy`, so a backward pass run on Tracers is
+itself recorded and can be differentiated again (higher-order derivatives).
+
+Un-broadcasting lives in exactly one helper, `unbroadcast`.
+
+The call-like primitives of a jaxpr (`jit`, `custom_jvp_call`,
+`custom_vjp_call`) are not array operations; they are interpreted by the jaxpr
+replay front end (`chainrule.engine.replay`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from jax import lax
+
+from chainrule.engine.core import Primitive, Tracer, raw
+
+PRIMITIVES: dict[str, Primitive] = {}
+"""Every primitive chainrule can trace, keyed by its `jax.lax` name."""
+
+
+def primitive(
+    name: str, impl: Callable, params: Sequence[str] = (), *, cls: type = Primitive, **kwargs
+) -> Primitive:
+    """Creates a primitive and enters it in `PRIMITIVES`.
+
+    `cls` is a `Primitive` subclass for the few primitives whose rule treats all
+    operands at once (variadic operands, multiple results, integer indices).
+    """
+    prim = cls(name, impl, params, **kwargs)
+    PRIMITIVES[name] = prim
+    return prim
+
+
+def defvjp(prim: Primitive, *makers: Callable | None) -> None:
+    """Registers one VJP maker per argument of `prim` (None: not differentiable)."""
+    prim.vjp_makers = makers
+
+
+# --- helpers (untraced shape logic and constants) ----------------------------
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(raw(x)))
+
+
+def dtype_of(x: Any):
+    return raw(x).dtype if hasattr(raw(x), "dtype") else np.result_type(x)
+
+
+def zeros_like(x: Any):
+    """A constant of zeros with the shape and dtype of `x` (never traced)."""
+    return lax.full(shape_of(x), 0, dtype_of(x))
+
+
+def full_like(x: Any, value: float):
+    return lax.full(shape_of(x), value, dtype_of(x))
+
+
+def const(x: Any, value: float):
+    """`value` as a scalar of `x`'s dtype, for use in rules."""
+    return np.asarray(value, dtype=dtype_of(x))
+
+
+def argsort(seq: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argsort(seq))
+
+
+# --- elementwise arithmetic ---------------------------------------------------
+# Binary lax primitives take equal shapes, or a rank-0 operand with an array;
+# their rules sum the cotangent back to each operand's shape with `unbroadcast`.
+
+add_p = primitive("add", lax.add)
+sub_p = primitive("sub", lax.sub)
+mul_p = primitive("mul", lax.mul)
+div_p = primitive("div", lax.div)
+neg_p = primitive("neg", lax.neg)
+add_any_p = primitive("add_any", lax.add)
+add, sub, mul, div, neg = add_p.bind, sub_p.bind, mul_p.bind, div_p.bind, neg_p.bind
+
+
+def unbroadcast(g: Any, shape: Sequence[int], dims: Sequence[int] | None = None) -> Any:
+    """Sums the cotangent `g` of a broadcast value back to the operand's `shape`.
+
+    Args:
+      g: cotangent of the broadcast result.
+      shape: the operand's shape before broadcasting.
+      dims: for `broadcast_in_dim`, which dimension of `g` each operand
+        dimension became; default is NumPy's rule (align on the right).
+    """
+    shape = tuple(shape)
+    gshape = shape_of(g)
+    if gshape == shape:
+        return g
+    if dims is None:
+        dims = range(len(gshape) - len(shape), len(gshape))
+    dims = tuple(dims)
+    summed = tuple(d for d in range(len(gshape)) if d not in dims) + tuple(
+        d for d, n in zip(dims, shape, strict=True) if n == 1 and gshape[d] != 1
+    )
+    if summed:
+        g = reduce_sum(g, tuple(sorted(summed)))
+    return reshape(g, shape) if shape_of(g) != shape else g
+
+
+defvjp(add_p, lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+              lambda ans, x, y: lambda g: unbroadcast(g, shape_of(y)))  # fmt: skip
+defvjp(add_any_p, lambda ans, x, y: lambda g: g, lambda ans, x, y: lambda g: g)
+defvjp(sub_p, lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+              lambda ans, x, y: lambda g: unbroadcast(neg(g), shape_of(y)))  # fmt: skip
+defvjp(mul_p, lambda ans, x, y: lambda g: unbroadcast(mul(g, y), shape_of(x)),
+              lambda ans, x, y: lambda g: unbroadcast(mul(x, g), shape_of(y)))  # fmt: skip
+defvjp(div_p, lambda ans, x, y: lambda g: unbroadcast(div(g, y), shape_of(x)),
+              lambda ans, x, y: lambda g: unbroadcast(
+                  mul(mul(neg(g), x), integer_pow(y, -2)), shape_of(y)))  # fmt: skip
+defvjp(neg_p, lambda ans, x: lambda g: neg(g))
+
+# Comparisons and logic: no gradient; their outputs are never traced.
+eq_p = primitive("eq", lax.eq, differentiable=False)
+ne_p = primitive("ne", lax.ne, differentiable=False)
+lt_p = primitive("lt", lax.lt, differentiable=False)
+le_p = primitive("le", lax.le, differentiable=False)
+gt_p = primitive("gt", lax.gt, differentiable=False)
+ge_p = primitive("ge", lax.ge, differentiable=False)
+and_p = primitive("and", lax.bitwise_and, differentiable=False)
+or_p = primitive("or", lax.bitwise_or, differentiable=False)
+not_p = primitive("not", lax.bitwise_not, differentiable=False)
+xor_p = primitive("xor", lax.bitwise_xor, differentiable=False)
+is_finite_p = primitive("is_finite", lax.is_finite, differentiable=False)
+sign_p = primitive("sign", lax.sign, differentiable=False)
+floor_p = primitive("floor", lax.floor, differentiable=False)
+ceil_p = primitive("ceil", lax.ceil, differentiable=False)
+round_p = primitive(
+    "round", lambda x, rounding_method=0: lax.round(x, rounding_method), ("rounding_method",),
+    differentiable=False,
+)  # fmt: skip
+eq, ne, lt, le, gt, ge = eq_p.bind, ne_p.bind, lt_p.bind, le_p.bind, gt_p.bind, ge_p.bind
+logical_and, sign, floor = and_p.bind, sign_p.bind, floor_p.bind
+
+class _SelectN(Primitive):
+    """select_n(which, *cases): case i gets `g` where it was selected, 0 elsewhere."""
+
+    def vjp(self, g, node):
+        which, *cases = node.primals
+        return [
+            select_n(which, *(g if j == i - 1 else zeros_like(g) for j in range(len(cases))))
+            for i in node.argnums
+        ]
+
+
+select_n_p = primitive("select_n", lax.select_n, cls=_SelectN)
+
+
+def select_n(which: Any, *cases: Any) -> Any:
+    return select_n_p.bind(which, *cases)
+
+
+max_p = primitive("max", lax.max)
+min_p = primitive("min", lax.min)
+maximum, minimum = max_p.bind, min_p.bind
+
+
+def _balanced_eq(x: Any, ans: Any, y: Any):
+    """1 where x was chosen, 1/2 where x and y tied, 0 elsewhere (JAX's convention)."""
+    shape = shape_of(ans)
+    x, ans, y = (lax.broadcast_in_dim(raw(v), shape, ()) if shape_of(v) != shape else raw(v)
+                 for v in (x, ans, y))  # fmt: skip
+    half_or_one = lax.select(lax.eq(y, ans), full_like(ans, 0.5), full_like(ans, 1))
+    return lax.select(lax.eq(x, ans), half_or_one, full_like(ans, 0))
+
+
+defvjp(max_p, lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(x, ans, y)), shape_of(x)),
+              lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(y, ans, x)), shape_of(y)))  # fmt: skip
+defvjp(min_p, lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(x, ans, y)), shape_of(x)),
+              lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(y, ans, x)), shape_of(y)))  # fmt: skip
+
+clamp_p = primitive("clamp", lax.clamp)
+defvjp(
+    clamp_p,
+    lambda ans, lo, x, hi: lambda g: unbroadcast(
+        select_n(logical_and(gt(lo, x), lt(lo, hi)), zeros_like(g), g), shape_of(lo)),
+    lambda ans, lo, x, hi: lambda g: select_n(
+        logical_and(gt(x, lo), lt(x, hi)), zeros_like(g), g),
+    lambda ans, lo, x, hi: lambda g: unbroadcast(
+        select_n(lt(hi, x), zeros_like(g), g), shape_of(hi)),
+)  # fmt: skip
+
+# --- powers, exponentials, logarithms ----------------------------------------
+
+integer_pow_p = primitive("integer_pow", lambda x, y: lax.integer_pow(x, y), ("y",))
+
+
+def integer_pow(x: Any, y: int) -> Any:
+    return integer_pow_p.bind(x, y=y)
+
+
+defvjp(integer_pow_p, lambda ans, x, y: lambda g: (
+    zeros_like(g) if y == 0 else
+    mul(g, const(x, y)) if y == 1 else
+    mul(g, mul(const(x, y), integer_pow(x, y - 1)))))  # fmt: skip
+
+square_p = primitive("square", lax.square)
+defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)))
+
+pow_p = primitive("pow", lax.pow)
+pow_ = pow_p.bind
+log_p = primitive("log", lax.log)
+log = log_p.bind
+
+
+def _replace_zero(x: Any) -> Any:
+    return select_n(eq(x, const(x, 0)), x, full_like(x, 1))
+
+
+defvjp(pow_p, lambda ans, x, y: lambda g: unbroadcast(
+                  mul(g, mul(y, pow_(x, sub(y, const(y, 1))))), shape_of(x)),
+              lambda ans, x, y: lambda g: unbroadcast(
+                  mul(g, mul(log(_replace_zero(x)), ans)), shape_of(y)))  # fmt: skip
+
+sqrt_p = primitive("sqrt", lax.sqrt)
+rsqrt_p = primitive("rsqrt", lax.rsqrt)
+cbrt_p = primitive("cbrt", lax.cbrt)
+exp_p = primitive("exp", lax.exp)
+exp2_p = primitive("exp2", lax.exp2)
+log1p_p = primitive("log1p", lax.log1p)
+expm1_p = primitive("expm1", lax.expm1)
+sqrt, rsqrt, exp = sqrt_p.bind, rsqrt_p.bind, exp_p.bind
+
+defvjp(sqrt_p, lambda ans, x: lambda g: mul(g, div(const(x, 0.5), ans)))
+defvjp(rsqrt_p, lambda ans, x: lambda g: mul(g, mul(const(x, -0.5), div(ans, x))))
+defvjp(cbrt_p, lambda ans, x: lambda g: mul(g, mul(const(x, 1 / 3), integer_pow(ans, -2))))
+defvjp(exp_p, lambda ans, x: lambda g: mul(g, ans))
+defvjp(exp2_p, lambda ans, x: lambda g: mul(g, mul(const(x, math.log(2)), ans)))
+defvjp(log_p, lambda ans, x: lambda g: div(g, x))
+defvjp(log1p_p, lambda ans, x: lambda g: div(g, add(x, const(x, 1))))
+defvjp(expm1_p, lambda ans, x: lambda g: mul(g, add(ans, const(ans, 1))))
+
+# --- trigonometric, hyperbolic and special functions --------------------------
+
+sin_p = primitive("sin", lax.sin)
+cos_p = primitive("cos", lax.cos)
+tan_p = primitive("tan", lax.tan)
+asin_p = primitive("asin", lax.asin)
+acos_p = primitive("acos", lax.acos)
+atan_p = primitive("atan", lax.atan)
+sinh_p = primitive("sinh", lax.sinh)
+cosh_p = primitive("cosh", lax.cosh)
+tanh_p = primitive("tanh", lax.tanh)
+asinh_p = primitive("asinh", lax.asinh)
+acosh_p = primitive("acosh", lax.acosh)
+atanh_p = primitive("atanh", lax.atanh)
+atan2_p = primitive("atan2", lax.atan2)
+logistic_p = primitive("logistic", lax.logistic)
+erf_p = primitive("erf", lax.erf)
+erf_inv_p = primitive("erf_inv", lax.erf_inv)
+abs_p = primitive("abs", lax.abs)
+sin, cos, sinh, cosh = sin_p.bind, cos_p.bind, sinh_p.bind, cosh_p.bind
+tanh, logistic, abs_ = tanh_p.bind, logistic_p.bind, abs_p.bind
+
+
+def _one_minus_square(x: Any) -> Any:
+    return sub(const(x, 1), mul(x, x))
+
+
+defvjp(sin_p, lambda ans, x: lambda g: mul(g, cos(x)))
+defvjp(cos_p, lambda ans, x: lambda g: mul(g, neg(sin(x))))
+defvjp(tan_p, lambda ans, x: lambda g: mul(g, add(const(x, 1), mul(ans, ans))))
+defvjp(asin_p, lambda ans, x: lambda g: mul(g, rsqrt(_one_minus_square(x))))
+defvjp(acos_p, lambda ans, x: lambda g: mul(g, neg(rsqrt(_one_minus_square(x)))))
+defvjp(atan_p, lambda ans, x: lambda g: div(g, add(const(x, 1), mul(x, x))))
+defvjp(sinh_p, lambda ans, x: lambda g: mul(g, cosh(x)))
+defvjp(cosh_p, lambda ans, x: lambda g: mul(g, sinh(x)))
+defvjp(tanh_p, lambda ans, x: lambda g: mul(g, _one_minus_square(ans)))
+defvjp(asinh_p, lambda ans, x: lambda g: mul(g, rsqrt(add(mul(x, x), const(x, 1)))))
+defvjp(acosh_p, lambda ans, x: lambda g: mul(
+    g, rsqrt(mul(sub(x, const(x, 1)), add(x, const(x, 1))))))  # fmt: skip
+defvjp(atanh_p, lambda ans, x: lambda g: div(g, _one_minus_square(x)))
+defvjp(atan2_p, lambda ans, x, y: lambda g: unbroadcast(
+                    mul(g, div(y, add(mul(x, x), mul(y, y)))), shape_of(x)),
+                lambda ans, x, y: lambda g: unbroadcast(
+                    mul(g, div(neg(x), add(mul(x, x), mul(y, y)))), shape_of(y)))  # fmt: skip
+defvjp(logistic_p, lambda ans, x: lambda g: mul(g, mul(ans, sub(const(ans, 1), ans))))
+defvjp(erf_p, lambda ans, x: lambda g: mul(
+    g, mul(const(x, 2 / math.sqrt(math.pi)), exp(neg(mul(x, x))))))  # fmt: skip
+defvjp(erf_inv_p, lambda ans, x: lambda g: mul(
+    g, mul(const(x, math.sqrt(math.pi) / 2), exp(mul(ans, ans)))))  # fmt: skip
+# abs'(0) = sign(0) = 0, as in JAX and PyTorch.
+defvjp(abs_p, lambda ans, x: lambda g: mul(g, sign(x)))
+
+rem_p = primitive("rem", lax.rem)
+defvjp(rem_p, lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+              lambda ans, x, y: lambda g: unbroadcast(
+                  mul(neg(g), mul(sign(div(x, y)), floor(abs_(div(x, y))))), shape_of(y)))  # fmt: skip
+
+# --- identities and type conversion -------------------------------------------
+
+stop_gradient_p = primitive("stop_gradient", lax.stop_gradient, differentiable=False)
+stop_gradient = stop_gradient_p.bind
+
+copy_p = primitive("copy", lambda x: x)
+defvjp(copy_p, lambda ans, x: lambda g: g)
+
+reduce_precision_p = primitive(
+    "reduce_precision", lax.reduce_precision, ("exponent_bits", "mantissa_bits"))
+defvjp(reduce_precision_p, lambda ans, x, exponent_bits, mantissa_bits: lambda g:
+       reduce_precision_p.bind(g, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits))  # fmt: skip
+
+convert_element_type_p = primitive(
+    "convert_element_type", lambda x, new_dtype: lax.convert_element_type(x, new_dtype),
+    ("new_dtype",))  # fmt: skip
+
+
+def convert_element_type(x: Any, new_dtype: Any) -> Any:
+    if dtype_of(x) == np.dtype(new_dtype):
+        return x
+    return convert_element_type_p.bind(x, new_dtype=np.dtype(new_dtype))
+
+
+defvjp(convert_element_type_p,
+       lambda ans, x, new_dtype: lambda g: convert_element_type(g, dtype_of(x)))  # fmt: skip
+
+iota_p = primitive(
+    "iota", lambda dtype, shape, dimension: lax.broadcasted_iota(dtype, shape, dimension),
+    ("dtype", "shape", "dimension"), differentiable=False)  # fmt: skip
+
+# --- shapes: broadcasting, reshaping, slicing ---------------------------------
+
+broadcast_in_dim_p = primitive(
+    "broadcast_in_dim", lax.broadcast_in_dim, ("shape", "broadcast_dimensions"))
+
+
+def broadcast_in_dim(x: Any, shape: Sequence[int], broadcast_dimensions: Sequence[int]) -> Any:
+    return broadcast_in_dim_p.bind(
+        x, shape=tuple(shape), broadcast_dimensions=tuple(broadcast_dimensions))
+
+
+defvjp(broadcast_in_dim_p, lambda ans, x, shape, broadcast_dimensions: lambda g:
+       unbroadcast(g, shape_of(x), broadcast_dimensions))  # fmt: skip
+
+reshape_p = primitive(
+    "reshape", lambda x, new_sizes, dimensions=None: lax.reshape(x, new_sizes, dimensions),
+    ("new_sizes", "dimensions"))  # fmt: skip
+
+
+def reshape(x: Any, new_sizes: Sequence[int]) -> Any:
+    return reshape_p.bind(x, new_sizes=tuple(new_sizes), dimensions=None)
+
+
+def _reshape_vjp(ans, x, new_sizes, dimensions):
+    if dimensions is not None:
+        raise NotImplementedError("chainrule: reshape with `dimensions` is not supported")
+    return lambda g: reshape(g, shape_of(x))
+
+
+defvjp(reshape_p, _reshape_vjp)
+
+squeeze_p = primitive("squeeze", lax.squeeze, ("dimensions",))
+defvjp(squeeze_p, lambda ans, x, dimensions: lambda g: reshape(g, shape_of(x)))
+
+transpose_p = primitive("transpose", lax.transpose, ("permutation",))
+
+
+def transpose(x: Any, permutation: Sequence[int]) -> Any:
+    return transpose_p.bind(x, permutation=tuple(permutation))
+
+
+defvjp(transpose_p, lambda ans, x, permutation: lambda g: transpose(g, argsort(permutation)))
+
+rev_p = primitive("rev", lax.rev, ("dimensions",))
+defvjp(rev_p, lambda ans, x, dimensions: lambda g: rev_p.bind(g, dimensions=dimensions))
+
+pad_p = primitive("pad", lax.pad, ("padding_config",))
+
+
+def pad(x: Any, padding_value: Any, padding_config: Sequence[tuple[int, int, int]]) -> Any:
+    return pad_p.bind(x, padding_value, padding_config=tuple(map(tuple, padding_config)))
+
+
+def _pad_operand_vjp(ans, x, padding_value, padding_config):
+    def vjp(g):
+        unpad = [(-lo, -hi, 0) for lo, hi, _ in padding_config]
+        unpadded = pad(g, const(g, 0), unpad)
+        steps = tuple(interior + 1 for _, _, interior in padding_config)
+        return slice_(unpadded, (0,) * len(steps), shape_of(unpadded), steps)
+
+    return vjp
+
+
+def _pad_value_vjp(ans, x, padding_value, padding_config):
+    def vjp(g):
+        everything = tuple(range(len(shape_of(g))))
+        t_operand = _pad_operand_vjp(ans, x, padding_value, padding_config)(g)
+        return sub(reduce_sum(g, everything), reduce_sum(t_operand, everything))
+
+    return vjp
+
+
+defvjp(pad_p, _pad_operand_vjp, _pad_value_vjp)
+
+slice_p = primitive("slice", lax.slice, ("start_indices", "limit_indices", "strides"))
+
+
+def slice_(x: Any, start_indices, limit_indices, strides=None) -> Any:
+    if strides is not None and all(s == 1 for s in strides):
+        strides = None
+    return slice_p.bind(
+        x, start_indices=tuple(start_indices), limit_indices=tuple(limit_indices),
+        strides=None if strides is None else tuple(strides))  # fmt: skip
+
+
+def _slice_vjp(ans, x, start_indices, limit_indices, strides):
+    def vjp(g):
+        xshape, gshape = shape_of(x), shape_of(g)
+        if strides is None:
+            config = [(lo, n - hi, 0) for lo, hi, n in zip(start_indices, limit_indices, xshape)]
+        else:
+            real_limits = [lo + (m - 1) * s + 1 if m else lo
+                           for lo, m, s in zip(start_indices, gshape, strides)]  # fmt: skip
+            config = [(lo, n - hi, s - 1 if m else 0) for lo, hi, n, s, m
+                      in zip(start_indices, real_limits, xshape, strides, gshape)]  # fmt: skip
+        return pad(g, const(g, 0), config)
+
+    return vjp
+
+
+defvjp(slice_p, _slice_vjp)
+
+class _Concatenate(Primitive):
+    """concatenate takes any number of operands: its rule slices `g` per operand."""
+
+    def vjp(self, g, node):
+        d = node.params["dimension"]
+        sizes = [shape_of(x)[d] for x in node.primals]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        gshape = shape_of(g)
+        out = []
+        for i in node.argnums:
+            lo, hi = [0] * len(gshape), list(gshape)
+            lo[d], hi[d] = int(starts[i]), int(starts[i + 1])
+            out.append(slice_(g, lo, hi))
+        return out
+
+
+concatenate_p = primitive(
+    "concatenate", lambda *xs, dimension: lax.concatenate(xs, dimension), ("dimension",),
+    cls=_Concatenate)  # fmt: skip
+
+
+def concatenate(xs: Sequence[Any], dimension: int) -> Any:
+    return concatenate_p.bind(*xs, dimension=dimension)
+
+
+class _Split(Primitive):
+    """split's outputs are one node; its rule concatenates their cotangents."""
+
+    def vjp(self, g, node):
+        axis = node.params["axis"]
+        cts = [zeros_like(a) if ct is None else ct for ct, a in zip(g, node.ans, strict=True)]
+        return [concatenate(cts, axis)]
+
+
+split_p = primitive(
+    "split", lambda x, sizes, axis: lax.split(x, sizes, axis), ("sizes", "axis"),
+    multiple_results=True, cls=_Split)  # fmt: skip
+
+class _DynamicSlice(Primitive):
+    """Index operands are integers: only the array operand(s) get cotangents."""
+
+    def vjp(self, g, node):
+        if self.name == "dynamic_slice":
+            x, *idx = node.primals
+            assert node.argnums == (0,), node.argnums
+            return [dynamic_update_slice(zeros_like(x), g, idx)]
+        x, update, *idx = node.primals
+        rules = {0: lambda: dynamic_update_slice(g, zeros_like(update), idx),
+                 1: lambda: dynamic_slice(g, idx, shape_of(update))}  # fmt: skip
+        return [rules[i]() for i in node.argnums]
+
+
+dynamic_slice_p = primitive(
+    "dynamic_slice", lambda x, *idx, slice_sizes: lax.dynamic_slice(x, idx, slice_sizes),
+    ("slice_sizes",), cls=_DynamicSlice)  # fmt: skip
+dynamic_update_slice_p = primitive(
+    "dynamic_update_slice", lambda x, update, *idx: lax.dynamic_update_slice(x, update, idx),
+    cls=_DynamicSlice)  # fmt: skip
+
+
+def dynamic_slice(x: Any, idx: Sequence[Any], slice_sizes: Sequence[int]) -> Any:
+    return dynamic_slice_p.bind(x, *idx, slice_sizes=tuple(slice_sizes))
+
+
+def dynamic_update_slice(x: Any, update: Any, idx: Sequence[Any]) -> Any:
+    return dynamic_update_slice_p.bind(x, update, *idx)
+
+gather_p = primitive(
+    "gather",
+    lambda x, indices, **p: lax.gather(x, indices, **p),
+    ("dimension_numbers", "slice_sizes", "indices_are_sorted", "unique_indices", "mode",
+     "fill_value"),
+)  # fmt: skip
+scatter_add_p = primitive(
+    "scatter-add",
+    lambda x, indices, updates, **p: lax.scatter_add(x, indices, updates, **p),
+    ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
+)  # fmt: skip
+
+
+def _gather_vjp(ans, x, indices, dimension_numbers, slice_sizes, indices_are_sorted,
+                unique_indices, mode, fill_value):  # fmt: skip
+    dn = dimension_numbers
+    scatter_dn = lax.ScatterDimensionNumbers(
+        update_window_dims=dn.offset_dims,
+        inserted_window_dims=dn.collapsed_slice_dims,
+        scatter_dims_to_operand_dims=dn.start_index_map,
+        operand_batching_dims=dn.operand_batching_dims,
+        scatter_indices_batching_dims=dn.start_indices_batching_dims,
+    )
+    return lambda g: scatter_add_p.bind(
+        zeros_like(x), indices, g, dimension_numbers=scatter_dn,
+        indices_are_sorted=indices_are_sorted, unique_indices=unique_indices, mode=mode)  # fmt: skip
+
+
+def _scatter_add_updates_vjp(ans, x, indices, updates, dimension_numbers, indices_are_sorted,
+                             unique_indices, mode):  # fmt: skip
+    dn = dimension_numbers
+    gather_dn = lax.GatherDimensionNumbers(
+        offset_dims=dn.update_window_dims,
+        collapsed_slice_dims=dn.inserted_window_dims,
+        start_index_map=dn.scatter_dims_to_operand_dims,
+        operand_batching_dims=dn.operand_batching_dims,
+        start_indices_batching_dims=dn.scatter_indices_batching_dims,
+    )
+    window = iter(dn.update_window_dims)
+    ushape = shape_of(updates)
+    slice_sizes = tuple(
+        1 if i in dn.inserted_window_dims or i in dn.operand_batching_dims
+        else ushape[next(window)]
+        for i in range(len(shape_of(x)))
+    )  # fmt: skip
+    return lambda g: gather_p.bind(
+        g, indices, dimension_numbers=gather_dn, slice_sizes=slice_sizes,
+        indices_are_sorted=indices_are_sorted, unique_indices=unique_indices, mode=mode,
+        fill_value=0)  # fmt: skip
+
+
+defvjp(gather_p, _gather_vjp, None)
+defvjp(scatter_add_p, lambda ans, x, *a, **p: lambda g: g, None, _scatter_add_updates_vjp)
+
+# --- reductions ----------------------------------------------------------------
+
+reduce_sum_p = primitive("reduce_sum", lambda x, axes: lax.reduce_sum(x, axes), ("axes",))
+
+
+def reduce_sum(x: Any, axes: Sequence[int]) -> Any:
+    return reduce_sum_p.bind(x, axes=tuple(axes))
+
+
+def _kept_dims(x: Any, axes: Sequence[int]) -> tuple[int, ...]:
+    return tuple(d for d in range(len(shape_of(x))) if d not in axes)
+
+
+defvjp(reduce_sum_p, lambda ans, x, axes: lambda g:
+       broadcast_in_dim(g, shape_of(x), _kept_dims(x, axes)))  # fmt: skip
+
+reduce_max_p = primitive("reduce_max", lambda x, axes: lax.reduce_max(x, axes), ("axes",))
+reduce_min_p = primitive("reduce_min", lambda x, axes: lax.reduce_min(x, axes), ("axes",))
+
+
+def _reduce_chooser_vjp(ans, x, axes):
+    """The cotangent goes to the chosen element(s); ties share it evenly (as JAX)."""
+
+    def vjp(g):
+        kept = _kept_dims(x, axes)
+        xshape = shape_of(x)
+        chosen = lax.convert_element_type(
+            lax.eq(raw(x), lax.broadcast_in_dim(raw(ans), xshape, kept)), dtype_of(g))
+        counts = lax.reduce_sum(chosen, tuple(axes))
+        return mul(broadcast_in_dim(div(g, counts), xshape, kept), chosen)
+
+    return vjp
+
+
+defvjp(reduce_max_p, _reduce_chooser_vjp)
+defvjp(reduce_min_p, _reduce_chooser_vjp)
+
+argmax_p = primitive(
+    "argmax", lambda x, axes, index_dtype: lax.argmax(x, axes[0], index_dtype),
+    ("axes", "index_dtype"), differentiable=False)  # fmt: skip
+argmin_p = primitive(
+    "argmin", lambda x, axes, index_dtype: lax.argmin(x, axes[0], index_dtype),
+    ("axes", "index_dtype"), differentiable=False)  # fmt: skip
+
+cumsum_p = primitive(
+    "cumsum", lambda x, axis, reverse=False: lax.cumsum(x, axis, reverse), ("axis", "reverse"))
+defvjp(cumsum_p, lambda ans, x, axis, reverse: lambda g:
+       cumsum_p.bind(g, axis=axis, reverse=not reverse))  # fmt: skip
+
+# --- linear algebra -------------------------------------------------------------
+
+dot_general_p = primitive(
+    "dot_general",
+    lambda x, y, dimension_numbers, precision=None, preferred_element_type=None: lax.dot_general(
+        x, y, dimension_numbers, precision=precision,
+        preferred_element_type=preferred_element_type),
+    ("dimension_numbers", "precision", "preferred_element_type"),
+)  # fmt: skip
+
+
+def dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None) -> Any:
+    (xc, yc), (xb, yb) = dimension_numbers
+    dn = ((tuple(xc), tuple(yc)), (tuple(xb), tuple(yb)))
+    return dot_general_p.bind(x, y, dimension_numbers=dn, precision=precision,
+                              preferred_element_type=preferred_element_type)  # fmt: skip
+
+
+def _consecutive(*lengths: int) -> list[tuple[int, ...]]:
+    """Splits 0, 1, 2, ... into consecutive runs of the given lengths."""
+    out, start = [], 0
+    for n in lengths:
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return out
+
+
+def _dot_lhs_cotangent(g, x, y, dimension_numbers, precision, preferred_element_type,
+                       swap_ans=False):  # fmt: skip
+    """The cotangent of dot_general's left operand `x` (or right, with swap_ans).
+
+    `g` has dimensions (batch..., x free..., y free...); contracting it with `y`
+    over y's free and batch dimensions gives x's batch, free and contracting
+    dimensions, which a transpose puts back in x's order.
+    """
+    (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+    x_free = [d for d in range(len(shape_of(x))) if d not in x_contract and d not in x_batch]
+    y_free = [d for d in range(len(shape_of(y))) if d not in y_contract and d not in y_batch]
+    if swap_ans:
+        g_batch, g_y, _ = _consecutive(len(x_batch), len(y_free), len(x_free))
+    else:
+        g_batch, _, g_y = _consecutive(len(x_batch), len(x_free), len(y_free))
+    dims = ((g_y, tuple(y_free)), (g_batch, tuple(y_batch)))
+    x_contract_in_y_order = [x_contract[i] for i in argsort(y_contract)]
+    out_perm = argsort(list(x_batch) + x_free + x_contract_in_y_order)
+    x_bar = transpose(
+        dot_general(g, y, dims, precision=precision, preferred_element_type=preferred_element_type),
+        out_perm)  # fmt: skip
+    return convert_element_type(x_bar, dtype_of(x))
+
+
+def _dot_rhs_cotangent(g, x, y, dimension_numbers, precision, preferred_element_type):
+    (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+    swapped = ((y_contract, x_contract), (y_batch, x_batch))
+    return _dot_lhs_cotangent(g, y, x, swapped, precision, preferred_element_type, swap_ans=True)
+
+
+defvjp(dot_general_p,
+       lambda ans, x, y, **p: lambda g: _dot_lhs_cotangent(g, x, y, **p),
+       lambda ans, x, y, **p: lambda g: _dot_rhs_cotangent(g, x, y, **p))  # fmt: skip
+
+
+def add_cotangents(a: Any, b: Any) -> Any:
+    """Accumulates two cotangents; tuples (multiple-results nodes) add elementwise."""
+    if isinstance(a, tuple):
+        return tuple(y if x is None else x if y is None else add_cotangents(x, y)
+                     for x, y in zip(a, b, strict=True))  # fmt: skip
+    return add_any_p.bind(a, b)
+
+
+def is_traced(x: Any) -> bool:
+    return isinstance(x, Tracer)

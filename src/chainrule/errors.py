@@ -1,0 +1,55 @@
+"""Errors raised by chainrule. Each says what went wrong, where, and how to fix it.
+
+Every error is a `ChainruleError`, and also the built-in exception type that
+JAX raises for the same mistake (`TypeError` for wrong dtypes and non-scalar
+outputs, `ValueError` for bad `argnums` or mismatched cotangents), so code that
+catches JAX's errors keeps working when `jax.grad` is swapped for `cr.grad`.
+"""
+
+from __future__ import annotations
+
+
+class ChainruleError(Exception):
+    """Base class of all chainrule errors."""
+
+
+class InputTypeError(ChainruleError, TypeError):
+    """A differentiated input is not a floating-point array."""
+
+
+class NonScalarOutputError(ChainruleError, TypeError):
+    """`grad` was given a function whose output is not a real scalar."""
+
+
+class ArgnumsError(ChainruleError, ValueError):
+    """`argnums` does not name positional arguments of the call."""
+
+
+class CotangentError(ChainruleError, ValueError):
+    """A cotangent passed to a `vjp` function does not match the output."""
+
+
+class AuxError(ChainruleError, TypeError):
+    """`has_aux=True` but the function did not return an `(output, aux)` pair."""
+
+
+class UnrecordableJaxCallError(ChainruleError, TypeError):
+    """A JAX call on a traced value could be neither recorded nor replayed."""
+
+
+class NoVJPRuleError(ChainruleError, NotImplementedError):
+    """The function uses a primitive for which chainrule has no VJP rule."""
+
+    def __init__(self, primitive: str, where: str | None = None, detail: str | None = None):
+        self.primitive = primitive
+        self.where = where
+        at = f" (used at {where})" if where else ""
+        extra = f"; {detail}" if detail else ""
+        super().__init__(
+            f"chainrule has no VJP rule for the primitive '{primitive}'{at}{extra}. "
+            "chainrule never falls back to JAX's own differentiation, so it cannot "
+            "differentiate this operation. Fixes: express the computation with supported "
+            "operations (the table is chainrule.engine.rules.PRIMITIVES), or wrap it in "
+            "jax.custom_vjp with a bwd function written with supported operations; "
+            "chainrule uses your bwd rule."
+        )
