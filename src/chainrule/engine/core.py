@@ -20,6 +20,7 @@ replay) is built on the four things defined here:
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -36,6 +37,10 @@ class _TraceState(threading.local):
         # Levels of transforms that are capturing a jaxpr with jax.make_jaxpr;
         # a lower-level Tracer met during a capture must be replayed instead.
         self.capturing: list[int] = []
+        # Observers of the tape (e.g. `cr.explain`): called with each new node.
+        self.recorders: list[Callable[[Node, str | None], None]] = []
+        # Where the equation being replayed came from (set only while recording).
+        self.source: str | None = None
 
 
 _state = _TraceState()
@@ -74,6 +79,45 @@ def names_tracer(exc: BaseException) -> bool:
     return isinstance(exc, (TypeError, ValueError)) and "chainrule.Tracer" in str(exc).replace(
         "chainrule.engine.core.Tracer", "chainrule.Tracer"
     )
+
+
+class recording:
+    """Context manager: calls `recorder(node)` for every node created inside.
+
+    Used by tools that show the tape (`chainrule.explain`). The recorder gets
+    the node and the user's source line that created it ("file:line (function)").
+    """
+
+    def __init__(self, recorder: Callable[[Node, str | None], None]):
+        self.recorder = recorder
+
+    def __enter__(self) -> None:
+        _state.recorders.append(self.recorder)
+
+    def __exit__(self, *exc: object) -> None:
+        _state.recorders.remove(self.recorder)
+
+
+def is_recording() -> bool:
+    return bool(_state.recorders)
+
+
+def set_source(where: str | None) -> None:
+    """Replay sets the source line of the equation it is evaluating."""
+    _state.source = where
+
+
+def _source_line() -> str | None:
+    """The user's source line of the operation being recorded, best effort."""
+    if _state.source is not None:
+        return _state.source
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not name.startswith(("chainrule.engine", "chainrule.numpy", "jax", "contextlib")):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return None
 
 
 class capturing:
@@ -285,6 +329,10 @@ def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
     )
     parents = tuple(args[i].node for i in argnums)
     node = Node(prim, primals, params, ans, argnums, parents)
+    if _state.recorders:
+        where = _source_line()
+        for recorder in _state.recorders:
+            recorder(node, where)
     if not prim.multiple_results:
         return Tracer(ans, node, level) if is_differentiable(raw(ans)) else raw(ans)
     n = len(ans)

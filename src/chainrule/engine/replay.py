@@ -58,7 +58,13 @@ def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], *args: Any) -> list[An
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if any(isinstance(x, Tracer) for x in invals):
-            outvals = _apply_traced(eqn, invals)
+            if core.is_recording():
+                core.set_source(where(eqn))
+            try:
+                outvals = _apply_traced(eqn, invals)
+            finally:
+                if core.is_recording():
+                    core.set_source(None)
         else:
             outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
             if not eqn.primitive.multiple_results:
