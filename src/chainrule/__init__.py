@@ -18,7 +18,9 @@ from chainrule.engine.transforms import grad, value_and_grad, vjp
 
 __version__ = "0.1.0"
 
-__all__ = ["PRIMITIVES", "Tracer", "errors", "grad", "numpy", "value_and_grad", "vjp"]
+__all__ = [
+    "PRIMITIVES", "Tracer", "errors", "explain", "grad", "numpy", "value_and_grad", "vjp",
+]  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -26,4 +28,8 @@ def __getattr__(name: str):
         import chainrule.numpy as cnp
 
         return cnp
+    if name == "explain":  # imported on first use: it is not needed to differentiate
+        from chainrule.explain import explain
+
+        return explain
     raise AttributeError(f"module 'chainrule' has no attribute {name!r}")
