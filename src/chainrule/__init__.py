@@ -7,8 +7,8 @@ with `jax.jit`, `jax.vmap` and with each other.
 
 Examples:
   >>> import chainrule as cr
-  >>> cr.grad(lambda w, x, y: (w * x - y) ** 2)(1.0, 1.0, 2.0)
-  Array(-2., dtype=float32, weak_type=True)
+  >>> float(cr.grad(lambda w, x, y: (w * x - y) ** 2)(1.0, 1.0, 2.0))
+  -2.0
 """
 
 from chainrule import errors
@@ -19,8 +19,15 @@ from chainrule.engine.transforms import grad, value_and_grad, vjp
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRIMITIVES", "Tracer", "errors", "explain", "grad", "numpy", "value_and_grad", "vjp",
-]  # fmt: skip
+    "PRIMITIVES",
+    "Tracer",
+    "errors",
+    "explain",
+    "grad",
+    "numpy",
+    "value_and_grad",
+    "vjp",
+]
 
 
 def __getattr__(name: str):

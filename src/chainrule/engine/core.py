@@ -324,9 +324,7 @@ def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
         raise ReplayNeeded(level)
     primals = tuple(a.value if isinstance(a, Tracer) and a.level == level else a for a in args)
     ans = bind(prim, *primals, **params)
-    argnums = tuple(
-        i for i, a in enumerate(args) if isinstance(a, Tracer) and a.level == level
-    )
+    argnums = tuple(i for i, a in enumerate(args) if isinstance(a, Tracer) and a.level == level)
     parents = tuple(args[i].node for i in argnums)
     node = Node(prim, primals, params, ans, argnums, parents)
     if _state.recorders:

@@ -205,8 +205,9 @@ def expand_dims(x: Any, axis: int) -> Any:
 
 def squeeze(x: Any, axis: Any = None) -> Any:
     shape = rules.shape_of(x)
-    axes = tuple(d for d, n in enumerate(shape) if n == 1) if axis is None else _axes(
-        axis, len(shape))  # fmt: skip
+    axes = (
+        tuple(d for d, n in enumerate(shape) if n == 1) if axis is None else _axes(axis, len(shape))
+    )
     return reshape(x, tuple(n for d, n in enumerate(shape) if d not in axes))
 
 
@@ -229,15 +230,17 @@ def matmul(x: Any, y: Any) -> Any:
     x, y = promote_dtypes_only(x, y)
     xs, ys = rules.shape_of(x), rules.shape_of(y)
     if not xs or not ys:
-        raise ValueError(f"matmul: operands must be at least 1-D, got shapes {xs} and {ys}")
+        raise TypeError(f"matmul: operands must be at least 1-D, got shapes {xs} and {ys}")
     if len(xs) == 1 and len(ys) == 1:
         return rules.dot_general(x, y, (((0,), (0,)), ((), ())))
     x2 = reshape(x, (1, *xs)) if len(xs) == 1 else x
     y2 = reshape(y, (*ys, 1)) if len(ys) == 1 else y
     xs2, ys2 = rules.shape_of(x2), rules.shape_of(y2)
     if xs2[-1] != ys2[-2]:
-        raise ValueError(
-            f"matmul: contracting dimensions differ: {xs} @ {ys} ({xs2[-1]} != {ys2[-2]})")
+        raise TypeError(  # JAX raises TypeError for this too
+            f"matmul: dot_general requires contracting dimensions to have the same size; got "
+            f"shapes {xs} @ {ys} ({xs2[-1]} != {ys2[-2]})."
+        )
     batch = tuple(np.broadcast_shapes(xs2[:-2], ys2[:-2]))
     if len(xs2) == 2 and not batch:
         out = rules.dot_general(x2, y2, (((1,), (0,)), ((), ())))
@@ -245,8 +248,7 @@ def matmul(x: Any, y: Any) -> Any:
         x2 = _broadcast_leading(x2, batch)
         y2 = _broadcast_leading(y2, batch)
         nb = len(batch)
-        out = rules.dot_general(
-            x2, y2, (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))))
+        out = rules.dot_general(x2, y2, (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))))
     if len(xs) == 1:
         out = squeeze(out, -2)
     if len(ys) == 1:
@@ -340,15 +342,27 @@ def _concrete(self: Tracer):
 
 
 _METHODS: dict[str, Any] = {
-    "__add__": add, "__radd__": _flip(add),
-    "__sub__": subtract, "__rsub__": _flip(subtract),
-    "__mul__": multiply, "__rmul__": _flip(multiply),
-    "__truediv__": divide, "__rtruediv__": _flip(divide),
-    "__pow__": power, "__rpow__": _flip(power),
-    "__matmul__": matmul, "__rmatmul__": _flip(matmul),
-    "__lt__": less, "__le__": less_equal, "__gt__": greater, "__ge__": greater_equal,
-    "__eq__": equal, "__ne__": not_equal,
-    "__neg__": negative, "__pos__": lambda self: self, "__abs__": abs,
+    "__add__": add,
+    "__radd__": _flip(add),
+    "__sub__": subtract,
+    "__rsub__": _flip(subtract),
+    "__mul__": multiply,
+    "__rmul__": _flip(multiply),
+    "__truediv__": divide,
+    "__rtruediv__": _flip(divide),
+    "__pow__": power,
+    "__rpow__": _flip(power),
+    "__matmul__": matmul,
+    "__rmatmul__": _flip(matmul),
+    "__lt__": less,
+    "__le__": less_equal,
+    "__gt__": greater,
+    "__ge__": greater_equal,
+    "__eq__": equal,
+    "__ne__": not_equal,
+    "__neg__": negative,
+    "__pos__": lambda self: self,
+    "__abs__": abs,
     "__getitem__": getitem,
     "__len__": lambda self: len(raw(self)),
     "__iter__": lambda self: (self[i] for i in range(len(raw(self)))),
@@ -357,15 +371,25 @@ _METHODS: dict[str, Any] = {
     "__int__": lambda self: int(raw(self)),
     "__array__": _no_numpy,
     "item": lambda self: raw(self).item(),
-    "sum": sum, "mean": mean, "max": max, "min": min,
-    "argmax": argmax, "argmin": argmin,
-    "reshape": reshape, "transpose": transpose, "ravel": ravel, "flatten": ravel,
-    "squeeze": squeeze, "dot": dot, "clip": clip,
+    "sum": sum,
+    "mean": mean,
+    "max": max,
+    "min": min,
+    "argmax": argmax,
+    "argmin": argmin,
+    "reshape": reshape,
+    "transpose": transpose,
+    "ravel": ravel,
+    "flatten": ravel,
+    "squeeze": squeeze,
+    "dot": dot,
+    "clip": clip,
     "astype": lambda self, dtype: _as_operand(self, dtype),
     "T": property(lambda self: transpose(self)),
-    "mT": property(lambda self: transpose(
-        self, (*range(self.ndim - 2), self.ndim - 1, self.ndim - 2))),
-}  # fmt: skip
+    "mT": property(
+        lambda self: transpose(self, (*range(self.ndim - 2), self.ndim - 1, self.ndim - 2))
+    ),
+}
 
 for _name, _method in _METHODS.items():
     setattr(Tracer, _name, _method)

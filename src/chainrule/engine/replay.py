@@ -140,8 +140,10 @@ def _jvp_rule_vjp(g: Any, node: core.Node) -> list[Any]:
     from chainrule.engine.transforms import vjp_flat
 
     nonzero_cts = [ct for ct, z in zip(cts, out_zeros, strict=True) if not z]
-    nonzero_cts = [rules.zeros_like(o) if ct is None else ct
-                   for ct, o in zip(nonzero_cts, _nonzero_outs(outs, out_zeros), strict=True)]  # fmt: skip
+    nonzero_cts = [
+        rules.zeros_like(o) if ct is None else ct
+        for ct, o in zip(nonzero_cts, _nonzero_outs(outs, out_zeros), strict=True)
+    ]
     tangent_cts = vjp_flat(tangent_map, tangents, nonzero_cts)
     return [tangent_cts[i - n_consts] for i in node.argnums]
 
@@ -162,8 +164,7 @@ def _custom_jvp_call_impl(*args: Any, **params: Any) -> list[Any]:
     return prim.bind(*args, **prim.get_bind_params(params))
 
 
-custom_jvp_call_p = _CustomJVPCall("custom_jvp_call", _custom_jvp_call_impl,
-                                   multiple_results=True)  # fmt: skip
+custom_jvp_call_p = _CustomJVPCall("custom_jvp_call", _custom_jvp_call_impl, multiple_results=True)
 
 
 # --- custom_vjp_call ------------------------------------------------------------
@@ -208,9 +209,7 @@ class _CustomVJPCall(Primitive):
         return [cts_in[i - n_consts] for i in node.argnums]
 
 
-custom_vjp_call_p = _CustomVJPCall("custom_vjp_call", _custom_vjp_forward,
-                                   multiple_results=True)  # fmt: skip
-
+custom_vjp_call_p = _CustomVJPCall("custom_vjp_call", _custom_vjp_forward, multiple_results=True)
 
 
 # --- replaying arbitrary JAX functions ------------------------------------------

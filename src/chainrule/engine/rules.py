@@ -116,16 +116,27 @@ def unbroadcast(g: Any, shape: Sequence[int], dims: Sequence[int] | None = None)
     return reshape(g, shape) if shape_of(g) != shape else g
 
 
-defvjp(add_p, lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
-              lambda ans, x, y: lambda g: unbroadcast(g, shape_of(y)))  # fmt: skip
+defvjp(
+    add_p,
+    lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(g, shape_of(y)),
+)
 defvjp(add_any_p, lambda ans, x, y: lambda g: g, lambda ans, x, y: lambda g: g)
-defvjp(sub_p, lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
-              lambda ans, x, y: lambda g: unbroadcast(neg(g), shape_of(y)))  # fmt: skip
-defvjp(mul_p, lambda ans, x, y: lambda g: unbroadcast(mul(g, y), shape_of(x)),
-              lambda ans, x, y: lambda g: unbroadcast(mul(x, g), shape_of(y)))  # fmt: skip
-defvjp(div_p, lambda ans, x, y: lambda g: unbroadcast(div(g, y), shape_of(x)),
-              lambda ans, x, y: lambda g: unbroadcast(
-                  mul(mul(neg(g), x), integer_pow(y, -2)), shape_of(y)))  # fmt: skip
+defvjp(
+    sub_p,
+    lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(neg(g), shape_of(y)),
+)
+defvjp(
+    mul_p,
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, y), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(mul(x, g), shape_of(y)),
+)
+defvjp(
+    div_p,
+    lambda ans, x, y: lambda g: unbroadcast(div(g, y), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(mul(mul(neg(g), x), integer_pow(y, -2)), shape_of(y)),
+)
 defvjp(neg_p, lambda ans, x: lambda g: neg(g))
 
 # Comparisons and logic: no gradient; their outputs are never traced.
@@ -144,11 +155,14 @@ sign_p = primitive("sign", lax.sign, differentiable=False)
 floor_p = primitive("floor", lax.floor, differentiable=False)
 ceil_p = primitive("ceil", lax.ceil, differentiable=False)
 round_p = primitive(
-    "round", lambda x, rounding_method=0: lax.round(x, rounding_method), ("rounding_method",),
+    "round",
+    lambda x, rounding_method=0: lax.round(x, rounding_method),
+    ("rounding_method",),
     differentiable=False,
-)  # fmt: skip
+)
 eq, ne, lt, le, gt, ge = eq_p.bind, ne_p.bind, lt_p.bind, le_p.bind, gt_p.bind, ge_p.bind
 logical_and, sign, floor = and_p.bind, sign_p.bind, floor_p.bind
+
 
 class _SelectN(Primitive):
     """select_n(which, *cases): case i gets `g` where it was selected, 0 elsewhere."""
@@ -176,27 +190,34 @@ maximum, minimum = max_p.bind, min_p.bind
 def _balanced_eq(x: Any, ans: Any, y: Any):
     """1 where x was chosen, 1/2 where x and y tied, 0 elsewhere (JAX's convention)."""
     shape = shape_of(ans)
-    x, ans, y = (lax.broadcast_in_dim(raw(v), shape, ()) if shape_of(v) != shape else raw(v)
-                 for v in (x, ans, y))  # fmt: skip
+    x, ans, y = (
+        lax.broadcast_in_dim(raw(v), shape, ()) if shape_of(v) != shape else raw(v)
+        for v in (x, ans, y)
+    )
     half_or_one = lax.select(lax.eq(y, ans), full_like(ans, 0.5), full_like(ans, 1))
     return lax.select(lax.eq(x, ans), half_or_one, full_like(ans, 0))
 
 
-defvjp(max_p, lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(x, ans, y)), shape_of(x)),
-              lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(y, ans, x)), shape_of(y)))  # fmt: skip
-defvjp(min_p, lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(x, ans, y)), shape_of(x)),
-              lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(y, ans, x)), shape_of(y)))  # fmt: skip
+_chooser_vjps = (  # max and min: the cotangent follows the chosen operand
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(x, ans, y)), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(y, ans, x)), shape_of(y)),
+)
+defvjp(max_p, *_chooser_vjps)
+defvjp(min_p, *_chooser_vjps)
 
 clamp_p = primitive("clamp", lax.clamp)
 defvjp(
     clamp_p,
-    lambda ans, lo, x, hi: lambda g: unbroadcast(
-        select_n(logical_and(gt(lo, x), lt(lo, hi)), zeros_like(g), g), shape_of(lo)),
-    lambda ans, lo, x, hi: lambda g: select_n(
-        logical_and(gt(x, lo), lt(x, hi)), zeros_like(g), g),
-    lambda ans, lo, x, hi: lambda g: unbroadcast(
-        select_n(lt(hi, x), zeros_like(g), g), shape_of(hi)),
-)  # fmt: skip
+    lambda ans, lo, x, hi: (
+        lambda g: unbroadcast(
+            select_n(logical_and(gt(lo, x), lt(lo, hi)), zeros_like(g), g), shape_of(lo)
+        )
+    ),
+    lambda ans, lo, x, hi: lambda g: select_n(logical_and(gt(x, lo), lt(x, hi)), zeros_like(g), g),
+    lambda ans, lo, x, hi: (
+        lambda g: unbroadcast(select_n(lt(hi, x), zeros_like(g), g), shape_of(hi))
+    ),
+)
 
 # --- powers, exponentials, logarithms ----------------------------------------
 
@@ -207,10 +228,18 @@ def integer_pow(x: Any, y: int) -> Any:
     return integer_pow_p.bind(x, y=y)
 
 
-defvjp(integer_pow_p, lambda ans, x, y: lambda g: (
-    zeros_like(g) if y == 0 else
-    mul(g, const(x, y)) if y == 1 else
-    mul(g, mul(const(x, y), integer_pow(x, y - 1)))))  # fmt: skip
+defvjp(
+    integer_pow_p,
+    lambda ans, x, y: (
+        lambda g: (
+            zeros_like(g)
+            if y == 0
+            else mul(g, const(x, y))
+            if y == 1
+            else mul(g, mul(const(x, y), integer_pow(x, y - 1)))
+        )
+    ),
+)
 
 square_p = primitive("square", lax.square)
 defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)))
@@ -225,10 +254,13 @@ def _replace_zero(x: Any) -> Any:
     return select_n(eq(x, const(x, 0)), x, full_like(x, 1))
 
 
-defvjp(pow_p, lambda ans, x, y: lambda g: unbroadcast(
-                  mul(g, mul(y, pow_(x, sub(y, const(y, 1))))), shape_of(x)),
-              lambda ans, x, y: lambda g: unbroadcast(
-                  mul(g, mul(log(_replace_zero(x)), ans)), shape_of(y)))  # fmt: skip
+defvjp(
+    pow_p,
+    lambda ans, x, y: (
+        lambda g: unbroadcast(mul(g, mul(y, pow_(x, sub(y, const(y, 1))))), shape_of(x))
+    ),
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, mul(log(_replace_zero(x)), ans)), shape_of(y)),
+)
 
 sqrt_p = primitive("sqrt", lax.sqrt)
 rsqrt_p = primitive("rsqrt", lax.rsqrt)
@@ -285,25 +317,39 @@ defvjp(sinh_p, lambda ans, x: lambda g: mul(g, cosh(x)))
 defvjp(cosh_p, lambda ans, x: lambda g: mul(g, sinh(x)))
 defvjp(tanh_p, lambda ans, x: lambda g: mul(g, _one_minus_square(ans)))
 defvjp(asinh_p, lambda ans, x: lambda g: mul(g, rsqrt(add(mul(x, x), const(x, 1)))))
-defvjp(acosh_p, lambda ans, x: lambda g: mul(
-    g, rsqrt(mul(sub(x, const(x, 1)), add(x, const(x, 1))))))  # fmt: skip
+defvjp(
+    acosh_p, lambda ans, x: lambda g: mul(g, rsqrt(mul(sub(x, const(x, 1)), add(x, const(x, 1)))))
+)
 defvjp(atanh_p, lambda ans, x: lambda g: div(g, _one_minus_square(x)))
-defvjp(atan2_p, lambda ans, x, y: lambda g: unbroadcast(
-                    mul(g, div(y, add(mul(x, x), mul(y, y)))), shape_of(x)),
-                lambda ans, x, y: lambda g: unbroadcast(
-                    mul(g, div(neg(x), add(mul(x, x), mul(y, y)))), shape_of(y)))  # fmt: skip
+defvjp(
+    atan2_p,
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, div(y, add(mul(x, x), mul(y, y)))), shape_of(x)),
+    lambda ans, x, y: (
+        lambda g: unbroadcast(mul(g, div(neg(x), add(mul(x, x), mul(y, y)))), shape_of(y))
+    ),
+)
 defvjp(logistic_p, lambda ans, x: lambda g: mul(g, mul(ans, sub(const(ans, 1), ans))))
-defvjp(erf_p, lambda ans, x: lambda g: mul(
-    g, mul(const(x, 2 / math.sqrt(math.pi)), exp(neg(mul(x, x))))))  # fmt: skip
-defvjp(erf_inv_p, lambda ans, x: lambda g: mul(
-    g, mul(const(x, math.sqrt(math.pi) / 2), exp(mul(ans, ans)))))  # fmt: skip
+defvjp(
+    erf_p,
+    lambda ans, x: lambda g: mul(g, mul(const(x, 2 / math.sqrt(math.pi)), exp(neg(mul(x, x))))),
+)
+defvjp(
+    erf_inv_p,
+    lambda ans, x: lambda g: mul(g, mul(const(x, math.sqrt(math.pi) / 2), exp(mul(ans, ans)))),
+)
 # abs'(0) = sign(0) = 0, as in JAX and PyTorch.
 defvjp(abs_p, lambda ans, x: lambda g: mul(g, sign(x)))
 
 rem_p = primitive("rem", lax.rem)
-defvjp(rem_p, lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
-              lambda ans, x, y: lambda g: unbroadcast(
-                  mul(neg(g), mul(sign(div(x, y)), floor(abs_(div(x, y))))), shape_of(y)))  # fmt: skip
+defvjp(
+    rem_p,
+    lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+    lambda ans, x, y: (
+        lambda g: unbroadcast(
+            mul(neg(g), mul(sign(div(x, y)), floor(abs_(div(x, y))))), shape_of(y)
+        )
+    ),
+)
 
 # --- identities and type conversion -------------------------------------------
 
@@ -314,13 +360,22 @@ copy_p = primitive("copy", lambda x: x)
 defvjp(copy_p, lambda ans, x: lambda g: g)
 
 reduce_precision_p = primitive(
-    "reduce_precision", lax.reduce_precision, ("exponent_bits", "mantissa_bits"))
-defvjp(reduce_precision_p, lambda ans, x, exponent_bits, mantissa_bits: lambda g:
-       reduce_precision_p.bind(g, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits))  # fmt: skip
+    "reduce_precision", lax.reduce_precision, ("exponent_bits", "mantissa_bits")
+)
+defvjp(
+    reduce_precision_p,
+    lambda ans, x, exponent_bits, mantissa_bits: (
+        lambda g: reduce_precision_p.bind(
+            g, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits
+        )
+    ),
+)
 
 convert_element_type_p = primitive(
-    "convert_element_type", lambda x, new_dtype: lax.convert_element_type(x, new_dtype),
-    ("new_dtype",))  # fmt: skip
+    "convert_element_type",
+    lambda x, new_dtype: lax.convert_element_type(x, new_dtype),
+    ("new_dtype",),
+)
 
 
 def convert_element_type(x: Any, new_dtype: Any) -> Any:
@@ -329,30 +384,42 @@ def convert_element_type(x: Any, new_dtype: Any) -> Any:
     return convert_element_type_p.bind(x, new_dtype=np.dtype(new_dtype))
 
 
-defvjp(convert_element_type_p,
-       lambda ans, x, new_dtype: lambda g: convert_element_type(g, dtype_of(x)))  # fmt: skip
+defvjp(
+    convert_element_type_p, lambda ans, x, new_dtype: lambda g: convert_element_type(g, dtype_of(x))
+)
 
 iota_p = primitive(
-    "iota", lambda dtype, shape, dimension: lax.broadcasted_iota(dtype, shape, dimension),
-    ("dtype", "shape", "dimension"), differentiable=False)  # fmt: skip
+    "iota",
+    lambda dtype, shape, dimension: lax.broadcasted_iota(dtype, shape, dimension),
+    ("dtype", "shape", "dimension"),
+    differentiable=False,
+)
 
 # --- shapes: broadcasting, reshaping, slicing ---------------------------------
 
 broadcast_in_dim_p = primitive(
-    "broadcast_in_dim", lax.broadcast_in_dim, ("shape", "broadcast_dimensions"))
+    "broadcast_in_dim", lax.broadcast_in_dim, ("shape", "broadcast_dimensions")
+)
 
 
 def broadcast_in_dim(x: Any, shape: Sequence[int], broadcast_dimensions: Sequence[int]) -> Any:
     return broadcast_in_dim_p.bind(
-        x, shape=tuple(shape), broadcast_dimensions=tuple(broadcast_dimensions))
+        x, shape=tuple(shape), broadcast_dimensions=tuple(broadcast_dimensions)
+    )
 
 
-defvjp(broadcast_in_dim_p, lambda ans, x, shape, broadcast_dimensions: lambda g:
-       unbroadcast(g, shape_of(x), broadcast_dimensions))  # fmt: skip
+defvjp(
+    broadcast_in_dim_p,
+    lambda ans, x, shape, broadcast_dimensions: (
+        lambda g: unbroadcast(g, shape_of(x), broadcast_dimensions)
+    ),
+)
 
 reshape_p = primitive(
-    "reshape", lambda x, new_sizes, dimensions=None: lax.reshape(x, new_sizes, dimensions),
-    ("new_sizes", "dimensions"))  # fmt: skip
+    "reshape",
+    lambda x, new_sizes, dimensions=None: lax.reshape(x, new_sizes, dimensions),
+    ("new_sizes", "dimensions"),
+)
 
 
 def reshape(x: Any, new_sizes: Sequence[int]) -> Any:
@@ -417,26 +484,39 @@ def slice_(x: Any, start_indices, limit_indices, strides=None) -> Any:
     if strides is not None and all(s == 1 for s in strides):
         strides = None
     return slice_p.bind(
-        x, start_indices=tuple(start_indices), limit_indices=tuple(limit_indices),
-        strides=None if strides is None else tuple(strides))  # fmt: skip
+        x,
+        start_indices=tuple(start_indices),
+        limit_indices=tuple(limit_indices),
+        strides=None if strides is None else tuple(strides),
+    )
 
 
 def _slice_vjp(ans, x, start_indices, limit_indices, strides):
     def vjp(g):
         xshape, gshape = shape_of(x), shape_of(g)
         if strides is None:
-            config = [(lo, n - hi, 0) for lo, hi, n in zip(start_indices, limit_indices, xshape)]
+            config = [
+                (lo, n - hi, 0)
+                for lo, hi, n in zip(start_indices, limit_indices, xshape, strict=True)
+            ]
         else:
-            real_limits = [lo + (m - 1) * s + 1 if m else lo
-                           for lo, m, s in zip(start_indices, gshape, strides)]  # fmt: skip
-            config = [(lo, n - hi, s - 1 if m else 0) for lo, hi, n, s, m
-                      in zip(start_indices, real_limits, xshape, strides, gshape)]  # fmt: skip
+            real_limits = [
+                lo + (m - 1) * s + 1 if m else lo
+                for lo, m, s in zip(start_indices, gshape, strides, strict=True)
+            ]
+            config = [
+                (lo, n - hi, s - 1 if m else 0)
+                for lo, hi, n, s, m in zip(
+                    start_indices, real_limits, xshape, strides, gshape, strict=True
+                )
+            ]
         return pad(g, const(g, 0), config)
 
     return vjp
 
 
 defvjp(slice_p, _slice_vjp)
+
 
 class _Concatenate(Primitive):
     """concatenate takes any number of operands: its rule slices `g` per operand."""
@@ -455,8 +535,11 @@ class _Concatenate(Primitive):
 
 
 concatenate_p = primitive(
-    "concatenate", lambda *xs, dimension: lax.concatenate(xs, dimension), ("dimension",),
-    cls=_Concatenate)  # fmt: skip
+    "concatenate",
+    lambda *xs, dimension: lax.concatenate(xs, dimension),
+    ("dimension",),
+    cls=_Concatenate,
+)
 
 
 def concatenate(xs: Sequence[Any], dimension: int) -> Any:
@@ -473,8 +556,13 @@ class _Split(Primitive):
 
 
 split_p = primitive(
-    "split", lambda x, sizes, axis: lax.split(x, sizes, axis), ("sizes", "axis"),
-    multiple_results=True, cls=_Split)  # fmt: skip
+    "split",
+    lambda x, sizes, axis: lax.split(x, sizes, axis),
+    ("sizes", "axis"),
+    multiple_results=True,
+    cls=_Split,
+)
+
 
 class _DynamicSlice(Primitive):
     """Index operands are integers: only the array operand(s) get cotangents."""
@@ -485,17 +573,24 @@ class _DynamicSlice(Primitive):
             assert node.argnums == (0,), node.argnums
             return [dynamic_update_slice(zeros_like(x), g, idx)]
         x, update, *idx = node.primals
-        rules = {0: lambda: dynamic_update_slice(g, zeros_like(update), idx),
-                 1: lambda: dynamic_slice(g, idx, shape_of(update))}  # fmt: skip
+        rules = {
+            0: lambda: dynamic_update_slice(g, zeros_like(update), idx),
+            1: lambda: dynamic_slice(g, idx, shape_of(update)),
+        }
         return [rules[i]() for i in node.argnums]
 
 
 dynamic_slice_p = primitive(
-    "dynamic_slice", lambda x, *idx, slice_sizes: lax.dynamic_slice(x, idx, slice_sizes),
-    ("slice_sizes",), cls=_DynamicSlice)  # fmt: skip
+    "dynamic_slice",
+    lambda x, *idx, slice_sizes: lax.dynamic_slice(x, idx, slice_sizes),
+    ("slice_sizes",),
+    cls=_DynamicSlice,
+)
 dynamic_update_slice_p = primitive(
-    "dynamic_update_slice", lambda x, update, *idx: lax.dynamic_update_slice(x, update, idx),
-    cls=_DynamicSlice)  # fmt: skip
+    "dynamic_update_slice",
+    lambda x, update, *idx: lax.dynamic_update_slice(x, update, idx),
+    cls=_DynamicSlice,
+)
 
 
 def dynamic_slice(x: Any, idx: Sequence[Any], slice_sizes: Sequence[int]) -> Any:
@@ -505,21 +600,37 @@ def dynamic_slice(x: Any, idx: Sequence[Any], slice_sizes: Sequence[int]) -> Any
 def dynamic_update_slice(x: Any, update: Any, idx: Sequence[Any]) -> Any:
     return dynamic_update_slice_p.bind(x, update, *idx)
 
+
 gather_p = primitive(
     "gather",
     lambda x, indices, **p: lax.gather(x, indices, **p),
-    ("dimension_numbers", "slice_sizes", "indices_are_sorted", "unique_indices", "mode",
-     "fill_value"),
-)  # fmt: skip
+    (
+        "dimension_numbers",
+        "slice_sizes",
+        "indices_are_sorted",
+        "unique_indices",
+        "mode",
+        "fill_value",
+    ),
+)
 scatter_add_p = primitive(
     "scatter-add",
     lambda x, indices, updates, **p: lax.scatter_add(x, indices, updates, **p),
     ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
-)  # fmt: skip
+)
 
 
-def _gather_vjp(ans, x, indices, dimension_numbers, slice_sizes, indices_are_sorted,
-                unique_indices, mode, fill_value):  # fmt: skip
+def _gather_vjp(
+    ans,
+    x,
+    indices,
+    dimension_numbers,
+    slice_sizes,
+    indices_are_sorted,
+    unique_indices,
+    mode,
+    fill_value,
+):
     dn = dimension_numbers
     scatter_dn = lax.ScatterDimensionNumbers(
         update_window_dims=dn.offset_dims,
@@ -529,12 +640,19 @@ def _gather_vjp(ans, x, indices, dimension_numbers, slice_sizes, indices_are_sor
         scatter_indices_batching_dims=dn.start_indices_batching_dims,
     )
     return lambda g: scatter_add_p.bind(
-        zeros_like(x), indices, g, dimension_numbers=scatter_dn,
-        indices_are_sorted=indices_are_sorted, unique_indices=unique_indices, mode=mode)  # fmt: skip
+        zeros_like(x),
+        indices,
+        g,
+        dimension_numbers=scatter_dn,
+        indices_are_sorted=indices_are_sorted,
+        unique_indices=unique_indices,
+        mode=mode,
+    )
 
 
-def _scatter_add_updates_vjp(ans, x, indices, updates, dimension_numbers, indices_are_sorted,
-                             unique_indices, mode):  # fmt: skip
+def _scatter_add_updates_vjp(
+    ans, x, indices, updates, dimension_numbers, indices_are_sorted, unique_indices, mode
+):
     dn = dimension_numbers
     gather_dn = lax.GatherDimensionNumbers(
         offset_dims=dn.update_window_dims,
@@ -546,14 +664,19 @@ def _scatter_add_updates_vjp(ans, x, indices, updates, dimension_numbers, indice
     window = iter(dn.update_window_dims)
     ushape = shape_of(updates)
     slice_sizes = tuple(
-        1 if i in dn.inserted_window_dims or i in dn.operand_batching_dims
-        else ushape[next(window)]
+        1 if i in dn.inserted_window_dims or i in dn.operand_batching_dims else ushape[next(window)]
         for i in range(len(shape_of(x)))
-    )  # fmt: skip
+    )
     return lambda g: gather_p.bind(
-        g, indices, dimension_numbers=gather_dn, slice_sizes=slice_sizes,
-        indices_are_sorted=indices_are_sorted, unique_indices=unique_indices, mode=mode,
-        fill_value=0)  # fmt: skip
+        g,
+        indices,
+        dimension_numbers=gather_dn,
+        slice_sizes=slice_sizes,
+        indices_are_sorted=indices_are_sorted,
+        unique_indices=unique_indices,
+        mode=mode,
+        fill_value=0,
+    )
 
 
 defvjp(gather_p, _gather_vjp, None)
@@ -572,8 +695,10 @@ def _kept_dims(x: Any, axes: Sequence[int]) -> tuple[int, ...]:
     return tuple(d for d in range(len(shape_of(x))) if d not in axes)
 
 
-defvjp(reduce_sum_p, lambda ans, x, axes: lambda g:
-       broadcast_in_dim(g, shape_of(x), _kept_dims(x, axes)))  # fmt: skip
+defvjp(
+    reduce_sum_p,
+    lambda ans, x, axes: lambda g: broadcast_in_dim(g, shape_of(x), _kept_dims(x, axes)),
+)
 
 reduce_max_p = primitive("reduce_max", lambda x, axes: lax.reduce_max(x, axes), ("axes",))
 reduce_min_p = primitive("reduce_min", lambda x, axes: lax.reduce_min(x, axes), ("axes",))
@@ -586,7 +711,8 @@ def _reduce_chooser_vjp(ans, x, axes):
         kept = _kept_dims(x, axes)
         xshape = shape_of(x)
         chosen = lax.convert_element_type(
-            lax.eq(raw(x), lax.broadcast_in_dim(raw(ans), xshape, kept)), dtype_of(g))
+            lax.eq(raw(x), lax.broadcast_in_dim(raw(ans), xshape, kept)), dtype_of(g)
+        )
         counts = lax.reduce_sum(chosen, tuple(axes))
         return mul(broadcast_in_dim(div(g, counts), xshape, kept), chosen)
 
@@ -597,33 +723,47 @@ defvjp(reduce_max_p, _reduce_chooser_vjp)
 defvjp(reduce_min_p, _reduce_chooser_vjp)
 
 argmax_p = primitive(
-    "argmax", lambda x, axes, index_dtype: lax.argmax(x, axes[0], index_dtype),
-    ("axes", "index_dtype"), differentiable=False)  # fmt: skip
+    "argmax",
+    lambda x, axes, index_dtype: lax.argmax(x, axes[0], index_dtype),
+    ("axes", "index_dtype"),
+    differentiable=False,
+)
 argmin_p = primitive(
-    "argmin", lambda x, axes, index_dtype: lax.argmin(x, axes[0], index_dtype),
-    ("axes", "index_dtype"), differentiable=False)  # fmt: skip
+    "argmin",
+    lambda x, axes, index_dtype: lax.argmin(x, axes[0], index_dtype),
+    ("axes", "index_dtype"),
+    differentiable=False,
+)
 
 cumsum_p = primitive(
-    "cumsum", lambda x, axis, reverse=False: lax.cumsum(x, axis, reverse), ("axis", "reverse"))
-defvjp(cumsum_p, lambda ans, x, axis, reverse: lambda g:
-       cumsum_p.bind(g, axis=axis, reverse=not reverse))  # fmt: skip
+    "cumsum", lambda x, axis, reverse=False: lax.cumsum(x, axis, reverse), ("axis", "reverse")
+)
+defvjp(
+    cumsum_p,
+    lambda ans, x, axis, reverse: lambda g: cumsum_p.bind(g, axis=axis, reverse=not reverse),
+)
 
 # --- linear algebra -------------------------------------------------------------
 
 dot_general_p = primitive(
     "dot_general",
     lambda x, y, dimension_numbers, precision=None, preferred_element_type=None: lax.dot_general(
-        x, y, dimension_numbers, precision=precision,
-        preferred_element_type=preferred_element_type),
+        x, y, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+    ),
     ("dimension_numbers", "precision", "preferred_element_type"),
-)  # fmt: skip
+)
 
 
 def dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None) -> Any:
     (xc, yc), (xb, yb) = dimension_numbers
     dn = ((tuple(xc), tuple(yc)), (tuple(xb), tuple(yb)))
-    return dot_general_p.bind(x, y, dimension_numbers=dn, precision=precision,
-                              preferred_element_type=preferred_element_type)  # fmt: skip
+    return dot_general_p.bind(
+        x,
+        y,
+        dimension_numbers=dn,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
 
 
 def _consecutive(*lengths: int) -> list[tuple[int, ...]]:
@@ -635,8 +775,9 @@ def _consecutive(*lengths: int) -> list[tuple[int, ...]]:
     return out
 
 
-def _dot_lhs_cotangent(g, x, y, dimension_numbers, precision, preferred_element_type,
-                       swap_ans=False):  # fmt: skip
+def _dot_lhs_cotangent(
+    g, x, y, dimension_numbers, precision, preferred_element_type, swap_ans=False
+):
     """The cotangent of dot_general's left operand `x` (or right, with swap_ans).
 
     `g` has dimensions (batch..., x free..., y free...); contracting it with `y`
@@ -655,7 +796,8 @@ def _dot_lhs_cotangent(g, x, y, dimension_numbers, precision, preferred_element_
     out_perm = argsort(list(x_batch) + x_free + x_contract_in_y_order)
     x_bar = transpose(
         dot_general(g, y, dims, precision=precision, preferred_element_type=preferred_element_type),
-        out_perm)  # fmt: skip
+        out_perm,
+    )
     return convert_element_type(x_bar, dtype_of(x))
 
 
@@ -665,16 +807,20 @@ def _dot_rhs_cotangent(g, x, y, dimension_numbers, precision, preferred_element_
     return _dot_lhs_cotangent(g, y, x, swapped, precision, preferred_element_type, swap_ans=True)
 
 
-defvjp(dot_general_p,
-       lambda ans, x, y, **p: lambda g: _dot_lhs_cotangent(g, x, y, **p),
-       lambda ans, x, y, **p: lambda g: _dot_rhs_cotangent(g, x, y, **p))  # fmt: skip
+defvjp(
+    dot_general_p,
+    lambda ans, x, y, **p: lambda g: _dot_lhs_cotangent(g, x, y, **p),
+    lambda ans, x, y, **p: lambda g: _dot_rhs_cotangent(g, x, y, **p),
+)
 
 
 def add_cotangents(a: Any, b: Any) -> Any:
     """Accumulates two cotangents; tuples (multiple-results nodes) add elementwise."""
     if isinstance(a, tuple):
-        return tuple(y if x is None else x if y is None else add_cotangents(x, y)
-                     for x, y in zip(a, b, strict=True))  # fmt: skip
+        return tuple(
+            y if x is None else x if y is None else add_cotangents(x, y)
+            for x, y in zip(a, b, strict=True)
+        )
     return add_any_p.bind(a, b)
 
 

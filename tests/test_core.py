@@ -1,0 +1,306 @@
+"""The engine against its oracles: the tutorials' numbers, jax.grad, and structure.
+
+Every expected value here is either stated by the tutorials (exact in float64
+and float32: -2, -3, -9, -2.25 are representable) or computed by JAX's own
+differentiation, never by chainrule itself.
+"""
+
+import gc
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import chainrule as cr
+import chainrule.numpy as cnp
+from chainrule.engine import core
+
+
+def linear_loss(w, x, y):
+    return (w * x - y) ** 2
+
+
+def relu_net_loss(w1, w2, x, target):
+    y = w2 * jax.nn.relu(w1 * x)
+    return (y - target) ** 2
+
+
+ENGINES = {
+    "cr": lambda f, **kw: cr.value_and_grad(f, **kw),
+    "cr-jit": lambda f, **kw: jax.jit(cr.value_and_grad(f, **kw)),
+    "jax": lambda f, **kw: jax.value_and_grad(f, **kw),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_tutorial_linear_is_exactly_minus_two(engine, dtype):
+    args = [jnp.asarray(v, dtype) for v in (1.0, 1.0, 2.0)]
+    loss, dw = ENGINES[engine](linear_loss)(*args)
+    assert loss.dtype == dtype and dw.dtype == dtype
+    assert float(loss) == 1.0
+    assert float(dw) == -2.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_tutorial_relu_network_numbers(engine, dtype):
+    args = [jnp.asarray(v, dtype) for v in (0.5, 1.5, 2.0, 3.0)]
+    loss, (dw1, dw2, dx) = ENGINES[engine](relu_net_loss, argnums=(0, 1, 2))(*args)
+    assert (float(loss), float(dw1), float(dw2), float(dx)) == (2.25, -9.0, -3.0, -2.25)
+
+
+def test_tutorial_numbers_from_python_floats():
+    assert float(cr.grad(linear_loss)(1.0, 1.0, 2.0)) == -2.0
+    assert float(jax.jit(cr.grad(linear_loss))(1.0, 1.0, 2.0)) == -2.0
+
+
+def test_relu_gradient_at_zero_is_zero_like_pytorch():
+    x = jnp.array([-1.0, 0.0, 2.0])
+    f = lambda x: jnp.sum(jax.nn.relu(x))
+    np.testing.assert_array_equal(cr.grad(f)(x), [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(cr.grad(f)(x), jax.grad(f)(x))
+
+
+def _mlp_params(key, sizes):
+    params = {}
+    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        key, k1, k2 = jax.random.split(key, 3)
+        params[f"layer{i}"] = {
+            "w": jax.random.normal(k1, (n, m)) / np.sqrt(m),
+            "b": jax.random.normal(k2, (n,)) * 0.1,
+        }
+    return params
+
+
+def mlp_loss(params, x, labels):
+    h = x
+    layers = [params[k] for k in sorted(params)]
+    for layer in layers[:-1]:
+        h = jax.nn.relu(h @ layer["w"].T + layer["b"])
+    logits = h @ layers[-1]["w"].T + layers[-1]["b"]
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+def test_mlp_with_dict_params_matches_jax_grad():
+    key = jax.random.PRNGKey(0)
+    params = _mlp_params(key, [6, 16, 8, 3])
+    x = jax.random.normal(jax.random.PRNGKey(1), (10, 6))
+    labels = jnp.arange(10) % 3
+    expected = jax.grad(mlp_loss)(params, x, labels)
+    for got in (
+        cr.grad(mlp_loss)(params, x, labels),
+        jax.jit(cr.grad(mlp_loss))(params, x, labels),
+    ):
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), got, expected
+        )
+
+
+def test_third_derivative_of_polynomial_is_exact():
+    f = lambda x: 2.0 * x**4 - 3.0 * x**3 + x
+    x = 1.5
+    # f''' = 48 x - 18, exact in binary floating point at x = 1.5
+    assert float(cr.grad(cr.grad(cr.grad(f)))(x)) == 48 * x - 18
+    assert float(cr.grad(cr.grad(cr.grad(f)))(x)) == float(jax.grad(jax.grad(jax.grad(f)))(x))
+
+
+@pytest.mark.parametrize(
+    "outer,inner",
+    [(cr.grad, cr.grad), (cr.grad, jax.grad), (jax.grad, cr.grad)],
+    ids=["cr-cr", "cr-jax", "jax-cr"],
+)
+def test_no_perturbation_confusion(outer, inner):
+    # d/dx [x * d/dy (x + y)] = d/dx [x * 1] = 1; confusing the perturbations gives 2.
+    f = lambda x: x * inner(lambda y: x + y)(x)
+    assert float(outer(f)(3.0)) == 1.0
+
+
+@pytest.mark.parametrize(
+    "outer,inner", [(cr.grad, cr.grad), (cr.grad, jax.grad), (jax.grad, cr.grad)]
+)
+def test_nested_second_derivatives_mix(outer, inner):
+    f = lambda x: jnp.sin(x) * x**2
+    x = 0.7
+    np.testing.assert_allclose(outer(inner(f))(x), jax.grad(jax.grad(f))(x), rtol=1e-12)
+
+
+def test_per_example_gradients_through_vmap():
+    w = jnp.array([0.5, -1.0, 2.0])
+    xs = jax.random.normal(jax.random.PRNGKey(2), (7, 3))
+    ys = jnp.arange(7.0)
+    loss = lambda w, x, y: (jnp.dot(w, x) - y) ** 2
+    expected = jax.vmap(jax.grad(loss), (None, 0, 0))(w, xs, ys)
+    got = jax.vmap(cr.grad(loss), (None, 0, 0))(w, xs, ys)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    got_jit = jax.jit(jax.vmap(cr.grad(loss), (None, 0, 0)))(w, xs, ys)
+    np.testing.assert_allclose(got_jit, expected, rtol=1e-12)
+
+
+def test_has_aux_and_argnums_tuple_match_jax():
+    def f(a, b):
+        return jnp.sum(a * b), {"sum_a": jnp.sum(a)}
+
+    a, b = jnp.arange(3.0), jnp.ones(3) * 2
+    got = cr.value_and_grad(f, argnums=(0, 1), has_aux=True)(a, b)
+    expected = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(a, b)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+    g, aux = cr.grad(f, has_aux=True)(a, b)
+    np.testing.assert_array_equal(g, b)
+    assert float(aux["sum_a"]) == 3.0
+
+
+def test_vjp_matches_jax_vjp_for_pytree_output():
+    def f(x, y):
+        return {"a": jnp.sin(x) * y, "b": (x @ y, jnp.tanh(y))}
+
+    x, y = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4))
+    out, vjp_fn = cr.vjp(f, x, y)
+    out_ref, vjp_ref = jax.vjp(f, x, y)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, out, out_ref)
+    ct = jax.tree_util.tree_map(lambda o: jnp.cos(o) + 0.5, out_ref)
+    for _ in range(2):  # a vjp function may be called many times
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15),
+            vjp_fn(ct),
+            vjp_ref(ct),
+        )
+
+
+def test_output_independent_of_input_has_zero_gradient():
+    g = cr.grad(lambda x, y: jnp.sum(y**2), argnums=(0, 1))(jnp.ones(3), jnp.ones(2))
+    np.testing.assert_array_equal(g[0], jnp.zeros(3))
+    np.testing.assert_array_equal(g[1], 2 * jnp.ones(2))
+
+
+def test_dynamic_front_end_runs_python_control_flow_like_pytorch():
+    def loss(w, x):
+        h = cnp.tanh(x @ w)
+        total = 0.0
+        for i in range(h.shape[0]):
+            if float(h[i]) > 0:  # control flow on concrete values
+                total = total + h[i] ** 2
+            else:
+                total = total - h[i]
+        return total
+
+    def reference(w, x):
+        h = jnp.tanh(x @ w)
+        return jnp.sum(jnp.where(h > 0, h**2, -h))
+
+    w = jnp.array([0.3, -0.2])
+    x = jax.random.normal(jax.random.PRNGKey(4), (5, 2))
+    np.testing.assert_allclose(cr.grad(loss)(w, x), jax.grad(reference)(w, x), rtol=1e-12)
+
+
+def test_same_function_through_both_front_ends():
+    def with_cnp(w, x):
+        return cnp.mean(cnp.maximum(x @ w.T, 0.0) ** 2)
+
+    def with_jnp(w, x):
+        return jnp.mean(jnp.maximum(x @ w.T, 0.0) ** 2)
+
+    w = jax.random.normal(jax.random.PRNGKey(5), (3, 4))
+    x = jax.random.normal(jax.random.PRNGKey(6), (8, 4))
+    expected = jax.grad(with_jnp)(w, x)
+    np.testing.assert_allclose(cr.grad(with_cnp)(w, x), expected, rtol=1e-12)
+    np.testing.assert_allclose(cr.grad(with_jnp)(w, x), expected, rtol=1e-12)
+
+
+def test_custom_vjp_uses_the_users_bwd_rule():
+    @jax.custom_vjp
+    def clip_gradient(x):
+        return x
+
+    clip_gradient.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -1.0, 1.0),))
+    f = lambda x: jnp.sum(clip_gradient(x) * 10.0)
+    x = jnp.array([1.0, 2.0])
+    np.testing.assert_array_equal(cr.grad(f)(x), jax.grad(f)(x))
+    np.testing.assert_array_equal(cr.grad(f)(x), [1.0, 1.0])
+
+
+def test_custom_vjp_with_two_outputs_and_residuals():
+    @jax.custom_vjp
+    def f(x, y):
+        return x * y, jnp.sin(x)
+
+    def fwd(x, y):
+        return f(x, y), (x, y, jnp.cos(x))
+
+    def bwd(res, cts):
+        x, y, cos_x = res
+        g_prod, g_sin = cts
+        return g_prod * y + g_sin * cos_x, g_prod * x * 3.0  # deliberately not the truth
+
+    f.defvjp(fwd, bwd)
+    loss = lambda x, y: jnp.sum(f(x, y)[0] + 2.0 * f(x, y)[1])
+    x, y = jnp.array([0.3, 1.2]), jnp.array([2.0, -1.0])
+    for a, b in zip(cr.grad(loss, (0, 1))(x, y), jax.grad(loss, (0, 1))(x, y), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_custom_jvp_second_derivative_matches_jax():
+    f = lambda x: jnp.sum(jax.nn.softplus(x) * x)
+    x = jnp.array([-1.0, 0.5, 2.0])
+    np.testing.assert_allclose(
+        jax.vmap(cr.grad(lambda x: cr.grad(f)(x)[0]))(x[None].repeat(1, 0))[0],
+        jax.grad(lambda x: jax.grad(f)(x)[0])(x),
+        rtol=1e-12,
+    )
+
+
+def test_deep_chain_of_100k_operations_and_memory_is_released():
+    n = 50_000  # two operations per step: 100,000 nodes
+
+    def chain(w):
+        for _ in range(n):
+            w = cnp.sin(w) * 1.0001
+        return w
+
+    w0 = jnp.asarray(0.5)
+    probe = {}
+
+    def watched(w):
+        out = chain(w)
+        probe["node"] = weakref.ref(out.node)
+        probe["ans"] = weakref.ref(out.node.ans)
+        return out
+
+    g = cr.grad(watched)(w0)
+    # Reference: the chain rule by hand, in float64 on the host.
+    v, d = 0.5, 1.0
+    for _ in range(n):
+        d *= np.cos(v) * 1.0001
+        v = np.sin(v) * 1.0001
+    np.testing.assert_allclose(float(g), d, rtol=1e-9)
+    gc.collect()
+    assert probe["node"]() is None, "the tape outlived the gradient computation"
+    assert probe["ans"]() is None, "intermediate values outlived the gradient computation"
+
+
+def test_jnp_dtype_promotion_in_dynamic_front_end():
+    def f(w):
+        return cnp.sum(w.astype(jnp.float32) * jnp.ones(3, jnp.float32)).astype(jnp.float64)
+
+    g = cr.grad(f)(jnp.arange(3.0))
+    assert g.dtype == jnp.float64
+    np.testing.assert_array_equal(g, jnp.ones(3))
+
+
+def test_stop_gradient():
+    f = lambda x: jnp.sum(x * lax.stop_gradient(x))
+    x = jnp.array([1.0, -2.0])
+    np.testing.assert_array_equal(cr.grad(f)(x), x)
+
+
+def test_levels_only_grow_and_tracers_know_theirs():
+    a, b = core.new_level(), core.new_level()
+    assert b > a
+    seen = []
+    cr.grad(lambda x: seen.append(x) or x * 2.0)(1.0)
+    assert isinstance(seen[0], cr.Tracer) and seen[0].level > b

@@ -1,0 +1,129 @@
+"""Bad input gets a clear error: what went wrong, where, and how to fix it."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+import chainrule as cr
+from chainrule import errors
+
+
+def test_integer_input_names_the_argument_and_dtype():
+    def loss(weights, x):
+        return jnp.sum(weights * x)
+
+    with pytest.raises(errors.InputTypeError, match=r"argument 0 \('weights'\).*int32") as e:
+        cr.grad(loss)(jnp.arange(3, dtype=jnp.int32), jnp.ones(3))
+    assert isinstance(e.value, TypeError)  # code catching JAX's TypeError keeps working
+    assert "float" in str(e.value)
+
+
+def test_integer_leaf_inside_a_pytree_names_its_path():
+    with pytest.raises(errors.InputTypeError, match=r"\['layer'\]\['b'\].*int"):
+        cr.grad(lambda p: jnp.sum(p["layer"]["w"]))({"layer": {"w": jnp.ones(2), "b": 3}})
+
+
+def test_non_array_input():
+    with pytest.raises(errors.InputTypeError, match="str.*cannot be differentiated"):
+        cr.grad(lambda s: 1.0)("hello")
+
+
+def test_non_scalar_output_gives_shape_and_fix():
+    with pytest.raises(errors.NonScalarOutputError, match=r"shape \(32, 1\).*\.mean\(\)"):
+        cr.grad(lambda w: w * jnp.ones((32, 1)))(1.0)
+
+
+def test_integer_output_is_refused():
+    with pytest.raises(errors.NonScalarOutputError, match="floating-point output"):
+        cr.grad(lambda w: jnp.argmax(w))(jnp.ones(3))
+
+
+@pytest.mark.parametrize("argnums", [3, (0, 5), -4])
+def test_bad_argnums_out_of_range(argnums):
+    with pytest.raises(errors.ArgnumsError, match="positional argument"):
+        cr.grad(lambda a, b, c: a * b * c, argnums=argnums)(1.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize("argnums", ["0", 1.5, (), (0, 0), True])
+def test_bad_argnums_type(argnums):
+    with pytest.raises(errors.ArgnumsError):
+        cr.grad(lambda a, b: a * b, argnums=argnums)
+
+
+def test_non_callable():
+    with pytest.raises(TypeError, match="expects a function"):
+        cr.grad(3.0)
+
+
+def test_has_aux_without_pair():
+    with pytest.raises(errors.AuxError, match=r"pair \(output, aux\)"):
+        cr.grad(lambda w: w * 2.0, has_aux=True)(1.0)
+
+
+def test_vjp_cotangent_shape_mismatch():
+    _, vjp_fn = cr.vjp(lambda x: x * 2.0, jnp.ones(3))
+    with pytest.raises(errors.CotangentError, match=r"shape \(2,\).*shape \(3,\)"):
+        vjp_fn(jnp.ones(2))
+
+
+def test_vjp_cotangent_structure_mismatch():
+    _, vjp_fn = cr.vjp(lambda x: (x, x), jnp.ones(3))
+    with pytest.raises(errors.CotangentError, match="structure"):
+        vjp_fn(jnp.ones(3))
+
+
+def test_vjp_cotangent_dtype_mismatch():
+    _, vjp_fn = cr.vjp(lambda x: x * 2.0, jnp.ones(3, jnp.float64))
+    with pytest.raises(errors.CotangentError, match="float32.*float64"):
+        vjp_fn(jnp.ones(3, jnp.float32))
+
+
+def test_missing_vjp_rule_names_primitive_and_user_line():
+    def loss(x):
+        return jnp.sum(lax.cummax(x, axis=0))  # no rule for cummax
+
+    with pytest.raises(errors.NoVJPRuleError, match=r"'cummax'.*test_errors.py:\d+") as e:
+        cr.grad(loss)(jnp.array([1.0, 3.0, 2.0]))
+    assert "custom_vjp" in str(e.value)  # the fix is named
+
+
+def test_jax_call_plus_python_control_flow_is_explained():
+    def loss(w):
+        h = jnp.tanh(w)  # needs jaxpr replay ...
+        if h > 0:  # ... which cannot capture Python control flow on a traced value
+            return h
+        return -h
+
+    with pytest.raises(errors.UnrecordableJaxCallError, match="chainrule.numpy") as e:
+        cr.grad(loss)(1.0)
+    assert "jnp.where" in str(e.value)
+
+
+def test_numpy_conversion_of_tracer_is_refused():
+    import numpy as np
+
+    with pytest.raises(errors.UnrecordableJaxCallError, match="np.asarray"):
+        cr.grad(lambda w: jnp.sum(np.asarray(w)))(jnp.ones(2))
+
+
+def test_user_errors_pass_through_unchanged():
+    def loss(w):
+        raise KeyError("my bug")
+
+    with pytest.raises(KeyError, match="my bug"):
+        cr.grad(loss)(1.0)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda w: (w @ jnp.ones((4, 2))).sum(),  # dynamic front end
+        lambda w: jnp.sum(jnp.matmul(w, jnp.ones((4, 2)))),
+    ],  # jaxpr replay
+)
+def test_shape_errors_are_typeerrors_like_jax(loss):
+    with pytest.raises(TypeError, match="dot_general"):
+        jax.grad(loss)(jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match="dot_general"):
+        cr.grad(loss)(jnp.ones((2, 3)))

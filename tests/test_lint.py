@@ -1,0 +1,28 @@
+"""The code stays ruff-clean (lint and format), checked with the suite."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _ruff(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("ruff") or pytest.fail("ruff is not installed: pip install -e '.[test]'")
+    return subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_ruff_check_is_clean():
+    result = _ruff("check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_is_clean():
+    result = _ruff("format", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr + ("\nRun `ruff format .` to fix.")
+
+
+def test_python_version_supported():
+    assert sys.version_info >= (3, 11)
