@@ -26,3 +26,18 @@ def test_ruff_format_is_clean():
 
 def test_python_version_supported():
     assert sys.version_info >= (3, 11)
+
+
+def test_installed_jax_is_in_the_pinned_range():
+    """The replay front end reads jaxprs; only the pinned JAX series is supported."""
+    import re
+    import tomllib
+
+    import jax
+
+    with open(f"{ROOT}/pyproject.toml", "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("jax>="))
+    low, high = re.fullmatch(r"jax>=([\d.]+),<([\d.]+)", spec).groups()
+    version = lambda s: tuple(int(p) for p in re.findall(r"\d+", s)[:3])
+    assert version(low) <= version(jax.__version__) < version(high), (jax.__version__, spec)

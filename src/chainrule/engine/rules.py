@@ -228,18 +228,18 @@ def integer_pow(x: Any, y: int) -> Any:
     return integer_pow_p.bind(x, y=y)
 
 
-defvjp(
-    integer_pow_p,
-    lambda ans, x, y: (
-        lambda g: (
-            zeros_like(g)
-            if y == 0
-            else mul(g, const(x, y))
-            if y == 1
-            else mul(g, mul(const(x, y), integer_pow(x, y - 1)))
-        )
-    ),
-)
+def _integer_pow_vjp(ans, x, y):
+    """d/dx x**y = y * x**(y-1), with x**1 = x and x**0 = 1 spelled out (no extra ops)."""
+    if y == 0:
+        return lambda g: zeros_like(g)
+    if y == 1:
+        return lambda g: g
+    if y == 2:
+        return lambda g: mul(g, mul(const(x, 2), x))
+    return lambda g: mul(g, mul(const(x, y), integer_pow(x, y - 1)))
+
+
+defvjp(integer_pow_p, _integer_pow_vjp)
 
 square_p = primitive("square", lax.square)
 defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)))
