@@ -304,3 +304,27 @@ def test_levels_only_grow_and_tracers_know_theirs():
     seen = []
     cr.grad(lambda x: seen.append(x) or x * 2.0)(1.0)
     assert isinstance(seen[0], cr.Tracer) and seen[0].level > b
+
+
+NESTED_CASES = {
+    # an inner transform closes over the outer Tracer and calls jax.numpy on it
+    "closure_jnp": lambda g1, g2: g1(lambda x: x * g2(lambda y: jnp.sin(x * y))(x))(0.7),
+    "hessian_vector": lambda g1, g2: g1(
+        lambda x: jnp.sum(g2(lambda z: jnp.sum(jnp.tanh(z) ** 2))(x) * jnp.arange(3.0))
+    )(jnp.array([0.1, 0.2, 0.3])),
+    "jit_inside": lambda g1, g2: g1(lambda x: jax.jit(g2(lambda y: jnp.exp(x * y)))(x))(0.3),
+    "vmap_inside": lambda g1, g2: g1(
+        lambda x: jnp.sum(jax.vmap(g2(lambda y: jnp.sin(y) * x))(jnp.arange(3.0) * x))
+    )(0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(NESTED_CASES))
+@pytest.mark.parametrize(
+    "outer,inner",
+    [(cr.grad, cr.grad), (cr.grad, jax.grad), (jax.grad, cr.grad)],
+    ids=["cr-cr", "cr-jax", "jax-cr"],
+)
+def test_nesting_with_closures_jit_and_vmap(case, outer, inner):
+    expected = NESTED_CASES[case](jax.grad, jax.grad)
+    np.testing.assert_allclose(NESTED_CASES[case](outer, inner), expected, rtol=1e-12)
