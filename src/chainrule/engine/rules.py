@@ -337,8 +337,8 @@ defvjp(
     erf_inv_p,
     lambda ans, x: lambda g: mul(g, mul(const(x, math.sqrt(math.pi) / 2), exp(mul(ans, ans)))),
 )
-# abs'(0) = sign(0) = 0, as in JAX and PyTorch.
-defvjp(abs_p, lambda ans, x: lambda g: mul(g, sign(x)))
+# abs'(0) = +1, as in JAX 0.10 (PyTorch uses sign(0) = 0 here; chainrule agrees with jax.grad).
+defvjp(abs_p, lambda ans, x: lambda g: select_n(ge(x, const(x, 0)), neg(g), g))
 
 rem_p = primitive("rem", lax.rem)
 defvjp(
