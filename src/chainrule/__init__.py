@@ -15,6 +15,7 @@ from chainrule import errors
 from chainrule.engine.core import Tracer
 from chainrule.engine.rules import PRIMITIVES
 from chainrule.engine.transforms import grad, value_and_grad, vjp
+from chainrule.explanation import explain
 
 __version__ = "0.1.0"
 
@@ -35,8 +36,4 @@ def __getattr__(name: str):
         import chainrule.numpy as cnp
 
         return cnp
-    if name == "explain":  # imported on first use: it is not needed to differentiate
-        from chainrule.explain import explain
-
-        return explain
     raise AttributeError(f"module 'chainrule' has no attribute {name!r}")

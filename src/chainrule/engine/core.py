@@ -84,7 +84,7 @@ def names_tracer(exc: BaseException) -> bool:
 class recording:
     """Context manager: calls `recorder(node)` for every node created inside.
 
-    Used by tools that show the tape (`chainrule.explain`). The recorder gets
+    Used by tools that show the tape (`cr.explain`). The recorder gets
     the node and the user's source line that created it ("file:line (function)").
     """
 

@@ -1,0 +1,983 @@
+"""`cr.explain`: the chain-rule table of one backward pass, for people.
+
+`explain(loss, *args)` runs `loss` on chainrule's tape, runs the backward pass
+itself, and keeps what a textbook walk-through shows at every node: the value
+(forward pass), the local derivative of the node's output with respect to each
+input, the upstream gradient arriving at the node and the gradient it sends to
+each input (upstream x local: the chain rule). The result renders as a text
+table (`print`), as HTML (notebooks), and as a Graphviz graph (`to_dot()`).
+
+Arrays are summarised (dtype, shape, norm, mean, min, max); scalars are shown
+exactly. Inputs are named after the function's parameters; intermediate values
+after the variable they are assigned to on their source line (`s = y_hat - y`)
+or `t1, t2, ...`; `names=` renames anything.
+
+Examples:
+  >>> import chainrule as cr
+  >>> def loss(w, x, y):
+  ...     y_hat = w * x
+  ...     s = y_hat - y
+  ...     return s**2
+  >>> e = cr.explain(loss, 1.0, 1.0, 2.0)
+  >>> [(r.name, float(r.value), float(r.upstream)) for r in e.rows]
+  [('loss', 1.0, 1.0), ('s', -1.0, -2.0), ('y_hat', 1.0, -2.0), ('w', 1.0, -2.0)]
+  >>> float(e.grads)
+  -2.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import inspect
+import linecache
+import os
+import re
+import shutil
+import subprocess
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+
+from chainrule.engine import core, rules, transforms
+from chainrule.engine.core import Node, Tracer, raw
+from chainrule.errors import ChainruleError, UnrecordableJaxCallError
+
+__all__ = ["Edge", "Explanation", "GraphvizNotFoundError", "Row", "explain"]
+
+_G = "ḡ"  # the upstream gradient in rule formulas
+
+
+class GraphvizNotFoundError(ChainruleError, RuntimeError):
+    """Rendering the graph needs Graphviz's `dot` program, which is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    """One input of a node, as the backward pass sees it.
+
+    Attributes:
+      input: the input's name.
+      formula: the local derivative d(node)/d(input) as a formula in the
+        operands' names (e.g. "2·s"), or, for array rules, the map applied to
+        the upstream gradient ḡ (e.g. "ḡ ↦ ḡ @ w1ᵀ").
+      local: the local derivative as a number when the node and the input are
+        scalars (computed by pulling a cotangent of 1 back through the node),
+        else None.
+      gradient: the gradient sent to the input (upstream x local), None when
+        the rule sends a structural zero.
+    """
+
+    input: str
+    formula: str
+    local: Any
+    gradient: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One node of the graph: an operation, or an input of the function.
+
+    Attributes:
+      name: the node's name (argument name, variable name, or t1, t2, ...).
+      op: the primitive's name ("mul", "relu", ...), or "input".
+      expr: the operation in the operands' names (e.g. "w · x").
+      source: the user's source line that created it, "file:line (function)".
+      value: the node's value (numpy array).
+      upstream: the gradient of the output with respect to this node.
+      edges: one `Edge` per differentiated input of the node.
+    """
+
+    name: str
+    op: str
+    expr: str
+    source: str | None
+    value: Any
+    upstream: Any
+    edges: tuple[Edge, ...] = ()
+
+    def edge(self, input_name: str) -> Edge:
+        """The edge to the input called `input_name`."""
+        for e in self.edges:
+            if e.input == input_name:
+                return e
+        raise KeyError(f"{self.name} has no input {input_name!r}; inputs: "
+                       f"{[e.input for e in self.edges]}")  # fmt: skip
+
+
+class Explanation:
+    """The chain-rule table of `fun` at one point; see `explain`.
+
+    Attributes:
+      fun_name: the function's name.
+      output: the name of the output node.
+      value: the function's value (numpy scalar).
+      grads: the gradient, exactly as `cr.grad(fun, argnums)(*args)` returns it.
+      rows: one `Row` per node in backward order (output first, inputs last).
+      constants: (name, value) of the inputs that were not differentiated.
+    """
+
+    def __init__(self, fun_name, output, value, grads, rows, constants, differentiated, edges_in):
+        self.fun_name = fun_name
+        self.output = output
+        self.value = value
+        self.grads = grads
+        self.rows: tuple[Row, ...] = tuple(rows)
+        self.constants: tuple[tuple[str, Any], ...] = tuple(constants)
+        self._differentiated = tuple(differentiated)
+        self._const_edges = edges_in  # row name -> constant inputs it uses
+
+    # --- accessors ------------------------------------------------------------
+
+    @property
+    def forward(self) -> tuple[Row, ...]:
+        """The operations in the order they ran (forward pass)."""
+        return tuple(r for r in reversed(self.rows) if r.op != "input")
+
+    @property
+    def inputs(self) -> tuple[Row, ...]:
+        """The differentiated inputs; their `upstream` is the gradient."""
+        return tuple(r for r in self.rows if r.op == "input")
+
+    def row(self, name: str) -> Row:
+        """The row of the node called `name`."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no node named {name!r}; nodes: {[r.name for r in self.rows]}")
+
+    # --- text -------------------------------------------------------------------
+
+    def to_text(self, width: int = 100) -> str:
+        """The three steps as text no wider than `width` columns."""
+        out = self.output
+        lines = [_wrap_line(self._title(), width)]
+        if self.constants:
+            consts = ", ".join(f"{n} = {_short(v)}" for n, v in self.constants)
+            lines.append(_wrap_line(f"not differentiated (constants): {consts}", width))
+        lines += ["", "1. forward pass"]
+        fwd = self.forward
+        nw = max((len(r.name) for r in fwd), default=0)
+        ew = max((len(r.expr) for r in fwd), default=0)
+        vw = max((len(_short(r.value)) for r in fwd), default=0)
+        for r in fwd:
+            code = _code(r.source)
+            text = f"   {r.name:<{nw}} = {r.expr:<{ew}} = {_short(r.value):<{vw}}"
+            where = f"   [{_loc(r.source)}] {code}" if code else ""
+            lines.append(_clip(text + where, width).rstrip())
+        lines += [
+            "",
+            "2. local gradients and 3. backward pass, output first "
+            "(chain rule: sent = upstream × local)",
+        ]
+        lines[-1] = _wrap_line(lines[-1], width)
+        header = [
+            ["node"],
+            ["operation"],
+            ["value"],
+            ["upstream", f"∂{out}/∂node"],
+            ["local", "∂node/∂input"],
+            ["sent", f"∂{out}/∂input"],
+        ]
+        table = []
+        for r in self.rows:
+            op = [r.expr, f"at {_loc(r.source)}"] if r.source else [r.expr]
+            first = [[r.name], op, _cell(r.value), _cell(r.upstream), [], []]
+            subrows = [first]
+            for i, e in enumerate(r.edges):
+                cells = first if i == 0 else [[], [], [], [], [], []]
+                if i:
+                    subrows.append(cells)
+                cells[4] = [_local_text(r.name, e)]
+                cells[5] = _sent_cell(out, r, e)
+            table.extend(subrows)
+        lines += _table(header, table, width)
+        lines.append("")
+        for r in self.inputs:
+            lines.append(_clip(f"gradient: ∂{out}/∂{r.name} = {_short(r.upstream)}", width))
+        if any(np.ndim(r.value) for r in self.rows):
+            lines.append("arrays: dtype[shape], ‖‖ = norm, μ = mean, [min, max]")
+        return "\n".join(lines)
+
+    def _title(self) -> str:
+        wrt = ", ".join(self._differentiated) or "nothing"
+        return f"cr.explain: {self.fun_name} = {_short(self.value)}, differentiated w.r.t. {wrt}"
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        return self.to_text()
+
+    # --- HTML -------------------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        """The same table for notebooks."""
+        e = html.escape
+        out = self.output
+        parts = [
+            '<div class="chainrule-explain">',
+            f"<p><b>{e(self._title())}</b></p>",
+        ]
+        if self.constants:
+            consts = ", ".join(f"{n} = {_short(v)}" for n, v in self.constants)
+            parts.append(f"<p>not differentiated (constants): {e(consts)}</p>")
+        parts.append("<p><b>1. forward pass</b></p><ul>")
+        for r in self.forward:
+            code = _code(r.source)
+            where = f" <small>[{e(_loc(r.source))}] <code>{e(code)}</code></small>" if code else ""
+            parts.append(
+                f"<li><code>{e(r.name)} = {e(r.expr)} = {e(_short(r.value))}</code>{where}</li>"
+            )
+        parts.append(
+            "</ul><p><b>2. local gradients and 3. backward pass</b>, output first: the gradient "
+            f"sent to an input is upstream ∂{e(out)}/∂node × local ∂node/∂input</p>"
+        )
+        heads = [
+            "node",
+            "operation",
+            "value",
+            f"upstream ∂{out}/∂node",
+            "local ∂node/∂input",
+            f"sent ∂{out}/∂input",
+            "source",
+        ]
+        parts.append('<table style="border-collapse:collapse;font-family:monospace">')
+        parts.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in heads) + "</tr>")
+        style = ' style="border-top:1px solid #ccc;padding:2px 8px;vertical-align:top"'
+
+        def cell(lines: Sequence[str]) -> str:
+            return f"<td{style}>" + "<br>".join(e(s) for s in lines) + "</td>"
+
+        for r in self.rows:
+            local = [_local_text(r.name, x) for x in r.edges]
+            sent = [" ".join(_sent_cell(out, r, x)) for x in r.edges]
+            cells = [
+                [r.name],
+                [r.expr],
+                _cell(r.value),
+                _cell(r.upstream),
+                local,
+                sent,
+                [r.source or ""],
+            ]
+            parts.append("<tr>" + "".join(cell(c) for c in cells) + "</tr>")
+        parts.append("</table><p>")
+        grads = [f"∂{out}/∂{r.name} = {_short(r.upstream)}" for r in self.inputs]
+        parts.append("<br>".join(f"gradient: {e(g)}" for g in grads))
+        parts.append("</p></div>")
+        return "\n".join(parts)
+
+    # --- Graphviz ---------------------------------------------------------------
+
+    def to_dot(self) -> str:
+        """The graph in Graphviz DOT: inputs, operations, and on each edge the
+        local derivative and the gradient sent back along it."""
+        out = self.output
+        ids = {r.name: f"n{i}" for i, r in enumerate(reversed(self.rows))}
+        for i, (name, _) in enumerate(self.constants):
+            ids[name] = f"c{i}"
+        lines = [
+            "digraph explain {",
+            "  rankdir=LR;",
+            '  node [fontname="Helvetica", fontsize=11];',
+            '  edge [fontname="Helvetica", fontsize=9];',
+        ]
+        used_consts = {c for names in self._const_edges.values() for c in names}
+        for name, value in self.constants:
+            if name in used_consts:
+                label = f"{name} = {_short(value)}\\n(constant)"
+                style = "shape=ellipse, style=dashed, color=gray"
+                lines.append(f'  {ids[name]} [{style}, label="{_dq(label)}"];')
+        for r in reversed(self.rows):
+            grad = f"∂{out}/∂{r.name} = {_short(r.upstream)}"
+            if r.op == "input":
+                label = f"{r.name} = {_short(r.value)}\\n{grad}"
+                lines.append(
+                    f'  {ids[r.name]} [shape=ellipse, style=filled, fillcolor="#e8f0fe", '
+                    f'label="{_dq(label)}"];'
+                )
+            else:
+                label = f"{r.name} = {r.expr}\\n= {_short(r.value)}\\n{grad}"
+                lines.append(f'  {ids[r.name]} [shape=box, label="{_dq(label)}"];')
+        for r in reversed(self.rows):
+            for c in self._const_edges.get(r.name, ()):
+                lines.append(f"  {ids[c]} -> {ids[r.name]} [style=dashed, color=gray];")
+            for x in r.edges:
+                label = f"{_local_text(r.name, x)}\\n∂{out}/∂{x.input} += {_short(x.gradient)}"
+                lines.append(f'  {ids[x.input]} -> {ids[r.name]} [label="{_dq(label)}"];')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def to_svg(self) -> str:
+        """The graph rendered by Graphviz as SVG text (needs the `dot` program)."""
+        return _run_dot(self.to_dot(), "svg").decode("utf-8")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the graph: `.dot`/`.gv` as DOT text; `.svg`, `.png`, `.pdf` via Graphviz."""
+        path = os.fspath(path)
+        ext = os.path.splitext(path)[1].lower().lstrip(".")
+        if ext in ("dot", "gv"):
+            data = self.to_dot().encode("utf-8")
+        elif ext in ("svg", "png", "pdf"):
+            data = _run_dot(self.to_dot(), ext)
+        else:
+            raise ValueError(
+                f"Explanation.save: cannot tell the format of {path!r} from its extension. "
+                "Use .dot or .gv (DOT text), or .svg, .png, .pdf (rendered with Graphviz)."
+            )
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def _run_dot(dot: str, fmt: str) -> bytes:
+    exe = shutil.which("dot")
+    if exe is None:
+        raise GraphvizNotFoundError(
+            f"Rendering the graph as {fmt.upper()} needs Graphviz's `dot` program, which is "
+            "not on PATH. Install Graphviz (apt-get install graphviz, brew install graphviz, "
+            "or conda install graphviz), or save the DOT text instead: "
+            "explanation.save('graph.dot') / explanation.to_dot()."
+        )
+    done = subprocess.run([exe, f"-T{fmt}"], input=dot.encode("utf-8"), capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"Graphviz failed: {done.stderr.decode(errors='replace')}")
+    return done.stdout
+
+
+# --- explain -------------------------------------------------------------------------
+
+
+def explain(
+    fun: Callable,
+    *args: Any,
+    argnums: int | Sequence[int] = 0,
+    names: Mapping[str, str] | Sequence[str | None] | None = None,
+) -> Explanation:
+    """Runs `fun(*args)` and its backward pass, and returns the chain-rule table.
+
+    The same function you give to `cr.grad` (written with `jax.numpy`,
+    `jax.nn`, `lax` or `chainrule.numpy`), at one concrete point. `explain`
+    runs eagerly: call it outside `jax.jit`/`jax.vmap`.
+
+    Args:
+      fun: a function returning a real scalar (a loss).
+      *args: the point; differentiated arguments are float arrays or pytrees.
+      argnums: the argument(s) to differentiate, as in `cr.grad`. The other
+        float arguments are shown as constants; edges into them are not followed.
+      names: renames nodes: a mapping from the default names (argument names,
+        assigned variable names, `t1`, `t2`, ...) to yours, or a sequence with
+        one name (or None to keep the default) per operation in forward order.
+
+    Returns:
+      An `Explanation`: `print` it, display it in a notebook, read `.rows`
+      (backward order), `.grads` (as `cr.grad` returns them), or draw
+      `.to_dot()` / `.save("graph.svg")`.
+
+    Examples:
+      >>> import chainrule as cr
+      >>> e = cr.explain(lambda w, x, y: (w * x - y) ** 2, 1.0, 1.0, 2.0,
+      ...                names=["y_hat", "s", "loss"])
+      >>> [(r.name, r.expr, float(r.value)) for r in e.forward]
+      [('y_hat', 'w · x', 1.0), ('s', 'y_hat - y', -1.0), ('loss', 's²', 1.0)]
+      >>> e.row("loss").edges[0].formula, float(e.row("loss").edges[0].local)
+      ('2·s', -2.0)
+    """
+    transforms._check_callable(fun, "cr.explain")
+    argnums_t, single = transforms._normalize_argnums(argnums, "cr.explain")
+    nums = transforms._resolve_argnums(argnums_t, len(args), "cr.explain")
+    try:
+        return _explain(fun, args, nums, single, names, box_constants=True)
+    except UnrecordableJaxCallError:
+        # Constants boxed as Tracers may meet Python control flow under jaxpr
+        # replay; run again with only the differentiated arguments traced.
+        return _explain(fun, args, nums, single, names, box_constants=False)
+
+
+def _explain(fun, args, nums, single, names, *, box_constants) -> Explanation:
+    fun_name = getattr(fun, "__name__", "function")
+    level = core.new_level()
+    boxed, tracers, trees = transforms._box_args(fun, args, nums, level, "cr.explain")
+    input_names: dict[Node, str] = {}
+    for i, leaves in zip(nums, tracers, strict=True):
+        for path, t in zip(_paths(args[i]), leaves, strict=True):
+            input_names[t.node] = _leaf_name(fun, i, path)
+    constants: dict[Node, str] = {}
+    if box_constants:
+        for i, arg in enumerate(args):
+            if i in nums:
+                continue
+            with_path, tree = jax.tree_util.tree_flatten_with_path(arg)
+            leaves = []
+            for path, leaf in with_path:
+                if _is_float(leaf):
+                    value = jax.numpy.asarray(leaf)
+                    leaf = Tracer(value, core.input_node(value), level)
+                    constants[leaf.node] = _leaf_name(fun, i, path)
+                leaves.append(leaf)
+            boxed[i] = jax.tree_util.tree_unflatten(tree, leaves)
+    _shorten(input_names, constants)
+
+    created: list[Node] = []
+    sources: dict[Node, str | None] = {}
+
+    def record(node: Node, where: str | None) -> None:
+        created.append(node)
+        sources[node] = where
+
+    flat = [t for ts in tracers for t in ts]
+    with core.recording(record):
+        out = transforms._run(fun, boxed, flat, level)
+    transforms._check_scalar(out, f"cr.explain of {fun_name}")
+    if isinstance(raw(out), jax.core.Tracer):
+        raise TypeError(
+            "cr.explain shows concrete numbers, so it runs eagerly; it was called under a JAX "
+            "transformation (jax.jit, jax.vmap, ...). Call it outside, on concrete arguments."
+        )
+
+    # The backward pass, as core.backward runs it, keeping every cotangent.
+    upstream: dict[Node, Any] = {}
+    sent: dict[Node, list[Any]] = {}
+    order: list[Node] = []
+    if isinstance(out, Tracer) and out.level == level:
+        cotangents = {out.node: lax.full((), 1, raw(out).dtype)}
+        for node in core.toposort([out.node]):
+            order.append(node)
+            g = cotangents.pop(node, None)
+            upstream[node] = g
+            if g is None or not node.parents:
+                continue
+            cts = node.vjp(g)
+            sent[node] = list(cts)
+            for parent, ct in zip(node.parents, cts, strict=True):
+                if ct is not None:
+                    cotangents[parent] = (
+                        rules.add_cotangents(cotangents[parent], ct) if parent in cotangents else ct
+                    )
+    grads = tuple(
+        jax.tree_util.tree_unflatten(tree, [transforms._input_ct(t, upstream) for t in ts])
+        for ts, tree in zip(tracers, trees, strict=True)
+    )
+    grads = grads[0] if single else grads
+
+    # Which nodes to show: those on a path from the output to a differentiated input.
+    # A single-output projection (e.g. of a custom_jvp function) is shown as its source.
+    reached = set(order)
+    relevant: set[Node] = set(input_names)
+    for node in reversed(order):
+        if any(p in relevant for p in node.parents):
+            relevant.add(node)
+    key_of = {m: _display(m) for m in reached}
+    proj_of = {key_of[m]: m for m in reached if key_of[m] is not m}
+    shown = {key_of[m] for m in relevant} - set(input_names) - set(constants)
+    ops: list[Node] = []
+    for n in dict.fromkeys(created):
+        if n in shown:
+            ops.append(n)
+        multi = [m for m in shown if _projects(m, n)]  # outputs of a multiple-results node
+        ops.extend(sorted(multi, key=lambda m: m.prim.index))
+
+    # Names: yours, else the assigned variable on the source line, else t1, t2, ...
+    name_of: dict[Node, str] = {**input_names, **constants}
+    out_key = key_of.get(out.node) if isinstance(out, Tracer) else None
+    auto = _assigned_names(ops, sources)
+    used = set(name_of.values())
+    counter = 0
+    for n in ops:
+        name = auto.get(n)
+        if name is None and n is out_key:
+            name = fun_name if fun_name.isidentifier() else "out"
+        if name is None:
+            counter += 1
+            while f"t{counter}" in used:
+                counter += 1
+            name = f"t{counter}"
+        name_of[n] = _unique(name, used)
+        used.add(name_of[n])
+    _rename(name_of, names, ops)
+
+    def operand(node: Node, i: int) -> str:
+        if i in node.argnums:
+            parent = node.parents[node.argnums.index(i)]
+            return name_of.get(key_of.get(parent, parent), "?")
+        return _short(node.primals[i], const=True)
+
+    rows: list[Row] = []
+    const_edges: dict[str, list[str]] = {}
+    for n in reversed(ops):
+        g = upstream.get(proj_of.get(n, n))
+        value = n.ans[0] if n in proj_of else n.ans
+        operands = [operand(n, i) for i in range(len(n.primals))]
+        edges = []
+        locals_ = _local_derivatives(n, value)
+        for k, (i, parent) in enumerate(zip(n.argnums, n.parents, strict=True)):
+            target = key_of.get(parent, parent)
+            if target in constants:
+                const_edges.setdefault(name_of[n], []).append(name_of[target])
+            if target not in relevant and target not in shown:
+                continue
+            cts = sent.get(n)
+            edges.append(
+                Edge(
+                    input=name_of[target],
+                    formula=_formula(n, i, operands, name_of[n]),
+                    local=None if locals_ is None else _np(locals_[k]),
+                    gradient=None if cts is None else _np(cts[k]),
+                )
+            )
+        rows.append(
+            Row(
+                name=name_of[n],
+                op=_op_name(n),
+                expr=_expr(n, operands),
+                source=sources.get(n, sources.get(n.parents[0]) if n.parents else None),
+                value=_np(value),
+                upstream=_np(g),
+                edges=tuple(edges),
+            )
+        )
+    for node in input_names:
+        g = upstream.get(node)
+        rows.append(
+            Row(
+                name_of[node],
+                "input",
+                "input",
+                None,
+                _np(node.ans),
+                _np(g) if g is not None else np.zeros_like(_np(node.ans)),
+            )
+        )
+    return Explanation(
+        fun_name=fun_name,
+        output=name_of.get(out_key, fun_name) if out_key is not None else fun_name,
+        value=_np(raw(out)),
+        grads=grads,
+        rows=rows,
+        constants=[(name, _np(node.ans)) for node, name in constants.items()],
+        differentiated=[name_of[n] for n in input_names],
+        edges_in=const_edges,
+    )
+
+
+def _display(node: Node) -> Node:
+    prim = node.prim
+    if prim is not None and prim.name == "projection" and getattr(prim, "count", 0) == 1:
+        return node.parents[0]
+    return node
+
+
+def _projects(m: Node, n: Node) -> bool:
+    return m.prim is not None and m.prim.name == "projection" and m.parents[0] is n
+
+
+def _is_float(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, float):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and np.issubdtype(dtype, np.floating)
+
+
+def _np(x: Any) -> Any:
+    if isinstance(x, (tuple, list)):  # the cotangent of a multiple-results node
+        return _np(x[0]) if len(x) == 1 else None
+    if x is None:
+        return None
+    return np.asarray(raw(x))
+
+
+# --- names ---------------------------------------------------------------------------
+
+
+def _paths(arg: Any) -> list[Any]:
+    return [p for p, _ in jax.tree_util.tree_flatten_with_path(arg)[0]]
+
+
+def _leaf_name(fun: Callable, i: int, path: Any) -> str:
+    try:
+        params = list(inspect.signature(fun).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    if i < len(params) and params[i].kind in (
+        params[i].POSITIONAL_ONLY,
+        params[i].POSITIONAL_OR_KEYWORD,
+    ):
+        base = params[i].name
+    else:
+        base = f"arg{i}"
+    return base + (jax.tree_util.keystr(path) if path else "")
+
+
+def _shorten(*tables: dict[Node, str]) -> None:
+    """`params['w1']` becomes `w1` when no other input ends in the same key."""
+    short = {}
+    for table in tables:
+        for node, name in table.items():
+            m = re.fullmatch(r"[A-Za-z_]\w*(?:\[[^\]]*\])*\['([A-Za-z_]\w*)'\]", name)
+            if m:
+                short[node] = m.group(1)
+    base = {name.split("[")[0] for t in tables for name in t.values()}
+    counts: dict[str, int] = {}
+    for s in short.values():
+        counts[s] = counts.get(s, 0) + 1
+    for table in tables:
+        for node in table:
+            s = short.get(node)
+            if s is not None and counts[s] == 1 and s not in base:
+                table[node] = s
+
+
+_ASSIGN = re.compile(r"\s*([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)")
+_WHERE = re.compile(r"^(?P<file>.*?):(?P<line>\d+)(?::\d+)? \((?P<fun>[^()]*)\)$")
+
+
+def _split_source(where: str | None) -> tuple[str, int] | None:
+    m = _WHERE.match(where or "")
+    return (m.group("file"), int(m.group("line"))) if m else None
+
+
+def _code(where: str | None) -> str:
+    loc = _split_source(where)
+    return linecache.getline(*loc).strip() if loc else ""
+
+
+def _loc(where: str | None) -> str:
+    """`file.py:12` (`cell:12` in a notebook) for a source line."""
+    loc = _split_source(where)
+    if loc is None:
+        return where or ""
+    file, line = loc
+    if "ipykernel_" in file or file.startswith("<ipython"):
+        return f"cell:{line}"
+    return f"{os.path.basename(file)}:{line}"
+
+
+def _assigned_names(ops: list[Node], sources: dict[Node, str | None]) -> dict[Node, str]:
+    """The last node of each run of nodes made on `name = ...` line gets `name`."""
+    names = {}
+    for k, n in enumerate(ops):
+        loc = _split_source(sources.get(n))
+        if loc is None:
+            continue
+        nxt = _split_source(sources.get(ops[k + 1])) if k + 1 < len(ops) else None
+        if nxt == loc:
+            continue
+        m = _ASSIGN.match(linecache.getline(*loc))
+        if m and m.group(1) not in ("return", "lambda"):
+            names[n] = m.group(1)
+    return names
+
+
+def _unique(name: str, used: set[str]) -> str:
+    if name not in used:
+        return name
+    k = 2
+    while f"{name}_{k}" in used:
+        k += 1
+    return f"{name}_{k}"
+
+
+def _rename(name_of: dict[Node, str], names: Any, ops: list[Node]) -> None:
+    if names is None:
+        return
+    if isinstance(names, Mapping):
+        known = set(name_of.values())
+        unknown = [k for k in names if k not in known]
+        if unknown:
+            raise ValueError(
+                f"cr.explain: names={dict(names)!r} renames {unknown}, which are not nodes of "
+                f"this function; the nodes are {sorted(known)}."
+            )
+        for node, name in name_of.items():
+            name_of[node] = names.get(name, name)
+        return
+    names = list(names)
+    if len(names) > len(ops):
+        raise ValueError(
+            f"cr.explain: names has {len(names)} entries but the function has {len(ops)} "
+            f"operations ({[name_of[n] for n in ops]}). Give one name (or None) per operation "
+            "in forward order, or a mapping {default name: your name}."
+        )
+    for node, name in zip(ops, names, strict=False):
+        if name:
+            name_of[node] = name
+
+
+# --- operations: how to write them and their local derivatives ----------------------
+
+_SUP = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
+
+_INFIX = {"add": "+", "add_any": "+", "sub": "-", "mul": "·", "div": "/"}
+_FUNC = {"logistic": "σ", "neg": "-"}
+
+# Local derivatives d(out)/d(input_i): formulas in the operands {0}, {1}, ... and
+# the output {out}; those containing ḡ are rules applied to the upstream gradient.
+_LOCAL = {
+    "add": ("1", "1"),
+    "add_any": ("1", "1"),
+    "sub": ("1", "-1"),
+    "mul": ("{1}", "{0}"),
+    "div": ("1/{1}", "-{0}/{1}²"),
+    "neg": ("-1",),
+    "square": ("2·{0}",),
+    "pow": ("{1}·{0}^({1}-1)", "log({0})·{out}"),
+    "exp": ("{out}",),
+    "exp2": ("log(2)·{out}",),
+    "log": ("1/{0}",),
+    "log1p": ("1/(1+{0})",),
+    "expm1": ("{out}+1",),
+    "sqrt": ("1/(2·{out})",),
+    "rsqrt": ("-{out}/(2·{0})",),
+    "sin": ("cos({0})",),
+    "cos": ("-sin({0})",),
+    "tan": ("1+{out}²",),
+    "tanh": ("1-{out}²",),
+    "logistic": ("{out}·(1-{out})",),
+    "abs": ("sign({0})",),
+    "max": ("1[{0}>{1}]", "1[{1}>{0}]"),
+    "min": ("1[{0}<{1}]", "1[{1}<{0}]"),
+    "relu": ("1[{0}>0]",),
+    "relu6": ("1[0<{0}<6]",),
+    "copy": ("1",),
+    "convert_element_type": ("1",),
+    "reduce_precision": ("1",),
+}
+
+
+def _op_name(node: Node) -> str:
+    name = node.prim.name
+    if name in ("custom_jvp_call", "custom_vjp_call"):
+        return _custom_name(node.params) or name.removesuffix("_call")
+    return name
+
+
+def _custom_name(params: dict) -> str | None:
+    closed = params.get("call_jaxpr")
+    jaxpr = getattr(closed, "jaxpr", closed)
+    for eqn in getattr(jaxpr, "eqns", ()):
+        if "name" in eqn.params:
+            return str(eqn.params["name"])
+    return None
+
+
+def _shape(x: Any) -> str:
+    return "[" + ",".join(str(d) for d in np.shape(x)) + "]"
+
+
+def _is_matmul(node: Node) -> bool:
+    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+    ranks = [np.ndim(raw(p)) for p in node.primals]
+    return not lb and not rb and tuple(lc) == (ranks[0] - 1,) and tuple(rc) == (0,)
+
+
+def _expr(node: Node, ops: list[str]) -> str:
+    name, params = node.prim.name, node.params
+    if name in _INFIX and len(ops) == 2:
+        return f"{ops[0]} {_INFIX[name]} {ops[1]}"
+    if name == "integer_pow":
+        return f"{ops[0]}{str(params['y']).translate(_SUP)}"
+    if name == "square":
+        return f"{ops[0]}²"
+    if name == "neg":
+        return f"-{ops[0]}"
+    if name == "dot_general":
+        return f"{ops[0]} @ {ops[1]}" if _is_matmul(node) else f"dot({ops[0]}, {ops[1]})"
+    if name == "transpose":
+        perm = tuple(params["permutation"])
+        return f"{ops[0]}ᵀ" if perm == (1, 0) else f"transpose({ops[0]}, {perm})"
+    if name == "broadcast_in_dim":
+        return f"broadcast({ops[0]}, {_shape(node.ans)})"
+    if name in ("reshape", "squeeze"):
+        return f"reshape({ops[0]}, {_shape(node.ans)})"
+    if name in ("reduce_sum", "reduce_max", "reduce_min"):
+        f = name.removeprefix("reduce_")
+        axes = tuple(params["axes"])
+        full = len(axes) == np.ndim(raw(node.primals[0]))
+        return f"{f}({ops[0]})" if full else f"{f}({ops[0]}, axes={axes})"
+    if name == "convert_element_type":
+        return f"{_dtype(params['new_dtype'])}({ops[0]})"
+    if name == "select_n":
+        return f"select({', '.join(ops)})"
+    op = _FUNC.get(name) or _op_name(node)
+    return f"{op}({', '.join(ops)})"
+
+
+def _formula(node: Node, i: int, ops: list[str], out: str) -> str:
+    name, params = _op_name(node), node.params
+    table = _LOCAL.get(name)
+    if table is not None and i < len(table):
+        return table[i].format(*ops, out=out)
+    if name == "integer_pow":
+        n = params["y"]
+        if n in (0, 1):
+            return str(n)
+        if n == 2:
+            return f"2·{ops[0]}"
+        return f"{n}·{ops[0]}{str(n - 1).translate(_SUP)}"
+    if name == "dot_general":
+        if _is_matmul(node):
+            return f"{_G} ↦ {_G} @ {ops[1]}ᵀ" if i == 0 else f"{_G} ↦ {ops[0]}ᵀ @ {_G}"
+        return f"{_G} ↦ contract {_G} with {ops[1 - i]}"
+    if name == "transpose":
+        return f"{_G} ↦ {_G}ᵀ" if tuple(params["permutation"]) == (1, 0) else "transpose back"
+    if name == "broadcast_in_dim":
+        return f"{_G} ↦ sum {_G} to {_shape(raw(node.primals[0]))}"
+    if name in ("reshape", "squeeze", "expand_dims"):
+        return f"{_G} ↦ reshape {_G} to {_shape(raw(node.primals[0]))}"
+    if name == "reduce_sum":
+        return f"{_G} ↦ broadcast {_G} to {_shape(raw(node.primals[0]))}"
+    if name in ("reduce_max", "reduce_min", "argmax"):
+        return f"{_G} ↦ {_G} at the {name.removeprefix('reduce_')}"
+    if name == "select_n":
+        return f"1[{ops[0]}={i - 1}]"
+    if node.prim.name == "custom_jvp_call":
+        return f"{_G} ↦ {name}'s custom_jvp rule"
+    if node.prim.name == "custom_vjp_call":
+        return f"{_G} ↦ {name}'s bwd rule"
+    return f"{_G} ↦ {name} rule"
+
+
+def _local_derivatives(node: Node, value: Any) -> list[Any] | None:
+    """d(out)/d(input) for scalar nodes: pull a cotangent of 1 back through the node."""
+    if np.ndim(raw(value)) != 0 or any(np.ndim(raw(node.primals[i])) for i in node.argnums):
+        return None
+    one = lax.full((), 1, raw(value).dtype)
+    try:
+        return list(node.vjp((one,) if getattr(node.prim, "multiple_results", False) else one))
+    except Exception:  # a rule that needs more than one cotangent: show the formula only
+        return None
+
+
+def _local_text(name: str, e: Edge) -> str:
+    if _G in e.formula:
+        return f"∂{name}/∂{e.input}: {e.formula}"
+    text = f"∂{name}/∂{e.input} = {e.formula}"
+    if e.local is not None and _short(e.local) != e.formula:
+        text += f" = {_short(e.local)}"
+    return text
+
+
+def _sent_cell(out: str, r: Row, e: Edge) -> list[str]:
+    lhs = f"∂{out}/∂{e.input} "
+    if e.gradient is None:
+        return [lhs + "= 0 (no dependence)"]
+    if (
+        e.local is not None
+        and np.ndim(r.upstream) == 0
+        and np.ndim(e.gradient) == 0
+        and np.isclose(r.upstream * e.local, e.gradient)  # a custom rule need not be linear
+    ):
+        return [f"{lhs}= {_short(r.upstream)} × {_short(e.local)} = {_short(e.gradient)}"]
+    cell = _cell(e.gradient)
+    return [lhs + "= " + cell[0], *cell[1:]]
+
+
+# --- numbers ---------------------------------------------------------------------------
+
+
+def _dtype(dtype: Any) -> str:
+    d = np.dtype(dtype)
+    return {"f": "f", "i": "i", "u": "u", "b": "bool", "c": "c"}.get(d.kind, d.kind) + (
+        str(8 * d.itemsize) if d.kind != "b" else ""
+    )
+
+
+def _num(v: float, digits: int = 6) -> str:
+    """`digits` significant digits, positional unless very large or small: 631, 0.0023."""
+    v = float(v)
+    if v == 0 or 1e-4 <= abs(v) < 1e6:
+        s = np.format_float_positional(v, precision=digits, fractional=False, trim="-")
+    else:
+        s = f"{v:.{digits}g}"
+    return "0" if s == "-0" else s
+
+
+def _short(x: Any, const: bool = False) -> str:
+    """A scalar exactly, a small array in full, a large one as dtype[shape] and its norm."""
+    if x is None:
+        return "0"
+    x = np.asarray(raw(x))
+    if x.ndim == 0:
+        return _num(x) if x.dtype.kind in "fc" else str(x)
+    if x.size <= 4:
+        return "[" + ", ".join(_num(v) for v in x.reshape(-1)) + "]"
+    head = f"{_dtype(x.dtype)}{_shape(x)}"
+    return head if const else f"{head} ‖‖ {_num(np.linalg.norm(x), 3)}"
+
+
+def _cell(x: Any) -> list[str]:
+    """A value as the lines of a table cell: scalars exactly, arrays summarised."""
+    if x is None:
+        return ["0"]
+    x = np.asarray(raw(x))
+    if x.ndim == 0 or x.size <= 4:
+        return [_short(x)]
+    if x.dtype.kind not in "fc":
+        return [f"{_dtype(x.dtype)}{_shape(x)}"]
+    xf = x.astype(np.float64)
+    return [
+        f"{_dtype(x.dtype)}{_shape(x)}",
+        f"‖‖ {_num(np.linalg.norm(xf), 3)}",
+        f"μ {_num(xf.mean(), 3)}",
+        f"[{_num(xf.min(), 2)}, {_num(xf.max(), 2)}]",
+    ]
+
+
+def _dq(s: str) -> str:
+    """Escapes a DOT label (keeps the \\n line breaks written by the caller)."""
+    return s.replace('"', '\\"')
+
+
+# --- text layout -------------------------------------------------------------------------
+
+
+def _clip(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _wrap_line(line: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent="  ")) or line
+
+
+def _table(header: list[list[str]], rows: list[list[list[str]]], width: int) -> list[str]:
+    """Lays out cells (lists of lines) in columns; wraps the widest columns to fit."""
+    n = len(header)
+    gap = 2
+    head = header
+    natural = [max(len(line) for r in [head, *rows] for line in r[c] or [""]) for c in range(n)]
+    widths = list(natural)
+    hard = [max(6, *(len(w) for line in header[c] for w in line.split())) for c in range(n)]
+    soft = [max(hard[c], min(natural[c], 16)) for c in range(n)]
+    budget = width - gap * (n - 1) - 2
+    # Shrink the widest columns first; array summaries (<= 16 wide) wrap only if need be.
+    for minimum in (soft, hard):
+        while sum(widths) > budget:
+            c = max(range(n), key=lambda k: widths[k] - minimum[k])
+            if widths[c] <= minimum[c]:
+                break
+            widths[c] -= 1
+
+    def wrap(lines: list[str], w: int) -> list[str]:
+        out = []
+        for line in lines:
+            out.extend(textwrap.wrap(line, w, break_on_hyphens=False) or [""])
+        return out
+
+    result = []
+    for k, r in enumerate([head, None, *rows]):
+        if r is None:
+            result.append("  " + (" " * gap).join("─" * w for w in widths).rstrip())
+            continue
+        cells = [wrap(r[c], widths[c]) for c in range(n)]
+        height = max(len(c) for c in cells)
+        for j in range(height):
+            parts = [(cells[c][j] if j < len(cells[c]) else "").ljust(widths[c]) for c in range(n)]
+            result.append(("  " + (" " * gap).join(parts)).rstrip())
+        del k
+    return result
