@@ -32,8 +32,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "numpy":  # `cr.numpy` without a circular import at package load
-        import chainrule.numpy as cnp
+    if name in ("numpy", "nn", "train", "interop"):  # loaded on first use
+        import importlib
 
-        return cnp
+        return importlib.import_module(f"chainrule.{name}")
     raise AttributeError(f"module 'chainrule' has no attribute {name!r}")
