@@ -1,6 +1,6 @@
 """The code stays ruff-clean (lint and format), checked with the suite."""
 
-import shutil
+import importlib.util
 import subprocess
 import sys
 
@@ -10,8 +10,11 @@ from tests.conftest import ROOT
 
 
 def _ruff(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("ruff") or pytest.fail("ruff is not installed: pip install -e '.[test]'")
-    return subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # The interpreter running the tests, not PATH: CI calls .venv/bin/python directly.
+    if importlib.util.find_spec("ruff") is None:
+        pytest.fail("ruff is not installed: pip install -e '.[test]'")
+    cmd = [sys.executable, "-m", "ruff", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_ruff_check_is_clean():
