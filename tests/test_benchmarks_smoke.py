@@ -1,0 +1,118 @@
+"""A bounded smoke run of `python -m benchmarks --quick`: correctness, not timings.
+
+Runs every section in this process at tiny sizes with one repeat, then checks
+that what is benchmarked is right (chainrule's steps and gradients agree with
+jax.grad's, and with PyTorch's where installed) and that the JSON report has
+every section and every target. Timings are not asserted: they are noise here.
+"""
+
+import json
+import math
+
+import pytest
+
+from benchmarks import __main__ as bench
+from benchmarks import compile_time, deep_chain, eager, jit_step
+
+EXPECTED_TARGETS = {
+    "jit_step": ["(1) jit step", "XLA flops", "(1) big MLP"],
+    "compile_time": [
+        "(2) compile",
+        "(2) chainrule first call linear",
+        "(2) chainrule trace phase linear",
+    ],
+    "eager": ["/ jax.grad", "/ PyTorch"],
+    "deep_chain": ["(4) chainrule linear in N", "chainrule time / PyTorch", "peak-memory"],
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "quick.json"
+    bench.main(["--quick", "--repeats", "1", "--in-process", "--json", str(path)])
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_json_has_every_section_and_target(report):
+    assert set(report["sections"]) == set(bench.SECTIONS)
+    for name, section in report["sections"].items():
+        assert section["rows"], name
+        names = [t["name"] for t in section["targets"]]
+        for expected in EXPECTED_TARGETS[name]:
+            assert any(expected in n for n in names), (name, expected, names)
+        for t in section["targets"]:
+            assert set(t) >= {"name", "value", "limit", "op", "pass"}
+            assert t["pass"] in (True, False, None)
+            if t["value"] is not None:  # its size is a timing: not asserted here
+                assert math.isfinite(t["value"]), t
+    summary = report["summary"]
+    n_targets = sum(len(s["targets"]) for s in report["sections"].values())
+    assert summary["passed"] + summary["failed"] + summary["not_measured"] == n_targets
+
+
+def _agreements(section):
+    return {k: v for k, v in section["info"].items() if k.startswith("agreement")}
+
+
+def test_jitted_steps_agree_and_compile_to_the_same_xla_work(report):
+    section = report["sections"]["jit_step"]
+    agreements = _agreements(section)
+    assert len(agreements) == 2  # the big MLP and the tutorial's 10-5-1 MLP
+    for label, agree in agreements.items():
+        for what, a in agree.items():
+            assert a["allclose"], (label, what, a)
+    for key, xla in section["info"].items():
+        if key.startswith("xla "):
+            assert xla["chainrule"]["flops"] == xla["jax.grad"]["flops"], key
+            assert xla["chainrule"]["hlo_ops"] == xla["jax.grad"]["hlo_ops"], key
+
+
+def test_compiled_gradients_agree(report):
+    agreements = _agreements(report["sections"]["compile_time"])
+    assert agreements
+    for label, a in agreements.items():
+        assert a["allclose"], (label, a)
+
+
+def test_eager_gradients_agree_for_both_front_ends(report):
+    agreements = _agreements(report["sections"]["eager"])
+    assert len(agreements) == 4
+    for label, per_contender in agreements.items():
+        assert {"chainrule dynamic", "chainrule replay"} <= set(per_contender), label
+        for name, a in per_contender.items():
+            assert a["allclose"], (label, name, a)
+
+
+def test_deep_chain_gradients_agree(report):
+    raw = report["sections"]["deep_chain"]["info"]["raw"]
+    by_n: dict[str, dict[str, float]] = {}
+    for key, r in raw.items():
+        engine, n = key.rsplit(" N=", 1)
+        if "grad" in r:
+            by_n.setdefault(n, {})[engine] = r["grad"]
+            assert r["mem_growth_kib"] >= 0 and r["time"] > 0, (key, r)
+    assert by_n
+    for n, grads in by_n.items():
+        ref = grads["jax.grad"]
+        for engine, g in grads.items():
+            assert math.isclose(g, ref, rel_tol=1e-4, abs_tol=1e-7), (n, engine, g, ref)
+
+
+def test_tutorial_values_are_the_documented_ones():
+    """The benchmarked tutorial losses give the DESIGN.md numbers (-2; -3, -9, -2.25)."""
+    import chainrule as cr
+
+    cases = {c["case"]: c for c in eager.cases(quick=True)}
+    lin = cases["tutorial (w*x-y)**2"]
+    for fun in (lin["cnp"], lin["jnp"]):
+        assert float(cr.grad(fun)(*lin["args"])) == -2.0
+    net = cases["tutorial x->w1->ReLU->w2"]
+    for fun in (net["cnp"], net["jnp"]):
+        dw1, dw2, dx = cr.grad(fun, (0, 1, 2))(*net["args"])
+        assert (float(dw1), float(dw2), float(dx)) == (-9.0, -3.0, -2.25)
+
+
+def test_sections_are_importable_modules():
+    for module in (jit_step, compile_time, eager, deep_chain):
+        assert callable(module.run)
