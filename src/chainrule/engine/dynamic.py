@@ -35,7 +35,30 @@ def _result_type(*args: Any):
 def _as_operand(x: Any, dtype) -> Any:
     if isinstance(x, Tracer):
         return rules.convert_element_type(x, dtype)
+    if isinstance(x, (int, float, np.generic, np.ndarray)):
+        return np.asarray(x, dtype=dtype)  # lax takes NumPy operands; no XLA dispatch
     return jnp.asarray(x, dtype=dtype)
+
+
+_PYTHON_SCALARS = (int, float)
+
+
+def _fast_promote(args: tuple[Any, ...]) -> list[Any] | None:
+    """The common cases without dtype machinery: Tracers of one dtype and shape
+    (or rank 0), and Python numbers beside them (weakly typed, as in jax.numpy)."""
+    dtype, shape = None, None
+    for a in args:
+        if isinstance(a, Tracer):
+            value = raw(a)
+            if dtype is None:
+                dtype, shape = value.dtype, value.shape
+            elif value.dtype != dtype or (value.shape != shape and value.shape and shape):
+                return None
+        elif not isinstance(a, _PYTHON_SCALARS) or isinstance(a, bool):
+            return None
+    if dtype is None:
+        return None
+    return [a if isinstance(a, Tracer) else np.asarray(a, dtype) for a in args]
 
 
 def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
@@ -54,6 +77,9 @@ def _broadcast_to(x: Any, shape: tuple[int, ...]) -> Any:
 
 def promote(*args: Any, inexact: bool = False) -> list[Any]:
     """Converts `args` to one dtype and a broadcast-compatible shape."""
+    fast = _fast_promote(args)  # Tracers are always floating, so `inexact` holds
+    if fast is not None:
+        return fast
     dtype = _result_type(*args)
     if inexact and not jnp.issubdtype(dtype, jnp.inexact):
         dtype = jnp.result_type(dtype, float)

@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax import lax
 
@@ -61,13 +62,20 @@ def dtype_of(x: Any):
     return raw(x).dtype if hasattr(raw(x), "dtype") else np.result_type(x)
 
 
-def zeros_like(x: Any):
-    """A constant of zeros with the shape and dtype of `x` (never traced)."""
-    return lax.full(shape_of(x), 0, dtype_of(x))
-
-
 def full_like(x: Any, value: float):
-    return lax.full(shape_of(x), value, dtype_of(x))
+    """A constant with the shape and dtype of `x` (never traced).
+
+    Outside JAX transformations it is a NumPy array: creating it costs no XLA
+    dispatch. Under `jit`/`vmap` it is a `lax.full`, so no large literal is
+    baked into the compiled program.
+    """
+    if isinstance(raw(x), jax.core.Tracer):
+        return lax.full(shape_of(x), value, dtype_of(x))
+    return np.full(shape_of(x), value, dtype_of(x))
+
+
+def zeros_like(x: Any):
+    return full_like(x, 0)
 
 
 def const(x: Any, value: float):
@@ -187,15 +195,20 @@ min_p = primitive("min", lax.min)
 maximum, minimum = max_p.bind, min_p.bind
 
 
+@jax.jit
+def _balanced_eq_mask(x: Any, ans: Any, y: Any):
+    x_won = lax.convert_element_type(lax.eq(x, ans), ans.dtype)
+    tied = lax.convert_element_type(lax.eq(y, ans), ans.dtype)
+    return x_won / (1 + tied)
+
+
 def _balanced_eq(x: Any, ans: Any, y: Any):
-    """1 where x was chosen, 1/2 where x and y tied, 0 elsewhere (JAX's convention)."""
-    shape = shape_of(ans)
-    x, ans, y = (
-        lax.broadcast_in_dim(raw(v), shape, ()) if shape_of(v) != shape else raw(v)
-        for v in (x, ans, y)
-    )
-    half_or_one = lax.select(lax.eq(y, ans), full_like(ans, 0.5), full_like(ans, 1))
-    return lax.select(lax.eq(x, ans), half_or_one, full_like(ans, 0))
+    """1 where x was chosen, 1/2 where x and y tied, 0 elsewhere (JAX's convention).
+
+    A constant (no gradient flows through the comparison), computed in one
+    compiled call.
+    """
+    return _balanced_eq_mask(raw(x), raw(ans), raw(y))
 
 
 _chooser_vjps = (  # max and min: the cotangent follows the chosen operand

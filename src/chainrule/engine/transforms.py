@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from chainrule.engine import core, dynamic, replay, rules
 from chainrule.engine.core import ReplayNeeded, Tracer, raw
@@ -85,14 +84,15 @@ def _arg_name(fun: Callable, i: int) -> str:
     return f"argument {i}"
 
 
-def _box_leaf(x: Any, where: str, fun_name: str, level: int) -> Tracer:
+def _box_leaf(x: Any, where: Callable[[], str], fun_name: str, level: int) -> Tracer:
+    """Boxes one leaf; `where()` names it, and is only called to report an error."""
     if isinstance(x, (Tracer, jax.Array)) or isinstance(x, jax.core.Tracer):
         value = x
     elif isinstance(x, (float, int, complex, np.ndarray, np.generic)) and not isinstance(x, str):
         value = jnp.asarray(x)
     else:
         raise InputTypeError(
-            f"{fun_name}: {where} is a {type(x).__name__}, which cannot be differentiated. "
+            f"{fun_name}: {where()} is a {type(x).__name__}, which cannot be differentiated. "
             "Differentiated arguments must be float arrays or pytrees (dicts, lists, "
             "tuples) of them. Pass other values as non-differentiated arguments "
             "(outside argnums) or close over them."
@@ -106,10 +106,14 @@ def _box_leaf(x: Any, where: str, fun_name: str, level: int) -> Tracer:
             else "Convert it first, e.g. jnp.asarray(x, jnp.float32), or leave it out of argnums"
         )
         raise InputTypeError(
-            f"{fun_name}: {where} has dtype {dtype.name}; gradients are only defined for "
+            f"{fun_name}: {where()} has dtype {dtype.name}; gradients are only defined for "
             f"floating-point inputs (float16, bfloat16, float32, float64). {fix}."
         )
     return Tracer(value, core.input_node(value), level)
+
+
+def _leaf_name(fun: Callable, i: int, path: tuple) -> str:
+    return _arg_name(fun, i) + (jax.tree_util.keystr(path) if path else "")
 
 
 def _box_args(fun, args, argnums, level, fun_name):
@@ -120,7 +124,7 @@ def _box_args(fun, args, argnums, level, fun_name):
         with_path, tree = jax.tree_util.tree_flatten_with_path(args[i])
         leaves = []
         for path, leaf in with_path:
-            where = _arg_name(fun, i) + (jax.tree_util.keystr(path) if path else "")
+            where = functools.partial(_leaf_name, fun, i, path)
             leaves.append(_box_leaf(leaf, where, fun_name, level))
         boxed_args[i] = jax.tree_util.tree_unflatten(tree, leaves)
         tracers.append(leaves)
@@ -324,7 +328,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
             aux = jax.tree_util.tree_map(lambda x: _unbox(x, level), aux)
         _check_scalar(out, name)
         if isinstance(out, Tracer) and out.level == level:
-            one = lax.full((), 1, raw(out).dtype)
+            one = np.ones((), raw(out).dtype)
             input_cts = core.backward([(out.node, one)], rules.add_cotangents, release=True)
         else:  # the output does not depend on the differentiated inputs
             input_cts = {}
