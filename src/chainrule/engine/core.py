@@ -41,6 +41,8 @@ class _TraceState(threading.local):
         self.recorders: list[Callable[[Node, str | None], None]] = []
         # Where the equation being replayed came from (set only while recording).
         self.source: str | None = None
+        # Source locations of the call equations (jit bodies) being replayed.
+        self.call_sites: list[str] = []
 
 
 _state = _TraceState()
@@ -111,13 +113,35 @@ def _source_line() -> str | None:
     """The user's source line of the operation being recorded, best effort."""
     if _state.source is not None:
         return _state.source
-    frame = sys._getframe(2)
+    return user_frame()
+
+
+def user_frame() -> str | None:
+    """The innermost Python frame outside chainrule's engine and JAX, as "file:line (fn)"."""
+    frame = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
         if not name.startswith(("chainrule.engine", "chainrule.numpy", "jax", "contextlib")):
             return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
     return None
+
+
+class call_site:
+    """Context manager: replay is inside the body of a call made at `where`."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self) -> None:
+        _state.call_sites.append(self.where)
+
+    def __exit__(self, *exc: object) -> None:
+        _state.call_sites.pop()
+
+
+def enclosing_call_site() -> str | None:
+    return _state.call_sites[-1] if _state.call_sites else None
 
 
 class capturing:

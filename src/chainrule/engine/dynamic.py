@@ -363,8 +363,37 @@ def _no_numpy(self: Tracer, *args: Any, **kwargs: Any):
     )
 
 
-def _concrete(self: Tracer):
-    return raw(self)
+class _AtIndexer:
+    """`x.at[index].set/add/multiply/min/max/get(...)`, recorded through jax.numpy."""
+
+    def __init__(self, x: Tracer, index: Any = None):
+        self.x, self.index = x, index
+
+    def __getitem__(self, index: Any) -> _AtIndexer:
+        return _AtIndexer(self.x, index)
+
+    def __getattr__(self, method: str) -> Callable:
+        index = self.index
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            return lift(lambda v, *a: getattr(v.at[index], method)(*a, **kwargs))(self.x, *args)
+
+        return update
+
+
+def _array_method_fallback(self: Tracer, name: str) -> Any:
+    """Array methods and properties without a fast path (`x.var()`, `x.cumsum()`, ...)
+    run `jax.Array`'s own, recorded through jaxpr replay."""
+    attr = getattr(jax.Array, name, None)
+    if attr is None or name.startswith("__"):
+        raise AttributeError(f"chainrule.Tracer (like jax.Array) has no attribute {name!r}")
+    if isinstance(attr, property) or not callable(attr):
+        return lift(lambda v: getattr(v, name))(self)
+    return functools.partial(lift(lambda v, *a, **k: getattr(v, name)(*a, **k)), self)
+
+
+def _lifted_operator(op: Callable) -> Callable:
+    return lambda self, other: lift(op)(self, other)
 
 
 _METHODS: dict[str, Any] = {
@@ -390,6 +419,12 @@ _METHODS: dict[str, Any] = {
     "__pos__": lambda self: self,
     "__abs__": abs,
     "__getitem__": getitem,
+    "__floordiv__": _lifted_operator(operator.floordiv),
+    "__rfloordiv__": _flip(_lifted_operator(operator.floordiv)),
+    "__mod__": _lifted_operator(operator.mod),
+    "__rmod__": _flip(_lifted_operator(operator.mod)),
+    "at": property(lambda self: _AtIndexer(self)),
+    "__getattr__": _array_method_fallback,
     "__len__": lambda self: len(raw(self)),
     "__iter__": lambda self: (self[i] for i in range(len(raw(self)))),
     "__bool__": lambda self: bool(raw(self)),

@@ -80,18 +80,28 @@ def eval_closed(closed: jcore.ClosedJaxpr, *args: Any) -> list[Any]:
 
 
 def where(eqn: jcore.JaxprEqn) -> str:
-    """The user's source line that emitted `eqn`, as JAX records it."""
+    """The user's source line that emitted `eqn`, as JAX records it.
+
+    Equations emitted by chainrule's own helpers (e.g. `x.at[i].set(v)` on a
+    Tracer) are attributed to the user's line that called the helper.
+    """
     try:
-        return source_info_util.summarize(eqn.source_info)
+        summary = source_info_util.summarize(eqn.source_info)
     except Exception:  # pragma: no cover - best effort only
-        return "unknown location"
+        summary = "unknown location"
+    if "chainrule/engine/" in summary.replace("\\", "/"):
+        return core.user_frame() or summary
+    if not summary.strip():  # inside a library's jit body (e.g. jnp.sort): its call site
+        return core.enclosing_call_site() or "unknown location"
+    return summary
 
 
 def _apply_traced(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
     name = eqn.primitive.name
     params = eqn.params
     if name in _CALLS:
-        return eval_closed(params["jaxpr"], *invals)
+        with core.call_site(where(eqn)):
+            return eval_closed(params["jaxpr"], *invals)
     if name in _REMATS:
         body = params["jaxpr"]
         if isinstance(body, jcore.ClosedJaxpr):
@@ -99,6 +109,14 @@ def _apply_traced(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
         return eval_jaxpr(body, (), *invals)
     if name == "custom_jvp_call":
         return custom_jvp_call_p.bind(*invals, **params)
+    if name == "cond":
+        index, *operands = invals
+        if not isinstance(raw(index), jax.core.Tracer):  # known now: replay that branch
+            branch = params["branches"][
+                int(np.clip(int(raw(index)), 0, len(params["branches"]) - 1))
+            ]
+            return eval_closed(branch, *operands)
+        return cond_p.bind(*invals, **params)
     if name == "custom_vjp_call":  # outputs, then residuals (kept for the rule)
         return custom_vjp_call_p.bind(*invals, **params)[: len(params["call_jaxpr"].out_avals)]
     prim = rules.PRIMITIVES.get(name)
@@ -210,6 +228,56 @@ class _CustomVJPCall(Primitive):
 
 
 custom_vjp_call_p = _CustomVJPCall("custom_vjp_call", _custom_vjp_forward, multiple_results=True)
+
+
+# --- cond with a predicate known only at run time (under jit or vmap) ---------
+
+
+def _cond_impl(index: Any, *operands: Any, **params: Any) -> list[Any]:
+    prim = jcore.primitives.cond_p
+    return prim.bind(index, *operands, **prim.get_bind_params(params))
+
+
+class _Cond(Primitive):
+    """VJP of `lax.cond`: a `lax.switch` over the branches' VJPs.
+
+    Each branch's VJP is taken by chainrule itself, re-running the branch's
+    forward pass inside the backward branch (rematerialisation), so no
+    residuals cross the cond.
+    """
+
+    def vjp(self, g, node):
+        index, *operands = node.primals
+        branches = node.params["branches"]
+        cts = list(g) if isinstance(g, tuple) else [g]
+        outs = node.ans
+        cts = [rules.zeros_like(o) if ct is None else ct for ct, o in zip(cts, outs, strict=True)]
+        diff = [i for i, o in enumerate(operands) if core.is_differentiable(raw(o))]
+        from chainrule.engine.transforms import vjp_flat
+
+        def branch_vjp(branch):
+            def run(*args):
+                ops, out_cts = list(args[: len(operands)]), args[len(operands) :]
+
+                def forward(*diff_ops):
+                    full = list(ops)
+                    for i, x in zip(diff, diff_ops, strict=True):
+                        full[i] = x
+                    return eval_closed(branch, *full)
+
+                return vjp_flat(forward, [ops[i] for i in diff], list(out_cts))
+
+            return run
+
+        def switch(idx, *args):
+            return jax.lax.switch(idx, [branch_vjp(b) for b in branches], *args)
+
+        op_cts = call_jax_function(switch, index, *operands, *cts)
+        by_operand = dict(zip(diff, op_cts, strict=True))
+        return [by_operand[i - 1] for i in node.argnums]
+
+
+cond_p = _Cond("cond", _cond_impl, multiple_results=True)
 
 
 # --- replaying arbitrary JAX functions ------------------------------------------

@@ -559,6 +559,45 @@ def concatenate(xs: Sequence[Any], dimension: int) -> Any:
     return concatenate_p.bind(*xs, dimension=dimension)
 
 
+class _Stack(Primitive):
+    """stack(*xs, axis): operand i gets the slice of `g` at position i along `axis`."""
+
+    def vjp(self, g, node):
+        axis = node.params["axis"]
+        gshape = shape_of(g)
+        out = []
+        for i in node.argnums:
+            lo, hi = [0] * len(gshape), list(gshape)
+            lo[axis], hi[axis] = i, i + 1
+            out.append(reshape(slice_(g, lo, hi), shape_of(node.primals[i])))
+        return out
+
+
+stack_p = primitive("stack", lambda *xs, axis: lax.stack(xs, axis), ("axis",), cls=_Stack)
+
+
+def stack(xs: Sequence[Any], axis: int) -> Any:
+    return stack_p.bind(*xs, axis=axis)
+
+
+tile_p = primitive("tile", lambda x, reps: lax.tile(x, reps), ("reps",))
+
+
+def _tile_vjp(ans, x, reps):
+    """Each copy's cotangent is summed: view g as (r0, n0, r1, n1, ...), sum the r's."""
+    xshape = shape_of(x)
+    if len(reps) != len(xshape):
+        raise NotImplementedError(
+            f"chainrule: tile with {len(reps)} reps for a rank-{len(xshape)} operand"
+        )
+    interleaved = tuple(d for r, n in zip(reps, xshape, strict=True) for d in (r, n))
+    copies = tuple(range(0, 2 * len(xshape), 2))
+    return lambda g: reduce_sum(reshape(g, interleaved), copies)
+
+
+defvjp(tile_p, _tile_vjp)
+
+
 class _Split(Primitive):
     """split's outputs are one node; its rule concatenates their cotangents."""
 
@@ -663,10 +702,8 @@ def _gather_vjp(
     )
 
 
-def _scatter_add_updates_vjp(
-    ans, x, indices, updates, dimension_numbers, indices_are_sorted, unique_indices, mode
-):
-    dn = dimension_numbers
+def _scatter_as_gather(dn, x, updates) -> tuple[lax.GatherDimensionNumbers, tuple[int, ...]]:
+    """The gather that reads, for each element of `updates`, the position it writes."""
     gather_dn = lax.GatherDimensionNumbers(
         offset_dims=dn.update_window_dims,
         collapsed_slice_dims=dn.inserted_window_dims,
@@ -680,6 +717,13 @@ def _scatter_add_updates_vjp(
         1 if i in dn.inserted_window_dims or i in dn.operand_batching_dims else ushape[next(window)]
         for i in range(len(shape_of(x)))
     )
+    return gather_dn, slice_sizes
+
+
+def _scatter_add_updates_vjp(
+    ans, x, indices, updates, dimension_numbers, indices_are_sorted, unique_indices, mode
+):
+    gather_dn, slice_sizes = _scatter_as_gather(dimension_numbers, x, updates)
     return lambda g: gather_p.bind(
         g,
         indices,
@@ -690,6 +734,47 @@ def _scatter_add_updates_vjp(
         mode=mode,
         fill_value=0,
     )
+
+
+class _Scatter(Primitive):
+    """scatter (`x.at[i].set(u)`): overwritten positions of `x` get no cotangent;
+    each update gets the cotangent of the position it won (with duplicate
+    indices only the update that was written counts, found by scattering ids)."""
+
+    def vjp(self, g, node):
+        x, indices, updates = node.primals
+        dn, mode = node.params["dimension_numbers"], node.params["mode"]
+        gather_dn, slice_sizes = _scatter_as_gather(dn, x, updates)
+        ushape = shape_of(updates)
+        ids = np.arange(1, int(np.prod(ushape)) + 1, dtype=np.int32).reshape(ushape)
+        written = lax.scatter(
+            np.zeros(shape_of(x), np.int32), raw(indices), ids, dn,
+            indices_are_sorted=node.params["indices_are_sorted"],
+            unique_indices=node.params["unique_indices"], mode=mode,
+        )  # fmt: skip
+        won = lax.eq(
+            lax.gather(written, raw(indices), gather_dn, slice_sizes, mode=mode, fill_value=0), ids
+        )
+        out = []
+        for i in node.argnums:
+            if i == 0:
+                out.append(select_n(lax.eq(written, np.int32(0)), zeros_like(g), g))
+            elif i == 2:
+                read = gather_p.bind(
+                    g, indices, dimension_numbers=gather_dn, slice_sizes=slice_sizes,
+                    indices_are_sorted=node.params["indices_are_sorted"],
+                    unique_indices=node.params["unique_indices"], mode=mode, fill_value=0,
+                )  # fmt: skip
+                out.append(select_n(won, zeros_like(read), read))
+        return out
+
+
+scatter_p = primitive(
+    "scatter",
+    lambda x, indices, updates, **p: lax.scatter(x, indices, updates, **p),
+    ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
+    cls=_Scatter,
+)
 
 
 defvjp(gather_p, _gather_vjp, None)
