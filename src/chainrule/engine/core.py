@@ -19,6 +19,7 @@ replay) is built on the four things defined here:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import threading
@@ -83,21 +84,22 @@ def names_tracer(exc: BaseException) -> bool:
     )
 
 
-class recording:
-    """Context manager: calls `recorder(node)` for every node created inside.
+@contextlib.contextmanager
+def _pushed(stack: list, item: Any) -> Iterator[None]:
+    stack.append(item)
+    try:
+        yield
+    finally:
+        stack.pop()
 
-    Used by tools that show the tape (`cr.explain`). The recorder gets
-    the node and the user's source line that created it ("file:line (function)").
+
+def recording(recorder: Callable[[Node, str | None], None]):
+    """Context manager: calls `recorder(node, where)` for every node created inside.
+
+    Used by tools that show the tape (`cr.explain`); `where` is the user's
+    source line that created the node ("file:line (function)").
     """
-
-    def __init__(self, recorder: Callable[[Node, str | None], None]):
-        self.recorder = recorder
-
-    def __enter__(self) -> None:
-        _state.recorders.append(self.recorder)
-
-    def __exit__(self, *exc: object) -> None:
-        _state.recorders.remove(self.recorder)
+    return _pushed(_state.recorders, recorder)
 
 
 def is_recording() -> bool:
@@ -127,34 +129,18 @@ def user_frame() -> str | None:
     return None
 
 
-class call_site:
+def call_site(where: str):
     """Context manager: replay is inside the body of a call made at `where`."""
-
-    def __init__(self, where: str):
-        self.where = where
-
-    def __enter__(self) -> None:
-        _state.call_sites.append(self.where)
-
-    def __exit__(self, *exc: object) -> None:
-        _state.call_sites.pop()
+    return _pushed(_state.call_sites, where)
 
 
 def enclosing_call_site() -> str | None:
     return _state.call_sites[-1] if _state.call_sites else None
 
 
-class capturing:
+def capturing(level: int):
     """Context manager marking `level` as capturing a jaxpr (jaxpr replay)."""
-
-    def __init__(self, level: int):
-        self.level = level
-
-    def __enter__(self) -> None:
-        _state.capturing.append(self.level)
-
-    def __exit__(self, *exc: object) -> None:
-        _state.capturing.pop()
+    return _pushed(_state.capturing, level)
 
 
 class Node:
