@@ -88,11 +88,20 @@ def promote(*args: Any, inexact: bool = False) -> list[Any]:
     return [_broadcast_to(a, shape) for a in ops]
 
 
+def _named(f: Callable, op: Callable, kind: str) -> Callable:
+    """Marks `f` for naming after its public name (see the end of this module)."""
+    f._chainrule_doc = (  # type: ignore[attr-defined]
+        f"{kind} `{{name}}`, as in jax.numpy (dtype promotion, broadcasting); records on "
+        "chainrule's tape when given Tracers."
+    )
+    return f
+
+
 def _binary(op: Callable, inexact: bool = False) -> Callable:
     def f(x, y):
         return op(*promote(x, y, inexact=inexact))
 
-    return f
+    return _named(f, op, "Elementwise binary")
 
 
 def _unary(op: Callable) -> Callable:
@@ -100,7 +109,7 @@ def _unary(op: Callable) -> Callable:
         (x,) = promote(x, inexact=True)
         return op(x)
 
-    return f
+    return _named(f, op, "Elementwise")
 
 
 add = _binary(rules.add)
@@ -173,7 +182,7 @@ def _reduction(op: Callable) -> Callable:
             out = rules.reshape(out, tuple(1 if d in axes else n for d, n in enumerate(shape)))
         return out
 
-    return f
+    return _named(f, op, "Reduction")
 
 
 sum = _reduction(rules.reduce_sum)
@@ -454,4 +463,10 @@ _METHODS: dict[str, Any] = {
 
 for _name, _method in _METHODS.items():
     setattr(Tracer, _name, _method)
+
+for _name, _fn in list(globals().items()):  # name the generated functions: cnp.sin is "sin"
+    if callable(_fn) and hasattr(_fn, "_chainrule_doc") and not _name.startswith("_"):
+        if getattr(_fn, "__name__", "f") == "f":
+            _fn.__name__ = _fn.__qualname__ = _name
+            _fn.__doc__ = _fn._chainrule_doc.format(name=_name)
 Tracer.__hash__ = None  # type: ignore[assignment]  # like jax arrays: __eq__ is elementwise
