@@ -16,7 +16,7 @@ from jax import lax
 
 import chainrule as cr
 import chainrule.numpy as cnp
-from chainrule.engine import core
+from chainrule.engine import core, host
 
 
 def linear_loss(w, x, y):
@@ -162,7 +162,9 @@ def test_vjp_matches_jax_vjp_for_pytree_output():
     x, y = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4))
     out, vjp_fn = cr.vjp(f, x, y)
     out_ref, vjp_ref = jax.vjp(f, x, y)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, out, out_ref)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15), out, out_ref
+    )
     ct = jax.tree_util.tree_map(lambda o: jnp.cos(o) + 0.5, out_ref)
     for _ in range(2):  # a vjp function may be called many times
         jax.tree_util.tree_map(
@@ -254,8 +256,10 @@ def test_custom_jvp_second_derivative_matches_jax():
     )
 
 
-def test_deep_chain_of_100k_operations_and_memory_is_released():
+@pytest.mark.parametrize("on_host", [True, False], ids=["numpy-eager", "jax-eager"])
+def test_deep_chain_of_100k_operations_and_memory_is_released(on_host):
     n = 50_000  # two operations per step: 100,000 nodes
+    previous = host.set_enabled(on_host)
 
     def chain(w):
         for _ in range(n):
@@ -268,10 +272,16 @@ def test_deep_chain_of_100k_operations_and_memory_is_released():
     def watched(w):
         out = chain(w)
         probe["node"] = weakref.ref(out.node)
-        probe["ans"] = weakref.ref(out.node.ans)
+        # NumPy scalars (the host path's values) cannot be weakly referenced;
+        # they are only referenced by their node, so the node check covers them.
+        assert isinstance(out.node.ans, np.generic) == on_host
+        probe["ans"] = None if on_host else weakref.ref(out.node.ans)
         return out
 
-    g = cr.grad(watched)(w0)
+    try:
+        g = cr.grad(watched)(w0)
+    finally:
+        host.set_enabled(previous)
     # Reference: the chain rule by hand, in float64 on the host.
     v, d = 0.5, 1.0
     for _ in range(n):
@@ -280,7 +290,8 @@ def test_deep_chain_of_100k_operations_and_memory_is_released():
     np.testing.assert_allclose(float(g), d, rtol=1e-9)
     gc.collect()
     assert probe["node"]() is None, "the tape outlived the gradient computation"
-    assert probe["ans"]() is None, "intermediate values outlived the gradient computation"
+    if probe["ans"] is not None:
+        assert probe["ans"]() is None, "intermediate values outlived the gradient computation"
 
 
 def test_jnp_dtype_promotion_in_dynamic_front_end():

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from jax import dtypes
 
+from chainrule.engine import host
+
 
 class _TraceState(threading.local):
     """The one piece of mutable global state: the trace stack, per thread."""
@@ -259,6 +261,9 @@ class Primitive:
       differentiable: False for primitives whose output carries no gradient
         (comparisons, argmax, stop_gradient): their output is never traced.
       multiple_results: the implementation returns a sequence.
+      host_impl: the same computation with NumPy, for concrete values on the
+        CPU (see `chainrule.engine.host`); it may return `NotImplemented` for
+        cases it does not cover, which then run through `impl`.
     """
 
     def __init__(
@@ -269,12 +274,14 @@ class Primitive:
         *,
         differentiable: bool = True,
         multiple_results: bool = False,
+        host_impl: Callable[..., Any] | None = None,
     ):
         self.name = name
         self.impl = impl
         self.params = tuple(params)
         self.differentiable = differentiable
         self.multiple_results = multiple_results
+        self.host_impl = host_impl
         self.vjp_makers: tuple[Callable | None, ...] | None = None
 
     def bind(self, *args: Any, **params: Any) -> Any:
@@ -325,9 +332,9 @@ def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
     """
     level = top_level(args)
     if level == 0:
-        return prim.impl(*args, **params)
+        return evaluate(prim, args, params)
     if not prim.differentiable:
-        return prim.impl(*(raw(a) for a in args), **params)
+        return evaluate(prim, tuple(raw(a) for a in args), params)
     if _state.capturing and level <= _state.capturing[-1]:
         # A value of an enclosing transform met a jaxpr being captured for an
         # inner one: the enclosing transform must replay instead.
@@ -350,6 +357,18 @@ def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
         else raw(a)
         for i, a in enumerate(ans)
     ]
+
+
+def evaluate(prim: Primitive, args: tuple[Any, ...], params: dict[str, Any]) -> Any:
+    """Computes `prim` on untraced values: with NumPy when they live on the host
+    (see `chainrule.engine.host`), else with its JAX implementation."""
+    if prim.host_impl is not None:
+        operands = host.host_operands(args)
+        if operands is not None:
+            out = prim.host_impl(*operands, **params)
+            if out is not NotImplemented:
+                return out
+    return prim.impl(*args, **params)
 
 
 def toposort(roots: Iterable[Node]) -> Iterator[Node]:

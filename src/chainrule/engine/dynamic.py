@@ -44,21 +44,28 @@ _PYTHON_SCALARS = (int, float)
 
 
 def _fast_promote(args: tuple[Any, ...]) -> list[Any] | None:
-    """The common cases without dtype machinery: Tracers of one dtype and shape
-    (or rank 0), and Python numbers beside them (weakly typed, as in jax.numpy)."""
-    dtype, shape = None, None
+    """The common cases without dtype machinery: Tracers and arrays of one dtype
+    and shape (or rank 0) beside at least one Tracer, and Python numbers beside
+    them (weakly typed, as in jax.numpy)."""
+    dtype, shape, traced = None, None, False
     for a in args:
+        if isinstance(a, _PYTHON_SCALARS) and not isinstance(a, bool):
+            continue
         if isinstance(a, Tracer):
-            value = raw(a)
-            if dtype is None:
-                dtype, shape = value.dtype, value.shape
-            elif value.dtype != dtype or (value.shape != shape and value.shape and shape):
-                return None
-        elif not isinstance(a, _PYTHON_SCALARS) or isinstance(a, bool):
+            traced, value = True, raw(a)
+        elif isinstance(a, np.ndarray) or (
+            isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and not a.weak_type
+        ):
+            value = a
+        else:
             return None
-    if dtype is None:
+        if dtype is None:
+            dtype, shape = value.dtype, value.shape
+        elif value.dtype != dtype or (value.shape != shape and value.shape and shape):
+            return None
+    if not traced:
         return None
-    return [a if isinstance(a, Tracer) else np.asarray(a, dtype) for a in args]
+    return [np.asarray(a, dtype) if isinstance(a, _PYTHON_SCALARS) else a for a in args]
 
 
 def broadcast_to(x: Any, shape: Sequence[int]) -> Any:

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax import lax
 
+from chainrule.engine import host
 from chainrule.engine.core import Primitive, Tracer, raw
 
 PRIMITIVES: dict[str, Primitive] = {}
@@ -34,14 +35,22 @@ PRIMITIVES: dict[str, Primitive] = {}
 
 
 def primitive(
-    name: str, impl: Callable, params: Sequence[str] = (), *, cls: type = Primitive, **kwargs
+    name: str,
+    impl: Callable,
+    params: Sequence[str] = (),
+    *,
+    host: Callable | None = None,
+    cls: type = Primitive,
+    **kwargs,
 ) -> Primitive:
     """Creates a primitive and enters it in `PRIMITIVES`.
 
+    `host` is the NumPy implementation used for concrete CPU values (see
+    `chainrule.engine.host`); it must give `impl`'s result, dtype included.
     `cls` is a `Primitive` subclass for the few primitives whose rule treats all
     operands at once (variadic operands, multiple results, integer indices).
     """
-    prim = cls(name, impl, params, **kwargs)
+    prim = cls(name, impl, params, host_impl=host, **kwargs)
     PRIMITIVES[name] = prim
     return prim
 
@@ -91,12 +100,21 @@ def argsort(seq: Sequence[int]) -> tuple[int, ...]:
 # Binary lax primitives take equal shapes, or a rank-0 operand with an array;
 # their rules sum the cotangent back to each operand's shape with `unbroadcast`.
 
-add_p = primitive("add", lax.add)
-sub_p = primitive("sub", lax.sub)
-mul_p = primitive("mul", lax.mul)
-div_p = primitive("div", lax.div)
-neg_p = primitive("neg", lax.neg)
-add_any_p = primitive("add_any", lax.add)
+
+def _host_div(x, y):
+    """lax.div: true division for floats, rounding toward zero for integers."""
+    if np.result_type(x).kind not in "iu":
+        return np.true_divide(x, y)
+    q = np.floor_divide(x, y)
+    return q + ((q < 0) & (q * y != x)).astype(q.dtype)
+
+
+add_p = primitive("add", lax.add, host=np.add)
+sub_p = primitive("sub", lax.sub, host=np.subtract)
+mul_p = primitive("mul", lax.mul, host=np.multiply)
+div_p = primitive("div", lax.div, host=_host_div)
+neg_p = primitive("neg", lax.neg, host=np.negative)
+add_any_p = primitive("add_any", lax.add, host=np.add)
 add, sub, mul, div, neg = add_p.bind, sub_p.bind, mul_p.bind, div_p.bind, neg_p.bind
 
 
@@ -148,20 +166,20 @@ defvjp(
 defvjp(neg_p, lambda ans, x: lambda g: neg(g))
 
 # Comparisons and logic: no gradient; their outputs are never traced.
-eq_p = primitive("eq", lax.eq, differentiable=False)
-ne_p = primitive("ne", lax.ne, differentiable=False)
-lt_p = primitive("lt", lax.lt, differentiable=False)
-le_p = primitive("le", lax.le, differentiable=False)
-gt_p = primitive("gt", lax.gt, differentiable=False)
-ge_p = primitive("ge", lax.ge, differentiable=False)
-and_p = primitive("and", lax.bitwise_and, differentiable=False)
-or_p = primitive("or", lax.bitwise_or, differentiable=False)
-not_p = primitive("not", lax.bitwise_not, differentiable=False)
-xor_p = primitive("xor", lax.bitwise_xor, differentiable=False)
-is_finite_p = primitive("is_finite", lax.is_finite, differentiable=False)
-sign_p = primitive("sign", lax.sign, differentiable=False)
-floor_p = primitive("floor", lax.floor, differentiable=False)
-ceil_p = primitive("ceil", lax.ceil, differentiable=False)
+eq_p = primitive("eq", lax.eq, host=np.equal, differentiable=False)
+ne_p = primitive("ne", lax.ne, host=np.not_equal, differentiable=False)
+lt_p = primitive("lt", lax.lt, host=np.less, differentiable=False)
+le_p = primitive("le", lax.le, host=np.less_equal, differentiable=False)
+gt_p = primitive("gt", lax.gt, host=np.greater, differentiable=False)
+ge_p = primitive("ge", lax.ge, host=np.greater_equal, differentiable=False)
+and_p = primitive("and", lax.bitwise_and, host=np.bitwise_and, differentiable=False)
+or_p = primitive("or", lax.bitwise_or, host=np.bitwise_or, differentiable=False)
+not_p = primitive("not", lax.bitwise_not, host=np.invert, differentiable=False)
+xor_p = primitive("xor", lax.bitwise_xor, host=np.bitwise_xor, differentiable=False)
+is_finite_p = primitive("is_finite", lax.is_finite, host=np.isfinite, differentiable=False)
+sign_p = primitive("sign", lax.sign, host=np.sign, differentiable=False)
+floor_p = primitive("floor", lax.floor, host=np.floor, differentiable=False)
+ceil_p = primitive("ceil", lax.ceil, host=np.ceil, differentiable=False)
 round_p = primitive(
     "round",
     lambda x, rounding_method=0: lax.round(x, rounding_method),
@@ -183,15 +201,21 @@ class _SelectN(Primitive):
         ]
 
 
-select_n_p = primitive("select_n", lax.select_n, cls=_SelectN)
+def _host_select_n(which, *cases):
+    if len(cases) == 2 and which.dtype == np.bool_:
+        return np.where(which, cases[1], cases[0])
+    return np.choose(which, cases)
+
+
+select_n_p = primitive("select_n", lax.select_n, host=_host_select_n, cls=_SelectN)
 
 
 def select_n(which: Any, *cases: Any) -> Any:
     return select_n_p.bind(which, *cases)
 
 
-max_p = primitive("max", lax.max)
-min_p = primitive("min", lax.min)
+max_p = primitive("max", lax.max, host=np.maximum)
+min_p = primitive("min", lax.min, host=np.minimum)
 maximum, minimum = max_p.bind, min_p.bind
 
 
@@ -206,9 +230,14 @@ def _balanced_eq(x: Any, ans: Any, y: Any):
     """1 where x was chosen, 1/2 where x and y tied, 0 elsewhere (JAX's convention).
 
     A constant (no gradient flows through the comparison), computed in one
-    compiled call.
+    compiled call, or with NumPy on host values.
     """
-    return _balanced_eq_mask(raw(x), raw(ans), raw(y))
+    x, ans, y = raw(x), raw(ans), raw(y)
+    if host.host_operands((x, ans, y)) is not None:
+        x, ans, y = host.host_operands((x, ans, y))
+        x_won = np.equal(x, ans).astype(ans.dtype)
+        return x_won / (1 + np.equal(y, ans).astype(ans.dtype))
+    return _balanced_eq_mask(x, ans, y)
 
 
 _chooser_vjps = (  # max and min: the cotangent follows the chosen operand
@@ -218,7 +247,7 @@ _chooser_vjps = (  # max and min: the cotangent follows the chosen operand
 defvjp(max_p, *_chooser_vjps)
 defvjp(min_p, *_chooser_vjps)
 
-clamp_p = primitive("clamp", lax.clamp)
+clamp_p = primitive("clamp", lax.clamp, host=lambda lo, x, hi: np.minimum(np.maximum(x, lo), hi))
 defvjp(
     clamp_p,
     lambda ans, lo, x, hi: (
@@ -234,7 +263,18 @@ defvjp(
 
 # --- powers, exponentials, logarithms ----------------------------------------
 
-integer_pow_p = primitive("integer_pow", lambda x, y: lax.integer_pow(x, y), ("y",))
+
+def _host_integer_pow(x, y):
+    if y < 0 and np.result_type(x).kind in "iu":
+        return NotImplemented
+    if y == 2:
+        return np.multiply(x, x)
+    return np.power(x, np.asarray(y, np.result_type(x)))
+
+
+integer_pow_p = primitive(
+    "integer_pow", lambda x, y: lax.integer_pow(x, y), ("y",), host=_host_integer_pow
+)
 
 
 def integer_pow(x: Any, y: int) -> Any:
@@ -254,12 +294,12 @@ def _integer_pow_vjp(ans, x, y):
 
 defvjp(integer_pow_p, _integer_pow_vjp)
 
-square_p = primitive("square", lax.square)
+square_p = primitive("square", lax.square, host=np.square)
 defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)))
 
-pow_p = primitive("pow", lax.pow)
+pow_p = primitive("pow", lax.pow, host=np.power)
 pow_ = pow_p.bind
-log_p = primitive("log", lax.log)
+log_p = primitive("log", lax.log, host=np.log)
 log = log_p.bind
 
 
@@ -275,13 +315,13 @@ defvjp(
     lambda ans, x, y: lambda g: unbroadcast(mul(g, mul(log(_replace_zero(x)), ans)), shape_of(y)),
 )
 
-sqrt_p = primitive("sqrt", lax.sqrt)
-rsqrt_p = primitive("rsqrt", lax.rsqrt)
-cbrt_p = primitive("cbrt", lax.cbrt)
-exp_p = primitive("exp", lax.exp)
-exp2_p = primitive("exp2", lax.exp2)
-log1p_p = primitive("log1p", lax.log1p)
-expm1_p = primitive("expm1", lax.expm1)
+sqrt_p = primitive("sqrt", lax.sqrt, host=np.sqrt)
+rsqrt_p = primitive("rsqrt", lax.rsqrt, host=lambda x: np.reciprocal(np.sqrt(x)))
+cbrt_p = primitive("cbrt", lax.cbrt, host=np.cbrt)
+exp_p = primitive("exp", lax.exp, host=np.exp)
+exp2_p = primitive("exp2", lax.exp2, host=np.exp2)
+log1p_p = primitive("log1p", lax.log1p, host=np.log1p)
+expm1_p = primitive("expm1", lax.expm1, host=np.expm1)
 sqrt, rsqrt, exp = sqrt_p.bind, rsqrt_p.bind, exp_p.bind
 
 defvjp(sqrt_p, lambda ans, x: lambda g: mul(g, div(const(x, 0.5), ans)))
@@ -295,23 +335,25 @@ defvjp(expm1_p, lambda ans, x: lambda g: mul(g, add(ans, const(ans, 1))))
 
 # --- trigonometric, hyperbolic and special functions --------------------------
 
-sin_p = primitive("sin", lax.sin)
-cos_p = primitive("cos", lax.cos)
-tan_p = primitive("tan", lax.tan)
-asin_p = primitive("asin", lax.asin)
-acos_p = primitive("acos", lax.acos)
-atan_p = primitive("atan", lax.atan)
-sinh_p = primitive("sinh", lax.sinh)
-cosh_p = primitive("cosh", lax.cosh)
-tanh_p = primitive("tanh", lax.tanh)
-asinh_p = primitive("asinh", lax.asinh)
-acosh_p = primitive("acosh", lax.acosh)
-atanh_p = primitive("atanh", lax.atanh)
-atan2_p = primitive("atan2", lax.atan2)
-logistic_p = primitive("logistic", lax.logistic)
+sin_p = primitive("sin", lax.sin, host=np.sin)
+cos_p = primitive("cos", lax.cos, host=np.cos)
+tan_p = primitive("tan", lax.tan, host=np.tan)
+asin_p = primitive("asin", lax.asin, host=np.arcsin)
+acos_p = primitive("acos", lax.acos, host=np.arccos)
+atan_p = primitive("atan", lax.atan, host=np.arctan)
+sinh_p = primitive("sinh", lax.sinh, host=np.sinh)
+cosh_p = primitive("cosh", lax.cosh, host=np.cosh)
+tanh_p = primitive("tanh", lax.tanh, host=np.tanh)
+asinh_p = primitive("asinh", lax.asinh, host=np.arcsinh)
+acosh_p = primitive("acosh", lax.acosh, host=np.arccosh)
+atanh_p = primitive("atanh", lax.atanh, host=np.arctanh)
+atan2_p = primitive("atan2", lax.atan2, host=np.arctan2)
+logistic_p = primitive(
+    "logistic", lax.logistic, host=lambda x: np.reciprocal(np.exp(np.negative(x)) + x.dtype.type(1))
+)
 erf_p = primitive("erf", lax.erf)
 erf_inv_p = primitive("erf_inv", lax.erf_inv)
-abs_p = primitive("abs", lax.abs)
+abs_p = primitive("abs", lax.abs, host=np.abs)
 sin, cos, sinh, cosh = sin_p.bind, cos_p.bind, sinh_p.bind, cosh_p.bind
 tanh, logistic, abs_ = tanh_p.bind, logistic_p.bind, abs_p.bind
 
@@ -353,7 +395,7 @@ defvjp(
 # abs'(0) = +1, as in JAX 0.10 (PyTorch uses sign(0) = 0 here; chainrule agrees with jax.grad).
 defvjp(abs_p, lambda ans, x: lambda g: select_n(ge(x, const(x, 0)), neg(g), g))
 
-rem_p = primitive("rem", lax.rem)
+rem_p = primitive("rem", lax.rem, host=np.fmod)
 defvjp(
     rem_p,
     lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
@@ -366,10 +408,12 @@ defvjp(
 
 # --- identities and type conversion -------------------------------------------
 
-stop_gradient_p = primitive("stop_gradient", lax.stop_gradient, differentiable=False)
+stop_gradient_p = primitive(
+    "stop_gradient", lax.stop_gradient, host=lambda x: x, differentiable=False
+)
 stop_gradient = stop_gradient_p.bind
 
-copy_p = primitive("copy", lambda x: x)
+copy_p = primitive("copy", lambda x: x, host=lambda x: x)
 defvjp(copy_p, lambda ans, x: lambda g: g)
 
 reduce_precision_p = primitive(
@@ -388,6 +432,7 @@ convert_element_type_p = primitive(
     "convert_element_type",
     lambda x, new_dtype: lax.convert_element_type(x, new_dtype),
     ("new_dtype",),
+    host=lambda x, new_dtype: np.asarray(x).astype(new_dtype),
 )
 
 
@@ -410,8 +455,19 @@ iota_p = primitive(
 
 # --- shapes: broadcasting, reshaping, slicing ---------------------------------
 
+
+def _host_broadcast_in_dim(x, shape, broadcast_dimensions, sharding=None):
+    expanded = [1] * len(shape)
+    for i, d in enumerate(broadcast_dimensions):
+        expanded[d] = np.shape(x)[i]
+    return np.broadcast_to(np.reshape(x, expanded), shape)
+
+
 broadcast_in_dim_p = primitive(
-    "broadcast_in_dim", lax.broadcast_in_dim, ("shape", "broadcast_dimensions")
+    "broadcast_in_dim",
+    lax.broadcast_in_dim,
+    ("shape", "broadcast_dimensions"),
+    host=_host_broadcast_in_dim,
 )
 
 
@@ -432,6 +488,9 @@ reshape_p = primitive(
     "reshape",
     lambda x, new_sizes, dimensions=None: lax.reshape(x, new_sizes, dimensions),
     ("new_sizes", "dimensions"),
+    host=lambda x, new_sizes, dimensions=None: (
+        np.reshape(x, new_sizes) if dimensions is None else NotImplemented
+    ),
 )
 
 
@@ -447,10 +506,20 @@ def _reshape_vjp(ans, x, new_sizes, dimensions):
 
 defvjp(reshape_p, _reshape_vjp)
 
-squeeze_p = primitive("squeeze", lax.squeeze, ("dimensions",))
+squeeze_p = primitive(
+    "squeeze",
+    lax.squeeze,
+    ("dimensions",),
+    host=lambda x, dimensions: np.squeeze(x, tuple(dimensions)),
+)
 defvjp(squeeze_p, lambda ans, x, dimensions: lambda g: reshape(g, shape_of(x)))
 
-transpose_p = primitive("transpose", lax.transpose, ("permutation",))
+transpose_p = primitive(
+    "transpose",
+    lax.transpose,
+    ("permutation",),
+    host=lambda x, permutation: np.transpose(x, permutation),
+)
 
 
 def transpose(x: Any, permutation: Sequence[int]) -> Any:
@@ -459,10 +528,35 @@ def transpose(x: Any, permutation: Sequence[int]) -> Any:
 
 defvjp(transpose_p, lambda ans, x, permutation: lambda g: transpose(g, argsort(permutation)))
 
-rev_p = primitive("rev", lax.rev, ("dimensions",))
+rev_p = primitive(
+    "rev", lax.rev, ("dimensions",), host=lambda x, dimensions: np.flip(x, tuple(dimensions))
+)
 defvjp(rev_p, lambda ans, x, dimensions: lambda g: rev_p.bind(g, dimensions=dimensions))
 
-pad_p = primitive("pad", lax.pad, ("padding_config",))
+
+def _host_pad(x, padding_value, padding_config):
+    """lax.pad: interior padding, then edge padding (negative edges crop)."""
+    x = np.asarray(x)
+    grown = [(max(lo, 0), max(hi, 0), it) for lo, hi, it in padding_config]
+    shape = [
+        lo + (n + (n - 1) * it if n else 0) + hi
+        for (lo, hi, it), n in zip(grown, x.shape, strict=True)
+    ]
+    out = np.full(shape, padding_value, dtype=x.dtype)
+    out[
+        tuple(
+            slice(lo, lo + ((n - 1) * (it + 1) + 1 if n else 0), it + 1)
+            for (lo, _, it), n in zip(grown, x.shape, strict=True)
+        )
+    ] = x
+    crop = tuple(
+        slice(-min(lo, 0), size + min(hi, 0))
+        for (lo, hi, _), size in zip(padding_config, shape, strict=True)
+    )
+    return out[crop]
+
+
+pad_p = primitive("pad", lax.pad, ("padding_config",), host=_host_pad)
 
 
 def pad(x: Any, padding_value: Any, padding_config: Sequence[tuple[int, int, int]]) -> Any:
@@ -490,7 +584,17 @@ def _pad_value_vjp(ans, x, padding_value, padding_config):
 
 defvjp(pad_p, _pad_operand_vjp, _pad_value_vjp)
 
-slice_p = primitive("slice", lax.slice, ("start_indices", "limit_indices", "strides"))
+slice_p = primitive(
+    "slice",
+    lax.slice,
+    ("start_indices", "limit_indices", "strides"),
+    host=lambda x, start_indices, limit_indices, strides=None: x[
+        tuple(
+            slice(lo, hi, 1 if strides is None else strides[d])
+            for d, (lo, hi) in enumerate(zip(start_indices, limit_indices, strict=True))
+        )
+    ],
+)
 
 
 def slice_(x: Any, start_indices, limit_indices, strides=None) -> Any:
@@ -551,6 +655,7 @@ concatenate_p = primitive(
     "concatenate",
     lambda *xs, dimension: lax.concatenate(xs, dimension),
     ("dimension",),
+    host=lambda *xs, dimension: np.concatenate(xs, dimension),
     cls=_Concatenate,
 )
 
@@ -573,14 +678,22 @@ class _Stack(Primitive):
         return out
 
 
-stack_p = primitive("stack", lambda *xs, axis: lax.stack(xs, axis), ("axis",), cls=_Stack)
+stack_p = primitive(
+    "stack",
+    lambda *xs, axis: lax.stack(xs, axis),
+    ("axis",),
+    host=lambda *xs, axis: np.stack(xs, axis),
+    cls=_Stack,
+)
 
 
 def stack(xs: Sequence[Any], axis: int) -> Any:
     return stack_p.bind(*xs, axis=axis)
 
 
-tile_p = primitive("tile", lambda x, reps: lax.tile(x, reps), ("reps",))
+tile_p = primitive(
+    "tile", lambda x, reps: lax.tile(x, reps), ("reps",), host=lambda x, reps: np.tile(x, reps)
+)
 
 
 def _tile_vjp(ans, x, reps):
@@ -611,6 +724,7 @@ split_p = primitive(
     "split",
     lambda x, sizes, axis: lax.split(x, sizes, axis),
     ("sizes", "axis"),
+    host=lambda x, sizes, axis: np.split(x, np.cumsum(sizes)[:-1], axis),
     multiple_results=True,
     cls=_Split,
 )
@@ -632,15 +746,29 @@ class _DynamicSlice(Primitive):
         return [rules[i]() for i in node.argnums]
 
 
+def _clamped_window(x, idx, sizes) -> tuple[slice, ...]:
+    """lax clamps start indices so that the window lies inside `x`."""
+    starts = [min(max(int(i), 0), n - s) for i, n, s in zip(idx, np.shape(x), sizes, strict=True)]
+    return tuple(slice(i, i + s) for i, s in zip(starts, sizes, strict=True))
+
+
+def _host_dynamic_update_slice(x, update, *idx):
+    out = np.array(x)
+    out[_clamped_window(x, idx, np.shape(update))] = update
+    return out
+
+
 dynamic_slice_p = primitive(
     "dynamic_slice",
     lambda x, *idx, slice_sizes: lax.dynamic_slice(x, idx, slice_sizes),
     ("slice_sizes",),
+    host=lambda x, *idx, slice_sizes: x[_clamped_window(x, idx, slice_sizes)],
     cls=_DynamicSlice,
 )
 dynamic_update_slice_p = primitive(
     "dynamic_update_slice",
     lambda x, update, *idx: lax.dynamic_update_slice(x, update, idx),
+    host=_host_dynamic_update_slice,
     cls=_DynamicSlice,
 )
 
@@ -782,7 +910,12 @@ defvjp(scatter_add_p, lambda ans, x, *a, **p: lambda g: g, None, _scatter_add_up
 
 # --- reductions ----------------------------------------------------------------
 
-reduce_sum_p = primitive("reduce_sum", lambda x, axes: lax.reduce_sum(x, axes), ("axes",))
+reduce_sum_p = primitive(
+    "reduce_sum",
+    lambda x, axes: lax.reduce_sum(x, axes),
+    ("axes",),
+    host=lambda x, axes, out_sharding=None: np.sum(x, tuple(axes), dtype=x.dtype),
+)
 
 
 def reduce_sum(x: Any, axes: Sequence[int]) -> Any:
@@ -798,8 +931,22 @@ defvjp(
     lambda ans, x, axes: lambda g: broadcast_in_dim(g, shape_of(x), _kept_dims(x, axes)),
 )
 
-reduce_max_p = primitive("reduce_max", lambda x, axes: lax.reduce_max(x, axes), ("axes",))
-reduce_min_p = primitive("reduce_min", lambda x, axes: lax.reduce_min(x, axes), ("axes",))
+reduce_max_p = primitive(
+    "reduce_max",
+    lambda x, axes: lax.reduce_max(x, axes),
+    ("axes",),
+    host=lambda x, axes, out_sharding=None: (
+        np.max(x, tuple(axes)) if np.size(x) else NotImplemented
+    ),
+)
+reduce_min_p = primitive(
+    "reduce_min",
+    lambda x, axes: lax.reduce_min(x, axes),
+    ("axes",),
+    host=lambda x, axes, out_sharding=None: (
+        np.min(x, tuple(axes)) if np.size(x) else NotImplemented
+    ),
+)
 
 
 def _reduce_chooser_vjp(ans, x, axes):
@@ -808,10 +955,10 @@ def _reduce_chooser_vjp(ans, x, axes):
     def vjp(g):
         kept = _kept_dims(x, axes)
         xshape = shape_of(x)
-        chosen = lax.convert_element_type(
-            lax.eq(raw(x), lax.broadcast_in_dim(raw(ans), xshape, kept)), dtype_of(g)
+        chosen = convert_element_type(
+            eq(raw(x), broadcast_in_dim(raw(ans), xshape, kept)), dtype_of(g)
         )
-        counts = lax.reduce_sum(chosen, tuple(axes))
+        counts = reduce_sum(chosen, tuple(axes))
         return mul(broadcast_in_dim(div(g, counts), xshape, kept), chosen)
 
     return vjp
@@ -824,17 +971,29 @@ argmax_p = primitive(
     "argmax",
     lambda x, axes, index_dtype: lax.argmax(x, axes[0], index_dtype),
     ("axes", "index_dtype"),
+    host=lambda x, axes, index_dtype: np.argmax(x, axes[0]).astype(index_dtype),
     differentiable=False,
 )
 argmin_p = primitive(
     "argmin",
     lambda x, axes, index_dtype: lax.argmin(x, axes[0], index_dtype),
     ("axes", "index_dtype"),
+    host=lambda x, axes, index_dtype: np.argmin(x, axes[0]).astype(index_dtype),
     differentiable=False,
 )
 
+
+def _host_cumsum(x, axis, reverse=False):
+    if reverse:
+        return np.flip(np.cumsum(np.flip(x, axis), axis, dtype=x.dtype), axis)
+    return np.cumsum(x, axis, dtype=x.dtype)
+
+
 cumsum_p = primitive(
-    "cumsum", lambda x, axis, reverse=False: lax.cumsum(x, axis, reverse), ("axis", "reverse")
+    "cumsum",
+    lambda x, axis, reverse=False: lax.cumsum(x, axis, reverse),
+    ("axis", "reverse"),
+    host=_host_cumsum,
 )
 defvjp(
     cumsum_p,
@@ -843,12 +1002,32 @@ defvjp(
 
 # --- linear algebra -------------------------------------------------------------
 
+
+def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None, **_):
+    """lax.dot_general as one `np.matmul` of (batch, free, contracted) layouts."""
+    dtype = np.result_type(x, y) if preferred_element_type is None else preferred_element_type
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return NotImplemented
+    x, y = np.asarray(x, dtype), np.asarray(y, dtype)
+    (xc, yc), (xb, yb) = dimension_numbers
+    xf = [d for d in range(x.ndim) if d not in xc and d not in xb]
+    yf = [d for d in range(y.ndim) if d not in yc and d not in yb]
+    batch = [x.shape[d] for d in xb]
+    k = math.prod(x.shape[d] for d in xc)
+    m, n = math.prod(x.shape[d] for d in xf), math.prod(y.shape[d] for d in yf)
+    xt = np.transpose(x, (*xb, *xf, *xc)).reshape(*batch, m, k)
+    yt = np.transpose(y, (*yb, *yc, *yf)).reshape(*batch, k, n)
+    out_shape = (*batch, *(x.shape[d] for d in xf), *(y.shape[d] for d in yf))
+    return np.matmul(xt, yt).reshape(out_shape)
+
+
 dot_general_p = primitive(
     "dot_general",
     lambda x, y, dimension_numbers, precision=None, preferred_element_type=None: lax.dot_general(
         x, y, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
     ),
     ("dimension_numbers", "precision", "preferred_element_type"),
+    host=_host_dot_general,
 )
 
 

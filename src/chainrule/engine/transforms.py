@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chainrule.engine import core, dynamic, replay, rules
+from chainrule.engine import core, dynamic, host, replay, rules
 from chainrule.engine.core import ReplayNeeded, Tracer, raw
 from chainrule.errors import (
     ArgnumsError,
@@ -86,7 +86,10 @@ def _arg_name(fun: Callable, i: int) -> str:
 
 def _box_leaf(x: Any, where: Callable[[], str], fun_name: str, level: int) -> Tracer:
     """Boxes one leaf; `where()` names it, and is only called to report an error."""
-    if isinstance(x, (Tracer, jax.Array)) or isinstance(x, jax.core.Tracer):
+    on_host = host.to_host(x)
+    if on_host is not None:
+        value = on_host
+    elif isinstance(x, (Tracer, jax.Array)) or isinstance(x, jax.core.Tracer):
         value = x
     elif isinstance(x, (float, int, complex, np.ndarray, np.generic)) and not isinstance(x, str):
         value = jnp.asarray(x)
@@ -211,13 +214,14 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
     level = core.new_level()
     argnums = tuple(range(len(primals)))
     boxed, tracers, trees = _box_args(fun, primals, argnums, level, "cr.vjp")
-    out = _run(fun, boxed, [t for ts in tracers for t in ts], level)
+    with _quiet():
+        out = _run(fun, boxed, [t for ts in tracers for t in ts], level)
     aux = None
     if has_aux:
         out, aux = _split_aux(out, "cr.vjp")
-        aux = jax.tree_util.tree_map(lambda x: _unbox(x, level), aux)
+        aux = host.tree_to_jax(jax.tree_util.tree_map(lambda x: _unbox(x, level), aux), copy=True)
     out_leaves, out_tree = jax.tree_util.tree_flatten(out)
-    primal_out = jax.tree_util.tree_unflatten(out_tree, [_unbox(o, level) for o in out_leaves])
+    primal_out = jax.tree_util.tree_unflatten(out_tree, [_output(o, level) for o in out_leaves])
 
     def vjp_fn(cotangent: Any) -> tuple[Any, ...]:
         ct_leaves = _check_cotangent(cotangent, out_tree, out_leaves, level)
@@ -226,11 +230,12 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
             for o, ct in zip(out_leaves, ct_leaves, strict=True)
             if isinstance(o, Tracer) and o.level == level
         ]
-        input_cts = core.backward(seeds, rules.add_cotangents, release=False)
-        return tuple(
-            jax.tree_util.tree_unflatten(tree, [_input_ct(t, input_cts) for t in ts])
-            for ts, tree in zip(tracers, trees, strict=True)
-        )
+        with _quiet():
+            input_cts = core.backward(seeds, rules.add_cotangents, release=False)
+            return tuple(
+                jax.tree_util.tree_unflatten(tree, [_input_ct(t, input_cts) for t in ts])
+                for ts, tree in zip(tracers, trees, strict=True)
+            )
 
     if has_aux:
         return primal_out, vjp_fn, aux
@@ -238,10 +243,25 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
 
 
 def _input_ct(t: Tracer, input_cts: dict) -> Any:
+    """The cotangent of input `t`, as a `jax.Array` (or a Tracer of an outer level)."""
     ct = input_cts.get(t.node)
     if ct is None:  # the output does not depend on this input: its gradient is 0
-        return _zeros_for(t)
-    return rules.convert_element_type(ct, rules.dtype_of(t.value))
+        return host.to_jax(_zeros_for(t))
+    return host.to_jax(rules.convert_element_type(ct, rules.dtype_of(t.value)))
+
+
+def _output(x: Any, level: int) -> Any:
+    """An output of the user's function, unboxed and handed back as JAX values:
+    computed values as they are, anything the function returned untouched copied."""
+    if isinstance(x, Tracer) and x.level == level:
+        return host.to_jax(x.value)
+    return host.to_jax(x, copy=True)
+
+
+def _quiet():
+    """NumPy's floating-point warnings off while chainrule evaluates on the host:
+    like XLA, an overflow gives inf and an invalid operation NaN, silently."""
+    return np.errstate(all="ignore")
 
 
 def _check_cotangent(cotangent, out_tree, out_leaves, level) -> list[Any]:
@@ -312,6 +332,12 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
       (1.0, -2.0)
     """
     _check_callable(fun, "cr.value_and_grad")
+    return _value_and_grad(fun, argnums, has_aux, want_value=True)
+
+
+def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool):
+    """`value_and_grad`; without `want_value` the value is not handed back as a
+    `jax.Array` (`grad` drops it), which saves a host-to-JAX transfer."""
     argnums_t, single = _normalize_argnums(argnums, "cr.value_and_grad")
 
     @functools.wraps(fun)
@@ -321,22 +347,24 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         level = core.new_level()
         boxed, tracers, trees = _box_args(fun, args, nums, level, name)
         call = functools.partial(fun, **kwargs) if kwargs else fun
-        out = _run(call, boxed, [t for ts in tracers for t in ts], level)
-        aux = None
-        if has_aux:
-            out, aux = _split_aux(out, name)
-            aux = jax.tree_util.tree_map(lambda x: _unbox(x, level), aux)
-        _check_scalar(out, name)
-        if isinstance(out, Tracer) and out.level == level:
-            one = np.ones((), raw(out).dtype)
-            input_cts = core.backward([(out.node, one)], rules.add_cotangents, release=True)
-        else:  # the output does not depend on the differentiated inputs
-            input_cts = {}
-        grads = tuple(
-            jax.tree_util.tree_unflatten(tree, [_input_ct(t, input_cts) for t in ts])
-            for ts, tree in zip(tracers, trees, strict=True)
-        )
-        value = _unbox(out, level)
+        with _quiet():
+            out = _run(call, boxed, [t for ts in tracers for t in ts], level)
+            aux = None
+            if has_aux:
+                out, aux = _split_aux(out, name)
+                aux = jax.tree_util.tree_map(lambda x: _unbox(x, level), aux)
+                aux = host.tree_to_jax(aux, copy=True)
+            _check_scalar(out, name)
+            if isinstance(out, Tracer) and out.level == level:
+                one = np.ones((), raw(out).dtype)
+                input_cts = core.backward([(out.node, one)], rules.add_cotangents, release=True)
+            else:  # the output does not depend on the differentiated inputs
+                input_cts = {}
+            grads = tuple(
+                jax.tree_util.tree_unflatten(tree, [_input_ct(t, input_cts) for t in ts])
+                for ts, tree in zip(tracers, trees, strict=True)
+            )
+        value = _output(out, level) if want_value else None
         if has_aux:
             value = (value, aux)
         return value, grads[0] if single else grads
@@ -361,7 +389,8 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False)
       >>> float(cr.grad(lambda w, x, y: (w * x - y) ** 2)(1.0, 1.0, 2.0))
       -2.0
     """
-    value_and_grad_fun = value_and_grad(fun, argnums, has_aux)
+    _check_callable(fun, "cr.grad")
+    value_and_grad_fun = _value_and_grad(fun, argnums, has_aux, want_value=False)
 
     @functools.wraps(fun)
     def grad_fun(*args: Any, **kwargs: Any):

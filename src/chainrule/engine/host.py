@@ -1,0 +1,180 @@
+"""Eager evaluation on the host: concrete CPU values computed with NumPy.
+
+Outside `jax.jit`, every `jax.numpy` operation is one XLA dispatch, which costs
+10-50 µs on a small CPU even for a scalar; NumPy does the same arithmetic on the
+same CPU in about 1 µs. So when a transform (`cr.grad`, `cr.vjp`, ...) is
+called on concrete float32/float64 arrays and JAX's default backend is the CPU,
+
+* its inputs are unboxed as read-only NumPy views of the same memory
+  (`to_host`, no copy);
+* each primitive with a NumPy implementation (the `host` column of the
+  primitive table in `chainrule.engine.rules`) runs that instead of its
+  `jax.lax` implementation whenever all its operands are host values
+  (`host_operands`); a primitive without one runs through JAX as before;
+* results are handed back as `jax.Array`s at the transform's boundary
+  (`to_jax`), so callers see exactly what `jax.grad` returns.
+
+Under `jax.jit`, `jax.vmap` or on a GPU the values are JAX tracers or device
+arrays, none of this applies, and the compiled program is unchanged.
+
+Set the environment variable `CHAINRULE_HOST_EAGER=0` (or call
+`set_enabled(False)`) to evaluate everything with JAX.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import dtypes
+
+_HOST_TYPES = (np.ndarray, np.generic)
+_HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_enabled = os.environ.get("CHAINRULE_HOST_EAGER", "1").lower() not in ("0", "false", "no")
+_on_cpu: bool | None = None
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turns host evaluation on or off; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def enabled() -> bool:
+    """Whether transforms start on the host: switched on and JAX runs on the CPU."""
+    global _on_cpu
+    if not _enabled:
+        return False
+    if _on_cpu is None:
+        _on_cpu = jax.default_backend() == "cpu"
+    return _on_cpu
+
+
+def to_host(x: Any) -> Any:
+    """A differentiated input as a read-only NumPy view, when it may run on the host.
+
+    Concrete CPU `jax.Array`s and NumPy arrays of float32/float64 qualify (after
+    JAX's dtype canonicalization, so float64 becomes float32 without x64).
+    Weakly typed values (Python scalars) stay JAX values: their dtype promotion
+    has no NumPy equivalent. The view never owns its memory, so `to_jax` copies
+    it rather than aliasing the caller's buffer.
+    """
+    if not enabled():
+        return None
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array):
+        if x.weak_type or x.dtype not in _HOST_DTYPES or not x.is_fully_addressable:
+            return None
+        out = np.asarray(x)
+    elif isinstance(x, np.ndarray):
+        dtype = dtypes.canonicalize_dtype(x.dtype)
+        if dtype not in _HOST_DTYPES:
+            return None
+        out = np.asarray(x, dtype=dtype).view()
+    else:
+        return None
+    out.flags.writeable = False
+    return out
+
+
+def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """`args` as NumPy values if a primitive may run on the host, else None.
+
+    A primitive runs on the host when at least one operand is a host value and
+    the rest are host values, concrete CPU arrays (read as NumPy views, e.g.
+    arrays a loss closes over) or Python numbers (given the first array's
+    dtype, as lax does for weakly typed literals). A JAX tracer among the
+    operands means JAX is tracing: the primitive then runs through JAX.
+    """
+    if not (_enabled and (_on_cpu if _on_cpu is not None else enabled())):
+        return None
+    seen_host = False
+    needs_conversion = False
+    for a in args:
+        if isinstance(a, _HOST_TYPES):
+            seen_host = True
+        elif isinstance(a, jax.core.Tracer):
+            return None
+        elif isinstance(a, (jax.Array, int, float)):
+            needs_conversion = True
+        else:
+            return None
+    if not seen_host:
+        return None
+    if not needs_conversion:
+        return args
+    out = []
+    for a in args:
+        if isinstance(a, jax.Array):
+            if not a.is_fully_addressable:
+                return None
+            a = np.asarray(a)
+        elif not isinstance(a, _HOST_TYPES):  # a Python number (np.float64 is a float too)
+            dtype = _literal_dtype(a, args)
+            if dtype is None:
+                return None
+            a = np.asarray(a, dtype=dtype)
+        out.append(a)
+    return tuple(out)
+
+
+def _literal_dtype(x: int | float, args: tuple[Any, ...]):
+    """The dtype lax gives a weakly typed Python number: that of an operand of
+    the same kind (bool, integer, floating); an int may also join floats."""
+    kinds = "b" if isinstance(x, bool) else "iu" if isinstance(x, int) else "f"
+    dtypes_ = [a.dtype for a in args if hasattr(a, "dtype")]
+    for dtype in dtypes_:
+        if dtype.kind in kinds:
+            return dtype
+    if kinds == "iu":
+        return next((d for d in dtypes_ if d.kind == "f"), None)
+    return None
+
+
+try:  # the fast path of `jax.device_put` for one CPU array; JAX's public API is slow here
+    from jax._src import core as _jax_core
+    from jax._src.lib import xla_client as _xc
+
+    _DEVICE = None
+
+    def _device_put(x: np.ndarray) -> jax.Array:
+        global _DEVICE
+        if _DEVICE is None:
+            device = jax.devices()[0]
+            _DEVICE = (device, jax.sharding.SingleDeviceSharding(device))
+        device, sharding = _DEVICE
+        aval = _jax_core.ShapedArray(x.shape, x.dtype)
+        return _xc.batched_device_put(aval, sharding, [x], [device], False)
+
+    _device_put(np.zeros((), np.float32))
+except Exception:  # pragma: no cover - another JAX release: the public API
+    _device_put = jnp.asarray  # type: ignore[assignment]
+
+
+def to_jax(x: Any, *, copy: bool = False) -> Any:
+    """A host value as a `jax.Array`; anything else unchanged.
+
+    Without `copy` (values chainrule computed), arrays that own their memory
+    are handed to JAX as they are, and views (of inputs, broadcasts, reshapes)
+    are copied first, so a result never shares memory with anything the caller
+    can modify. With `copy` (values the user's function returned, which the
+    user may still hold) the array is always copied.
+    """
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
+    elif not isinstance(x, np.ndarray):
+        return x
+    if x.dtype != dtypes.canonicalize_dtype(x.dtype):
+        return jnp.asarray(x)
+    if copy or not (x.flags.owndata and x.flags.c_contiguous):
+        x = np.array(x, order="C")
+    return _device_put(x)
+
+
+def tree_to_jax(tree: Any, *, copy: bool = False) -> Any:
+    return jax.tree_util.tree_map(lambda x: to_jax(x, copy=copy), tree)
