@@ -245,10 +245,18 @@ def top_level(args: Iterable[Any]) -> int:
     return level
 
 
+_INEXACT: dict[Any, bool] = {}
+
+
 def is_differentiable(x: Any) -> bool:
     """Only floating (and complex) values carry cotangents."""
     dtype = getattr(x, "dtype", None)
-    return dtype is not None and dtypes.issubdtype(dtype, np.inexact)
+    if dtype is None:
+        return False
+    inexact = _INEXACT.get(dtype)
+    if inexact is None:
+        inexact = _INEXACT[dtype] = bool(dtypes.issubdtype(dtype, np.inexact))
+    return inexact
 
 
 class Primitive:
@@ -328,25 +336,36 @@ def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
     """Applies `prim` to `args`, recording a node at the highest level present.
 
     Inputs at lower levels are passed down unchanged, so the recursion records
-    one node per level, innermost first.
+    one node per level, innermost first. (This is the hot path of eager
+    differentiation: one call per operation, kept free of helper calls.)
     """
-    level = top_level(args)
+    level = 0
+    for a in args:
+        if isinstance(a, Tracer) and a.level > level:
+            level = a.level
     if level == 0:
         return evaluate(prim, args, params)
     if not prim.differentiable:
         return evaluate(prim, tuple(raw(a) for a in args), params)
-    if _state.capturing and level <= _state.capturing[-1]:
+    state = _state
+    if state.capturing and level <= state.capturing[-1]:
         # A value of an enclosing transform met a jaxpr being captured for an
         # inner one: the enclosing transform must replay instead.
         raise ReplayNeeded(level)
-    primals = tuple(a.value if isinstance(a, Tracer) and a.level == level else a for a in args)
-    ans = bind(prim, *primals, **params)
-    argnums = tuple(i for i, a in enumerate(args) if isinstance(a, Tracer) and a.level == level)
-    parents = tuple(args[i].node for i in argnums)
-    node = Node(prim, primals, params, ans, argnums, parents)
-    if _state.recorders:
+    primals, argnums, parents, nested = list(args), [], [], False
+    for i, a in enumerate(args):
+        if isinstance(a, Tracer):
+            if a.level == level:
+                argnums.append(i)
+                parents.append(a.node)
+                a = primals[i] = a.value
+            nested = nested or isinstance(a, Tracer)  # a lower level records too
+    primals = tuple(primals)
+    ans = bind(prim, *primals, **params) if nested else evaluate(prim, primals, params)
+    node = Node(prim, primals, params, ans, tuple(argnums), tuple(parents))
+    if state.recorders:
         where = _source_line()
-        for recorder in _state.recorders:
+        for recorder in state.recorders:
             recorder(node, where)
     if not prim.multiple_results:
         return Tracer(ans, node, level) if is_differentiable(raw(ans)) else raw(ans)

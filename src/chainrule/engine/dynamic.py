@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chainrule.engine import core, replay, rules
+from chainrule.engine import core, host, replay, rules
 from chainrule.engine.core import Tracer, raw
 
 # --- dtype promotion and broadcasting, as jax.numpy does them -----------------
@@ -43,13 +44,20 @@ def _as_operand(x: Any, dtype) -> Any:
 _PYTHON_SCALARS = (int, float)
 
 
-def _fast_promote(args: tuple[Any, ...]) -> list[Any] | None:
-    """The common cases without dtype machinery: Tracers and arrays of one dtype
-    and shape (or rank 0) beside at least one Tracer, and Python numbers beside
-    them (weakly typed, as in jax.numpy)."""
-    dtype, shape, traced = None, None, False
+_FLOATS = frozenset(np.dtype(d) for d in (jnp.bfloat16, np.float16, np.float32, np.float64))
+
+
+def _common_dtype(args: tuple[Any, ...]):
+    """The result dtype without the promotion lattice, in the common case: every
+    array operand (at least one a Tracer) has one dtype and the Python numbers
+    beside them are weakly typed ones that keep it (an int beside any array, a
+    float beside floating arrays). None otherwise."""
+    dtype, traced, literal = None, False, None
     for a in args:
-        if isinstance(a, _PYTHON_SCALARS) and not isinstance(a, bool):
+        if isinstance(a, _PYTHON_SCALARS):
+            if isinstance(a, bool):
+                return None
+            literal = float if isinstance(a, float) or literal is float else int
             continue
         if isinstance(a, Tracer):
             traced, value = True, raw(a)
@@ -60,12 +68,12 @@ def _fast_promote(args: tuple[Any, ...]) -> list[Any] | None:
         else:
             return None
         if dtype is None:
-            dtype, shape = value.dtype, value.shape
-        elif value.dtype != dtype or (value.shape != shape and value.shape and shape):
+            dtype = value.dtype
+        elif value.dtype != dtype:
             return None
-    if not traced:
+    if not traced or (literal is float and dtype not in _FLOATS) or (literal and dtype.kind == "b"):
         return None
-    return [np.asarray(a, dtype) if isinstance(a, _PYTHON_SCALARS) else a for a in args]
+    return dtype
 
 
 def broadcast_to(x: Any, shape: Sequence[int]) -> Any:
@@ -82,16 +90,28 @@ def _broadcast_to(x: Any, shape: tuple[int, ...]) -> Any:
     return x if rules.shape_of(x) == () else broadcast_to(x, shape)
 
 
-def promote(*args: Any, inexact: bool = False) -> list[Any]:
-    """Converts `args` to one dtype and a broadcast-compatible shape."""
-    fast = _fast_promote(args)  # Tracers are always floating, so `inexact` holds
-    if fast is not None:
-        return fast
+def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
+    dtype = _common_dtype(args)
+    if dtype is not None and (dtype in _FLOATS or not inexact):
+        return [np.asarray(a, dtype) if isinstance(a, _PYTHON_SCALARS) else a for a in args]
     dtype = _result_type(*args)
     if inexact and not jnp.issubdtype(dtype, jnp.inexact):
         dtype = jnp.result_type(dtype, float)
-    ops = [_as_operand(a, dtype) for a in args]
-    shape = tuple(np.broadcast_shapes(*(rules.shape_of(a) for a in ops)))
+    return [_as_operand(a, dtype) for a in args]
+
+
+def promote(*args: Any, inexact: bool = False) -> list[Any]:
+    """Converts `args` to one dtype and a broadcast-compatible shape."""
+    ops = _promote_dtypes(args, inexact)
+    shapes = [rules.shape_of(a) for a in ops]
+    first = shapes[0]
+    if all(s == first or not s for s in shapes):
+        return ops  # lax takes a rank-0 operand beside an array as it is
+    shape = tuple(np.broadcast_shapes(*shapes))
+    if host.host_operands(tuple(raw(a) for a in ops)) is not None:
+        # The operation runs with NumPy, which broadcasts by itself; the VJP
+        # rules of the binary primitives un-broadcast their cotangents anyway.
+        return ops
     return [_broadcast_to(a, shape) for a in ops]
 
 
@@ -106,6 +126,17 @@ def _named(f: Callable, op: Callable, kind: str) -> Callable:
 
 def _binary(op: Callable, inexact: bool = False) -> Callable:
     def f(x, y):
+        if type(x) is Tracer:  # fast paths: a Tracer and a Python float or a same-typed Tracer
+            xv = x.value
+            if type(y) is float and xv.dtype in _FLOATS:
+                return op(x, np.asarray(y, xv.dtype))
+            if (
+                type(y) is Tracer
+                and y.value.dtype == xv.dtype
+                and y.value.shape == xv.shape
+                and (xv.dtype in _FLOATS or not inexact)
+            ):
+                return op(x, y)
         return op(*promote(x, y, inexact=inexact))
 
     return _named(f, op, "Elementwise binary")
@@ -200,7 +231,7 @@ min = amin = _reduction(lambda x, axes: rules.reduce_min_p.bind(x, axes=axes))
 def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
     (x,) = promote(x, inexact=True)
     shape = rules.shape_of(x)
-    count = int(np.prod([shape[d] for d in _axes(axis, len(shape))]))
+    count = math.prod(shape[d] for d in _axes(axis, len(shape)))
     return divide(sum(x, axis, keepdims), rules.const(x, count))
 
 
@@ -263,8 +294,7 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
 
 
 def promote_dtypes_only(*args: Any) -> list[Any]:
-    dtype = _result_type(*args)
-    return [_as_operand(a, dtype) for a in args]
+    return _promote_dtypes(args)
 
 
 def matmul(x: Any, y: Any) -> Any:

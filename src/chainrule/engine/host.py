@@ -50,7 +50,8 @@ def enabled() -> bool:
     if not _enabled:
         return False
     if _on_cpu is None:
-        _on_cpu = jax.default_backend() == "cpu"
+        # One process on the CPU: every array's buffer is local (no addressability checks).
+        _on_cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
     return _on_cpu
 
 
@@ -68,18 +69,17 @@ def to_host(x: Any) -> Any:
     if isinstance(x, jax.core.Tracer):
         return None
     if isinstance(x, jax.Array):
-        if x.weak_type or x.dtype not in _HOST_DTYPES or not x.is_fully_addressable:
+        if x.weak_type or x.dtype not in _HOST_DTYPES:
             return None
-        out = np.asarray(x)
-    elif isinstance(x, np.ndarray):
+        return np.asarray(x)  # a read-only view of the array's CPU buffer
+    if isinstance(x, np.ndarray):
         dtype = dtypes.canonicalize_dtype(x.dtype)
         if dtype not in _HOST_DTYPES:
             return None
         out = np.asarray(x, dtype=dtype).view()
-    else:
-        return None
-    out.flags.writeable = False
-    return out
+        out.flags.writeable = False
+        return out
+    return None
 
 
 def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -111,8 +111,6 @@ def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     out = []
     for a in args:
         if isinstance(a, jax.Array):
-            if not a.is_fully_addressable:
-                return None
             a = np.asarray(a)
         elif not isinstance(a, _HOST_TYPES):  # a Python number (np.float64 is a float too)
             dtype = _literal_dtype(a, args)
@@ -141,6 +139,7 @@ try:  # the fast path of `jax.device_put` for one CPU array; JAX's public API is
     from jax._src.lib import xla_client as _xc
 
     _DEVICE = None
+    _AVALS: dict[tuple, Any] = {}  # (shape, dtype) -> ShapedArray; bounded by the shapes used
 
     def _device_put(x: np.ndarray) -> jax.Array:
         global _DEVICE
@@ -148,7 +147,10 @@ try:  # the fast path of `jax.device_put` for one CPU array; JAX's public API is
             device = jax.devices()[0]
             _DEVICE = (device, jax.sharding.SingleDeviceSharding(device))
         device, sharding = _DEVICE
-        aval = _jax_core.ShapedArray(x.shape, x.dtype)
+        key = (x.shape, x.dtype)
+        aval = _AVALS.get(key)
+        if aval is None:
+            aval = _AVALS[key] = _jax_core.ShapedArray(x.shape, x.dtype)
         return _xc.batched_device_put(aval, sharding, [x], [device], False)
 
     _device_put(np.zeros((), np.float32))
@@ -169,7 +171,7 @@ def to_jax(x: Any, *, copy: bool = False) -> Any:
         x = np.asarray(x)
     elif not isinstance(x, np.ndarray):
         return x
-    if x.dtype != dtypes.canonicalize_dtype(x.dtype):
+    if x.dtype not in _HOST_DTYPES or x.dtype != dtypes.canonicalize_dtype(x.dtype):
         return jnp.asarray(x)
     if copy or not (x.flags.owndata and x.flags.c_contiguous):
         x = np.array(x, order="C")

@@ -19,11 +19,13 @@ replay front end (`chainrule.engine.replay`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -64,7 +66,9 @@ def defvjp(prim: Primitive, *makers: Callable | None) -> None:
 
 
 def shape_of(x: Any) -> tuple[int, ...]:
-    return tuple(np.shape(raw(x)))
+    x = raw(x)
+    shape = getattr(x, "shape", None)
+    return tuple(np.shape(x)) if shape is None else tuple(shape)
 
 
 def dtype_of(x: Any):
@@ -93,10 +97,33 @@ def const(x: Any, value: float):
 
 
 def argsort(seq: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(i) for i in np.argsort(seq))
+    return tuple(sorted(range(len(seq)), key=seq.__getitem__))
 
 
 # --- elementwise arithmetic ---------------------------------------------------
+
+
+def _broadcasting(op: Callable) -> Callable:
+    """A binary lax op that also takes operands of NumPy-broadcastable shapes.
+
+    On the host, the dynamic front end records binary ops without explicit
+    broadcasts (NumPy broadcasts by itself, and the rules un-broadcast their
+    cotangents); if such a node's VJP later meets JAX values (e.g. a
+    cotangent passed to `vjp_fn`), this keeps the lax call legal. Operands of
+    equal shapes, the only kind seen under `jit`, pass straight through.
+    """
+
+    def impl(x, y):
+        xs, ys = np.shape(x), np.shape(y)
+        if xs != ys and xs and ys:
+            shape = np.broadcast_shapes(xs, ys)
+            x, y = jnp.broadcast_to(x, shape), jnp.broadcast_to(y, shape)
+        return op(x, y)
+
+    impl.__name__ = getattr(op, "__name__", "binary")
+    return impl
+
+
 # Binary lax primitives take equal shapes, or a rank-0 operand with an array;
 # their rules sum the cotangent back to each operand's shape with `unbroadcast`.
 
@@ -109,12 +136,12 @@ def _host_div(x, y):
     return q + ((q < 0) & (q * y != x)).astype(q.dtype)
 
 
-add_p = primitive("add", lax.add, host=np.add)
-sub_p = primitive("sub", lax.sub, host=np.subtract)
-mul_p = primitive("mul", lax.mul, host=np.multiply)
-div_p = primitive("div", lax.div, host=_host_div)
+add_p = primitive("add", _broadcasting(lax.add), host=np.add)
+sub_p = primitive("sub", _broadcasting(lax.sub), host=np.subtract)
+mul_p = primitive("mul", _broadcasting(lax.mul), host=np.multiply)
+div_p = primitive("div", _broadcasting(lax.div), host=_host_div)
 neg_p = primitive("neg", lax.neg, host=np.negative)
-add_any_p = primitive("add_any", lax.add, host=np.add)
+add_any_p = primitive("add_any", _broadcasting(lax.add), host=np.add)
 add, sub, mul, div, neg = add_p.bind, sub_p.bind, mul_p.bind, div_p.bind, neg_p.bind
 
 
@@ -166,12 +193,12 @@ defvjp(
 defvjp(neg_p, lambda ans, x: lambda g: neg(g))
 
 # Comparisons and logic: no gradient; their outputs are never traced.
-eq_p = primitive("eq", lax.eq, host=np.equal, differentiable=False)
-ne_p = primitive("ne", lax.ne, host=np.not_equal, differentiable=False)
-lt_p = primitive("lt", lax.lt, host=np.less, differentiable=False)
-le_p = primitive("le", lax.le, host=np.less_equal, differentiable=False)
-gt_p = primitive("gt", lax.gt, host=np.greater, differentiable=False)
-ge_p = primitive("ge", lax.ge, host=np.greater_equal, differentiable=False)
+eq_p = primitive("eq", _broadcasting(lax.eq), host=np.equal, differentiable=False)
+ne_p = primitive("ne", _broadcasting(lax.ne), host=np.not_equal, differentiable=False)
+lt_p = primitive("lt", _broadcasting(lax.lt), host=np.less, differentiable=False)
+le_p = primitive("le", _broadcasting(lax.le), host=np.less_equal, differentiable=False)
+gt_p = primitive("gt", _broadcasting(lax.gt), host=np.greater, differentiable=False)
+ge_p = primitive("ge", _broadcasting(lax.ge), host=np.greater_equal, differentiable=False)
 and_p = primitive("and", lax.bitwise_and, host=np.bitwise_and, differentiable=False)
 or_p = primitive("or", lax.bitwise_or, host=np.bitwise_or, differentiable=False)
 not_p = primitive("not", lax.bitwise_not, host=np.invert, differentiable=False)
@@ -214,15 +241,15 @@ def select_n(which: Any, *cases: Any) -> Any:
     return select_n_p.bind(which, *cases)
 
 
-max_p = primitive("max", lax.max, host=np.maximum)
-min_p = primitive("min", lax.min, host=np.minimum)
+max_p = primitive("max", _broadcasting(lax.max), host=np.maximum)
+min_p = primitive("min", _broadcasting(lax.min), host=np.minimum)
 maximum, minimum = max_p.bind, min_p.bind
 
 
 @jax.jit
 def _balanced_eq_mask(x: Any, ans: Any, y: Any):
-    x_won = lax.convert_element_type(lax.eq(x, ans), ans.dtype)
-    tied = lax.convert_element_type(lax.eq(y, ans), ans.dtype)
+    x_won = jnp.equal(x, ans).astype(ans.dtype)  # jnp: operands may be broadcastable
+    tied = jnp.equal(y, ans).astype(ans.dtype)
     return x_won / (1 + tied)
 
 
@@ -297,7 +324,7 @@ defvjp(integer_pow_p, _integer_pow_vjp)
 square_p = primitive("square", lax.square, host=np.square)
 defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)))
 
-pow_p = primitive("pow", lax.pow, host=np.power)
+pow_p = primitive("pow", _broadcasting(lax.pow), host=np.power)
 pow_ = pow_p.bind
 log_p = primitive("log", lax.log, host=np.log)
 log = log_p.bind
@@ -347,7 +374,7 @@ tanh_p = primitive("tanh", lax.tanh, host=np.tanh)
 asinh_p = primitive("asinh", lax.asinh, host=np.arcsinh)
 acosh_p = primitive("acosh", lax.acosh, host=np.arccosh)
 atanh_p = primitive("atanh", lax.atanh, host=np.arctanh)
-atan2_p = primitive("atan2", lax.atan2, host=np.arctan2)
+atan2_p = primitive("atan2", _broadcasting(lax.atan2), host=np.arctan2)
 logistic_p = primitive(
     "logistic", lax.logistic, host=lambda x: np.reciprocal(np.exp(np.negative(x)) + x.dtype.type(1))
 )
@@ -523,7 +550,10 @@ transpose_p = primitive(
 
 
 def transpose(x: Any, permutation: Sequence[int]) -> Any:
-    return transpose_p.bind(x, permutation=tuple(permutation))
+    permutation = tuple(permutation)
+    if permutation == tuple(range(len(permutation))):
+        return x
+    return transpose_p.bind(x, permutation=permutation)
 
 
 defvjp(transpose_p, lambda ans, x, permutation: lambda g: transpose(g, argsort(permutation)))
@@ -1010,6 +1040,10 @@ def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element
         return NotImplemented
     x, y = np.asarray(x, dtype), np.asarray(y, dtype)
     (xc, yc), (xb, yb) = dimension_numbers
+    if not xb and len(xc) == 1 and x.ndim <= 2 and y.ndim <= 2:  # plain matrix products
+        xm = x.T if x.ndim == 2 and xc[0] == 0 else x
+        ym = y.T if y.ndim == 2 and yc[0] == 1 else y
+        return np.matmul(xm, ym)
     xf = [d for d in range(x.ndim) if d not in xc and d not in xb]
     yf = [d for d in range(y.ndim) if d not in yc and d not in yb]
     batch = [x.shape[d] for d in xb]
@@ -1061,9 +1095,22 @@ def _dot_lhs_cotangent(
     over y's free and batch dimensions gives x's batch, free and contracting
     dimensions, which a transpose puts back in x's order.
     """
+    dims, out_perm = _dot_cotangent_plan(
+        dimension_numbers, len(shape_of(x)), len(shape_of(y)), swap_ans
+    )
+    x_bar = transpose(
+        dot_general(g, y, dims, precision=precision, preferred_element_type=preferred_element_type),
+        out_perm,
+    )
+    return convert_element_type(x_bar, dtype_of(x))
+
+
+@functools.lru_cache(maxsize=1024)
+def _dot_cotangent_plan(dimension_numbers, x_ndim: int, y_ndim: int, swap_ans: bool):
+    """The dot_general and transpose of `_dot_lhs_cotangent` (pure shape logic, cached)."""
     (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
-    x_free = [d for d in range(len(shape_of(x))) if d not in x_contract and d not in x_batch]
-    y_free = [d for d in range(len(shape_of(y))) if d not in y_contract and d not in y_batch]
+    x_free = [d for d in range(x_ndim) if d not in x_contract and d not in x_batch]
+    y_free = [d for d in range(y_ndim) if d not in y_contract and d not in y_batch]
     if swap_ans:
         g_batch, g_y, _ = _consecutive(len(x_batch), len(y_free), len(x_free))
     else:
@@ -1071,11 +1118,7 @@ def _dot_lhs_cotangent(
     dims = ((g_y, tuple(y_free)), (g_batch, tuple(y_batch)))
     x_contract_in_y_order = [x_contract[i] for i in argsort(y_contract)]
     out_perm = argsort(list(x_batch) + x_free + x_contract_in_y_order)
-    x_bar = transpose(
-        dot_general(g, y, dims, precision=precision, preferred_element_type=preferred_element_type),
-        out_perm,
-    )
-    return convert_element_type(x_bar, dtype_of(x))
+    return dims, out_perm
 
 
 def _dot_rhs_cotangent(g, x, y, dimension_numbers, precision, preferred_element_type):

@@ -87,9 +87,9 @@ def _arg_name(fun: Callable, i: int) -> str:
 def _box_leaf(x: Any, where: Callable[[], str], fun_name: str, level: int) -> Tracer:
     """Boxes one leaf; `where()` names it, and is only called to report an error."""
     on_host = host.to_host(x)
-    if on_host is not None:
-        value = on_host
-    elif isinstance(x, (Tracer, jax.Array)) or isinstance(x, jax.core.Tracer):
+    if on_host is not None:  # a float32/float64 array: nothing to check
+        return Tracer(on_host, core.input_node(on_host), level)
+    if isinstance(x, (Tracer, jax.Array)) or isinstance(x, jax.core.Tracer):
         value = x
     elif isinstance(x, (float, int, complex, np.ndarray, np.generic)) and not isinstance(x, str):
         value = jnp.asarray(x)
@@ -138,8 +138,26 @@ def _box_args(fun, args, argnums, level, fun_name):
 # --- running the function --------------------------------------------------------
 
 
-def _run(fun: Callable, args: list[Any], tracers: list[Tracer], level: int) -> Any:
-    """Runs `fun(*args)` on the tape: dynamic front end, else jaxpr replay."""
+def _run(
+    fun: Callable,
+    args: list[Any],
+    tracers: list[Tracer],
+    level: int,
+    memo: dict[str, bool] | None = None,
+) -> Any:
+    """Runs `fun(*args)` on the tape: dynamic front end, else jaxpr replay.
+
+    `memo` (one per `cr.grad(fun)` object) remembers that `fun` needed replay,
+    so later calls go straight to it: the dynamic attempt is not repeated (nor
+    the side effects it ran before failing). Replay is exact whenever it
+    succeeds, so this is never stale; should replay fail on a later call (Python
+    control flow on a value), the dynamic front end is tried after all.
+    """
+    if memo is not None and memo.get("replay"):
+        try:
+            return _run_replay(fun, args, tracers, level)
+        except UnrecordableJaxCallError:
+            memo["replay"] = False
     try:
         return fun(*args)
     except ReplayNeeded as e:
@@ -148,7 +166,10 @@ def _run(fun: Callable, args: list[Any], tracers: list[Tracer], level: int) -> A
     except (TypeError, ValueError) as e:
         if not core.names_tracer(e):
             raise
-    return _run_replay(fun, args, tracers, level)
+    out = _run_replay(fun, args, tracers, level)
+    if memo is not None:
+        memo["replay"] = True
+    return out
 
 
 def _run_replay(fun: Callable, args: list[Any], tracers: list[Tracer], level: int) -> Any:
@@ -340,15 +361,17 @@ def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool
     `jax.Array` (`grad` drops it), which saves a host-to-JAX transfer."""
     argnums_t, single = _normalize_argnums(argnums, "cr.value_and_grad")
 
+    name = f"cr.grad of {getattr(fun, '__name__', 'function')}"
+    memo: dict[str, bool] = {}  # see `_run`
+
     @functools.wraps(fun)
     def value_and_grad_fun(*args: Any, **kwargs: Any):
-        name = f"cr.grad of {getattr(fun, '__name__', 'function')}"
         nums = _resolve_argnums(argnums_t, len(args), name)
         level = core.new_level()
         boxed, tracers, trees = _box_args(fun, args, nums, level, name)
         call = functools.partial(fun, **kwargs) if kwargs else fun
         with _quiet():
-            out = _run(call, boxed, [t for ts in tracers for t in ts], level)
+            out = _run(call, boxed, [t for ts in tracers for t in ts], level, memo)
             aux = None
             if has_aux:
                 out, aux = _split_aux(out, name)
