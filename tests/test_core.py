@@ -266,7 +266,7 @@ def test_deep_chain_of_100k_operations_and_memory_is_released(on_host):
             w = cnp.sin(w) * 1.0001
         return w
 
-    w0 = jnp.asarray(0.5)
+    w0 = jnp.asarray(0.5, jnp.float64)  # typed: a weakly typed input stays in JAX
     probe = {}
 
     def watched(w):
@@ -339,3 +339,78 @@ NESTED_CASES = {
 def test_nesting_with_closures_jit_and_vmap(case, outer, inner):
     expected = NESTED_CASES[case](jax.grad, jax.grad)
     np.testing.assert_allclose(NESTED_CASES[case](outer, inner), expected, rtol=1e-12)
+
+
+# --- eager evaluation on the host (NumPy) ----------------------------------------------------
+
+
+def _small_mlp_loss(params, x, y):
+    h = cnp.maximum(x @ params["w1"].T + params["b1"], 0.0)
+    z = h @ params["w2"].T + params["b2"]
+    return cnp.mean((z - y) ** 2) + 0.1 * cnp.sum(cnp.tanh(params["w1"]))
+
+
+def _small_mlp_args(dtype):
+    rng = np.random.default_rng(0)
+    params = {
+        "w1": rng.standard_normal((5, 3)),
+        "b1": rng.standard_normal(5),
+        "w2": rng.standard_normal((2, 5)),
+        "b2": rng.standard_normal(2),
+    }
+    params = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+    return (
+        params,
+        jnp.asarray(rng.standard_normal((7, 3)), dtype),
+        jnp.asarray(rng.standard_normal((7, 2)), dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_host_and_jax_evaluation_agree_with_jax_grad(dtype):
+    args = _small_mlp_args(dtype)
+    on_host = cr.value_and_grad(_small_mlp_loss)(*args)
+    previous = host.set_enabled(False)
+    try:
+        on_jax = cr.value_and_grad(_small_mlp_loss)(*args)
+    finally:
+        host.set_enabled(previous)
+    want = jax.value_and_grad(_small_mlp_loss)(*args)
+    rtol, atol = (1e-12, 1e-14) if dtype == jnp.float64 else (1e-5, 1e-6)
+    for got in (on_host, on_jax):
+        for g, w in zip(
+            jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True
+        ):
+            assert isinstance(g, jax.Array) and g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def test_host_results_never_share_memory_with_the_callers_arrays():
+    w = np.arange(4.0)
+    buf = np.zeros(2)
+    out, vjp_fn, aux = cr.vjp(lambda w: (w.reshape(2, 2), buf), w, has_aux=True)
+    (w_bar,) = vjp_fn(jnp.ones((2, 2)))
+    w[:] = -1.0
+    buf[:] = 7.0
+    assert all(isinstance(a, jax.Array) for a in (out, w_bar, aux))
+    np.testing.assert_array_equal(out, [[0.0, 1.0], [2.0, 3.0]])
+    np.testing.assert_array_equal(aux, [0.0, 0.0])
+    np.testing.assert_array_equal(w_bar, np.ones(4))
+
+
+def test_python_number_inputs_keep_jax_weak_typing():
+    f = lambda w: w * 2.0 + jnp.ones(3, jnp.float32)  # noqa: E731
+    got = cr.vjp(f, 1.0)[0]
+    want = jax.vjp(f, 1.0)[0]
+    assert got.dtype == want.dtype == jnp.float32
+
+
+def test_numpy_warnings_stay_silent_like_xla():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = cr.grad(lambda x: cnp.sum(cnp.log(x) * 0.0))(jnp.array([0.0, 1.0]))
+    np.testing.assert_array_equal(
+        g, jax.grad(lambda x: jnp.sum(jnp.log(x) * 0.0))(jnp.array([0.0, 1.0]))
+    )

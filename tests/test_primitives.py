@@ -35,6 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from jax import lax
 
 import chainrule as cr
+from chainrule.engine import core
+from chainrule.engine.rules import PRIMITIVES
 
 jax.config.update("jax_enable_x64", True)
 
@@ -718,8 +720,6 @@ def test_vjp_matches_jax_float32(name: str, data: st.DataObject) -> None:
 
 def test_rule_table_covers_required_primitives() -> None:
     """chainrule.engine.rules.PRIMITIVES has a rule for every required lax primitive."""
-    from chainrule.engine.rules import PRIMITIVES
-
     missing = sorted(set(REQUIRED_PRIMITIVES) - set(PRIMITIVES))
     assert not missing, f"no rule for: {missing}"
 
@@ -836,3 +836,55 @@ def test_elementwise_ties_match_jax(name: str, data: st.DataObject) -> None:
     fun = ELEMENTWISE_WITH_TIES[name]
     args = data.draw(binary(TIES, TIES), label="args")
     check_vjp_against_jax(fun, args, F64_RTOL, F64_ATOL, data=data)
+
+
+# --------------------------------------------------------------------------------------------
+# Eager evaluation on the host: the table's NumPy column against its lax column
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_same_value(got, want, name: str) -> None:
+    if isinstance(got, (list, tuple)):
+        assert len(got) == len(want), name
+        for g, w in zip(got, want, strict=True):
+            _assert_same_value(g, w, name)
+        return
+    want = np.asarray(want)
+    assert isinstance(got, (np.ndarray, np.generic)), f"{name}: host result is {type(got)}"
+    assert np.shape(got) == want.shape, f"{name}: shape {np.shape(got)} != lax's {want.shape}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != lax's {want.dtype}"
+    tol = 1e-12 if want.dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol, equal_nan=True, err_msg=name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@fuzz_settings(3)
+@given(data=st.data())
+def test_host_evaluation_matches_lax(case: Case, data: st.DataObject) -> None:
+    """Every operation chainrule evaluates with NumPy, forward and backward, gives what the
+    primitive's lax implementation gives on the same operands: shape, dtype and values."""
+    args = tuple(jnp.asarray(a) for a in data.draw(case.args, label="args"))
+    original = core.evaluate
+    checked: set[str] = set()
+
+    def checked_evaluate(prim, operands, params):
+        out = original(prim, operands, params)
+        host_values = out if isinstance(out, list) else [out]
+        if prim.host_impl is not None and all(
+            isinstance(v, (np.ndarray, np.generic)) for v in host_values
+        ):
+            jax_operands = [
+                jnp.asarray(a) if isinstance(a, (np.ndarray, np.generic)) else a for a in operands
+            ]
+            _assert_same_value(out, prim.impl(*jax_operands, **params), prim.name)
+            checked.add(prim.name)
+        return out
+
+    core.evaluate = checked_evaluate
+    try:
+        out, vjp_fn = cr.vjp(case.fun, *args)
+        vjp_fn(jnp.ones_like(out))
+    finally:
+        core.evaluate = original
+    hosted = {p for p in case.prims if getattr(PRIMITIVES.get(p), "host_impl", None)}
+    assert hosted <= checked, f"{case.name}: {sorted(hosted - checked)} did not run on the host"

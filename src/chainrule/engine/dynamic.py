@@ -44,6 +44,11 @@ def _as_operand(x: Any, dtype) -> Any:
 _PYTHON_SCALARS = (int, float)
 
 
+try:  # the type of concrete jax.Arrays, for exact type checks on the hot path
+    from jax._src.array import ArrayImpl as _ArrayImpl
+except ImportError:  # pragma: no cover - another JAX release
+    _ArrayImpl = type(None)
+
 _FLOATS = frozenset(np.dtype(d) for d in (jnp.bfloat16, np.float16, np.float32, np.float64))
 
 
@@ -61,6 +66,8 @@ def _common_dtype(args: tuple[Any, ...]):
             continue
         if isinstance(a, Tracer):
             traced, value = True, raw(a)
+            if getattr(value, "weak_type", False):  # weak typing needs the lattice
+                return None
         elif isinstance(a, np.ndarray) or (
             isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and not a.weak_type
         ):
@@ -97,7 +104,15 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
     dtype = _result_type(*args)
     if inexact and not jnp.issubdtype(dtype, jnp.inexact):
         dtype = jnp.result_type(dtype, float)
+    if all(_is_weak(a) for a in args):  # as in JAX, the result stays weakly typed:
+        # lax takes the Python numbers as they are and keeps the weak type.
+        return [a if isinstance(a, _PYTHON_SCALARS) else _as_operand(a, dtype) for a in args]
     return [_as_operand(a, dtype) for a in args]
+
+
+def _is_weak(x: Any) -> bool:
+    """Weakly typed, as JAX means it: a Python number or a value made from one."""
+    return isinstance(x, _PYTHON_SCALARS) or bool(getattr(raw(x), "weak_type", False))
 
 
 def promote(*args: Any, inexact: bool = False) -> list[Any]:
@@ -107,11 +122,12 @@ def promote(*args: Any, inexact: bool = False) -> list[Any]:
     first = shapes[0]
     if all(s == first or not s for s in shapes):
         return ops  # lax takes a rank-0 operand beside an array as it is
-    shape = tuple(np.broadcast_shapes(*shapes))
     if host.host_operands(tuple(raw(a) for a in ops)) is not None:
-        # The operation runs with NumPy, which broadcasts by itself; the VJP
-        # rules of the binary primitives un-broadcast their cotangents anyway.
+        # The operation runs with NumPy, which broadcasts by itself (and says
+        # so when shapes do not broadcast); the VJP rules of the binary
+        # primitives un-broadcast their cotangents anyway.
         return ops
+    shape = tuple(np.broadcast_shapes(*shapes))
     return [_broadcast_to(a, shape) for a in ops]
 
 
@@ -124,19 +140,35 @@ def _named(f: Callable, op: Callable, kind: str) -> Callable:
     return f
 
 
+def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
+    """`other` ready to meet the Tracer `t` in a binary op with no promotion or
+    broadcasting to do (the common case, decided from types alone), else None:
+    a Python number beside floats, or a Tracer or array of `t`'s dtype and shape
+    (or rank 0)."""
+    tv = t.value
+    dtype = tv.dtype
+    if dtype not in _FLOATS or getattr(tv, "weak_type", False):
+        return None
+    kind = type(other)
+    if kind is float or kind is int:
+        return np.asarray(other, dtype)
+    if kind is Tracer or kind is np.ndarray or (kind is _ArrayImpl and not other.weak_type):
+        ov = other.value if kind is Tracer else other
+        if ov.dtype == dtype and (ov.shape == tv.shape or not ov.shape or not tv.shape):
+            return other
+    return None
+
+
 def _binary(op: Callable, inexact: bool = False) -> Callable:
     def f(x, y):
-        if type(x) is Tracer:  # fast paths: a Tracer and a Python float or a same-typed Tracer
-            xv = x.value
-            if type(y) is float and xv.dtype in _FLOATS:
-                return op(x, np.asarray(y, xv.dtype))
-            if (
-                type(y) is Tracer
-                and y.value.dtype == xv.dtype
-                and y.value.shape == xv.shape
-                and (xv.dtype in _FLOATS or not inexact)
-            ):
-                return op(x, y)
+        if type(x) is Tracer:
+            fast = _fast_operand(x, y, inexact)
+            if fast is not None:
+                return op(x, fast)
+        elif type(y) is Tracer:
+            fast = _fast_operand(y, x, inexact)
+            if fast is not None:
+                return op(fast, y)
         return op(*promote(x, y, inexact=inexact))
 
     return _named(f, op, "Elementwise binary")
@@ -231,8 +263,12 @@ min = amin = _reduction(lambda x, axes: rules.reduce_min_p.bind(x, axes=axes))
 def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
     (x,) = promote(x, inexact=True)
     shape = rules.shape_of(x)
-    count = math.prod(shape[d] for d in _axes(axis, len(shape)))
-    return divide(sum(x, axis, keepdims), rules.const(x, count))
+    axes = _axes(axis, len(shape))
+    total = rules.reduce_sum(x, axes)
+    out = rules.div(total, rules.const(total, math.prod(shape[d] for d in axes)))
+    if keepdims:
+        out = rules.reshape(out, tuple(1 if d in axes else n for d, n in enumerate(shape)))
+    return out
 
 
 def argmax(x: Any, axis: Any = None) -> Any:
@@ -301,6 +337,8 @@ def matmul(x: Any, y: Any) -> Any:
     """Matrix product with numpy's rules (1-D operands, broadcast batch dims)."""
     x, y = promote_dtypes_only(x, y)
     xs, ys = rules.shape_of(x), rules.shape_of(y)
+    if len(xs) == 2 and len(ys) == 2 and xs[1] == ys[0]:  # the common case
+        return rules.dot_general(x, y, (((1,), (0,)), ((), ())))
     if not xs or not ys:
         raise TypeError(f"matmul: operands must be at least 1-D, got shapes {xs} and {ys}")
     if len(xs) == 1 and len(ys) == 1:

@@ -944,7 +944,7 @@ reduce_sum_p = primitive(
     "reduce_sum",
     lambda x, axes: lax.reduce_sum(x, axes),
     ("axes",),
-    host=lambda x, axes, out_sharding=None: np.sum(x, tuple(axes), dtype=x.dtype),
+    host=lambda x, axes, out_sharding=None: np.add.reduce(x, tuple(axes), dtype=x.dtype),
 )
 
 
@@ -966,7 +966,7 @@ reduce_max_p = primitive(
     lambda x, axes: lax.reduce_max(x, axes),
     ("axes",),
     host=lambda x, axes, out_sharding=None: (
-        np.max(x, tuple(axes)) if np.size(x) else NotImplemented
+        np.maximum.reduce(x, tuple(axes)) if np.size(x) else NotImplemented
     ),
 )
 reduce_min_p = primitive(
@@ -974,7 +974,7 @@ reduce_min_p = primitive(
     lambda x, axes: lax.reduce_min(x, axes),
     ("axes",),
     host=lambda x, axes, out_sharding=None: (
-        np.min(x, tuple(axes)) if np.size(x) else NotImplemented
+        np.minimum.reduce(x, tuple(axes)) if np.size(x) else NotImplemented
     ),
 )
 
@@ -1033,12 +1033,16 @@ defvjp(
 # --- linear algebra -------------------------------------------------------------
 
 
+_DOT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None, **_):
     """lax.dot_general as one `np.matmul` of (batch, free, contracted) layouts."""
-    dtype = np.result_type(x, y) if preferred_element_type is None else preferred_element_type
-    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-        return NotImplemented
-    x, y = np.asarray(x, dtype), np.asarray(y, dtype)
+    dtype = x.dtype if preferred_element_type is None else np.dtype(preferred_element_type)
+    if dtype not in _DOT_DTYPES or x.dtype != dtype or y.dtype != dtype:
+        if preferred_element_type is None or dtype not in _DOT_DTYPES:
+            return NotImplemented
+        x, y = np.asarray(x, dtype), np.asarray(y, dtype)
     (xc, yc), (xb, yb) = dimension_numbers
     if not xb and len(xc) == 1 and x.ndim <= 2 and y.ndim <= 2:  # plain matrix products
         xm = x.T if x.ndim == 2 and xc[0] == 0 else x
