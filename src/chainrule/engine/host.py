@@ -19,6 +19,13 @@ arrays, none of this applies, and the compiled program is unchanged.
 
 Set the environment variable `CHAINRULE_HOST_EAGER=0` (or call
 `set_enabled(False)`) to evaluate everything with JAX.
+
+Examples:
+  >>> import jax, jax.numpy as jnp, chainrule as cr
+  >>> w = jnp.array([1.0, 2.0], jnp.float32)  # typed: runs on the host
+  >>> g = cr.grad(lambda w: (w * w).sum())(w)
+  >>> isinstance(g, jax.Array), g.dtype.name, g.tolist()
+  (True, 'float32', [2.0, 4.0])
 """
 
 from __future__ import annotations
