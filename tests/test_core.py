@@ -414,3 +414,23 @@ def test_numpy_warnings_stay_silent_like_xla():
     np.testing.assert_array_equal(
         g, jax.grad(lambda x: jnp.sum(jnp.log(x) * 0.0))(jnp.array([0.0, 1.0]))
     )
+
+
+def test_linear_layer_x_at_w_transpose_first_and_second_order():
+    """`x @ w.T` is recorded as one dot_general against `w` (no transpose rule in the
+    backward pass); w's other uses must still accumulate, at every order."""
+
+    def f(w, x):
+        wt = w.T
+        return cnp.sum(cnp.tanh(x @ wt)) + cnp.sum(wt * wt) + cnp.sum(x @ wt @ w)
+
+    rng = np.random.default_rng(1)
+    w, x = jnp.asarray(rng.standard_normal((3, 4))), jnp.asarray(rng.standard_normal((5, 4)))
+    np.testing.assert_allclose(cr.grad(f)(w, x), jax.grad(f)(w, x), rtol=1e-12)
+    np.testing.assert_allclose(
+        cr.grad(f, argnums=1)(w, x), jax.grad(f, argnums=1)(w, x), rtol=1e-12
+    )
+    second = lambda g: lambda w: jnp.sum(g(f)(w, x) ** 2)  # noqa: E731
+    np.testing.assert_allclose(
+        cr.grad(second(cr.grad))(w), jax.grad(second(jax.grad))(w), rtol=1e-10
+    )

@@ -145,6 +145,9 @@ def capturing(level: int):
     return _pushed(_state.capturing, level)
 
 
+_node_seq = itertools.count()
+
+
 class Node:
     """How one traced value was computed.
 
@@ -158,9 +161,11 @@ class Node:
       parents: the nodes of those traced inputs, aligned with `argnums`.
     """
 
-    __slots__ = ("prim", "primals", "params", "ans", "argnums", "parents", "__weakref__")
+    __slots__ = ("prim", "primals", "params", "ans", "argnums", "parents", "seq", "__weakref__")
 
     def __init__(self, prim, primals, params, ans, argnums, parents):
+        # Creation order is a topological order: a node is made after its parents.
+        self.seq = next(_node_seq)
         self.prim = prim
         self.primals = primals
         self.params = params
@@ -418,6 +423,10 @@ def toposort(roots: Iterable[Node]) -> Iterator[Node]:
                 ready.append(parent)
 
 
+def _by_seq(node: Node) -> int:
+    return node.seq
+
+
 def backward(
     seeds: Iterable[tuple[Node, Any]],
     add: Callable[[Any, Any], Any],
@@ -440,7 +449,16 @@ def backward(
     for node, g in seeds:
         cotangents[node] = add(cotangents[node], g) if node in cotangents else g
     inputs: dict[Node, Any] = {}
-    for node in toposort(list(cotangents)):
+    # Reverse creation order visits every node after all the nodes that use it
+    # (see `Node.seq`); one iterative pass finds the reachable ones.
+    reached: set[Node] = set()
+    stack = list(cotangents)
+    while stack:
+        node = stack.pop()
+        if node not in reached:
+            reached.add(node)
+            stack.extend(node.parents)
+    for node in sorted(reached, key=_by_seq, reverse=True):
         g = cotangents.pop(node, None)
         if g is None:  # every use of this node contributed a structural zero
             continue

@@ -329,6 +329,26 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
     return concatenate([expand_dims(a, axis) for a in arrays], axis)
 
 
+def _transposed_from(y: Any) -> Tracer | None:
+    """For `y = w.T` recorded on the tape (w a 2-D Tracer), the Tracer `w` again.
+
+    A Tracer is only a box (value, node, level): re-boxing the transpose's
+    operand with its node and level gives exactly the Tracer that was
+    transposed, and gradients reach `w` through that node as before.
+    """
+    if type(y) is not Tracer:
+        return None
+    node = y.node
+    if (
+        node.prim is not rules.transpose_p
+        or node.argnums != (0,)
+        or node.params.get("permutation") != (1, 0)
+        or node.primals is None
+    ):
+        return None
+    return Tracer(node.primals[0], node.parents[0], y.level)
+
+
 def promote_dtypes_only(*args: Any) -> list[Any]:
     return _promote_dtypes(args)
 
@@ -338,6 +358,10 @@ def matmul(x: Any, y: Any) -> Any:
     x, y = promote_dtypes_only(x, y)
     xs, ys = rules.shape_of(x), rules.shape_of(y)
     if len(xs) == 2 and len(ys) == 2 and xs[1] == ys[0]:  # the common case
+        w = _transposed_from(y)
+        if w is not None:  # x @ w.T (a linear layer): contract with w directly, so the
+            # backward pass skips the transpose's rule
+            return rules.dot_general(x, w, (((1,), (1,)), ((), ())))
         return rules.dot_general(x, y, (((1,), (0,)), ((), ())))
     if not xs or not ys:
         raise TypeError(f"matmul: operands must be at least 1-D, got shapes {xs} and {ys}")
