@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 import chainrule as cr
@@ -434,3 +436,72 @@ def test_linear_layer_x_at_w_transpose_first_and_second_order():
     np.testing.assert_allclose(
         cr.grad(second(cr.grad))(w), jax.grad(second(jax.grad))(w), rtol=1e-10
     )
+
+
+# Operands a differentiated array meets in user code: Python numbers, NumPy and
+# JAX arrays (typed and weakly typed) of the same or a broadcastable shape.
+_OTHERS = {
+    "float": lambda dt, shape: 1.5,
+    "int": lambda dt, shape: 3,
+    "numpy same": lambda dt, shape: np.full(shape, 0.75, dt),
+    "numpy row": lambda dt, shape: np.linspace(-1.0, 1.0, shape[-1]).astype(dt),
+    "numpy other dtype": lambda dt, shape: np.full(shape, 0.5, np.float32),
+    "jax same": lambda dt, shape: jnp.full(shape, 0.25, dt),
+    "jax row": lambda dt, shape: jnp.linspace(-2.0, 2.0, shape[-1], dtype=dt),
+    "jax weak": lambda dt, shape: jnp.asarray(2.0),
+}
+_OPS = {  # (chainrule.numpy spelling, jax.numpy spelling: the oracle)
+    "add": (lambda a, b: a + b,) * 2,
+    "rsub": (lambda a, b: b - a,) * 2,
+    "mul": (lambda a, b: a * b,) * 2,
+    "div": (lambda a, b: a / b,) * 2,
+    "maximum": (cnp.maximum, jnp.maximum),
+    "tanh of mul": (lambda a, b: cnp.tanh(a * b), lambda a, b: jnp.tanh(a * b)),
+    "pow": (lambda a, b: (a * b) ** 2,) * 2,
+    "mean": (lambda a, b: cnp.mean(a * b, axis=0), lambda a, b: jnp.mean(a * b, axis=0)),
+    "matmul w.T": (lambda a, b: a @ (a * b).T,) * 2,
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    op=st.sampled_from(sorted(_OPS)),
+    other=st.sampled_from(sorted(_OTHERS)),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    weak_input=st.booleans(),
+)
+def test_operator_fast_paths_match_jax_dtype_weak_type_values_and_gradients(
+    op, other, dtype, weak_input
+):
+    """The dynamic front end's type-only fast paths (no promotion when the
+    types already agree) give what JAX gives: dtype, weak type, value and VJP,
+    on the host path and the JAX path alike."""
+    shape = (3, 4)
+    rng = np.random.default_rng(0)
+    if weak_input:  # weakly typed, as arrays made from Python numbers are
+        x = lax.full(shape, 1.25)
+        assert x.weak_type
+    else:
+        x = jnp.asarray(rng.uniform(0.5, 1.5, shape), dtype)
+    b = _OTHERS[other](dtype, shape)
+    cr_op, jnp_op = _OPS[op]
+    f = lambda a: cr_op(a, b)  # noqa: E731
+    want, want_vjp = jax.vjp(lambda a: jnp_op(a, b), x)
+    (want_ct,) = want_vjp(jnp.ones_like(want))
+    for enabled in (True, False):
+        host.set_enabled(enabled)
+        try:
+            got, got_vjp = cr.vjp(f, x)
+            (got_ct,) = got_vjp(jnp.ones_like(want))
+        finally:
+            host.set_enabled(True)
+        # The output's weak type is JAX's promotion result; a cotangent's weak
+        # type is an artefact of JAX's transpose rules (it differs between
+        # rules even in JAX), so only its dtype, shape and values are compared.
+        assert isinstance(got, jax.Array) and isinstance(got_ct, jax.Array)
+        assert (got.dtype, got.shape, got.weak_type) == (want.dtype, want.shape, want.weak_type)
+        assert (got_ct.dtype, got_ct.shape) == (want_ct.dtype, want_ct.shape)
+        single = jnp.float32 in (x.dtype, want.dtype, getattr(b, "dtype", None))
+        tol = 1e-5 if single else 1e-12
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        np.testing.assert_allclose(got_ct, want_ct, rtol=tol, atol=tol)

@@ -38,6 +38,8 @@ def _as_operand(x: Any, dtype) -> Any:
         return rules.convert_element_type(x, dtype)
     if isinstance(x, (int, float, np.generic, np.ndarray)):
         return np.asarray(x, dtype=dtype)  # lax takes NumPy operands; no XLA dispatch
+    if isinstance(x, jax.Array) and x.dtype == dtype:
+        return x  # as it is: `jnp.asarray(x, dtype)` would drop a weak type
     return jnp.asarray(x, dtype=dtype)
 
 
@@ -106,7 +108,14 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
         dtype = jnp.result_type(dtype, float)
     if all(_is_weak(a) for a in args):  # as in JAX, the result stays weakly typed:
         # lax takes the Python numbers as they are and keeps the weak type.
-        return [a if isinstance(a, _PYTHON_SCALARS) else _as_operand(a, dtype) for a in args]
+        # A Python int beside floats becomes a float, as lax wants one kind.
+        inexact_result = jnp.issubdtype(dtype, jnp.inexact)
+        return [
+            (float(a) if inexact_result and not isinstance(a, bool) else a)
+            if isinstance(a, _PYTHON_SCALARS)
+            else _as_operand(a, dtype)
+            for a in args
+        ]
     return [_as_operand(a, dtype) for a in args]
 
 
@@ -154,9 +163,24 @@ def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
         return np.asarray(other, dtype)
     if kind is Tracer or kind is np.ndarray or (kind is _ArrayImpl and not other.weak_type):
         ov = other.value if kind is Tracer else other
-        if ov.dtype == dtype and (ov.shape == tv.shape or not ov.shape or not tv.shape):
+        if ov.dtype == dtype and (
+            ov.shape == tv.shape
+            or not ov.shape
+            or not tv.shape
+            # both on the host: NumPy broadcasts by itself (see `promote`)
+            or (type(tv) is np.ndarray and type(ov) is np.ndarray)
+        ):
             return other
     return None
+
+
+def _is_float_tracer(x: Any) -> bool:
+    """A Tracer of a strongly typed floating dtype: nothing for `promote` to do
+    for a unary op or reduction (the common case, decided from types alone)."""
+    if type(x) is not Tracer:
+        return False
+    v = x.value
+    return v.dtype in _FLOATS and not getattr(v, "weak_type", False)
 
 
 def _binary(op: Callable, inexact: bool = False) -> Callable:
@@ -176,7 +200,8 @@ def _binary(op: Callable, inexact: bool = False) -> Callable:
 
 def _unary(op: Callable) -> Callable:
     def f(x):
-        (x,) = promote(x, inexact=True)
+        if not _is_float_tracer(x):
+            (x,) = promote(x, inexact=True)
         return op(x)
 
     return _named(f, op, "Elementwise")
@@ -208,7 +233,8 @@ sign = _unary(rules.sign)
 def power(x: Any, y: Any) -> Any:
     """x ** y; an integer exponent records `integer_pow`, as jax.numpy does."""
     if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
-        (x,) = promote(x)
+        if not _is_float_tracer(x):
+            (x,) = promote(x)
         return rules.integer_pow(x, int(y))
     return rules.pow_(*promote(x, y, inexact=True))
 
@@ -261,7 +287,8 @@ min = amin = _reduction(lambda x, axes: rules.reduce_min_p.bind(x, axes=axes))
 
 
 def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
-    (x,) = promote(x, inexact=True)
+    if not _is_float_tracer(x):
+        (x,) = promote(x, inexact=True)
     shape = rules.shape_of(x)
     axes = _axes(axis, len(shape))
     total = rules.reduce_sum(x, axes)
@@ -300,7 +327,8 @@ def ravel(x: Any) -> Any:
 def transpose(x: Any, *axes: Any) -> Any:
     if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
         axes = axes[0]
-    (x,) = promote(x)
+    if type(x) is not Tracer:  # a Tracer already has an array dtype: nothing to promote
+        (x,) = promote(x)
     ndim = len(rules.shape_of(x))
     perm = tuple(reversed(range(ndim))) if not axes else tuple(a % ndim for a in axes)
     return rules.transpose(x, perm)
@@ -349,13 +377,35 @@ def _transposed_from(y: Any) -> Tracer | None:
     return Tracer(node.primals[0], node.parents[0], y.level)
 
 
+_ARRAY_TYPES = (np.ndarray, _ArrayImpl)
+
+
+def _same_strong_float(x: Any, y: Any) -> bool:
+    """A Tracer and a Tracer or concrete array, of one floating dtype, neither
+    weakly typed: nothing for `promote_dtypes_only` to do (decided from types)."""
+    kx, ky = type(x), type(y)
+    if kx is not Tracer and ky is not Tracer:
+        return False
+    a = x.value if kx is Tracer else x if kx in _ARRAY_TYPES else None
+    b = y.value if ky is Tracer else y if ky in _ARRAY_TYPES else None
+    return (
+        a is not None
+        and b is not None
+        and a.dtype == b.dtype
+        and a.dtype in _FLOATS
+        and not getattr(a, "weak_type", False)
+        and not getattr(b, "weak_type", False)
+    )
+
+
 def promote_dtypes_only(*args: Any) -> list[Any]:
     return _promote_dtypes(args)
 
 
 def matmul(x: Any, y: Any) -> Any:
     """Matrix product with numpy's rules (1-D operands, broadcast batch dims)."""
-    x, y = promote_dtypes_only(x, y)
+    if not _same_strong_float(x, y):
+        x, y = promote_dtypes_only(x, y)
     xs, ys = rules.shape_of(x), rules.shape_of(y)
     if len(xs) == 2 and len(ys) == 2 and xs[1] == ys[0]:  # the common case
         w = _transposed_from(y)
