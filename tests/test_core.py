@@ -505,3 +505,41 @@ def test_operator_fast_paths_match_jax_dtype_weak_type_values_and_gradients(
         tol = 1e-5 if single else 1e-12
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         np.testing.assert_allclose(got_ct, want_ct, rtol=tol, atol=tol)
+
+
+@jax.custom_vjp
+def _scaled_sin(x):
+    return jnp.sin(x) * _SCALE
+
+
+_SCALE = jnp.asarray([1.0, 2.0, 3.0])
+_scaled_sin.defvjp(lambda x: (_scaled_sin(x), x), lambda r, g: (g * jnp.cos(r) * _SCALE,))
+
+
+@jax.custom_jvp
+def _scaled_tanh(x):
+    return jnp.tanh(x) * _SCALE
+
+
+@_scaled_tanh.defjvp
+def _scaled_tanh_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _scaled_tanh(x), t * (1.0 - jnp.tanh(x) ** 2) * _SCALE
+
+
+@pytest.mark.parametrize("inner", [_scaled_sin, _scaled_tanh, jax.jit(jnp.sin)])
+@pytest.mark.parametrize("on_host", [True, False])
+def test_replayed_calls_on_untraced_values_match_jax(inner, on_host):
+    """jit, custom_jvp and custom_vjp calls meet a differentiated value and an
+    undifferentiated one (evaluated inline with NumPy on the host path)."""
+    f = lambda w, x: jnp.sum(w * inner(x) + inner(w * x) ** 2)  # noqa: E731
+    w, x = np.array([0.5, -1.0, 2.0]), np.array([0.1, 0.2, 0.3])
+    previous = host.set_enabled(on_host)
+    try:
+        got = cr.value_and_grad(f)(w, x)
+    finally:
+        host.set_enabled(previous)
+    want = jax.value_and_grad(f)(w, x)
+    for g, e in zip(got, want, strict=True):
+        assert isinstance(g, jax.Array) and g.dtype == e.dtype
+        np.testing.assert_allclose(g, e, rtol=1e-12)

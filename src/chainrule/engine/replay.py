@@ -29,12 +29,18 @@ import numpy as np
 from jax._src import ad_util, source_info_util
 from jax.extend import core as jcore
 
-from chainrule.engine import core, rules
+from chainrule.engine import core, host, rules
 from chainrule.engine.core import Primitive, Tracer, raw
 from chainrule.errors import NoVJPRuleError, UnrecordableJaxCallError
 
 _CALLS = ("jit", "pjit", "closed_call", "core_call")
 _REMATS = ("remat", "checkpoint", "remat2")
+# Call-like equations evaluated inline when untraced on host values: the body's parameter.
+_INLINE_ON_HOST = {
+    **dict.fromkeys(_CALLS, "jaxpr"),
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+}
 
 
 def _read_literal(v: Any) -> Any:
@@ -66,13 +72,31 @@ def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], *args: Any) -> list[An
                 if core.is_recording():
                     core.set_source(None)
         else:
-            outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-            if not eqn.primitive.multiple_results:
-                outvals = [outvals]
+            outvals = _eval_untraced(eqn, invals)
         for v, x in zip(eqn.outvars, outvals, strict=True):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x
     return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_untraced(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """An equation with no Tracer among its inputs: with NumPy when its inputs
+    are host values (the NumPy column of chainrule's table, as in `core.evaluate`),
+    else with JAX as the jaxpr says."""
+    name = eqn.primitive.name
+    if name in _INLINE_ON_HOST and host.host_operands(tuple(invals)) is not None:
+        # inline, no XLA dispatch (custom rules matter only to differentiation)
+        return eval_closed(eqn.params[_INLINE_ON_HOST[name]], *invals)
+    prim = rules.PRIMITIVES.get(name)
+    if prim is not None and prim.host_impl is not None:
+        operands = host.host_operands(tuple(invals))
+        if operands is not None:
+            params = eqn.params
+            out = prim.host_impl(*operands, **{k: params[k] for k in prim.params if k in params})
+            if out is not NotImplemented:
+                return list(out) if prim.multiple_results else [out]
+    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    return out if eqn.primitive.multiple_results else [out]
 
 
 def eval_closed(closed: jcore.ClosedJaxpr, *args: Any) -> list[Any]:
@@ -177,7 +201,11 @@ class _CustomJVPCall(Primitive):
 
 
 def _custom_jvp_call_impl(*args: Any, **params: Any) -> list[Any]:
-    """Untraced: JAX runs the function (and applies its rule if JAX differentiates)."""
+    """Untraced: JAX runs the function (and applies its rule if JAX differentiates);
+    on host values (eager, nothing differentiates it but chainrule, which uses
+    the rule) its body is evaluated here, with NumPy where it can be."""
+    if host.host_operands(args) is not None:
+        return eval_closed(params["call_jaxpr"], *args)
     prim = jcore.primitives.custom_jvp_call_p
     return prim.bind(*args, **prim.get_bind_params(params))
 
