@@ -140,6 +140,10 @@ def enclosing_call_site() -> str | None:
     return _state.call_sites[-1] if _state.call_sites else None
 
 
+def is_capturing() -> bool:
+    return bool(_state.capturing)
+
+
 def capturing(level: int):
     """Context manager marking `level` as capturing a jaxpr (jaxpr replay)."""
     return _pushed(_state.capturing, level)

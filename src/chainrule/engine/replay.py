@@ -80,23 +80,26 @@ def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], *args: Any) -> list[An
 
 
 def _eval_untraced(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
+    return _eval_untraced_prim(eqn.primitive, eqn.params, invals)
+
+
+def _eval_untraced_prim(primitive: Any, params: dict[str, Any], invals: list[Any]) -> list[Any]:
     """An equation with no Tracer among its inputs: with NumPy when its inputs
     are host values (the NumPy column of chainrule's table, as in `core.evaluate`),
     else with JAX as the jaxpr says."""
-    name = eqn.primitive.name
+    name = primitive.name
     if name in _INLINE_ON_HOST and host.host_operands(tuple(invals)) is not None:
         # inline, no XLA dispatch (custom rules matter only to differentiation)
-        return eval_closed(eqn.params[_INLINE_ON_HOST[name]], *invals)
+        return eval_closed(params[_INLINE_ON_HOST[name]], *invals)
     prim = rules.PRIMITIVES.get(name)
     if prim is not None and prim.host_impl is not None:
         operands = host.host_operands(tuple(invals))
         if operands is not None:
-            params = eqn.params
             out = prim.host_impl(*operands, **{k: params[k] for k in prim.params if k in params})
             if out is not NotImplemented:
                 return list(out) if prim.multiple_results else [out]
-    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-    return out if eqn.primitive.multiple_results else [out]
+    out = primitive.bind(*invals, **primitive.get_bind_params(params))
+    return out if primitive.multiple_results else [out]
 
 
 def eval_closed(closed: jcore.ClosedJaxpr, *args: Any) -> list[Any]:
@@ -121,10 +124,24 @@ def where(eqn: jcore.JaxprEqn) -> str:
 
 
 def _apply_traced(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
-    name = eqn.primitive.name
-    params = eqn.params
+    return _apply(eqn.primitive.name, eqn.params, invals, lambda: where(eqn))
+
+
+def apply_primitive(
+    primitive: Any, params: dict[str, Any], invals: list[Any], where_fn: Callable[[], str]
+) -> list[Any]:
+    """Applies a JAX primitive with `params` to `invals` (some may be Tracers),
+    as the equation of a jaxpr would be: recorded through chainrule's rules if
+    a Tracer is among the inputs, else evaluated. `where_fn()` names the
+    user's source line for error messages."""
+    if any(isinstance(x, Tracer) for x in invals):
+        return _apply(primitive.name, params, invals, where_fn)
+    return _eval_untraced_prim(primitive, params, invals)
+
+
+def _apply(name: str, params: dict[str, Any], invals: list[Any], where_fn) -> list[Any]:
     if name in _CALLS:
-        with core.call_site(where(eqn)):
+        with core.call_site(where_fn()):
             return eval_closed(params["jaxpr"], *invals)
     if name in _REMATS:
         body = params["jaxpr"]
@@ -145,7 +162,7 @@ def _apply_traced(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
         return custom_vjp_call_p.bind(*invals, **params)[: len(params["call_jaxpr"].out_avals)]
     prim = rules.PRIMITIVES.get(name)
     if prim is None:
-        raise NoVJPRuleError(name, where(eqn))
+        raise NoVJPRuleError(name, where_fn())
     out = prim.bind(*invals, **{k: params[k] for k in prim.params if k in params})
     return list(out) if prim.multiple_results else [out]
 

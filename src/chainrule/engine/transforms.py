@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chainrule.engine import core, dynamic, host, replay, rules
+from chainrule.engine import core, dynamic, host, jaxtrace, replay, rules
 from chainrule.engine.core import ReplayNeeded, Tracer, raw
 from chainrule.errors import (
     ArgnumsError,
@@ -172,6 +172,11 @@ def _run(
     return out
 
 
+def _replay(flat_fun: Callable, values: list[Any], level: int) -> tuple[list[Any], Any]:
+    """Jaxpr replay of a whole function (a seam for tests of the fast path)."""
+    return replay.replay(flat_fun, values, level)
+
+
 def _run_replay(fun: Callable, args: list[Any], tracers: list[Tracer], level: int) -> Any:
     leaves, tree = jax.tree_util.tree_flatten(args)
     lifted = [i for i, x in enumerate(leaves) if isinstance(x, Tracer)]
@@ -182,8 +187,27 @@ def _run_replay(fun: Callable, args: list[Any], tracers: list[Tracer], level: in
             full[i] = x
         return fun(*jax.tree_util.tree_unflatten(tree, full))
 
+    lifted_values = [leaves[i] for i in lifted]
+    if jaxtrace.eligible(lifted_values, level):
+        # The fast path (see `engine/jaxtrace.py`): the function runs once, eagerly.
+        # Whatever it leaves to replay (or any error) is replayed below, which
+        # gives the same result, or the error with its source line.
+        out_tree: list[Any] = []
+
+        def flat_out(*xs):
+            leaves_out, t = jax.tree_util.tree_flatten(flat_fun(*xs))
+            out_tree.append(t)
+            return leaves_out
+
+        try:
+            outs = jaxtrace.run(flat_out, lifted_values)
+        except Exception:  # noqa: BLE001 - replay reproduces it or handles it
+            pass
+        else:
+            return jax.tree_util.tree_unflatten(out_tree[0], outs)
+
     try:
-        outs, out_tree = replay.replay(flat_fun, [leaves[i] for i in lifted], level)
+        outs, out_tree = _replay(flat_fun, lifted_values, level)
     except _CONTROL_FLOW_ERRORS as e:
         raise UnrecordableJaxCallError(
             "The function passes a differentiated value to a jax.numpy/jax.nn/lax function, "
