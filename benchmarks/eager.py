@@ -1,8 +1,9 @@
-"""Section 3: eager gradients (no jit): chainrule's two front ends vs jax.grad vs PyTorch.
+"""Section 3: eager gradients (no jit): chainrule's two spellings vs jax.grad vs PyTorch.
 
 chainrule (dynamic) differentiates the `chainrule.numpy`/operator spelling of
-each loss, chainrule (replay) and jax.grad the `jax.numpy`/`jax.nn` spelling,
-PyTorch its own port with `torch.autograd.grad`.
+each loss; chainrule (jnp) and jax.grad the `jax.numpy`/`jax.nn` spelling
+(chainrule's JAX-trace front end, with jaxpr replay as its fallback); PyTorch
+its own port with `torch.autograd.grad`.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def contenders(c: dict, torch) -> dict:
     args, argnums = c["args"], c["argnums"]
     fns = {
         "chainrule dynamic": (lambda: cr.grad(c["cnp"], argnums)(*args)),
-        "chainrule replay": (lambda: cr.grad(c["jnp"], argnums)(*args)),
+        "chainrule jnp": (lambda: cr.grad(c["jnp"], argnums)(*args)),
         "jax.grad": (lambda: jax.grad(c["jnp"], argnums)(*args)),
     }
     if torch is not None:
@@ -135,13 +136,13 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         number = auto_number(fns["chainrule dynamic"], 0.002 if quick else 0.03)
         times, torch_times = measure_blocks(
             fns,
-            ["chainrule dynamic", "chainrule replay"],
+            ["chainrule dynamic", "chainrule jnp"],
             repeats=repeats,
             number=number,
             quick=quick,
         )
         extra = [k for k in times if k.startswith(TORCH + " (")]
-        for name in ["chainrule dynamic", "chainrule replay", "jax.grad", "pytorch eager"] + extra:
+        for name in ["chainrule dynamic", "chainrule jnp", "jax.grad", "pytorch eager"] + extra:
             t = times.get(name)
             rows.append(
                 {
@@ -159,7 +160,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
                     else (f"{t['threads']} threads" if "threads" in t else ""),
                 }
             )
-        for front in ("dynamic", "replay"):
+        for front in ("dynamic", "jnp"):
             name = f"chainrule {front}"
             if c["target"]:
                 r = paired_ratio(times, name, "jax.grad")["median"]

@@ -1,7 +1,7 @@
 """The benchmarked models, written out here (params dicts, `x @ W.T + b`).
 
 Each loss exists in two spellings with the same math: `*_jnp` uses
-`jax.numpy`/`jax.nn` (chainrule replays its jaxpr) and `*_cnp` uses
+`jax.numpy`/`jax.nn` (chainrule's JAX-trace front end runs it) and `*_cnp` uses
 `chainrule.numpy` and operators only (chainrule's dynamic front end records
 it eagerly). `jax.grad` always differentiates the `jnp` spelling.
 """

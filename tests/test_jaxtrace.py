@@ -170,3 +170,29 @@ def test_fast_path_is_only_taken_eagerly_on_host_values(case):
     np.testing.assert_allclose(got, want, rtol=1e-12)
     with replay_forbidden():  # and eagerly on host values it is not needed
         np.testing.assert_allclose(cr.grad(f)(w), jax.grad(f)(w), rtol=1e-12)
+
+
+def test_front_end_memo_is_shared_by_transforms_of_one_function_and_not_leaked():
+    """`cr.grad(loss)(w)` written inline (a new transform each call) skips the
+    failed dynamic attempt after the first call; the memo does not keep the
+    function alive."""
+    import gc
+    import weakref
+
+    runs = []
+
+    def loss(w):
+        runs.append(1)  # counts every run of the function body
+        return jnp.sum(jnp.sin(w))
+
+    w = np.array([0.1, 0.2])
+    cr.grad(loss)(w)
+    assert len(runs) == 2  # the dynamic attempt (fails at jnp.sin), then the JAX trace
+    for _ in range(3):
+        np.testing.assert_allclose(cr.grad(loss)(w), np.cos(w), rtol=1e-12)
+    assert len(runs) == 5  # one run per call: straight to the JAX trace
+
+    probe = weakref.ref(loss)
+    del loss
+    gc.collect()
+    assert probe() is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -147,7 +148,7 @@ def _run(
 ) -> Any:
     """Runs `fun(*args)` on the tape: dynamic front end, else jaxpr replay.
 
-    `memo` (one per `cr.grad(fun)` object) remembers that `fun` needed replay,
+    `memo` (one per function, see `_memo_for`) remembers that `fun` needed replay,
     so later calls go straight to it: the dynamic attempt is not repeated (nor
     the side effects it ran before failing). Replay is exact whenever it
     succeeds, so this is never stale; should replay fail on a later call (Python
@@ -170,6 +171,20 @@ def _run(
     if memo is not None:
         memo["replay"] = True
     return out
+
+
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _memo_for(fun: Callable) -> dict[str, bool]:
+    """The front-end memo of `fun` (see `_run`), shared by every `cr.grad(fun)`
+    made for the same function object, so `cr.grad(loss)(p)` written inline in
+    a loop skips the failed dynamic attempt too. It only orders the front ends,
+    so it cannot make a result stale; it lives as long as `fun`."""
+    try:
+        return _MEMOS.setdefault(fun, {})
+    except TypeError:  # not weakly referenceable or not hashable: one per transform
+        return {}
 
 
 def _replay(flat_fun: Callable, values: list[Any], level: int) -> tuple[list[Any], Any]:
@@ -386,7 +401,7 @@ def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool
     argnums_t, single = _normalize_argnums(argnums, "cr.value_and_grad")
 
     name = f"cr.grad of {getattr(fun, '__name__', 'function')}"
-    memo: dict[str, bool] = {}  # see `_run`
+    memo = _memo_for(fun)  # see `_run`
 
     @functools.wraps(fun)
     def value_and_grad_fun(*args: Any, **kwargs: Any):
