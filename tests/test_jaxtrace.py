@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 
 import chainrule as cr
-from chainrule.engine import host, transforms
+from chainrule.engine import host, jaxtrace, transforms
 from tests.test_compositions import (
     ARGNUMS,
     SEEDS,
@@ -196,3 +196,39 @@ def test_front_end_memo_is_shared_by_transforms_of_one_function_and_not_leaked()
     del loss
     gc.collect()
     assert probe() is None
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_jnp_idioms_by_jaxpr_replay_on_host_values(name):
+    """The same idioms with the JAX-trace front end switched off: replay's own
+    evaluation of untraced equations on host values (NumPy, inlined calls)."""
+    loss = _scalar(FUNCTIONS[name])
+    with mock.patch.object(jaxtrace, "eligible", lambda *args: False), replay_counted() as calls:
+        got = cr.value_and_grad(loss)(X)
+    assert calls
+    want = jax.value_and_grad(loss)(X)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_function_the_fast_path_cannot_run_goes_straight_to_replay_next_time():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    attempts = []
+    original = jaxtrace.run
+
+    def counting_run(fun, args):
+        attempts.append(1)
+        return original(fun, args)
+
+    def loss(w):
+        return jnp.sum(f(w) ** 2)
+
+    w = np.array([0.1, 0.2])
+    with mock.patch.object(jaxtrace, "run", counting_run), replay_counted() as replays:
+        for _ in range(3):
+            np.testing.assert_allclose(cr.grad(loss)(w), jax.grad(loss)(w), rtol=1e-12)
+    assert len(attempts) == 1 and len(replays) == 3

@@ -48,6 +48,9 @@ FUNCTIONS = {
     "take_along_argmax": lambda x: x[jnp.arange(3), jnp.argmax(x, axis=1)],
     "dynamic_update": lambda x: lax.dynamic_update_slice(x, x[:1, :2] * 3, (1, 1)),
     "gelu_silu_elu": lambda x: jax.nn.gelu(x) + jax.nn.silu(x) + jax.nn.elu(x - 0.5),
+    "dropout": lambda x: jnp.where(  # PRNG keys (an extended dtype) inside the loss
+        jax.random.bernoulli(jax.random.key(0), 0.5, x.shape), x / 0.5, 0.0
+    ),
 }
 
 

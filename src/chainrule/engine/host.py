@@ -108,6 +108,8 @@ def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         elif isinstance(a, jax.core.Tracer):
             return None
         elif isinstance(a, (jax.Array, int, float)):
+            if isinstance(a, jax.Array) and not isinstance(a.dtype, np.dtype):
+                return None  # an extended dtype (PRNG keys): JAX's alone
             needs_conversion = True
         else:
             return None

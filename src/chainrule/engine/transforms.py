@@ -148,7 +148,8 @@ def _run(
 ) -> Any:
     """Runs `fun(*args)` on the tape: dynamic front end, else jaxpr replay.
 
-    `memo` (one per function, see `_memo_for`) remembers that `fun` needed replay,
+    `memo` (one per function, see `_memo_for`) remembers that `fun` needed replay
+    (and whether the JAX-trace front end could not run it, see `_run_replay`),
     so later calls go straight to it: the dynamic attempt is not repeated (nor
     the side effects it ran before failing). Replay is exact whenever it
     succeeds, so this is never stale; should replay fail on a later call (Python
@@ -156,7 +157,7 @@ def _run(
     """
     if memo is not None and memo.get("replay"):
         try:
-            return _run_replay(fun, args, tracers, level)
+            return _run_replay(fun, args, tracers, level, memo)
         except UnrecordableJaxCallError:
             memo["replay"] = False
     try:
@@ -167,7 +168,7 @@ def _run(
     except (TypeError, ValueError) as e:
         if not core.names_tracer(e):
             raise
-    out = _run_replay(fun, args, tracers, level)
+    out = _run_replay(fun, args, tracers, level, memo)
     if memo is not None:
         memo["replay"] = True
     return out
@@ -192,7 +193,8 @@ def _replay(flat_fun: Callable, values: list[Any], level: int) -> tuple[list[Any
     return replay.replay(flat_fun, values, level)
 
 
-def _run_replay(fun: Callable, args: list[Any], tracers: list[Tracer], level: int) -> Any:
+def _run_replay(fun: Callable, args: list, tracers: list[Tracer], level: int, memo=None) -> Any:
+    """The JAX-trace front end when it applies, else jaxpr replay; `memo` as in `_run`."""
     leaves, tree = jax.tree_util.tree_flatten(args)
     lifted = [i for i, x in enumerate(leaves) if isinstance(x, Tracer)]
 
@@ -203,10 +205,11 @@ def _run_replay(fun: Callable, args: list[Any], tracers: list[Tracer], level: in
         return fun(*jax.tree_util.tree_unflatten(tree, full))
 
     lifted_values = [leaves[i] for i in lifted]
-    if jaxtrace.eligible(lifted_values, level):
+    if (memo is None or memo.get("jaxtrace", True)) and jaxtrace.eligible(lifted_values, level):
         # The fast path (see `engine/jaxtrace.py`): the function runs once, eagerly.
         # Whatever it leaves to replay (or any error) is replayed below, which
-        # gives the same result, or the error with its source line.
+        # gives the same result, or the error with its source line. The memo
+        # then sends later calls of `fun` straight to replay.
         out_tree: list[Any] = []
 
         def flat_out(*xs):
@@ -217,7 +220,8 @@ def _run_replay(fun: Callable, args: list[Any], tracers: list[Tracer], level: in
         try:
             outs = jaxtrace.run(flat_out, lifted_values)
         except Exception:  # noqa: BLE001 - replay reproduces it or handles it
-            pass
+            if memo is not None:
+                memo["jaxtrace"] = False
         else:
             return jax.tree_util.tree_unflatten(out_tree[0], outs)
 
