@@ -154,10 +154,10 @@ def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
     broadcasting to do (the common case, decided from types alone), else None:
     a Python number beside floats, or a Tracer or array of `t`'s dtype and shape
     (or rank 0)."""
+    if not _is_float_tracer(t):
+        return None
     tv = t.value
     dtype = tv.dtype
-    if dtype not in _FLOATS or getattr(tv, "weak_type", False):
-        return None
     kind = type(other)
     if kind is float or kind is int:
         return np.asarray(other, dtype)

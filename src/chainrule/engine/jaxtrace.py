@@ -66,9 +66,6 @@ class Box(jcore.Tracer):
         super().__init__(trace, _aval(val))
         self.val = val
 
-    def full_lower(self):
-        return self
-
     def to_concrete_value(self):
         # Not concrete, as for jax.jit: Python control flow on a value raises
         # JAX's error, and replay then explains what to do instead.
@@ -104,9 +101,6 @@ class ChainruleTrace(jcore.Trace):
         boxed = [Box(self, o) for o in outs]
         return boxed if primitive.multiple_results else boxed[0]
 
-    def process_call(self, call_primitive, f, tracers, params, /):
-        raise Unsupported(f"call primitive {call_primitive}")
-
     def process_custom_jvp_call(self, primitive, fun, jvp, tracers, /, *, symbolic_zeros):
         if symbolic_zeros:
             raise Unsupported("custom_jvp with symbolic zeros")
@@ -120,11 +114,8 @@ class ChainruleTrace(jcore.Trace):
     def process_custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, /, **params):
         raise Unsupported("custom_vjp")  # replay honours the user's fwd/bwd
 
-    def process_map(self, *args, **kwargs):
-        raise Unsupported("map")
-
-    def cur_qdd(self, x):
-        raise Unsupported("quasi-dynamic data")
+    # Other interpreter hooks (call primitives, pmap, ...) are the base class's,
+    # which raise: the function is then replayed.
 
 
 def _where() -> str:

@@ -72,18 +72,14 @@ def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], *args: Any) -> list[An
                 if core.is_recording():
                     core.set_source(None)
         else:
-            outvals = _eval_untraced(eqn, invals)
+            outvals = _eval_untraced(eqn.primitive, eqn.params, invals)
         for v, x in zip(eqn.outvars, outvals, strict=True):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
 
-def _eval_untraced(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
-    return _eval_untraced_prim(eqn.primitive, eqn.params, invals)
-
-
-def _eval_untraced_prim(primitive: Any, params: dict[str, Any], invals: list[Any]) -> list[Any]:
+def _eval_untraced(primitive: Any, params: dict[str, Any], invals: list[Any]) -> list[Any]:
     """An equation with no Tracer among its inputs: with NumPy when its inputs
     are host values (the NumPy column of chainrule's table, as in `core.evaluate`),
     else with JAX as the jaxpr says."""
@@ -136,7 +132,7 @@ def apply_primitive(
     user's source line for error messages."""
     if any(isinstance(x, Tracer) for x in invals):
         return _apply(primitive.name, params, invals, where_fn)
-    return _eval_untraced_prim(primitive, params, invals)
+    return _eval_untraced(primitive, params, invals)
 
 
 def _apply(name: str, params: dict[str, Any], invals: list[Any], where_fn) -> list[Any]:
@@ -218,13 +214,9 @@ class _CustomJVPCall(Primitive):
 
 
 def _custom_jvp_call_impl(*args: Any, **params: Any) -> list[Any]:
-    """Untraced: JAX runs the function (and applies its rule if JAX differentiates);
-    on host values (eager, nothing differentiates it but chainrule, which uses
-    the rule) its body is evaluated here, with NumPy where it can be."""
-    if host.host_operands(args) is not None:
-        return eval_closed(params["call_jaxpr"], *args)
-    prim = jcore.primitives.custom_jvp_call_p
-    return prim.bind(*args, **prim.get_bind_params(params))
+    """Untraced, as an untraced equation: its body inline on host values, else
+    JAX runs the function (and applies its rule if JAX differentiates)."""
+    return _eval_untraced(jcore.primitives.custom_jvp_call_p, params, list(args))
 
 
 custom_jvp_call_p = _CustomJVPCall("custom_jvp_call", _custom_jvp_call_impl, multiple_results=True)
