@@ -1,0 +1,22 @@
+"""The primitive table, one module per family of primitives.
+
+Each entry mirrors one `jax.lax` primitive and has an implementation (a
+public `jax.lax` call on untraced values), optionally a NumPy version for
+concrete host values, and its VJP makers, written right below it, one per
+argument, in the form `(ans, *primals, **params) -> (g -> cotangent)`.
+
+The rules are written with the traced ops of these modules (`mul`, `neg`,
+`reduce_sum`, ...), never with `jax.numpy`, so a backward pass run on Tracers
+is itself recorded and can be differentiated again (higher order).
+
+The families import one way: `registry` <- `shape` <- `elementwise` <-
+`indexing`, `reductions`, `linalg` <- `calls`. A new rule goes into the module
+of its family; `PRIMITIVES` (in `registry`) is the whole table.
+"""
+
+from chainrule.engine.rules.elementwise import *  # noqa: F403
+from chainrule.engine.rules.indexing import *  # noqa: F403
+from chainrule.engine.rules.linalg import *  # noqa: F403
+from chainrule.engine.rules.reductions import *  # noqa: F403
+from chainrule.engine.rules.registry import *  # noqa: F403
+from chainrule.engine.rules.shape import *  # noqa: F403

@@ -1,0 +1,345 @@
+"""Elementwise primitives: arithmetic, comparisons, selection, powers,
+exponentials, logarithms, trigonometric and special functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from chainrule.engine import host
+from chainrule.engine.core import Primitive, raw
+from chainrule.engine.rules.registry import (
+    const,
+    defvjp,
+    full_like,
+    primitive,
+    shape_of,
+    zeros_like,
+)
+from chainrule.engine.rules.shape import unbroadcast
+
+# --- elementwise arithmetic ---------------------------------------------------
+
+
+def _broadcasting(op: Callable) -> Callable:
+    """A binary lax op that also takes operands of NumPy-broadcastable shapes.
+
+    On the host, the dynamic front end records binary ops without explicit
+    broadcasts (NumPy broadcasts by itself, and the rules un-broadcast their
+    cotangents); if such a node's VJP later meets JAX values (e.g. a
+    cotangent passed to `vjp_fn`), this keeps the lax call legal. Operands of
+    equal shapes, the only kind seen under `jit`, pass straight through.
+    """
+
+    def impl(x, y):
+        xs, ys = np.shape(x), np.shape(y)
+        if xs != ys and xs and ys:
+            shape = np.broadcast_shapes(xs, ys)
+            x, y = jnp.broadcast_to(x, shape), jnp.broadcast_to(y, shape)
+        return op(x, y)
+
+    impl.__name__ = getattr(op, "__name__", "binary")
+    return impl
+
+
+# Binary lax primitives take equal shapes, or a rank-0 operand with an array;
+# their rules sum the cotangent back to each operand's shape with `unbroadcast`.
+
+
+def _host_div(x, y):
+    """lax.div: true division for floats, rounding toward zero for integers."""
+    if np.result_type(x).kind not in "iu":
+        return np.true_divide(x, y)
+    q = np.floor_divide(x, y)
+    return q + ((q < 0) & (q * y != x)).astype(q.dtype)
+
+
+add_p = primitive("add", _broadcasting(lax.add), host=np.add)
+sub_p = primitive("sub", _broadcasting(lax.sub), host=np.subtract)
+mul_p = primitive("mul", _broadcasting(lax.mul), host=np.multiply)
+div_p = primitive("div", _broadcasting(lax.div), host=_host_div)
+neg_p = primitive("neg", lax.neg, host=np.negative)
+add_any_p = primitive("add_any", _broadcasting(lax.add), host=np.add)
+add, sub, mul, div, neg = add_p.bind, sub_p.bind, mul_p.bind, div_p.bind, neg_p.bind
+
+
+defvjp(
+    add_p,
+    lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(g, shape_of(y)),
+)
+defvjp(add_any_p, lambda ans, x, y: lambda g: g, lambda ans, x, y: lambda g: g)
+defvjp(
+    sub_p,
+    lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(neg(g), shape_of(y)),
+)
+defvjp(
+    mul_p,
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, y), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(mul(x, g), shape_of(y)),
+)
+defvjp(
+    div_p,
+    lambda ans, x, y: lambda g: unbroadcast(div(g, y), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(mul(mul(neg(g), x), integer_pow(y, -2)), shape_of(y)),
+)
+defvjp(neg_p, lambda ans, x: lambda g: neg(g))
+
+# Comparisons and logic: no gradient; their outputs are never traced.
+eq_p = primitive("eq", _broadcasting(lax.eq), host=np.equal, differentiable=False)
+ne_p = primitive("ne", _broadcasting(lax.ne), host=np.not_equal, differentiable=False)
+lt_p = primitive("lt", _broadcasting(lax.lt), host=np.less, differentiable=False)
+le_p = primitive("le", _broadcasting(lax.le), host=np.less_equal, differentiable=False)
+gt_p = primitive("gt", _broadcasting(lax.gt), host=np.greater, differentiable=False)
+ge_p = primitive("ge", _broadcasting(lax.ge), host=np.greater_equal, differentiable=False)
+and_p = primitive("and", lax.bitwise_and, host=np.bitwise_and, differentiable=False)
+or_p = primitive("or", lax.bitwise_or, host=np.bitwise_or, differentiable=False)
+not_p = primitive("not", lax.bitwise_not, host=np.invert, differentiable=False)
+xor_p = primitive("xor", lax.bitwise_xor, host=np.bitwise_xor, differentiable=False)
+is_finite_p = primitive("is_finite", lax.is_finite, host=np.isfinite, differentiable=False)
+sign_p = primitive("sign", lax.sign, host=np.sign, differentiable=False)
+floor_p = primitive("floor", lax.floor, host=np.floor, differentiable=False)
+ceil_p = primitive("ceil", lax.ceil, host=np.ceil, differentiable=False)
+round_p = primitive(
+    "round",
+    lambda x, rounding_method=0: lax.round(x, rounding_method),
+    ("rounding_method",),
+    differentiable=False,
+)
+eq, ne, lt, le, gt, ge = eq_p.bind, ne_p.bind, lt_p.bind, le_p.bind, gt_p.bind, ge_p.bind
+logical_and, sign, floor = and_p.bind, sign_p.bind, floor_p.bind
+
+
+class _SelectN(Primitive):
+    """select_n(which, *cases): case i gets `g` where it was selected, 0 elsewhere."""
+
+    def vjp(self, g, node):
+        which, *cases = node.primals
+        return [
+            select_n(which, *(g if j == i - 1 else zeros_like(g) for j in range(len(cases))))
+            for i in node.argnums
+        ]
+
+
+def _host_select_n(which, *cases):
+    if len(cases) == 2 and which.dtype == np.bool_:
+        return np.where(which, cases[1], cases[0])
+    return np.choose(which, cases)
+
+
+select_n_p = primitive("select_n", lax.select_n, host=_host_select_n, cls=_SelectN)
+
+
+def select_n(which: Any, *cases: Any) -> Any:
+    return select_n_p.bind(which, *cases)
+
+
+max_p = primitive("max", _broadcasting(lax.max), host=np.maximum)
+min_p = primitive("min", _broadcasting(lax.min), host=np.minimum)
+maximum, minimum = max_p.bind, min_p.bind
+
+
+@jax.jit
+def _balanced_eq_mask(x: Any, ans: Any, y: Any):
+    x_won = jnp.equal(x, ans).astype(ans.dtype)  # jnp: operands may be broadcastable
+    tied = jnp.equal(y, ans).astype(ans.dtype)
+    return x_won / (1 + tied)
+
+
+def _balanced_eq(x: Any, ans: Any, y: Any):
+    """1 where x was chosen, 1/2 where x and y tied, 0 elsewhere (JAX's convention).
+
+    A constant (no gradient flows through the comparison), computed in one
+    compiled call, or with NumPy on host values.
+    """
+    x, ans, y = raw(x), raw(ans), raw(y)
+    if host.host_operands((x, ans, y)) is not None:
+        x, ans, y = host.host_operands((x, ans, y))
+        x_won = np.equal(x, ans).astype(ans.dtype)
+        return x_won / (1 + np.equal(y, ans).astype(ans.dtype))
+    return _balanced_eq_mask(x, ans, y)
+
+
+_chooser_vjps = (  # max and min: the cotangent follows the chosen operand
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(x, ans, y)), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(y, ans, x)), shape_of(y)),
+)
+defvjp(max_p, *_chooser_vjps)
+defvjp(min_p, *_chooser_vjps)
+
+clamp_p = primitive("clamp", lax.clamp, host=lambda lo, x, hi: np.minimum(np.maximum(x, lo), hi))
+defvjp(
+    clamp_p,
+    lambda ans, lo, x, hi: (
+        lambda g: unbroadcast(
+            select_n(logical_and(gt(lo, x), lt(lo, hi)), zeros_like(g), g), shape_of(lo)
+        )
+    ),
+    lambda ans, lo, x, hi: lambda g: select_n(logical_and(gt(x, lo), lt(x, hi)), zeros_like(g), g),
+    lambda ans, lo, x, hi: (
+        lambda g: unbroadcast(select_n(lt(hi, x), zeros_like(g), g), shape_of(hi))
+    ),
+)
+
+# --- powers, exponentials, logarithms ----------------------------------------
+
+
+def _host_integer_pow(x, y):
+    if y < 0 and np.result_type(x).kind in "iu":
+        return NotImplemented
+    if y == 2:
+        return np.multiply(x, x)
+    return np.power(x, np.asarray(y, np.result_type(x)))
+
+
+integer_pow_p = primitive(
+    "integer_pow", lambda x, y: lax.integer_pow(x, y), ("y",), host=_host_integer_pow
+)
+
+
+def integer_pow(x: Any, y: int) -> Any:
+    return integer_pow_p.bind(x, y=y)
+
+
+def _integer_pow_vjp(ans, x, y):
+    """d/dx x**y = y * x**(y-1), with x**1 = x and x**0 = 1 spelled out (no extra ops)."""
+    if y == 0:
+        return lambda g: zeros_like(g)
+    if y == 1:
+        return lambda g: g
+    if y == 2:
+        return lambda g: mul(g, mul(const(x, 2), x))
+    return lambda g: mul(g, mul(const(x, y), integer_pow(x, y - 1)))
+
+
+defvjp(integer_pow_p, _integer_pow_vjp)
+
+square_p = primitive("square", lax.square, host=np.square)
+defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)))
+
+pow_p = primitive("pow", _broadcasting(lax.pow), host=np.power)
+pow_ = pow_p.bind
+log_p = primitive("log", lax.log, host=np.log)
+log = log_p.bind
+
+
+def _replace_zero(x: Any) -> Any:
+    return select_n(eq(x, const(x, 0)), x, full_like(x, 1))
+
+
+defvjp(
+    pow_p,
+    lambda ans, x, y: (
+        lambda g: unbroadcast(mul(g, mul(y, pow_(x, sub(y, const(y, 1))))), shape_of(x))
+    ),
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, mul(log(_replace_zero(x)), ans)), shape_of(y)),
+)
+
+sqrt_p = primitive("sqrt", lax.sqrt, host=np.sqrt)
+rsqrt_p = primitive("rsqrt", lax.rsqrt, host=lambda x: np.reciprocal(np.sqrt(x)))
+cbrt_p = primitive("cbrt", lax.cbrt, host=np.cbrt)
+exp_p = primitive("exp", lax.exp, host=np.exp)
+exp2_p = primitive("exp2", lax.exp2, host=np.exp2)
+log1p_p = primitive("log1p", lax.log1p, host=np.log1p)
+expm1_p = primitive("expm1", lax.expm1, host=np.expm1)
+sqrt, rsqrt, exp = sqrt_p.bind, rsqrt_p.bind, exp_p.bind
+
+defvjp(sqrt_p, lambda ans, x: lambda g: mul(g, div(const(x, 0.5), ans)))
+defvjp(rsqrt_p, lambda ans, x: lambda g: mul(g, mul(const(x, -0.5), div(ans, x))))
+defvjp(cbrt_p, lambda ans, x: lambda g: mul(g, mul(const(x, 1 / 3), integer_pow(ans, -2))))
+defvjp(exp_p, lambda ans, x: lambda g: mul(g, ans))
+defvjp(exp2_p, lambda ans, x: lambda g: mul(g, mul(const(x, math.log(2)), ans)))
+defvjp(log_p, lambda ans, x: lambda g: div(g, x))
+defvjp(log1p_p, lambda ans, x: lambda g: div(g, add(x, const(x, 1))))
+defvjp(expm1_p, lambda ans, x: lambda g: mul(g, add(ans, const(ans, 1))))
+
+# --- trigonometric, hyperbolic and special functions --------------------------
+
+sin_p = primitive("sin", lax.sin, host=np.sin)
+cos_p = primitive("cos", lax.cos, host=np.cos)
+tan_p = primitive("tan", lax.tan, host=np.tan)
+asin_p = primitive("asin", lax.asin, host=np.arcsin)
+acos_p = primitive("acos", lax.acos, host=np.arccos)
+atan_p = primitive("atan", lax.atan, host=np.arctan)
+sinh_p = primitive("sinh", lax.sinh, host=np.sinh)
+cosh_p = primitive("cosh", lax.cosh, host=np.cosh)
+tanh_p = primitive("tanh", lax.tanh, host=np.tanh)
+asinh_p = primitive("asinh", lax.asinh, host=np.arcsinh)
+acosh_p = primitive("acosh", lax.acosh, host=np.arccosh)
+atanh_p = primitive("atanh", lax.atanh, host=np.arctanh)
+atan2_p = primitive("atan2", _broadcasting(lax.atan2), host=np.arctan2)
+logistic_p = primitive(
+    "logistic", lax.logistic, host=lambda x: np.reciprocal(np.exp(np.negative(x)) + x.dtype.type(1))
+)
+erf_p = primitive("erf", lax.erf)
+erf_inv_p = primitive("erf_inv", lax.erf_inv)
+abs_p = primitive("abs", lax.abs, host=np.abs)
+sin, cos, sinh, cosh = sin_p.bind, cos_p.bind, sinh_p.bind, cosh_p.bind
+tanh, logistic, abs_ = tanh_p.bind, logistic_p.bind, abs_p.bind
+
+
+def _one_minus_square(x: Any) -> Any:
+    return sub(const(x, 1), mul(x, x))
+
+
+defvjp(sin_p, lambda ans, x: lambda g: mul(g, cos(x)))
+defvjp(cos_p, lambda ans, x: lambda g: mul(g, neg(sin(x))))
+defvjp(tan_p, lambda ans, x: lambda g: mul(g, add(const(x, 1), mul(ans, ans))))
+defvjp(asin_p, lambda ans, x: lambda g: mul(g, rsqrt(_one_minus_square(x))))
+defvjp(acos_p, lambda ans, x: lambda g: mul(g, neg(rsqrt(_one_minus_square(x)))))
+defvjp(atan_p, lambda ans, x: lambda g: div(g, add(const(x, 1), mul(x, x))))
+defvjp(sinh_p, lambda ans, x: lambda g: mul(g, cosh(x)))
+defvjp(cosh_p, lambda ans, x: lambda g: mul(g, sinh(x)))
+defvjp(tanh_p, lambda ans, x: lambda g: mul(g, _one_minus_square(ans)))
+defvjp(asinh_p, lambda ans, x: lambda g: mul(g, rsqrt(add(mul(x, x), const(x, 1)))))
+defvjp(
+    acosh_p, lambda ans, x: lambda g: mul(g, rsqrt(mul(sub(x, const(x, 1)), add(x, const(x, 1)))))
+)
+defvjp(atanh_p, lambda ans, x: lambda g: div(g, _one_minus_square(x)))
+defvjp(
+    atan2_p,
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, div(y, add(mul(x, x), mul(y, y)))), shape_of(x)),
+    lambda ans, x, y: (
+        lambda g: unbroadcast(mul(g, div(neg(x), add(mul(x, x), mul(y, y)))), shape_of(y))
+    ),
+)
+defvjp(logistic_p, lambda ans, x: lambda g: mul(g, mul(ans, sub(const(ans, 1), ans))))
+defvjp(
+    erf_p,
+    lambda ans, x: lambda g: mul(g, mul(const(x, 2 / math.sqrt(math.pi)), exp(neg(mul(x, x))))),
+)
+defvjp(
+    erf_inv_p,
+    lambda ans, x: lambda g: mul(g, mul(const(x, math.sqrt(math.pi) / 2), exp(mul(ans, ans)))),
+)
+# abs'(0) = +1, as in JAX 0.10 (PyTorch uses sign(0) = 0 here; chainrule agrees with jax.grad).
+defvjp(abs_p, lambda ans, x: lambda g: select_n(ge(x, const(x, 0)), neg(g), g))
+
+rem_p = primitive("rem", lax.rem, host=np.fmod)
+defvjp(
+    rem_p,
+    lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
+    lambda ans, x, y: (
+        lambda g: unbroadcast(
+            mul(neg(g), mul(sign(div(x, y)), floor(abs_(div(x, y))))), shape_of(y)
+        )
+    ),
+)
+
+
+def add_cotangents(a: Any, b: Any) -> Any:
+    """Accumulates two cotangents; tuples (multiple-results nodes) add elementwise."""
+    if isinstance(a, tuple):
+        return tuple(
+            y if x is None else x if y is None else add_cotangents(x, y)
+            for x, y in zip(a, b, strict=True)
+        )
+    return add_any_p.bind(a, b)

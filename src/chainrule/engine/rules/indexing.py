@@ -1,0 +1,391 @@
+"""Indexing primitives: padding, slicing, concatenation, dynamic slices,
+gather and scatter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from jax import lax
+
+from chainrule.engine.core import Primitive, raw
+from chainrule.engine.rules.elementwise import select_n, sub
+from chainrule.engine.rules.registry import const, defvjp, primitive, shape_of, zeros_like
+from chainrule.engine.rules.shape import reduce_sum, reshape
+
+
+def _host_pad(x, padding_value, padding_config):
+    """lax.pad: interior padding, then edge padding (negative edges crop)."""
+    x = np.asarray(x)
+    grown = [(max(lo, 0), max(hi, 0), it) for lo, hi, it in padding_config]
+    shape = [
+        lo + (n + (n - 1) * it if n else 0) + hi
+        for (lo, hi, it), n in zip(grown, x.shape, strict=True)
+    ]
+    out = np.full(shape, padding_value, dtype=x.dtype)
+    out[
+        tuple(
+            slice(lo, lo + ((n - 1) * (it + 1) + 1 if n else 0), it + 1)
+            for (lo, _, it), n in zip(grown, x.shape, strict=True)
+        )
+    ] = x
+    crop = tuple(
+        slice(-min(lo, 0), size + min(hi, 0))
+        for (lo, hi, _), size in zip(padding_config, shape, strict=True)
+    )
+    return out[crop]
+
+
+pad_p = primitive("pad", lax.pad, ("padding_config",), host=_host_pad)
+
+
+def pad(x: Any, padding_value: Any, padding_config: Sequence[tuple[int, int, int]]) -> Any:
+    return pad_p.bind(x, padding_value, padding_config=tuple(map(tuple, padding_config)))
+
+
+def _pad_operand_vjp(ans, x, padding_value, padding_config):
+    def vjp(g):
+        unpad = [(-lo, -hi, 0) for lo, hi, _ in padding_config]
+        unpadded = pad(g, const(g, 0), unpad)
+        steps = tuple(interior + 1 for _, _, interior in padding_config)
+        return slice_(unpadded, (0,) * len(steps), shape_of(unpadded), steps)
+
+    return vjp
+
+
+def _pad_value_vjp(ans, x, padding_value, padding_config):
+    def vjp(g):
+        everything = tuple(range(len(shape_of(g))))
+        t_operand = _pad_operand_vjp(ans, x, padding_value, padding_config)(g)
+        return sub(reduce_sum(g, everything), reduce_sum(t_operand, everything))
+
+    return vjp
+
+
+defvjp(pad_p, _pad_operand_vjp, _pad_value_vjp)
+
+slice_p = primitive(
+    "slice",
+    lax.slice,
+    ("start_indices", "limit_indices", "strides"),
+    host=lambda x, start_indices, limit_indices, strides=None: x[
+        tuple(
+            slice(lo, hi, 1 if strides is None else strides[d])
+            for d, (lo, hi) in enumerate(zip(start_indices, limit_indices, strict=True))
+        )
+    ],
+)
+
+
+def slice_(x: Any, start_indices, limit_indices, strides=None) -> Any:
+    if strides is not None and all(s == 1 for s in strides):
+        strides = None
+    return slice_p.bind(
+        x,
+        start_indices=tuple(start_indices),
+        limit_indices=tuple(limit_indices),
+        strides=None if strides is None else tuple(strides),
+    )
+
+
+def _slice_vjp(ans, x, start_indices, limit_indices, strides):
+    def vjp(g):
+        xshape, gshape = shape_of(x), shape_of(g)
+        if strides is None:
+            config = [
+                (lo, n - hi, 0)
+                for lo, hi, n in zip(start_indices, limit_indices, xshape, strict=True)
+            ]
+        else:
+            real_limits = [
+                lo + (m - 1) * s + 1 if m else lo
+                for lo, m, s in zip(start_indices, gshape, strides, strict=True)
+            ]
+            config = [
+                (lo, n - hi, s - 1 if m else 0)
+                for lo, hi, n, s, m in zip(
+                    start_indices, real_limits, xshape, strides, gshape, strict=True
+                )
+            ]
+        return pad(g, const(g, 0), config)
+
+    return vjp
+
+
+defvjp(slice_p, _slice_vjp)
+
+
+class _Concatenate(Primitive):
+    """concatenate takes any number of operands: its rule slices `g` per operand."""
+
+    def vjp(self, g, node):
+        d = node.params["dimension"]
+        sizes = [shape_of(x)[d] for x in node.primals]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        gshape = shape_of(g)
+        out = []
+        for i in node.argnums:
+            lo, hi = [0] * len(gshape), list(gshape)
+            lo[d], hi[d] = int(starts[i]), int(starts[i + 1])
+            out.append(slice_(g, lo, hi))
+        return out
+
+
+concatenate_p = primitive(
+    "concatenate",
+    lambda *xs, dimension: lax.concatenate(xs, dimension),
+    ("dimension",),
+    host=lambda *xs, dimension: np.concatenate(xs, dimension),
+    cls=_Concatenate,
+)
+
+
+def concatenate(xs: Sequence[Any], dimension: int) -> Any:
+    return concatenate_p.bind(*xs, dimension=dimension)
+
+
+class _Stack(Primitive):
+    """stack(*xs, axis): operand i gets the slice of `g` at position i along `axis`."""
+
+    def vjp(self, g, node):
+        axis = node.params["axis"]
+        gshape = shape_of(g)
+        out = []
+        for i in node.argnums:
+            lo, hi = [0] * len(gshape), list(gshape)
+            lo[axis], hi[axis] = i, i + 1
+            out.append(reshape(slice_(g, lo, hi), shape_of(node.primals[i])))
+        return out
+
+
+stack_p = primitive(
+    "stack",
+    lambda *xs, axis: lax.stack(xs, axis),
+    ("axis",),
+    host=lambda *xs, axis: np.stack(xs, axis),
+    cls=_Stack,
+)
+
+
+def stack(xs: Sequence[Any], axis: int) -> Any:
+    return stack_p.bind(*xs, axis=axis)
+
+
+tile_p = primitive(
+    "tile", lambda x, reps: lax.tile(x, reps), ("reps",), host=lambda x, reps: np.tile(x, reps)
+)
+
+
+def _tile_vjp(ans, x, reps):
+    """Each copy's cotangent is summed: view g as (r0, n0, r1, n1, ...), sum the r's."""
+    xshape = shape_of(x)
+    if len(reps) != len(xshape):
+        raise NotImplementedError(
+            f"chainrule: tile with {len(reps)} reps for a rank-{len(xshape)} operand"
+        )
+    interleaved = tuple(d for r, n in zip(reps, xshape, strict=True) for d in (r, n))
+    copies = tuple(range(0, 2 * len(xshape), 2))
+    return lambda g: reduce_sum(reshape(g, interleaved), copies)
+
+
+defvjp(tile_p, _tile_vjp)
+
+
+class _Split(Primitive):
+    """split's outputs are one node; its rule concatenates their cotangents."""
+
+    def vjp(self, g, node):
+        axis = node.params["axis"]
+        cts = [zeros_like(a) if ct is None else ct for ct, a in zip(g, node.ans, strict=True)]
+        return [concatenate(cts, axis)]
+
+
+split_p = primitive(
+    "split",
+    lambda x, sizes, axis: lax.split(x, sizes, axis),
+    ("sizes", "axis"),
+    host=lambda x, sizes, axis: np.split(x, np.cumsum(sizes)[:-1], axis),
+    multiple_results=True,
+    cls=_Split,
+)
+
+
+class _DynamicSlice(Primitive):
+    """Index operands are integers: only the array operand(s) get cotangents."""
+
+    def vjp(self, g, node):
+        if self.name == "dynamic_slice":
+            x, *idx = node.primals
+            assert node.argnums == (0,), node.argnums
+            return [dynamic_update_slice(zeros_like(x), g, idx)]
+        x, update, *idx = node.primals
+        rules = {
+            0: lambda: dynamic_update_slice(g, zeros_like(update), idx),
+            1: lambda: dynamic_slice(g, idx, shape_of(update)),
+        }
+        return [rules[i]() for i in node.argnums]
+
+
+def _clamped_window(x, idx, sizes) -> tuple[slice, ...]:
+    """lax clamps start indices so that the window lies inside `x`."""
+    starts = [min(max(int(i), 0), n - s) for i, n, s in zip(idx, np.shape(x), sizes, strict=True)]
+    return tuple(slice(i, i + s) for i, s in zip(starts, sizes, strict=True))
+
+
+def _host_dynamic_update_slice(x, update, *idx):
+    out = np.array(x)
+    out[_clamped_window(x, idx, np.shape(update))] = update
+    return out
+
+
+dynamic_slice_p = primitive(
+    "dynamic_slice",
+    lambda x, *idx, slice_sizes: lax.dynamic_slice(x, idx, slice_sizes),
+    ("slice_sizes",),
+    host=lambda x, *idx, slice_sizes: x[_clamped_window(x, idx, slice_sizes)],
+    cls=_DynamicSlice,
+)
+dynamic_update_slice_p = primitive(
+    "dynamic_update_slice",
+    lambda x, update, *idx: lax.dynamic_update_slice(x, update, idx),
+    host=_host_dynamic_update_slice,
+    cls=_DynamicSlice,
+)
+
+
+def dynamic_slice(x: Any, idx: Sequence[Any], slice_sizes: Sequence[int]) -> Any:
+    return dynamic_slice_p.bind(x, *idx, slice_sizes=tuple(slice_sizes))
+
+
+def dynamic_update_slice(x: Any, update: Any, idx: Sequence[Any]) -> Any:
+    return dynamic_update_slice_p.bind(x, update, *idx)
+
+
+gather_p = primitive(
+    "gather",
+    lambda x, indices, **p: lax.gather(x, indices, **p),
+    (
+        "dimension_numbers",
+        "slice_sizes",
+        "indices_are_sorted",
+        "unique_indices",
+        "mode",
+        "fill_value",
+    ),
+)
+scatter_add_p = primitive(
+    "scatter-add",
+    lambda x, indices, updates, **p: lax.scatter_add(x, indices, updates, **p),
+    ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
+)
+
+
+def _gather_vjp(
+    ans,
+    x,
+    indices,
+    dimension_numbers,
+    slice_sizes,
+    indices_are_sorted,
+    unique_indices,
+    mode,
+    fill_value,
+):
+    dn = dimension_numbers
+    scatter_dn = lax.ScatterDimensionNumbers(
+        update_window_dims=dn.offset_dims,
+        inserted_window_dims=dn.collapsed_slice_dims,
+        scatter_dims_to_operand_dims=dn.start_index_map,
+        operand_batching_dims=dn.operand_batching_dims,
+        scatter_indices_batching_dims=dn.start_indices_batching_dims,
+    )
+    return lambda g: scatter_add_p.bind(
+        zeros_like(x),
+        indices,
+        g,
+        dimension_numbers=scatter_dn,
+        indices_are_sorted=indices_are_sorted,
+        unique_indices=unique_indices,
+        mode=mode,
+    )
+
+
+def _scatter_as_gather(dn, x, updates) -> tuple[lax.GatherDimensionNumbers, tuple[int, ...]]:
+    """The gather that reads, for each element of `updates`, the position it writes."""
+    gather_dn = lax.GatherDimensionNumbers(
+        offset_dims=dn.update_window_dims,
+        collapsed_slice_dims=dn.inserted_window_dims,
+        start_index_map=dn.scatter_dims_to_operand_dims,
+        operand_batching_dims=dn.operand_batching_dims,
+        start_indices_batching_dims=dn.scatter_indices_batching_dims,
+    )
+    window = iter(dn.update_window_dims)
+    ushape = shape_of(updates)
+    slice_sizes = tuple(
+        1 if i in dn.inserted_window_dims or i in dn.operand_batching_dims else ushape[next(window)]
+        for i in range(len(shape_of(x)))
+    )
+    return gather_dn, slice_sizes
+
+
+def _scatter_add_updates_vjp(
+    ans, x, indices, updates, dimension_numbers, indices_are_sorted, unique_indices, mode
+):
+    gather_dn, slice_sizes = _scatter_as_gather(dimension_numbers, x, updates)
+    return lambda g: gather_p.bind(
+        g,
+        indices,
+        dimension_numbers=gather_dn,
+        slice_sizes=slice_sizes,
+        indices_are_sorted=indices_are_sorted,
+        unique_indices=unique_indices,
+        mode=mode,
+        fill_value=0,
+    )
+
+
+class _Scatter(Primitive):
+    """scatter (`x.at[i].set(u)`): overwritten positions of `x` get no cotangent;
+    each update gets the cotangent of the position it won (with duplicate
+    indices only the update that was written counts, found by scattering ids)."""
+
+    def vjp(self, g, node):
+        x, indices, updates = node.primals
+        dn, mode = node.params["dimension_numbers"], node.params["mode"]
+        gather_dn, slice_sizes = _scatter_as_gather(dn, x, updates)
+        ushape = shape_of(updates)
+        ids = np.arange(1, int(np.prod(ushape)) + 1, dtype=np.int32).reshape(ushape)
+        written = lax.scatter(
+            np.zeros(shape_of(x), np.int32), raw(indices), ids, dn,
+            indices_are_sorted=node.params["indices_are_sorted"],
+            unique_indices=node.params["unique_indices"], mode=mode,
+        )  # fmt: skip
+        won = lax.eq(
+            lax.gather(written, raw(indices), gather_dn, slice_sizes, mode=mode, fill_value=0), ids
+        )
+        out = []
+        for i in node.argnums:
+            if i == 0:
+                out.append(select_n(lax.eq(written, np.int32(0)), zeros_like(g), g))
+            elif i == 2:
+                read = gather_p.bind(
+                    g, indices, dimension_numbers=gather_dn, slice_sizes=slice_sizes,
+                    indices_are_sorted=node.params["indices_are_sorted"],
+                    unique_indices=node.params["unique_indices"], mode=mode, fill_value=0,
+                )  # fmt: skip
+                out.append(select_n(won, zeros_like(read), read))
+        return out
+
+
+scatter_p = primitive(
+    "scatter",
+    lambda x, indices, updates, **p: lax.scatter(x, indices, updates, **p),
+    ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
+    cls=_Scatter,
+)
+
+
+defvjp(gather_p, _gather_vjp, None)
+defvjp(scatter_add_p, lambda ans, x, *a, **p: lambda g: g, None, _scatter_add_updates_vjp)

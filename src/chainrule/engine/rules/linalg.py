@@ -1,0 +1,120 @@
+"""Linear algebra: `dot_general`."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+from jax import lax
+
+from chainrule.engine.rules.registry import argsort, defvjp, dtype_of, primitive, shape_of
+from chainrule.engine.rules.shape import convert_element_type, transpose
+
+# --- linear algebra -------------------------------------------------------------
+
+
+_DOT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None, **_):
+    """lax.dot_general as one `np.matmul` of (batch, free, contracted) layouts."""
+    dtype = x.dtype if preferred_element_type is None else np.dtype(preferred_element_type)
+    if dtype not in _DOT_DTYPES or x.dtype != dtype or y.dtype != dtype:
+        if preferred_element_type is None or dtype not in _DOT_DTYPES:
+            return NotImplemented
+        x, y = np.asarray(x, dtype), np.asarray(y, dtype)
+    (xc, yc), (xb, yb) = dimension_numbers
+    if not xb and len(xc) == 1 and x.ndim <= 2 and y.ndim <= 2:  # plain matrix products
+        xm = x.T if x.ndim == 2 and xc[0] == 0 else x
+        ym = y.T if y.ndim == 2 and yc[0] == 1 else y
+        return np.matmul(xm, ym)
+    xf = [d for d in range(x.ndim) if d not in xc and d not in xb]
+    yf = [d for d in range(y.ndim) if d not in yc and d not in yb]
+    batch = [x.shape[d] for d in xb]
+    k = math.prod(x.shape[d] for d in xc)
+    m, n = math.prod(x.shape[d] for d in xf), math.prod(y.shape[d] for d in yf)
+    xt = np.transpose(x, (*xb, *xf, *xc)).reshape(*batch, m, k)
+    yt = np.transpose(y, (*yb, *yc, *yf)).reshape(*batch, k, n)
+    out_shape = (*batch, *(x.shape[d] for d in xf), *(y.shape[d] for d in yf))
+    return np.matmul(xt, yt).reshape(out_shape)
+
+
+dot_general_p = primitive(
+    "dot_general",
+    lambda x, y, dimension_numbers, precision=None, preferred_element_type=None: lax.dot_general(
+        x, y, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+    ),
+    ("dimension_numbers", "precision", "preferred_element_type"),
+    host=_host_dot_general,
+)
+
+
+def dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None) -> Any:
+    (xc, yc), (xb, yb) = dimension_numbers
+    dn = ((tuple(xc), tuple(yc)), (tuple(xb), tuple(yb)))
+    return dot_general_p.bind(
+        x,
+        y,
+        dimension_numbers=dn,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def _consecutive(*lengths: int) -> list[tuple[int, ...]]:
+    """Splits 0, 1, 2, ... into consecutive runs of the given lengths."""
+    out, start = [], 0
+    for n in lengths:
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return out
+
+
+def _dot_lhs_cotangent(
+    g, x, y, dimension_numbers, precision, preferred_element_type, swap_ans=False
+):
+    """The cotangent of dot_general's left operand `x` (or right, with swap_ans).
+
+    `g` has dimensions (batch..., x free..., y free...); contracting it with `y`
+    over y's free and batch dimensions gives x's batch, free and contracting
+    dimensions, which a transpose puts back in x's order.
+    """
+    dims, out_perm = _dot_cotangent_plan(
+        dimension_numbers, len(shape_of(x)), len(shape_of(y)), swap_ans
+    )
+    x_bar = transpose(
+        dot_general(g, y, dims, precision=precision, preferred_element_type=preferred_element_type),
+        out_perm,
+    )
+    return convert_element_type(x_bar, dtype_of(x))
+
+
+@functools.lru_cache(maxsize=1024)
+def _dot_cotangent_plan(dimension_numbers, x_ndim: int, y_ndim: int, swap_ans: bool):
+    """The dot_general and transpose of `_dot_lhs_cotangent` (pure shape logic, cached)."""
+    (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+    x_free = [d for d in range(x_ndim) if d not in x_contract and d not in x_batch]
+    y_free = [d for d in range(y_ndim) if d not in y_contract and d not in y_batch]
+    if swap_ans:
+        g_batch, g_y, _ = _consecutive(len(x_batch), len(y_free), len(x_free))
+    else:
+        g_batch, _, g_y = _consecutive(len(x_batch), len(x_free), len(y_free))
+    dims = ((g_y, tuple(y_free)), (g_batch, tuple(y_batch)))
+    x_contract_in_y_order = [x_contract[i] for i in argsort(y_contract)]
+    out_perm = argsort(list(x_batch) + x_free + x_contract_in_y_order)
+    return dims, out_perm
+
+
+def _dot_rhs_cotangent(g, x, y, dimension_numbers, precision, preferred_element_type):
+    (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
+    swapped = ((y_contract, x_contract), (y_batch, x_batch))
+    return _dot_lhs_cotangent(g, y, x, swapped, precision, preferred_element_type, swap_ans=True)
+
+
+defvjp(
+    dot_general_p,
+    lambda ans, x, y, **p: lambda g: _dot_lhs_cotangent(g, x, y, **p),
+    lambda ans, x, y, **p: lambda g: _dot_rhs_cotangent(g, x, y, **p),
+)

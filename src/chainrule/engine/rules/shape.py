@@ -1,0 +1,192 @@
+"""Structural primitives: type conversion and identities, broadcasting,
+reshaping, transposition and summation (with `unbroadcast`, the one helper
+that sums a broadcast cotangent back to its operand's shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from jax import lax
+
+from chainrule.engine.rules.registry import argsort, defvjp, dtype_of, primitive, shape_of
+
+# --- identities and type conversion -------------------------------------------
+
+stop_gradient_p = primitive(
+    "stop_gradient", lax.stop_gradient, host=lambda x: x, differentiable=False
+)
+stop_gradient = stop_gradient_p.bind
+
+copy_p = primitive("copy", lambda x: x, host=lambda x: x)
+defvjp(copy_p, lambda ans, x: lambda g: g)
+
+reduce_precision_p = primitive(
+    "reduce_precision", lax.reduce_precision, ("exponent_bits", "mantissa_bits")
+)
+defvjp(
+    reduce_precision_p,
+    lambda ans, x, exponent_bits, mantissa_bits: (
+        lambda g: reduce_precision_p.bind(
+            g, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits
+        )
+    ),
+)
+
+convert_element_type_p = primitive(
+    "convert_element_type",
+    lambda x, new_dtype: lax.convert_element_type(x, new_dtype),
+    ("new_dtype",),
+    host=lambda x, new_dtype: np.asarray(x).astype(new_dtype),
+)
+
+
+def convert_element_type(x: Any, new_dtype: Any) -> Any:
+    if dtype_of(x) == np.dtype(new_dtype):
+        return x
+    return convert_element_type_p.bind(x, new_dtype=np.dtype(new_dtype))
+
+
+defvjp(
+    convert_element_type_p, lambda ans, x, new_dtype: lambda g: convert_element_type(g, dtype_of(x))
+)
+
+iota_p = primitive(
+    "iota",
+    lambda dtype, shape, dimension: lax.broadcasted_iota(dtype, shape, dimension),
+    ("dtype", "shape", "dimension"),
+    differentiable=False,
+)
+
+# --- shapes: broadcasting, reshaping, slicing ---------------------------------
+
+
+def _host_broadcast_in_dim(x, shape, broadcast_dimensions, sharding=None):
+    expanded = [1] * len(shape)
+    for i, d in enumerate(broadcast_dimensions):
+        expanded[d] = np.shape(x)[i]
+    return np.broadcast_to(np.reshape(x, expanded), shape)
+
+
+broadcast_in_dim_p = primitive(
+    "broadcast_in_dim",
+    lax.broadcast_in_dim,
+    ("shape", "broadcast_dimensions"),
+    host=_host_broadcast_in_dim,
+)
+
+
+def broadcast_in_dim(x: Any, shape: Sequence[int], broadcast_dimensions: Sequence[int]) -> Any:
+    return broadcast_in_dim_p.bind(
+        x, shape=tuple(shape), broadcast_dimensions=tuple(broadcast_dimensions)
+    )
+
+
+defvjp(
+    broadcast_in_dim_p,
+    lambda ans, x, shape, broadcast_dimensions: (
+        lambda g: unbroadcast(g, shape_of(x), broadcast_dimensions)
+    ),
+)
+
+reshape_p = primitive(
+    "reshape",
+    lambda x, new_sizes, dimensions=None: lax.reshape(x, new_sizes, dimensions),
+    ("new_sizes", "dimensions"),
+    host=lambda x, new_sizes, dimensions=None: (
+        np.reshape(x, new_sizes) if dimensions is None else NotImplemented
+    ),
+)
+
+
+def reshape(x: Any, new_sizes: Sequence[int]) -> Any:
+    return reshape_p.bind(x, new_sizes=tuple(new_sizes), dimensions=None)
+
+
+def _reshape_vjp(ans, x, new_sizes, dimensions):
+    if dimensions is not None:
+        raise NotImplementedError("chainrule: reshape with `dimensions` is not supported")
+    return lambda g: reshape(g, shape_of(x))
+
+
+defvjp(reshape_p, _reshape_vjp)
+
+squeeze_p = primitive(
+    "squeeze",
+    lax.squeeze,
+    ("dimensions",),
+    host=lambda x, dimensions: np.squeeze(x, tuple(dimensions)),
+)
+defvjp(squeeze_p, lambda ans, x, dimensions: lambda g: reshape(g, shape_of(x)))
+
+transpose_p = primitive(
+    "transpose",
+    lax.transpose,
+    ("permutation",),
+    host=lambda x, permutation: np.transpose(x, permutation),
+)
+
+
+def transpose(x: Any, permutation: Sequence[int]) -> Any:
+    permutation = tuple(permutation)
+    if permutation == tuple(range(len(permutation))):
+        return x
+    return transpose_p.bind(x, permutation=permutation)
+
+
+defvjp(transpose_p, lambda ans, x, permutation: lambda g: transpose(g, argsort(permutation)))
+
+rev_p = primitive(
+    "rev", lax.rev, ("dimensions",), host=lambda x, dimensions: np.flip(x, tuple(dimensions))
+)
+defvjp(rev_p, lambda ans, x, dimensions: lambda g: rev_p.bind(g, dimensions=dimensions))
+
+
+# --- reductions ----------------------------------------------------------------
+
+reduce_sum_p = primitive(
+    "reduce_sum",
+    lambda x, axes: lax.reduce_sum(x, axes),
+    ("axes",),
+    host=lambda x, axes, out_sharding=None: np.add.reduce(x, tuple(axes), dtype=x.dtype),
+)
+
+
+def reduce_sum(x: Any, axes: Sequence[int]) -> Any:
+    return reduce_sum_p.bind(x, axes=tuple(axes))
+
+
+def kept_dims(x: Any, axes: Sequence[int]) -> tuple[int, ...]:
+    return tuple(d for d in range(len(shape_of(x))) if d not in axes)
+
+
+defvjp(
+    reduce_sum_p,
+    lambda ans, x, axes: lambda g: broadcast_in_dim(g, shape_of(x), kept_dims(x, axes)),
+)
+
+
+def unbroadcast(g: Any, shape: Sequence[int], dims: Sequence[int] | None = None) -> Any:
+    """Sums the cotangent `g` of a broadcast value back to the operand's `shape`.
+
+    Args:
+      g: cotangent of the broadcast result.
+      shape: the operand's shape before broadcasting.
+      dims: for `broadcast_in_dim`, which dimension of `g` each operand
+        dimension became; default is NumPy's rule (align on the right).
+    """
+    shape = tuple(shape)
+    gshape = shape_of(g)
+    if gshape == shape:
+        return g
+    if dims is None:
+        dims = range(len(gshape) - len(shape), len(gshape))
+    dims = tuple(dims)
+    summed = tuple(d for d in range(len(gshape)) if d not in dims) + tuple(
+        d for d, n in zip(dims, shape, strict=True) if n == 1 and gshape[d] != 1
+    )
+    if summed:
+        g = reduce_sum(g, tuple(sorted(summed)))
+    return reshape(g, shape) if shape_of(g) != shape else g
