@@ -264,3 +264,257 @@ def test_a_port_that_raises_gets_a_layout_hint(torch_case):
     with pytest.raises(TypeError) as e:
         compare_step(model, loss_fn, untransposed, None, x, labels)
     assert any("x @ W.T + b" in note for note in e.value.__notes__)
+
+
+# --------------------------------------------------------------------------- issue 12, item 11
+
+# Integers JAX stores in 32 bits while 64-bit types are off, at and past the edges.
+INTEGERS_THAT_FIT = [
+    (np.int64, [0, 3, -5, 2**31 - 1, -(2**31)]),
+    (np.uint64, [0, 7, 2**32 - 1]),
+    (np.int32, [2**31 - 1, -(2**31)]),
+    (np.int16, [-(2**15), 2**15 - 1]),
+    (np.uint8, [0, 255]),
+    (np.bool_, [True, False]),
+]
+INTEGERS_THAT_DO_NOT_FIT = [
+    (np.int64, 2**40),
+    (np.int64, 2**31),
+    (np.int64, -(2**31) - 1),
+    (np.int64, 2**63 - 1),
+    (np.int64, -(2**63)),
+    (np.uint64, 2**32),
+    (np.uint64, 2**64 - 1),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype, values, as_tensor",
+    [(*case, False) for case in INTEGERS_THAT_FIT]
+    + [(*case, True) for case in INTEGERS_THAT_FIT if case[0] != np.uint64],  # no torch uint64
+)
+def test_integer_buffers_that_fit_32_bits_convert_exactly_without_x64(dtype, values, as_tensor):
+    array = np.array(values, dtype)
+    value = pytest.importorskip("torch").from_numpy(array) if as_tensor else array
+    with jax.enable_x64(False):
+        tree = state_dict_to_pytree({"bn.num_batches_tracked": value, "scalar": array[0]})
+        converted, scalar = tree["bn.num_batches_tracked"], tree["scalar"]
+        assert converted.dtype == jax.dtypes.canonicalize_dtype(dtype)
+        assert np.asarray(converted).tolist() == array.tolist()
+        assert np.asarray(scalar).tolist() == array[0].tolist()
+
+
+@pytest.mark.parametrize("dtype, value", INTEGERS_THAT_DO_NOT_FIT)
+@pytest.mark.parametrize("shape", [(), (3,)], ids=["scalar", "array"])
+def test_integer_buffers_that_would_wrap_raise_and_name_x64(dtype, value, shape):
+    # int64 2**40 used to become int32 0 without a word.
+    array = np.zeros(shape, dtype)
+    array[...] = 1
+    array.reshape(-1)[-1] = value
+    with jax.enable_x64(False), pytest.raises(ValueError) as e:
+        state_dict_to_pytree({"steps": np.float32(1), "counter": array})
+    message = str(e.value)
+    assert "'counter'" in message and str(value) in message and "wrap" in message
+    assert 'jax.config.update("jax_enable_x64", True)' in message
+    # With 64-bit types on (as in this test suite) the value and dtype are kept exactly.
+    kept = state_dict_to_pytree({"counter": array})["counter"]
+    assert kept.dtype == dtype and np.asarray(kept).tolist() == array.tolist()
+
+
+def test_an_int64_torch_buffer_of_2_to_the_40_keeps_its_value(torch_case):
+    torch = torch_case[0]
+    sd = {"num_batches_tracked": torch.tensor(2**40), "ids": torch.tensor([-(2**62), 5])}
+    tree = state_dict_to_pytree(sd)  # x64 is on in this suite
+    assert tree["num_batches_tracked"].dtype == jnp.int64
+    assert int(tree["num_batches_tracked"]) == 2**40
+    assert np.asarray(tree["ids"]).tolist() == [-(2**62), 5]
+    back = pytree_to_state_dict(tree, like=sd)
+    assert all(torch.equal(back[n], sd[n]) for n in sd)
+    with jax.enable_x64(False), pytest.raises(ValueError, match="jax_enable_x64"):
+        state_dict_to_pytree(sd)
+
+
+def batchnorm_mse(params, x, y):
+    """nn.Sequential(Linear(8, 6), BatchNorm1d(6), Tanh(), Linear(6, 3)) in training mode."""
+    h = x @ params["0.weight"].T + params["0.bias"]
+    h = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5) * params["1.weight"] + params["1.bias"]
+    out = jnp.tanh(h) @ params["3.weight"].T + params["3.bias"]
+    return jnp.mean((out - y) ** 2)
+
+
+def test_compare_step_checks_int64_buffers_without_x64(torch_case):
+    torch = torch_case[0]
+    nn = torch.nn
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(10, 8), torch.randn(10, 3)
+    with jax.enable_x64(False):
+        for counter in (0, 2**31 - 1):  # fits: the comparison runs as before
+            model[1].num_batches_tracked.fill_(counter)
+            assert compare_step(model, nn.MSELoss(), batchnorm_mse, None, x, y).ok
+        model[1].num_batches_tracked.fill_(2**40)  # used to become 0 silently
+        with pytest.raises(ValueError, match=r"'1\.num_batches_tracked' holds 1099511627776"):
+            compare_step(model, nn.MSELoss(), batchnorm_mse, None, x, y)
+        params = {n: t.numpy() for n, t in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"params\['1\.num_batches_tracked'\].*x64"):
+            compare_step(model, nn.MSELoss(), batchnorm_mse, params, x, y)
+    assert compare_step(model, nn.MSELoss(), batchnorm_mse, None, x, y).ok  # x64 on
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "source",
+    ["state_dict", "named_parameters", "scaled tensors", "mixed"],
+)
+def test_compare_step_accepts_torch_tensors_as_params(torch_case, dtype, source):
+    # Used to fail with "Cannot interpret 'torch.float32' as a data type".
+    torch, original, loss_fn, x, labels = torch_case
+    model = copy.deepcopy(original).to(getattr(torch, dtype))
+    x = x.to(getattr(torch, dtype))
+    start = copy.deepcopy(model.state_dict())
+    if source == "state_dict":
+        params = model.state_dict()
+    elif source == "named_parameters":  # Parameters that require grad
+        params = dict(model.named_parameters())
+    elif source == "scaled tensors":
+        params = {n: t * 0.5 for n, t in model.state_dict().items()}
+    else:  # torch, NumPy and JAX arrays in one dict
+        sd = model.state_dict()
+        params = {
+            n: [sd[n], sd[n].numpy(), jnp.asarray(sd[n].numpy())][i % 3] for i, n in enumerate(sd)
+        }
+    report = compare_step(model, loss_fn, cross_entropy, params, x, labels)
+    assert report.ok, str(report)
+    # The same weights as JAX arrays give the very same report.
+    numpy = lambda t: t.detach().numpy() if hasattr(t, "detach") else np.asarray(t)
+    as_jax = {n: jnp.asarray(numpy(t)) for n, t in params.items()}
+    reference = compare_step(model, loss_fn, cross_entropy, as_jax, x, labels)
+    assert [r.to_dict() for r in report.rows] == [r.to_dict() for r in reference.rows]
+    # Neither the module nor the given tensors were modified.
+    assert all(torch.equal(model.state_dict()[n], start[n]) for n in NAMES)
+    if source != "scaled tensors":
+        assert all(
+            torch.equal(torch.as_tensor(np.array(numpy(params[n]))), start[n]) for n in NAMES
+        )
+
+
+def test_torch_tensor_params_that_disagree_get_the_usual_errors(torch_case):
+    torch, model, loss_fn, x, labels = torch_case
+    sd = model.state_dict()
+    with pytest.raises(ValueError, match=r"params\['0\.weight'\] is float64 but the torch module"):
+        compare_step(
+            model, loss_fn, cross_entropy, {n: t.double() for n, t in sd.items()}, x, labels
+        )
+    with pytest.raises(StateDictMismatchError, match="transposed"):
+        compare_step(model, loss_fn, cross_entropy, {**sd, "2.weight": sd["2.weight"].T}, x, labels)
+    with pytest.raises(TypeError, match="flat dict keyed by torch names"):
+        compare_step(model, loss_fn, cross_entropy, list(sd.values()), x, labels)
+    check_names_and_shapes(sd, sd)  # the other functions taking params accept tensors too
+    assert all(torch.equal(pytree_to_state_dict(sd, like=sd)[n], sd[n]) for n in sd)
+
+
+def make_tied_model(torch, dtype, kind):
+    """A model with one Parameter under two state_dict names."""
+    nn = torch.nn
+    torch.manual_seed(3)
+
+    class TiedEmbedding(nn.Module):  # language-model style: output layer = embedding^T
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 5)
+            self.mix = nn.Linear(5, 5)
+            self.out = nn.Linear(5, 7, bias=kind == "embedding+bias")
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.mix(self.emb(ids))))
+
+    class SharedLayer(nn.Module):  # one Linear registered (and used) twice
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(7, 7)
+            self.again = self.first
+            self.emb = nn.Embedding(7, 7)
+
+        def forward(self, ids):
+            return self.again(torch.tanh(self.first(self.emb(ids))))
+
+    model = SharedLayer() if kind == "shared layer" else TiedEmbedding()
+    return model.to(getattr(torch, dtype))
+
+
+def tied_port(kind, names="both"):
+    def port(p, ids, labels):
+        if kind == "shared layer":
+            linear = lambda h, who: h @ p[f"{who}.weight"].T + p[f"{who}.bias"]
+            h = linear(jnp.tanh(linear(p["emb.weight"][ids], "first")), "again")
+        else:
+            out_name = "out.weight" if names == "both" else "emb.weight"
+            h = jnp.tanh(p["emb.weight"][ids] @ p["mix.weight"].T + p["mix.bias"])
+            h = h @ p[out_name].T + (p["out.bias"] if "out.bias" in p else 0.0)
+        logp = jax.nn.log_softmax(h, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+    return port
+
+
+@pytest.mark.parametrize(
+    "kind, dtype, engine, jit",
+    [
+        ("embedding", "float32", "chainrule", True),
+        ("embedding", "float64", "chainrule", False),
+        ("embedding", "float64", "jax", True),
+        ("embedding+bias", "float32", "chainrule", False),
+        ("embedding+bias", "float64", "chainrule", True),
+        ("shared layer", "float64", "chainrule", True),
+        ("shared layer", "float32", "jax", False),
+    ],
+)
+def test_compare_step_passes_a_correct_port_of_tied_weights(torch_case, kind, dtype, engine, jit):
+    # A tied weight has two state_dict names; the use through the alias used to be
+    # left out of the gradient and the comparison reported FAIL.
+    torch = torch_case[0]
+    model = make_tied_model(torch, dtype, kind)
+    sd = model.state_dict()
+    ids, labels = torch.tensor([0, 3, 6, 2, 3, 1]), torch.tensor([1, 2, 0, 6, 5, 3])
+    report = compare_step(
+        model, torch.nn.CrossEntropyLoss(), tied_port(kind), None, ids, labels,
+        optimizer=("sgd", 0.5, 0.9), engine=engine, jit=jit,
+    )  # fmt: skip
+    assert report.ok, str(report)
+    trainable = [n for n, _ in model.named_parameters()]
+    assert len(trainable) < len(sd)  # the alias names are not compared twice
+    assert [r.name for r in report.rows if r.quantity == "grad"] == trainable
+    tied = "emb.weight" if kind != "shared layer" else "first.weight"
+    assert report["grad", tied].note == (
+        "tied: also out.weight" if kind != "shared layer" else "tied: also again.weight"
+    )
+    assert "PASS (tied: also" in str(report)
+    # The port may also use the one name for both uses.
+    if kind == "embedding":
+        port = tied_port(kind, names="one")
+        assert compare_step(model, torch.nn.CrossEntropyLoss(), port, None, ids, labels).ok
+
+
+def test_tied_weights_still_fail_a_wrong_port_and_given_params_must_agree(torch_case):
+    torch = torch_case[0]
+    model = make_tied_model(torch, "float64", "embedding")
+    ids, labels = torch.tensor([0, 3, 6, 2]), torch.tensor([1, 2, 0, 6])
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def untied(p, ids, labels):  # wrong: the output layer's use is cut from the gradient
+        h = jnp.tanh(p["emb.weight"][ids] @ p["mix.weight"].T + p["mix.bias"])
+        logp = jax.nn.log_softmax(h @ jax.lax.stop_gradient(p["out.weight"]).T, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+    report = compare_step(model, loss_fn, untied, None, ids, labels)
+    assert report["loss", ""].ok  # the forward pass is right; only the gradient is not
+    assert report.failed_names == ["emb.weight"]
+    assert str(report).splitlines()[-1] == "FAILED: emb.weight"
+
+    params = state_dict_to_pytree(model.state_dict())
+    halved = {n: v * 0.5 for n, v in params.items()}  # both names halved: still one tensor
+    assert compare_step(model, loss_fn, tied_port("embedding"), halved, ids, labels).ok
+    differ = {**params, "out.weight": params["out.weight"] + 1.0}
+    with pytest.raises(ValueError, match=r"'out\.weight'\] and params\['emb\.weight'\] differ"):
+        compare_step(model, loss_fn, tied_port("embedding"), differ, ids, labels)
