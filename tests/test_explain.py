@@ -168,6 +168,61 @@ def test_relu_at_zero_sends_no_gradient_like_pytorch():
     assert float(e.grads) == 0.0
 
 
+# --- local derivatives come from the rule table, kinks included -----------------------------
+
+
+def kinks(x, y):
+    a = jnp.abs(x)
+    m = jnp.maximum(x, y)
+    n = jnp.minimum(x, y)
+    return a + m + n
+
+
+def test_abs_at_zero_and_max_min_ties_are_shown_as_the_rules_compute_them():
+    e = cr.explain(kinks, 0.0, 0.0, argnums=(0, 1))
+    edges = lambda name: [(x.input, x.formula, float(x.local)) for x in e.row(name).edges]
+    # abs'(0) = +1, as the rule (and jax.grad) computes, not sign(0) = 0.
+    assert edges("a") == [("x", "1 if x≥0 else -1", 1.0)]
+    # A tie splits the gradient half and half between the operands.
+    assert edges("m") == [
+        ("x", "1 if x>y else 0.5 if x=y else 0", 0.5),
+        ("y", "1 if y>x else 0.5 if x=y else 0", 0.5),
+    ]
+    assert edges("n") == [
+        ("x", "1 if x<y else 0.5 if x=y else 0", 0.5),
+        ("y", "1 if y<x else 0.5 if x=y else 0", 0.5),
+    ]
+    flat = re.sub(r" +", " ", e.to_text(width=200))  # wide enough not to wrap cells
+    assert "∂a/∂x = (1 if x≥0 else -1) = 1" in flat
+    assert "∂m/∂x = (1 if x>y else 0.5 if x=y else 0) = 0.5" in flat
+    assert "∂n/∂y = (1 if y<x else 0.5 if x=y else 0) = 0.5" in flat
+    assert "∂kinks/∂x = 1 × 1 = 1" in flat and "∂kinks/∂x = 1 × 0.5 = 0.5" in flat
+    # The printed locals are the gradient: 1 + ½ + ½ to x, ½ + ½ to y.
+    assert [float(g) for g in e.grads] == [2.0, 1.0]
+    assert [float(g) for g in jax.grad(kinks, argnums=(0, 1))(0.0, 0.0)] == [2.0, 1.0]
+    # Away from the kinks, the same formulas pick a side.
+    e = cr.explain(kinks, -1.0, 2.0, argnums=(0, 1))
+    assert [float(x.local) for r in ("a", "m", "n") for x in e.row(r).edges] == [-1, 0, 1, 1, 0]
+
+
+def test_a_custom_jvp_function_named_like_jax_nn_shows_its_own_rule():
+    """`relu`'s formula is shown only for a function whose rule computes it."""
+
+    @jax.custom_jvp
+    @jax.jit
+    def relu(x):
+        return jnp.maximum(x, 0.0)
+
+    relu.defjvps(lambda g, ans, x: g * (x >= 0))  # 1 at 0, unlike jax.nn.relu
+
+    e = cr.explain(lambda x: relu(x) * 2.0, 0.0)
+    (edge,) = e.row("t1").edges
+    assert edge.formula == "ḡ ↦ relu's custom_jvp rule" and float(edge.local) == 1.0
+    e = cr.explain(lambda x: jax.nn.relu(x) * 2.0, 0.0)
+    (edge,) = e.row("t1").edges
+    assert (edge.formula, float(edge.local)) == ("1[x>0]", 0.0)
+
+
 # --- an MLP: arrays are summarised and the table fits 100 columns --------------------------
 
 

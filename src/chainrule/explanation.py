@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import html
 import inspect
@@ -716,38 +717,190 @@ _SUP = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 _INFIX = {"add": "+", "add_any": "+", "sub": "-", "mul": "·", "div": "/"}
 _FUNC = {"logistic": "σ", "neg": "-"}
 
-# Local derivatives d(out)/d(input_i): formulas in the operands {0}, {1}, ... and
-# the output {out}; those containing ḡ are rules applied to the upstream gradient.
-_LOCAL = {
-    "add": ("1", "1"),
-    "add_any": ("1", "1"),
-    "sub": ("1", "-1"),
-    "mul": ("{1}", "{0}"),
-    "div": ("1/{1}", "-{0}/{1}²"),
-    "neg": ("-1",),
-    "square": ("2·{0}",),
-    "pow": ("{1}·{0}^({1}-1)", "log({0})·{out}"),
-    "exp": ("{out}",),
-    "exp2": ("log(2)·{out}",),
-    "log": ("1/{0}",),
-    "log1p": ("1/(1+{0})",),
-    "expm1": ("{out}+1",),
-    "sqrt": ("1/(2·{out})",),
-    "rsqrt": ("-{out}/(2·{0})",),
-    "sin": ("cos({0})",),
-    "cos": ("-sin({0})",),
-    "tan": ("1+{out}²",),
-    "tanh": ("1-{out}²",),
-    "logistic": ("{out}·(1-{out})",),
-    "abs": ("sign({0})",),
-    "max": ("1[{0}>{1}]", "1[{1}>{0}]"),
-    "min": ("1[{0}<{1}]", "1[{1}<{0}]"),
-    "relu": ("1[{0}>0]",),
-    "relu6": ("1[0<{0}<6]",),
-    "copy": ("1",),
-    "convert_element_type": ("1",),
-    "reduce_precision": ("1",),
+# Local derivatives d(out)/d(input_i) come from the rule table: each elementwise
+# rule's `formulas` (see `rules.defvjp` for the syntax), rendered in the operands'
+# names. tests/test_formulas.py checks every formula against its rule.
+_OPERANDS = ("x", "y", "z")
+
+# The custom_jvp functions of `jax.nn` that explain names, with the local
+# derivative their JVP rule gives, in the same syntax. `_formula` shows one only
+# where it agrees with the rule that ran (a user's own `relu` may differ), and
+# tests/test_formulas.py checks them against chainrule's gradient.
+_CUSTOM_JVP_FORMULAS = {
+    "relu": ("where(x > 0, 1, 0)",),
+    "relu6": ("where((x > 0) & (x < 6), 1, 0)",),
 }
+
+
+def _evaluate_formula(
+    formula: str, operands: Sequence[Any], out: Any, params: Mapping[str, Any] | None = None
+) -> Any:
+    """A formula's value with NumPy: `x`, `y`, `z` are the operands, `out` the output."""
+    code = compile(formula, "<formula>", "eval")
+    env = {name: getattr(np, name) for name in code.co_names if hasattr(np, name)}
+    env.update(params or {})
+    env.update(zip(_OPERANDS, operands, strict=False))
+    env["out"] = out
+    with np.errstate(all="ignore"):
+        return eval(code, {"__builtins__": {}}, env)
+
+
+# Precedences of the rendered text: a part below its context's level is parenthesized.
+_COND, _LOGIC, _CMP, _ADD, _MUL, _UNARY, _POW, _ATOM = range(8)
+_BINARY = {
+    ast.Add: ("+", _ADD),
+    ast.Sub: ("-", _ADD),
+    ast.Mult: ("·", _MUL),
+    ast.Div: ("/", _MUL),
+    ast.BitAnd: (" ∧ ", _LOGIC),
+    ast.BitOr: (" ∨ ", _LOGIC),
+}
+_COMPARE = {ast.Gt: ">", ast.GtE: "≥", ast.Lt: "<", ast.LtE: "≤", ast.Eq: "=", ast.NotEq: "≠"}
+_REVERSED = {">": "<", "≥": "≤", "<": ">", "≤": "≥", "=": "=", "≠": "≠"}
+
+
+def _render_formula(formula: str, ops: Sequence[str], out: str, params: Mapping) -> str:
+    """A formula for reading: operands and output by their names in the table,
+    number parameters substituted and simplified (integer_pow's `3·x²`), `·` for
+    `*`, superscript powers, `√`, `|x|`, and `1[x>0]` for `where(x > 0, 1, 0)`."""
+    names = dict(zip(_OPERANDS, ops, strict=False))
+    names["out"] = out
+    numbers = {k: v for k, v in params.items() if _is_number(v)}
+    tree = _simplify(ast.parse(formula, mode="eval").body, numbers)
+    return _show(tree, names, params)[0]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _num_value(node: ast.AST) -> Any:
+    """The number a node stands for, or None."""
+    if isinstance(node, ast.Constant) and _is_number(node.value):
+        return node.value
+    return None
+
+
+def _simplify(node: ast.AST, numbers: Mapping[str, Any]) -> ast.AST:
+    """Substitutes number parameters, then folds what they make constant:
+    integer arithmetic, comparisons, `e**1`, `e**0`, `1·e`, `0·e`, `where(True, a, b)`."""
+    if isinstance(node, ast.Name) and node.id in numbers:
+        v = numbers[node.id]
+        return ast.Constant(v.item() if isinstance(v, np.generic) else v)
+    if isinstance(node, ast.UnaryOp):
+        operand = _simplify(node.operand, numbers)
+        v = _num_value(operand)
+        if isinstance(node.op, ast.USub) and v is not None:
+            return ast.Constant(-v)
+        return ast.UnaryOp(node.op, operand)
+    if isinstance(node, ast.BinOp):
+        a, b = _simplify(node.left, numbers), _simplify(node.right, numbers)
+        va, vb, op = _num_value(a), _num_value(b), type(node.op)
+        if isinstance(va, int) and isinstance(vb, int) and op in (ast.Add, ast.Sub, ast.Mult):
+            return ast.Constant({ast.Add: va + vb, ast.Sub: va - vb, ast.Mult: va * vb}[op])
+        if op is ast.Mult and 0 in (va, vb):
+            return ast.Constant(0)
+        if op is ast.Mult and (va == 1 or vb == 1):
+            return b if va == 1 else a
+        if op is ast.Mult and va == -1:
+            return ast.UnaryOp(ast.USub(), b)
+        if op is ast.Pow and vb in (0, 1):
+            return ast.Constant(1) if vb == 0 else a
+        if op in (ast.Add, ast.Sub) and vb == 0:
+            return a
+        return ast.BinOp(a, node.op, b)
+    if isinstance(node, ast.Compare):
+        parts = [_simplify(p, numbers) for p in (node.left, *node.comparators)]
+        folded = ast.Compare(parts[0], node.ops, parts[1:])
+        if all(_num_value(p) is not None for p in parts):
+            return ast.Constant(bool(_evaluate_formula(ast.unparse(folded), (), None)))
+        return folded
+    if isinstance(node, ast.Call):
+        args = [_simplify(a, numbers) for a in node.args]
+        name = getattr(node.func, "id", None)
+        if name == "where" and len(args) == 3 and isinstance(getattr(args[0], "value", None), bool):
+            return args[1] if args[0].value else args[2]
+        return ast.Call(node.func, args, [])
+    return node
+
+
+def _wrap(part: tuple[str, int], level: int) -> str:
+    text, prec = part
+    return f"({text})" if prec < level else text
+
+
+def _is_atom(text: str) -> bool:
+    """An operand's name or value needs no parentheses: `w1`, `params['w1']`, `2`, `[1, 2]`."""
+    bare = re.sub(r"\[[^\]]*\]", "", text)
+    return bare == "" or re.fullmatch(r"[^\s+\-*/·^()<>=≤≥≠|,]+", bare) is not None
+
+
+def _show(node: ast.AST, names: Mapping[str, str], params: Mapping) -> tuple[str, int]:
+    """Text and precedence of a simplified formula."""
+    show = lambda n: _show(n, names, params)
+    if isinstance(node, ast.Constant):
+        v = node.value
+        text = str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+        return text, _UNARY if text.startswith("-") else _ATOM
+    if isinstance(node, ast.Name):
+        if node.id in names:
+            text = names[node.id]
+            if re.fullmatch(r"-[\d.]+(e[+-]?\d+)?", text):  # a negative constant operand
+                return text, _UNARY
+            return text, _ATOM if _is_atom(text) else _COND
+        if node.id in params:
+            return str(params[node.id]), _ATOM
+        return ("π" if node.id == "pi" else node.id), _ATOM
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return "-" + _wrap(show(node.operand), _UNARY), _UNARY
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        base, power = _wrap(show(node.left), _ATOM), _num_value(node.right)
+        if isinstance(power, int):
+            return base + str(power).translate(_SUP), _POW
+        return f"{base}^{_wrap(show(node.right), _ATOM)}", _POW
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        sign, prec = _BINARY[type(node.op)]
+        chain = _chained(node, names, params)
+        if chain is not None:
+            return chain, _CMP
+        left = _wrap(show(node.left), prec)
+        right = show(node.right)
+        tight = isinstance(node.op, (ast.Sub, ast.Div))  # a-(b-c), a/(b·c)
+        level = _ATOM if right[0].startswith("-") else prec + 1 if tight else prec
+        return left + sign + _wrap(right, level), prec
+    if isinstance(node, ast.Compare) and len(node.ops) == 1:
+        a, b = (_wrap(show(p), _ADD) for p in (node.left, node.comparators[0]))
+        return f"{a}{_COMPARE[type(node.ops[0])]}{b}", _CMP
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        name, args = node.func.id, node.args
+        if name == "where" and len(args) == 3:
+            cond, yes, no = (show(a) for a in args)
+            if (_num_value(args[1]), _num_value(args[2])) == (1, 0):
+                return f"1[{cond[0]}]", _ATOM
+            return f"{_wrap(yes, _LOGIC)} if {_wrap(cond, _LOGIC)} else {no[0]}", _COND
+        if name == "sqrt" and len(args) == 1:
+            return "√" + _wrap(show(args[0]), _ATOM), _UNARY
+        if name == "abs" and len(args) == 1:
+            return f"|{show(args[0])[0]}|", _ATOM
+        return f"{name}({', '.join(show(a)[0] for a in args)})", _ATOM
+    return ast.unparse(node), _COND
+
+
+def _chained(node: ast.BinOp, names: Mapping[str, str], params: Mapping) -> str | None:
+    """`(x > 0) & (x < 6)` as `0<x<6`, when two comparisons share their middle term."""
+    if not isinstance(node.op, ast.BitAnd):
+        return None
+    parts = []
+    for c in (node.left, node.right):
+        if not (isinstance(c, ast.Compare) and len(c.ops) == 1):
+            return None
+        a, b = (_wrap(_show(p, names, params), _ADD) for p in (c.left, c.comparators[0]))
+        op = _COMPARE[type(c.ops[0])]
+        parts.append((a, op, b) if op in "<≤" else (b, _REVERSED[op], a) if op in ">≥" else None)
+    if None in parts or parts[0][2] != parts[1][0]:
+        return None
+    (a, op1, b), (_, op2, c) = parts
+    return f"{a}{op1}{b}{op2}{c}"
 
 
 def _op_name(node: Node) -> str:
@@ -809,17 +962,14 @@ def _expr(node: Node, ops: list[str]) -> str:
 
 
 def _formula(node: Node, i: int, ops: list[str], out: str) -> str:
+    """The local derivative of `node` with respect to its operand `i`, for reading:
+    the rule's formula (elementwise rules), else what the rule does to ḡ."""
     name, params = _op_name(node), node.params
-    table = _LOCAL.get(name)
-    if table is not None and i < len(table):
-        return table[i].format(*ops, out=out)
-    if name == "integer_pow":
-        n = params["y"]
-        if n in (0, 1):
-            return str(n)
-        if n == 2:
-            return f"2·{ops[0]}"
-        return f"{n}·{ops[0]}{str(n - 1).translate(_SUP)}"
+    formulas = getattr(node.prim, "formulas", None)
+    if formulas is not None and i < len(formulas) and formulas[i] is not None:
+        return _render_formula(formulas[i], ops, out, params)
+    if node.prim.name == "custom_jvp_call" and _custom_jvp_formula_holds(node, name, i):
+        return _render_formula(_CUSTOM_JVP_FORMULAS[name][i], ops, out, {})
     if name == "dot_general":
         if _is_matmul(node):
             return f"{_G} ↦ {_G} @ {ops[1]}ᵀ" if i == 0 else f"{_G} ↦ {ops[0]}ᵀ @ {_G}"
@@ -854,11 +1004,31 @@ def _local_derivatives(node: Node, value: Any) -> list[Any] | None:
         return None
 
 
+def _custom_jvp_formula_holds(node: Node, name: str, i: int) -> bool:
+    """Whether `_CUSTOM_JVP_FORMULAS[name][i]` is what this node's rule computes:
+    its value against the rule's VJP of ones (the derivative, for an elementwise
+    function)."""
+    formulas = _CUSTOM_JVP_FORMULAS.get(name, ())
+    if i >= len(formulas) or i not in node.argnums or len(node.ans) != 1:
+        return False
+    out = np.asarray(raw(node.ans[0]))
+    try:
+        want = _evaluate_formula(formulas[i], [np.asarray(raw(p)) for p in node.primals], out)
+        got = node.vjp((lax.full(out.shape, 1, out.dtype),))[node.argnums.index(i)]
+    except Exception:  # a function of another signature: show the rule generically
+        return False
+    if got is None or np.shape(got) != out.shape:
+        return False
+    return bool(np.allclose(_np(got), want, rtol=1e-6, atol=0, equal_nan=True))
+
+
 def _local_text(name: str, e: Edge) -> str:
     if _G in e.formula:
         return f"∂{name}/∂{e.input}: {e.formula}"
     text = f"∂{name}/∂{e.input} = {e.formula}"
     if e.local is not None and _short(e.local) != e.formula:
+        if " if " in e.formula:  # a piecewise formula, then its value
+            text = f"∂{name}/∂{e.input} = ({e.formula})"
         text += f" = {_short(e.local)}"
     return text
 

@@ -74,24 +74,33 @@ defvjp(
     add_p,
     lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
     lambda ans, x, y: lambda g: unbroadcast(g, shape_of(y)),
+    formulas=("1", "1"),
 )
-defvjp(add_any_p, lambda ans, x, y: lambda g: g, lambda ans, x, y: lambda g: g)
+defvjp(
+    add_any_p,
+    lambda ans, x, y: lambda g: g,
+    lambda ans, x, y: lambda g: g,
+    formulas=("1", "1"),
+)
 defvjp(
     sub_p,
     lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
     lambda ans, x, y: lambda g: unbroadcast(neg(g), shape_of(y)),
+    formulas=("1", "-1"),
 )
 defvjp(
     mul_p,
     lambda ans, x, y: lambda g: unbroadcast(mul(g, y), shape_of(x)),
     lambda ans, x, y: lambda g: unbroadcast(mul(x, g), shape_of(y)),
+    formulas=("y", "x"),
 )
 defvjp(
     div_p,
     lambda ans, x, y: lambda g: unbroadcast(div(g, y), shape_of(x)),
     lambda ans, x, y: lambda g: unbroadcast(mul(mul(neg(g), x), integer_pow(y, -2)), shape_of(y)),
+    formulas=("1/y", "-x/y**2"),
 )
-defvjp(neg_p, lambda ans, x: lambda g: neg(g))
+defvjp(neg_p, lambda ans, x: lambda g: neg(g), formulas=("-1",))
 
 # Comparisons and logic: no gradient; their outputs are never traced.
 eq_p = primitive("eq", _broadcasting(lax.eq), host=np.equal, differentiable=False)
@@ -172,8 +181,16 @@ _chooser_vjps = (  # max and min: the cotangent follows the chosen operand
     lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(x, ans, y)), shape_of(x)),
     lambda ans, x, y: lambda g: unbroadcast(mul(g, _balanced_eq(y, ans, x)), shape_of(y)),
 )
-defvjp(max_p, *_chooser_vjps)
-defvjp(min_p, *_chooser_vjps)
+defvjp(
+    max_p,
+    *_chooser_vjps,
+    formulas=("where(x > y, 1, where(x == y, 0.5, 0))", "where(y > x, 1, where(x == y, 0.5, 0))"),
+)
+defvjp(
+    min_p,
+    *_chooser_vjps,
+    formulas=("where(x < y, 1, where(x == y, 0.5, 0))", "where(y < x, 1, where(x == y, 0.5, 0))"),
+)
 
 clamp_p = primitive("clamp", lax.clamp, host=lambda lo, x, hi: np.minimum(np.maximum(x, lo), hi))
 defvjp(
@@ -186,6 +203,12 @@ defvjp(
     lambda ans, lo, x, hi: lambda g: select_n(logical_and(gt(x, lo), lt(x, hi)), zeros_like(g), g),
     lambda ans, lo, x, hi: (
         lambda g: unbroadcast(select_n(lt(hi, x), zeros_like(g), g), shape_of(hi))
+    ),
+    # in the formulas, clamp's operands (lo, x, hi) are x, y, z
+    formulas=(
+        "where((x > y) & (x < z), 1, 0)",
+        "where((y > x) & (y < z), 1, 0)",
+        "where(z < y, 1, 0)",
     ),
 )
 
@@ -220,10 +243,10 @@ def _integer_pow_vjp(ans, x, y):
     return lambda g: mul(g, mul(const(x, y), integer_pow(x, y - 1)))
 
 
-defvjp(integer_pow_p, _integer_pow_vjp)
+defvjp(integer_pow_p, _integer_pow_vjp, formulas=("where(y == 0, 0, y * x**(y - 1))",))
 
 square_p = primitive("square", lax.square, host=np.square)
-defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)))
+defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)), formulas=("2*x",))
 
 pow_p = primitive("pow", _broadcasting(lax.pow), host=np.power)
 pow_ = pow_p.bind
@@ -241,6 +264,7 @@ defvjp(
         lambda g: unbroadcast(mul(g, mul(y, pow_(x, sub(y, const(y, 1))))), shape_of(x))
     ),
     lambda ans, x, y: lambda g: unbroadcast(mul(g, mul(log(_replace_zero(x)), ans)), shape_of(y)),
+    formulas=("y * x**(y - 1)", "log(where(x == 0, 1, x)) * out"),
 )
 
 sqrt_p = primitive("sqrt", lax.sqrt, host=np.sqrt)
@@ -252,14 +276,26 @@ log1p_p = primitive("log1p", lax.log1p, host=np.log1p)
 expm1_p = primitive("expm1", lax.expm1, host=np.expm1)
 sqrt, rsqrt, exp = sqrt_p.bind, rsqrt_p.bind, exp_p.bind
 
-defvjp(sqrt_p, lambda ans, x: lambda g: mul(g, div(const(x, 0.5), ans)))
-defvjp(rsqrt_p, lambda ans, x: lambda g: mul(g, mul(const(x, -0.5), div(ans, x))))
-defvjp(cbrt_p, lambda ans, x: lambda g: mul(g, mul(const(x, 1 / 3), integer_pow(ans, -2))))
-defvjp(exp_p, lambda ans, x: lambda g: mul(g, ans))
-defvjp(exp2_p, lambda ans, x: lambda g: mul(g, mul(const(x, math.log(2)), ans)))
-defvjp(log_p, lambda ans, x: lambda g: div(g, x))
-defvjp(log1p_p, lambda ans, x: lambda g: div(g, add(x, const(x, 1))))
-defvjp(expm1_p, lambda ans, x: lambda g: mul(g, add(ans, const(ans, 1))))
+defvjp(sqrt_p, lambda ans, x: lambda g: mul(g, div(const(x, 0.5), ans)), formulas=("1/(2*out)",))
+defvjp(
+    rsqrt_p,
+    lambda ans, x: lambda g: mul(g, mul(const(x, -0.5), div(ans, x))),
+    formulas=("-out/(2*x)",),
+)
+defvjp(
+    cbrt_p,
+    lambda ans, x: lambda g: mul(g, mul(const(x, 1 / 3), integer_pow(ans, -2))),
+    formulas=("1/(3*out**2)",),
+)
+defvjp(exp_p, lambda ans, x: lambda g: mul(g, ans), formulas=("out",))
+defvjp(
+    exp2_p,
+    lambda ans, x: lambda g: mul(g, mul(const(x, math.log(2)), ans)),
+    formulas=("log(2) * out",),
+)
+defvjp(log_p, lambda ans, x: lambda g: div(g, x), formulas=("1/x",))
+defvjp(log1p_p, lambda ans, x: lambda g: div(g, add(x, const(x, 1))), formulas=("1/(1 + x)",))
+defvjp(expm1_p, lambda ans, x: lambda g: mul(g, add(ans, const(ans, 1))), formulas=("out + 1",))
 
 # --- trigonometric, hyperbolic and special functions --------------------------
 
@@ -290,38 +326,69 @@ def _one_minus_square(x: Any) -> Any:
     return sub(const(x, 1), mul(x, x))
 
 
-defvjp(sin_p, lambda ans, x: lambda g: mul(g, cos(x)))
-defvjp(cos_p, lambda ans, x: lambda g: mul(g, neg(sin(x))))
-defvjp(tan_p, lambda ans, x: lambda g: mul(g, add(const(x, 1), mul(ans, ans))))
-defvjp(asin_p, lambda ans, x: lambda g: mul(g, rsqrt(_one_minus_square(x))))
-defvjp(acos_p, lambda ans, x: lambda g: mul(g, neg(rsqrt(_one_minus_square(x)))))
-defvjp(atan_p, lambda ans, x: lambda g: div(g, add(const(x, 1), mul(x, x))))
-defvjp(sinh_p, lambda ans, x: lambda g: mul(g, cosh(x)))
-defvjp(cosh_p, lambda ans, x: lambda g: mul(g, sinh(x)))
-defvjp(tanh_p, lambda ans, x: lambda g: mul(g, _one_minus_square(ans)))
-defvjp(asinh_p, lambda ans, x: lambda g: mul(g, rsqrt(add(mul(x, x), const(x, 1)))))
+defvjp(sin_p, lambda ans, x: lambda g: mul(g, cos(x)), formulas=("cos(x)",))
+defvjp(cos_p, lambda ans, x: lambda g: mul(g, neg(sin(x))), formulas=("-sin(x)",))
 defvjp(
-    acosh_p, lambda ans, x: lambda g: mul(g, rsqrt(mul(sub(x, const(x, 1)), add(x, const(x, 1)))))
+    tan_p,
+    lambda ans, x: lambda g: mul(g, add(const(x, 1), mul(ans, ans))),
+    formulas=("1 + out**2",),
 )
-defvjp(atanh_p, lambda ans, x: lambda g: div(g, _one_minus_square(x)))
+defvjp(
+    asin_p,
+    lambda ans, x: lambda g: mul(g, rsqrt(_one_minus_square(x))),
+    formulas=("1/sqrt(1 - x**2)",),
+)
+defvjp(
+    acos_p,
+    lambda ans, x: lambda g: mul(g, neg(rsqrt(_one_minus_square(x)))),
+    formulas=("-1/sqrt(1 - x**2)",),
+)
+defvjp(
+    atan_p, lambda ans, x: lambda g: div(g, add(const(x, 1), mul(x, x))), formulas=("1/(1 + x**2)",)
+)
+defvjp(sinh_p, lambda ans, x: lambda g: mul(g, cosh(x)), formulas=("cosh(x)",))
+defvjp(cosh_p, lambda ans, x: lambda g: mul(g, sinh(x)), formulas=("sinh(x)",))
+defvjp(tanh_p, lambda ans, x: lambda g: mul(g, _one_minus_square(ans)), formulas=("1 - out**2",))
+defvjp(
+    asinh_p,
+    lambda ans, x: lambda g: mul(g, rsqrt(add(mul(x, x), const(x, 1)))),
+    formulas=("1/sqrt(x**2 + 1)",),
+)
+defvjp(
+    acosh_p,
+    lambda ans, x: lambda g: mul(g, rsqrt(mul(sub(x, const(x, 1)), add(x, const(x, 1))))),
+    formulas=("1/sqrt((x - 1) * (x + 1))",),
+)
+defvjp(atanh_p, lambda ans, x: lambda g: div(g, _one_minus_square(x)), formulas=("1/(1 - x**2)",))
 defvjp(
     atan2_p,
     lambda ans, x, y: lambda g: unbroadcast(mul(g, div(y, add(mul(x, x), mul(y, y)))), shape_of(x)),
     lambda ans, x, y: (
         lambda g: unbroadcast(mul(g, div(neg(x), add(mul(x, x), mul(y, y)))), shape_of(y))
     ),
+    formulas=("y/(x**2 + y**2)", "-x/(x**2 + y**2)"),
 )
-defvjp(logistic_p, lambda ans, x: lambda g: mul(g, mul(ans, sub(const(ans, 1), ans))))
+defvjp(
+    logistic_p,
+    lambda ans, x: lambda g: mul(g, mul(ans, sub(const(ans, 1), ans))),
+    formulas=("out * (1 - out)",),
+)
 defvjp(
     erf_p,
     lambda ans, x: lambda g: mul(g, mul(const(x, 2 / math.sqrt(math.pi)), exp(neg(mul(x, x))))),
+    formulas=("2 * exp(-x**2) / sqrt(pi)",),
 )
 defvjp(
     erf_inv_p,
     lambda ans, x: lambda g: mul(g, mul(const(x, math.sqrt(math.pi) / 2), exp(mul(ans, ans)))),
+    formulas=("sqrt(pi) * exp(out**2) / 2",),
 )
 # abs'(0) = +1, as in JAX 0.10 (PyTorch uses sign(0) = 0 here; chainrule agrees with jax.grad).
-defvjp(abs_p, lambda ans, x: lambda g: select_n(ge(x, const(x, 0)), neg(g), g))
+defvjp(
+    abs_p,
+    lambda ans, x: lambda g: select_n(ge(x, const(x, 0)), neg(g), g),
+    formulas=("where(x >= 0, 1, -1)",),
+)
 
 rem_p = primitive("rem", lax.rem, host=np.fmod)
 defvjp(
@@ -332,6 +399,7 @@ defvjp(
             mul(neg(g), mul(sign(div(x, y)), floor(abs_(div(x, y))))), shape_of(y)
         )
     ),
+    formulas=("1", "-sign(x/y) * floor(abs(x/y))"),
 )
 
 

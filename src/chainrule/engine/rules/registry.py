@@ -38,9 +38,43 @@ def primitive(
     return prim
 
 
-def defvjp(prim: Primitive, *makers: Callable | None) -> None:
-    """Registers one VJP maker per argument of `prim` (None: not differentiable)."""
+def defvjp(
+    prim: Primitive,
+    *makers: Callable | None,
+    formulas: Sequence[str | None] | None = None,
+) -> None:
+    """Registers one VJP maker per argument of `prim` (None: not differentiable).
+
+    `formulas` (elementwise primitives) gives, beside the rule, each argument's
+    local derivative ∂out/∂argument, the factor the rule multiplies the
+    cotangent by: one string per maker (None where the maker is None). It is
+    what `cr.explain` prints, and tests/test_formulas.py evaluates it against
+    the rule on random inputs and at the corners (abs at 0, max/min ties, ...).
+
+    A formula is one Python expression, evaluated with NumPy on float64 arrays:
+      - `x`, `y`, `z`: the operands, by position (clamp(lo, x, hi) is x, y, z);
+      - `out`: the primitive's output;
+      - the primitive's parameters, by name (integer_pow's exponent `y`);
+      - numbers, `+ - * / **`, comparisons, `&` and `|` on comparisons;
+      - NumPy's functions and constants by their NumPy names (`where`, `abs`,
+        `sign`, `floor`, `sqrt`, `exp`, `log`, `sin`, `cos`, `pi`, ...).
+    Write what the rule computes, not the textbook: abs is
+    `where(x >= 0, 1, -1)` (+1 at 0), max's first operand
+    `where(x > y, 1, where(x == y, 0.5, 0))` (ties split ½-½).
+    """
+    if formulas is not None:
+        formulas = tuple(formulas)
+        if len(formulas) != len(makers):
+            raise ValueError(
+                f"defvjp({prim.name}): {len(formulas)} formulas for {len(makers)} VJP makers"
+            )
+        for formula, maker in zip(formulas, makers, strict=True):
+            if (formula is None) != (maker is None):
+                raise ValueError(f"defvjp({prim.name}): a formula per VJP maker, None for None")
+            if formula is not None:
+                compile(formula, f"<{prim.name} formula>", "eval")  # a SyntaxError here
     prim.vjp_makers = makers
+    prim.formulas = formulas
 
 
 # --- helpers (untraced shape logic and constants) ----------------------------

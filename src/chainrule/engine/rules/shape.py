@@ -21,7 +21,7 @@ stop_gradient_p = primitive(
 stop_gradient = stop_gradient_p.bind
 
 copy_p = primitive("copy", lambda x: x, host=lambda x: x)
-defvjp(copy_p, lambda ans, x: lambda g: g)
+defvjp(copy_p, lambda ans, x: lambda g: g, formulas=("1",))
 
 reduce_precision_p = primitive(
     "reduce_precision", lax.reduce_precision, ("exponent_bits", "mantissa_bits")
@@ -33,6 +33,7 @@ defvjp(
             g, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits
         )
     ),
+    formulas=("1",),
 )
 
 convert_element_type_p = primitive(
@@ -50,7 +51,9 @@ def convert_element_type(x: Any, new_dtype: Any) -> Any:
 
 
 defvjp(
-    convert_element_type_p, lambda ans, x, new_dtype: lambda g: convert_element_type(g, dtype_of(x))
+    convert_element_type_p,
+    lambda ans, x, new_dtype: lambda g: convert_element_type(g, dtype_of(x)),
+    formulas=("1",),
 )
 
 iota_p = primitive(
