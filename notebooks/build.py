@@ -477,7 +477,7 @@ NB03 = [
         "params[0]['bias']": "b1",
         "params[1]['weight']": "W2",
         "params[1]['bias']": "b2",
-        "t5": "h",
+        "t3": "h",
         "mse_loss": "L",
     }
     e_mlp = cr.explain(mse_loss, params, x, y, names=short)

@@ -33,10 +33,6 @@ class AuxError(ChainruleError, TypeError):
     """`has_aux=True` but the function did not return an `(output, aux)` pair."""
 
 
-class UnrecordableJaxCallError(ChainruleError, TypeError):
-    """A JAX call on a traced value could be neither recorded nor replayed."""
-
-
 class NoVJPRuleError(ChainruleError, NotImplementedError):
     """The function uses a primitive for which chainrule has no VJP rule."""
 

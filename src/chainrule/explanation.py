@@ -44,9 +44,9 @@ import jax
 import numpy as np
 from jax import lax
 
-from chainrule.engine import core, rules, transforms
+from chainrule.engine import core, transforms
 from chainrule.engine.core import Node, Tracer, raw
-from chainrule.errors import ChainruleError, UnrecordableJaxCallError
+from chainrule.errors import ChainruleError
 
 __all__ = ["Edge", "Explanation", "GraphvizNotFoundError", "Row", "explain"]
 
@@ -391,24 +391,30 @@ def explain(
     transforms._check_callable(fun, "cr.explain")
     argnums_t, single = transforms._normalize_argnums(argnums, "cr.explain")
     nums = transforms._resolve_argnums(argnums_t, len(args), "cr.explain")
-    try:
-        return _explain(fun, args, nums, single, names, box_constants=True)
-    except UnrecordableJaxCallError:
-        # Constants boxed as Tracers may meet Python control flow under jaxpr
-        # replay; run again with only the differentiated arguments traced.
-        return _explain(fun, args, nums, single, names, box_constants=False)
+    return _explain(fun, args, nums, single, names)
 
 
-def _explain(fun, args, nums, single, names, *, box_constants) -> Explanation:
-    fun_name = getattr(fun, "__name__", "function")
-    level = core.new_level()
-    boxed, tracers, trees = transforms._box_args(fun, args, nums, level, "cr.explain")
+@dataclasses.dataclass
+class _Tape:
+    """What one eager run of the function recorded, and what the inputs are called."""
+
+    out: Any
+    trace: Any
+    tracers: list
+    trees: list
+    input_names: dict[Node, str]
+    constants: dict[Node, str]
+    created: list[Node]
+    sources: dict[Node, str | None]
+
+
+def _record(fun, args, nums) -> _Tape:
+    """Runs `fun` once on a chainrule trace, its float constants boxed too (so
+    their edges can be shown), noting every node and the source line that made it."""
     input_names: dict[Node, str] = {}
-    for i, leaves in zip(nums, tracers, strict=True):
-        for path, t in zip(_paths(args[i]), leaves, strict=True):
-            input_names[t.node] = _leaf_name(fun, i, path)
     constants: dict[Node, str] = {}
-    if box_constants:
+
+    def box_constants(trace, boxed):
         for i, arg in enumerate(args):
             if i in nums:
                 continue
@@ -416,12 +422,10 @@ def _explain(fun, args, nums, single, names, *, box_constants) -> Explanation:
             leaves = []
             for path, leaf in with_path:
                 if _is_float(leaf):
-                    value = jax.numpy.asarray(leaf)
-                    leaf = Tracer(value, core.input_node(value), level)
+                    leaf = trace.new_input(jax.numpy.asarray(leaf))
                     constants[leaf.node] = _leaf_name(fun, i, path)
                 leaves.append(leaf)
             boxed[i] = jax.tree_util.tree_unflatten(tree, leaves)
-    _shorten(input_names, constants)
 
     created: list[Node] = []
     sources: dict[Node, str | None] = {}
@@ -430,62 +434,64 @@ def _explain(fun, args, nums, single, names, *, box_constants) -> Explanation:
         created.append(node)
         sources[node] = where
 
-    flat = [t for ts in tracers for t in ts]
     with core.recording(record):
-        out = transforms._run(fun, boxed, flat, level)
-    transforms._check_scalar(out, f"cr.explain of {fun_name}")
-    if isinstance(raw(out), jax.core.Tracer):
-        raise TypeError(
-            "cr.explain shows concrete numbers, so it runs eagerly; it was called under a JAX "
-            "transformation (jax.jit, jax.vmap, ...). Call it outside, on concrete arguments."
+        trace, out, tracers, trees = transforms.trace_call(
+            fun, args, nums, "cr.explain", prepare=box_constants
         )
+    for i, leaves in zip(nums, tracers, strict=True):
+        for path, t in zip(_paths(args[i]), leaves, strict=True):
+            input_names[t.node] = _leaf_name(fun, i, path)
+    _shorten(input_names, constants)
+    return _Tape(out, trace, tracers, trees, input_names, constants, created, sources)
 
-    # The backward pass, as core.backward runs it, keeping every cotangent.
+
+def _backward(tape: _Tape) -> tuple[dict[Node, Any], dict[Node, list[Any]], list[Node], dict]:
+    """The backward pass (`core.backward`), keeping what every node received and sent."""
     upstream: dict[Node, Any] = {}
     sent: dict[Node, list[Any]] = {}
     order: list[Node] = []
-    if isinstance(out, Tracer) and out.level == level:
-        cotangents = {out.node: lax.full((), 1, raw(out).dtype)}
-        for node in core.toposort([out.node]):
-            order.append(node)
-            g = cotangents.pop(node, None)
-            upstream[node] = g
-            if g is None or not node.parents:
-                continue
-            cts = node.vjp(g)
-            sent[node] = list(cts)
-            for parent, ct in zip(node.parents, cts, strict=True):
-                if ct is not None:
-                    cotangents[parent] = (
-                        rules.add_cotangents(cotangents[parent], ct) if parent in cotangents else ct
-                    )
-    grads = tuple(
-        jax.tree_util.tree_unflatten(tree, [transforms._input_ct(t, upstream) for t in ts])
-        for ts, tree in zip(tracers, trees, strict=True)
-    )
-    grads = grads[0] if single else grads
 
-    # Which nodes to show: those on a path from the output to a differentiated input.
-    # A single-output projection (e.g. of a custom_jvp function) is shown as its source.
+    def observe(node: Node, g: Any, cts: Sequence[Any] | None) -> None:
+        order.append(node)
+        upstream[node] = g
+        if cts is not None:
+            sent[node] = list(cts)
+
+    out = tape.out
+    input_cts: dict = {}
+    if isinstance(out, Tracer) and out._trace is tape.trace:
+        with tape.trace.outside():
+            one = np.ones((), raw(out).dtype)
+            input_cts = core.backward([(out.node, one)], release=False, observe=observe)
+    return upstream, sent, order, input_cts
+
+
+def _shown_nodes(tape: _Tape, order: list[Node]):
+    """The nodes on a path from the output to a differentiated input, in creation
+    order; a single-output projection (of a custom_jvp function) shown as its source."""
     reached = set(order)
-    relevant: set[Node] = set(input_names)
+    relevant: set[Node] = set(tape.input_names)
     for node in reversed(order):
         if any(p in relevant for p in node.parents):
             relevant.add(node)
     key_of = {m: _display(m) for m in reached}
     proj_of = {key_of[m]: m for m in reached if key_of[m] is not m}
-    shown = {key_of[m] for m in relevant} - set(input_names) - set(constants)
+    shown = {key_of[m] for m in relevant} - set(tape.input_names) - set(tape.constants)
     ops: list[Node] = []
-    for n in dict.fromkeys(created):
+    for n in dict.fromkeys(tape.created):
         if n in shown:
             ops.append(n)
         multi = [m for m in shown if _projects(m, n)]  # outputs of a multiple-results node
         ops.extend(sorted(multi, key=lambda m: m.prim.index))
+    return ops, key_of, proj_of, relevant, shown
 
-    # Names: yours, else the assigned variable on the source line, else t1, t2, ...
-    name_of: dict[Node, str] = {**input_names, **constants}
+
+def _names(tape: _Tape, ops: list[Node], key_of: dict, fun_name: str, names: Any) -> dict:
+    """Yours, else the assigned variable on the source line, else t1, t2, ..."""
+    name_of: dict[Node, str] = {**tape.input_names, **tape.constants}
+    out = tape.out
     out_key = key_of.get(out.node) if isinstance(out, Tracer) else None
-    auto = _assigned_names(ops, sources)
+    auto = _assigned_names(ops, tape.sources)
     used = set(name_of.values())
     counter = 0
     for n in ops:
@@ -500,6 +506,25 @@ def _explain(fun, args, nums, single, names, *, box_constants) -> Explanation:
         name_of[n] = _unique(name, used)
         used.add(name_of[n])
     _rename(name_of, names, ops)
+    return name_of
+
+
+def _explain(fun, args, nums, single, names) -> Explanation:
+    fun_name = getattr(fun, "__name__", "function")
+    tape = _record(fun, args, nums)
+    out = tape.out
+    transforms._check_scalar(out, f"cr.explain of {fun_name}")
+    if isinstance(raw(out), jax.core.Tracer):
+        raise TypeError(
+            "cr.explain shows concrete numbers, so it runs eagerly; it was called under a JAX "
+            "transformation (jax.jit, jax.vmap, ...). Call it outside, on concrete arguments."
+        )
+    upstream, sent, order, input_cts = _backward(tape)
+    grads = transforms.gradients(tape.tracers, tape.trees, input_cts)
+    grads = grads[0] if single else grads
+    ops, key_of, proj_of, relevant, shown = _shown_nodes(tape, order)
+    name_of = _names(tape, ops, key_of, fun_name, names)
+    constants = tape.constants
 
     def operand(node: Node, i: int) -> str:
         if i in node.argnums:
@@ -535,13 +560,13 @@ def _explain(fun, args, nums, single, names, *, box_constants) -> Explanation:
                 name=name_of[n],
                 op=_op_name(n),
                 expr=_expr(n, operands),
-                source=sources.get(n, sources.get(n.parents[0]) if n.parents else None),
+                source=tape.sources.get(n, tape.sources.get(n.parents[0]) if n.parents else None),
                 value=_np(value),
                 upstream=_np(g),
                 edges=tuple(edges),
             )
         )
-    for node in input_names:
+    for node in tape.input_names:
         g = upstream.get(node)
         rows.append(
             Row(
@@ -553,6 +578,7 @@ def _explain(fun, args, nums, single, names, *, box_constants) -> Explanation:
                 _np(g) if g is not None else np.zeros_like(_np(node.ans)),
             )
         )
+    out_key = key_of.get(out.node) if isinstance(out, Tracer) else None
     return Explanation(
         fun_name=fun_name,
         output=name_of.get(out_key, fun_name) if out_key is not None else fun_name,
@@ -560,7 +586,7 @@ def _explain(fun, args, nums, single, names, *, box_constants) -> Explanation:
         grads=grads,
         rows=rows,
         constants=[(name, _np(node.ans)) for node, name in constants.items()],
-        differentiated=[name_of[n] for n in input_names],
+        differentiated=[name_of[n] for n in tape.input_names],
         edges_in=const_edges,
     )
 
@@ -911,12 +937,10 @@ def _op_name(node: Node) -> str:
 
 
 def _custom_name(params: dict) -> str | None:
-    closed = params.get("call_jaxpr")
-    jaxpr = getattr(closed, "jaxpr", closed)
-    for eqn in getattr(jaxpr, "eqns", ()):
-        if "name" in eqn.params:
-            return str(eqn.params["name"])
-    return None
+    """The name of the function a custom_jvp/custom_vjp node stands for."""
+    debug = getattr(params.get("fun"), "debug_info", None)
+    name = getattr(debug, "func_name", None)
+    return None if name in (None, "<lambda>", "<unknown>") else str(name)
 
 
 def _shape(x: Any) -> str:
@@ -1140,7 +1164,7 @@ def _table(header: list[list[str]], rows: list[list[list[str]]], width: int) -> 
         return out
 
     result = []
-    for k, r in enumerate([head, None, *rows]):
+    for r in [head, None, *rows]:
         if r is None:
             result.append("  " + (" " * gap).join("─" * w for w in widths).rstrip())
             continue
@@ -1149,5 +1173,4 @@ def _table(header: list[list[str]], rows: list[list[list[str]]], width: int) -> 
         for j in range(height):
             parts = [(cells[c][j] if j < len(cells[c]) else "").ljust(widths[c]) for c in range(n)]
             result.append(("  " + (" " * gap).join(parts)).rstrip())
-        del k
     return result

@@ -16,7 +16,7 @@ Examples:
 
 import jax.numpy as _jnp
 
-from chainrule.engine.dynamic import (  # noqa: F401
+from chainrule.engine.arrays import (  # noqa: F401
     abs,
     absolute,
     add,
@@ -49,7 +49,6 @@ from chainrule.engine.dynamic import (  # noqa: F401
     greater_equal,
     less,
     less_equal,
-    lift,
     log,
     log1p,
     matmul,
@@ -98,6 +97,6 @@ array, zeros, ones, arange, linspace, eye, full = (
 
 def __getattr__(name: str):
     fn = getattr(_jnp, name, None)
-    if callable(fn):
-        return lift(fn)
+    if callable(fn):  # jax.numpy's own: its primitives reach chainrule's trace
+        return fn
     raise AttributeError(f"chainrule.numpy has no attribute {name!r} (nor has jax.numpy)")

@@ -1,20 +1,29 @@
-"""The tracer core: `Tracer`, `Node`, trace levels, `bind` and the backward pass.
+"""The tracer core: `Tracer`, `Trace`, `Node`, `Primitive`, `bind` and the backward pass.
 
-This module knows nothing about arrays beyond "a value has a dtype". Everything
-array-shaped (the primitives, their VJP rules, operator overloading, jaxpr
-replay) is built on the four things defined here:
+One call of a transform (`cr.grad`, `cr.vjp`, ...) is one `Trace`: a
+`jax.core.Trace` of chainrule's own, with a **level** that numbers it among
+all the transforms ever started (levels only grow, so a transform started
+inside another has the higher one; that keeps `cr.grad(cr.grad(f))` from
+confusing perturbations). While the user's function runs, that trace is
+JAX's current trace, so every way a value can be computed reaches it:
 
-* a **level** numbers one active differentiation (one call of `cr.grad`,
-  `cr.vjp`, ...). Levels only grow, so a transform started inside another one
-  always has a higher level, and two transforms never share one. That is what
-  keeps `cr.grad(cr.grad(f))` from confusing the perturbations of the two.
-* a `Tracer` boxes a value for one level. Its value may itself be a `Tracer`
-  of a lower level (nesting) or a JAX value (a concrete array, or a JAX tracer
-  under `jax.jit`/`jax.vmap`/`jax.grad`).
-* a `Node` records how a `Tracer` was made: the primitive, the primal inputs
-  and output (one level down), its parents.
-* `backward` walks the nodes in reverse topological order, without recursion,
-  and hands each node's cotangent to its primitive's VJP rule.
+* chainrule's own ops (operators of `Tracer`, `chainrule.numpy`, the VJP
+  rules) call `bind`, which records at the highest level among the operands;
+* JAX code (`jax.numpy`, `jax.nn`, `lax`, `jit`-compiled helpers, custom
+  rules) binds JAX primitives, and JAX hands each to the current trace's
+  `process_primitive`, which looks the primitive up in `PRIMITIVES` (the rule
+  table, filled by `chainrule.engine.rules`) and binds chainrule's own.
+
+Recording makes a `Node` (the primitive, its inputs one level down, its
+output, its parents) and boxes the output in a `Tracer` of the same trace.
+`backward` then walks the nodes in reverse creation order, without
+recursion, and hands each node's cotangent to its primitive's VJP rule.
+
+A `Tracer` exposes its concrete value when the call is eager (as JAX's own
+JVP tracer does), so Python control flow on values works outside `jax.jit`,
+and under `jax.jit` raises JAX's own errors.
+
+This module knows nothing of arrays beyond shapes and dtypes.
 """
 
 from __future__ import annotations
@@ -22,102 +31,38 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from jax import dtypes
+from jax import dtypes, lax
+from jax._src import core as jcore  # the Trace/Tracer interface (JAX 0.10, pinned)
 
 from chainrule.engine import host
+from chainrule.errors import NoVJPRuleError
+
+PRIMITIVES: dict[str, Primitive] = {}
+"""Every primitive chainrule can trace, keyed by its `jax.lax` name; filled by
+`chainrule.engine.rules` (see `rules.registry.primitive`)."""
 
 
-class _TraceState(threading.local):
-    """The one piece of mutable global state: the trace stack, per thread."""
+# --- observers of the tape (cr.explain) ----------------------------------------------
 
-    def __init__(self) -> None:
-        self.levels = itertools.count(1)
-        # Levels of transforms that are capturing a jaxpr with jax.make_jaxpr;
-        # a lower-level Tracer met during a capture must be replayed instead.
-        self.capturing: list[int] = []
-        # Observers of the tape (e.g. `cr.explain`): called with each new node.
-        self.recorders: list[Callable[[Node, str | None], None]] = []
-        # Where the equation being replayed came from (set only while recording).
-        self.source: str | None = None
-        # Source locations of the call equations (jit bodies) being replayed.
-        self.call_sites: list[str] = []
-
-
-_state = _TraceState()
-
-
-def new_level() -> int:
-    """Returns a fresh level, higher than every level handed out before."""
-    return next(_state.levels)
-
-
-class ReplayNeeded(Exception):
-    """A Tracer of an enclosing transform met a jaxpr being captured.
-
-    The transform that owns `level` catches this and re-runs the user's
-    function through jaxpr replay. If it reaches user code, a Tracer escaped
-    the transform that made it.
-    """
-
-    def __init__(self, level: int):
-        self.level = level
-        super().__init__(
-            f"A chainrule Tracer (level {level}) was used inside a JAX transformation "
-            "outside the chainrule transform that created it. This happens when a traced "
-            "value escapes the differentiated function, e.g. it is stored in a global or a "
-            "closure that outlives the call. Return values from the function instead."
-        )
-
-
-def names_tracer(exc: BaseException) -> bool:
-    """True if `exc` is JAX refusing a chainrule Tracer as an argument.
-
-    JAX functions (`jnp.sin`, `jax.jit(f)`, ...) do not accept foreign objects;
-    they raise a TypeError or ValueError naming the object's type. The dynamic
-    front end then replays the function as a jaxpr instead.
-    """
-    return isinstance(exc, (TypeError, ValueError)) and "chainrule.Tracer" in str(exc).replace(
-        "chainrule.engine.core.Tracer", "chainrule.Tracer"
-    )
+_recorders: list[Callable[[Node, str | None], None]] = []
 
 
 @contextlib.contextmanager
-def _pushed(stack: list, item: Any) -> Iterator[None]:
-    stack.append(item)
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-def recording(recorder: Callable[[Node, str | None], None]):
+def recording(recorder: Callable[[Node, str | None], None]) -> Iterator[None]:
     """Context manager: calls `recorder(node, where)` for every node created inside.
 
     Used by tools that show the tape (`cr.explain`); `where` is the user's
     source line that created the node ("file:line (function)").
     """
-    return _pushed(_state.recorders, recorder)
-
-
-def is_recording() -> bool:
-    return bool(_state.recorders)
-
-
-def set_source(where: str | None) -> None:
-    """Replay sets the source line of the equation it is evaluating."""
-    _state.source = where
-
-
-def _source_line() -> str | None:
-    """The user's source line of the operation being recorded, best effort."""
-    if _state.source is not None:
-        return _state.source
-    return user_frame()
+    _recorders.append(recorder)
+    try:
+        yield
+    finally:
+        _recorders.remove(recorder)
 
 
 def user_frame() -> str | None:
@@ -131,23 +76,7 @@ def user_frame() -> str | None:
     return None
 
 
-def call_site(where: str):
-    """Context manager: replay is inside the body of a call made at `where`."""
-    return _pushed(_state.call_sites, where)
-
-
-def enclosing_call_site() -> str | None:
-    return _state.call_sites[-1] if _state.call_sites else None
-
-
-def is_capturing() -> bool:
-    return bool(_state.capturing)
-
-
-def capturing(level: int):
-    """Context manager marking `level` as capturing a jaxpr (jaxpr replay)."""
-    return _pushed(_state.capturing, level)
-
+# --- nodes and primitives -------------------------------------------------------------
 
 _node_seq = itertools.count()
 
@@ -196,91 +125,22 @@ def input_node(value: Any) -> Node:
     return Node(None, (), {}, value, (), ())
 
 
-class Tracer:
-    """A value boxed for one level of differentiation.
-
-    Operators and array methods (`+`, `@`, `.sum()`, indexing, ...) are attached
-    by `chainrule.engine.dynamic`; the core only defines the box.
-    """
-
-    __slots__ = ("value", "node", "level")
-    __array_priority__ = 1000  # NumPy defers binary operators to us.
-
-    def __init__(self, value: Any, node: Node, level: int):
-        self.value = value
-        self.node = node
-        self.level = level
-
-    @property
-    def aval(self):
-        return raw(self).aval if hasattr(raw(self), "aval") else None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.value.shape)
-
-    @property
-    def dtype(self):
-        return self.value.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.value.shape)
-
-    @property
-    def size(self) -> int:
-        n = 1
-        for d in self.value.shape:
-            n *= d
-        return n
-
-    def __repr__(self) -> str:
-        return f"chainrule.Tracer(level={self.level}, {raw(self)!r})"
-
-
-def raw(x: Any) -> Any:
-    """Strips every level of boxing: the JAX value underneath."""
-    while isinstance(x, Tracer):
-        x = x.value
-    return x
-
-
-def top_level(args: Iterable[Any]) -> int:
-    """The highest level among the Tracers in `args`, 0 if none."""
-    level = 0
-    for a in args:
-        if isinstance(a, Tracer) and a.level > level:
-            level = a.level
-    return level
-
-
-_INEXACT: dict[Any, bool] = {}
-
-
-def is_differentiable(x: Any) -> bool:
-    """Only floating (and complex) values carry cotangents."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        return False
-    inexact = _INEXACT.get(dtype)
-    if inexact is None:
-        inexact = _INEXACT[dtype] = bool(dtypes.issubdtype(dtype, np.inexact))
-    return inexact
-
-
 class Primitive:
     """An operation the tracer records, with its implementation and VJP rule.
 
     Args:
       name: the `jax.lax` primitive this mirrors (e.g. "mul").
       impl: computes the result on untraced JAX values.
-      params: names of the static parameters taken from a jaxpr equation.
+      params: names of the static parameters taken from a JAX primitive's.
       differentiable: False for primitives whose output carries no gradient
         (comparisons, argmax, stop_gradient): their output is never traced.
       multiple_results: the implementation returns a sequence.
       host_impl: the same computation with NumPy, for concrete values on the
         CPU (see `chainrule.engine.host`); it may return `NotImplemented` for
         cases it does not cover, which then run through `impl`.
+      implied_params: the JAX primitive's parameters that this primitive fixes
+        by what it is (scatter's combiner `update_jaxpr` is "set"), so they
+        are accepted without being passed on.
     """
 
     def __init__(
@@ -292,37 +152,79 @@ class Primitive:
         differentiable: bool = True,
         multiple_results: bool = False,
         host_impl: Callable[..., Any] | None = None,
+        implied_params: Sequence[str] = (),
     ):
         self.name = name
+        self.implied_params = frozenset(implied_params)
         self.impl = impl
         self.params = tuple(params)
         self.differentiable = differentiable
         self.multiple_results = multiple_results
         self.host_impl = host_impl
         self.vjp_makers: tuple[Callable | None, ...] | None = None
+        # True for a primitive whose implementation is code run on the trace
+        # outside (custom_vjp's fwd), so that an enclosing transform records
+        # that code instead of this primitive again.
+        self.runs_outside = False
+        self.formulas: tuple[str, ...] | None = None
 
     def bind(self, *args: Any, **params: Any) -> Any:
         return bind(self, *args, **params)
+
+    def apply(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> list[Any]:
+        """Applies this primitive as the JAX primitive of the same name was
+        applied (`Trace.process_primitive`): its parameters taken by name.
+        Call-like primitives (jit, cond, custom rules) override this."""
+        out = bind(self, *args, **self.taken(params))
+        return list(out) if self.multiple_results else [out]
+
+    def taken(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The JAX primitive's parameters this one takes. A parameter it does not
+        know is refused, never silently ignored, unless it only places the
+        result (sharding) or holds its default (None)."""
+        for k, v in params.items():
+            if k in self.params or k in self.implied_params or k in _PLACEMENT_PARAMS:
+                continue
+            if v is not None:
+                raise NoVJPRuleError(
+                    self.name,
+                    user_frame(),
+                    detail=f"its parameter {k}={v!r} is not supported, and ignoring it "
+                    "would give a wrong result",
+                )
+        return {k: params[k] for k in self.params if k in params}
+
+    def apply_untraced(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> Any:
+        """As `apply`, on untraced host values: with NumPy, or `NotImplemented`
+        where this primitive has no NumPy version (JAX evaluates it then)."""
+        operands = host.host_operands(tuple(args)) if self.host_impl is not None else None
+        if operands is None:
+            return NotImplemented
+        out = self.host_impl(*operands, **self.taken(params))
+        if out is NotImplemented:
+            return out
+        return list(out) if self.multiple_results else [out]
 
     def vjp(self, g: Any, node: Node) -> list[Any]:
         """Cotangents for the traced inputs of `node`. Override for joint rules."""
         makers = self.vjp_makers
         if makers is None:
-            from chainrule.errors import NoVJPRuleError
-
             raise NoVJPRuleError(self.name)
         out = []
         for i in node.argnums:
             maker = makers[i] if i < len(makers) else None
             if maker is None:
-                from chainrule.errors import NoVJPRuleError
-
                 raise NoVJPRuleError(self.name, detail=f"it has no rule for argument {i}")
             out.append(maker(node.ans, *node.primals, **node.params)(g))
         return out
 
     def __repr__(self) -> str:
         return f"Primitive({self.name})"
+
+
+# Parameters that say where a result lives, not what it is; chainrule's values
+# take JAX's default placement, and weak typing only steers later promotion.
+_PLACEMENT_PARAMS = frozenset({"sharding", "out_sharding", "weak_type"})
 
 
 class _Projection:
@@ -341,90 +243,315 @@ class _Projection:
         return [tuple(cts)]
 
 
+# --- tracers and traces ---------------------------------------------------------------
+
+_levels = itertools.count(1)  # global: a transform in another thread gets its own level
+
+_AVALS: dict[tuple, Any] = {}  # (shape, dtype, weak) -> ShapedArray; bounded by the shapes used
+
+
+def _aval(value: Any) -> Any:
+    if isinstance(value, jcore.Tracer):
+        return value.aval
+    weak = bool(getattr(value, "weak_type", False))
+    key = (np.shape(value), np.result_type(value.dtype), weak)
+    aval = _AVALS.get(key)
+    if aval is None:
+        aval = _AVALS[key] = jcore.ShapedArray(key[0], key[1], weak_type=weak)
+    return aval
+
+
+class Tracer(jcore.Tracer):
+    """A value boxed for one level of differentiation: a JAX tracer of a chainrule `Trace`.
+
+    `value` is the primal, one level down: a NumPy array (eager, on the host),
+    a `jax.Array`, a JAX tracer (under `jit`/`vmap`) or a `Tracer` of a lower
+    level (nested transforms). JAX code sees an array of `value`'s shape and
+    dtype (`isinstance(t, jax.Array)` holds); chainrule's operators are added
+    by `chainrule.engine.arrays.ArrayTracer`.
+    """
+
+    __slots__ = ("value", "node", "level")
+
+    def __init__(self, value: Any, node: Node, trace: Trace):
+        self._trace = trace
+        self.value = value
+        self.node = node
+        self.level = trace.level
+
+    @property
+    def aval(self):  # computed when JAX asks: chainrule's own ops never need it
+        return _aval(self.value)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.value))
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(np.shape(self.value))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(np.shape(self.value), dtype=np.int64))
+
+    def to_concrete_value(self):
+        # Eagerly the value is concrete, so `if`, `int()`, `bool()` work as in
+        # `jax.grad`; under `jit` it is not, and JAX raises its own error.
+        return jcore.to_concrete_value(self.value)
+
+    def __getattr__(self, name: str) -> Any:
+        try:  # jax.Array's methods and properties, as JAX's own tracers have them
+            return super().__getattr__(name)
+        except AttributeError:
+            raise AttributeError(
+                f"chainrule.Tracer (like jax.Array) has no attribute {name!r}"
+            ) from None
+
+    def __float__(self) -> float:
+        # Eagerly `float(loss)` works, for control flow and logging (PyTorch's
+        # `loss.item()`); under `jit` JAX raises its ConcretizationTypeError.
+        value = self.to_concrete_value()
+        return super().__float__() if value is None else float(value)
+
+    def __repr__(self) -> str:
+        return f"chainrule.Tracer(level={self.level}, {raw(self)!r})"
+
+
+def raw(x: Any) -> Any:
+    """Strips every level of boxing: the JAX value underneath."""
+    while isinstance(x, Tracer):
+        x = x.value
+    return x
+
+
+_INEXACT: dict[Any, bool] = {}
+
+
+def is_differentiable(x: Any) -> bool:
+    """Only floating (and complex) values carry cotangents."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    inexact = _INEXACT.get(dtype)
+    if inexact is None:
+        inexact = _INEXACT[dtype] = bool(dtypes.issubdtype(dtype, np.inexact))
+    return inexact
+
+
+class Trace(jcore.Trace):
+    """One active differentiation: the tape's recording rule and JAX's interpreter hooks.
+
+    Args:
+      tracer_type: the `Tracer` subclass its values are boxed in.
+
+    The trace outside (JAX's eager evaluation, a `jit` or `vmap` trace, or an
+    enclosing chainrule trace) is `parent`: untraced work and the backward
+    pass run there.
+    """
+
+    __slots__ = ("level", "parent", "tracer_type")
+
+    def __init__(self, tracer_type: type[Tracer] = Tracer):
+        super().__init__()
+        self.requires_low = False
+        self.level = next(_levels)
+        self.tracer_type = tracer_type
+        with jcore.take_current_trace() as parent:
+            self.parent = parent
+
+    def new_input(self, value: Any) -> Tracer:
+        """Boxes an input of the transform."""
+        return self.tracer_type(value, input_node(value), self)
+
+    def active(self):
+        """Context manager: this trace is JAX's current trace (the user's code runs)."""
+        return jcore.set_current_trace(self)
+
+    def outside(self):
+        """Context manager: the parent is current (the backward pass runs)."""
+        return jcore.set_current_trace(self.parent)
+
+    def record(self, prim: Primitive, args: tuple[Any, ...], params: dict[str, Any]) -> Any:
+        """Applies `prim` to `args` (some boxed at this level) and records a node.
+
+        Inputs at lower levels are passed down unchanged, so nested transforms
+        record one node per level, innermost first.
+        """
+        if self._invalidated:
+            raise escaped_tracer_error(prim, self)
+        primals, argnums, parents, nested = list(args), [], [], False
+        for i, a in enumerate(args):
+            if isinstance(a, Tracer):
+                if a._trace is self:
+                    argnums.append(i)
+                    parents.append(a.node)
+                    a = primals[i] = a.value
+                nested = nested or isinstance(a, Tracer)  # a lower level records too
+        primals = tuple(primals)
+        if nested and not prim.runs_outside:
+            ans = bind(prim, *primals, **params)
+        else:
+            ans = evaluate(prim, primals, params, on_host_only=True)
+            if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
+                # this one for host values (a call's body then runs with NumPy)
+                on_host = host.host_operands(primals) is not None
+                with jcore.set_current_trace(self if on_host else self.parent):
+                    ans = prim.impl(*primals, **params)
+        if not prim.differentiable:  # its output is never traced: no node
+            return [raw(a) for a in ans] if prim.multiple_results else raw(ans)
+        node = Node(prim, primals, params, ans, tuple(argnums), tuple(parents))
+        if _recorders:
+            where = user_frame()
+            for recorder in _recorders:
+                recorder(node, where)
+        box = self.tracer_type
+        if not prim.multiple_results:
+            return box(ans, node, self) if is_differentiable(raw(ans)) else raw(ans)
+        n = len(ans)
+        return [
+            box(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), self)
+            if is_differentiable(raw(a))
+            else raw(a)
+            for i, a in enumerate(ans)
+        ]
+
+    # --- JAX's interpreter interface: JAX code running on this trace's values ---
+
+    def _owns(self, values: Sequence[Any]) -> bool:
+        return any(isinstance(v, Tracer) and v._trace is self for v in values)
+
+    def stage_value(self, val: Any) -> Any:
+        if isinstance(val, Tracer) and val._trace is self:
+            return val
+        return self.parent.stage_value(val)
+
+    def process_primitive(self, primitive, tracers, params, /):
+        prim = PRIMITIVES.get(primitive.name)
+        if self._owns(tracers):  # values of this trace: chainrule's rule records them
+            if prim is None:
+                raise NoVJPRuleError(primitive.name, user_frame())
+            with self.active():  # JAX's bind made the eval trace current meanwhile
+                outs = prim.apply(self, tracers, params)
+            return outs if primitive.multiple_results else outs[0]
+        if prim is not None:  # concrete host values: evaluated with NumPy where it can
+            outs = prim.apply_untraced(self, tracers, params)
+            if outs is not NotImplemented:
+                return outs if primitive.multiple_results else outs[0]
+        with jcore.set_current_trace(self.parent):  # nothing of ours: the trace outside
+            return primitive.bind(*tracers, **params)
+
+    def process_custom_jvp_call(self, primitive, fun, jvp, tracers, /, *, symbolic_zeros):
+        if not self._owns(tracers):
+            if host.host_operands(tuple(tracers)):
+                with self.active():  # on the host, with NumPy
+                    return fun.call_wrapped(*tracers)
+            return primitive.bind_with_trace(
+                self.parent, tracers, None, dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
+            )
+        with self.active():
+            return PRIMITIVES["custom_jvp_call"].apply(
+                self, tracers, dict(fun=fun, jvp=jvp, symbolic_zeros=symbolic_zeros)
+            )
+
+    def process_custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, /, **params):
+        if not self._owns(tracers):
+            if host.host_operands(tuple(tracers)):
+                with self.active():
+                    return fun.call_wrapped(*tracers)
+            return primitive.bind_with_trace(
+                self.parent, tracers, None, dict(subfuns=(fun, fwd, bwd), **params)
+            )
+        with self.active():
+            return PRIMITIVES["custom_vjp_call"].apply(
+                self, tracers, dict(fun=fun, fwd=fwd, bwd=bwd, **params)
+            )
+
+    def process_call(self, call_primitive, f, tracers, params, /):
+        with self.active():
+            return f.call_wrapped(*tracers)
+
+    def __repr__(self) -> str:
+        return f"chainrule.Trace(level={self.level})"
+
+
+def escaped_tracer_error(prim: Any, trace: Trace) -> Exception:
+    return jcore.UnexpectedTracerError(
+        f"A chainrule Tracer of a transform that has already returned (level "
+        f"{trace.level}) was used by '{getattr(prim, 'name', prim)}'. A traced value "
+        "escaped the differentiated function, e.g. it was stored in a global, a list or "
+        "a closure that outlives the call. Return values from the function instead (use "
+        "has_aux=True for extra outputs)."
+    )
+
+
+# --- applying a primitive ------------------------------------------------------------
+
+
 def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
     """Applies `prim` to `args`, recording a node at the highest level present.
 
-    Inputs at lower levels are passed down unchanged, so the recursion records
-    one node per level, innermost first. (This is the hot path of eager
-    differentiation: one call per operation, kept free of helper calls.)
+    (This is the hot path of eager differentiation: one call per operation.)
     """
+    top = None
     level = 0
     for a in args:
         if isinstance(a, Tracer) and a.level > level:
-            level = a.level
-    if level == 0:
+            level, top = a.level, a
+    if top is None:
         return evaluate(prim, args, params)
-    if not prim.differentiable:
-        return evaluate(prim, tuple(raw(a) for a in args), params)
-    state = _state
-    if state.capturing and level <= state.capturing[-1]:
-        # A value of an enclosing transform met a jaxpr being captured for an
-        # inner one: the enclosing transform must replay instead.
-        raise ReplayNeeded(level)
-    primals, argnums, parents, nested = list(args), [], [], False
-    for i, a in enumerate(args):
-        if isinstance(a, Tracer):
-            if a.level == level:
-                argnums.append(i)
-                parents.append(a.node)
-                a = primals[i] = a.value
-            nested = nested or isinstance(a, Tracer)  # a lower level records too
-    primals = tuple(primals)
-    ans = bind(prim, *primals, **params) if nested else evaluate(prim, primals, params)
-    node = Node(prim, primals, params, ans, tuple(argnums), tuple(parents))
-    if state.recorders:
-        where = _source_line()
-        for recorder in state.recorders:
-            recorder(node, where)
-    if not prim.multiple_results:
-        return Tracer(ans, node, level) if is_differentiable(raw(ans)) else raw(ans)
-    n = len(ans)
-    return [
-        Tracer(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), level)
-        if is_differentiable(raw(a))
-        else raw(a)
-        for i, a in enumerate(ans)
-    ]
+    trace = top._trace
+    if jcore.trace_ctx.trace is not trace:
+        for a in args:
+            if isinstance(a, jcore.Tracer) and not isinstance(a, Tracer):
+                # A value of another JAX transformation running inside this one
+                # (e.g. jax.vmap or jax.grad in the differentiated function):
+                # JAX's dispatch lets that trace act first, which hands our
+                # values back to `Trace.process_primitive`.
+                return prim.impl(*args, **params)
+    return trace.record(prim, args, params)
 
 
-def evaluate(prim: Primitive, args: tuple[Any, ...], params: dict[str, Any]) -> Any:
+def evaluate(
+    prim: Primitive, args: tuple[Any, ...], params: dict[str, Any], on_host_only: bool = False
+) -> Any:
     """Computes `prim` on untraced values: with NumPy when they live on the host
-    (see `chainrule.engine.host`), else with its JAX implementation."""
+    (see `chainrule.engine.host`), else with its JAX implementation on the
+    current trace (`NotImplemented` instead, with `on_host_only`)."""
     if prim.host_impl is not None:
         operands = host.host_operands(args)
         if operands is not None:
             out = prim.host_impl(*operands, **params)
             if out is not NotImplemented:
                 return out
-    return prim.impl(*args, **params)
+    return NotImplemented if on_host_only else prim.impl(*args, **params)
 
 
-def toposort(roots: Iterable[Node]) -> Iterator[Node]:
-    """Nodes reachable from `roots`, each after every node that uses it.
+# --- the backward pass ---------------------------------------------------------------
 
-    Iterative (Kahn's algorithm), so a chain of 10^5 operations is fine.
-    """
-    roots = list(dict.fromkeys(roots))
-    child_counts: dict[Node, int] = {}
-    seen: set[Node] = set()
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for parent in node.parents:
-            child_counts[parent] = child_counts.get(parent, 0) + 1
-            stack.append(parent)
-    ready = [r for r in roots if child_counts.get(r, 0) == 0]
-    while ready:
-        node = ready.pop()
-        parents = node.parents  # read before yielding: the consumer may release the node
-        yield node
-        for parent in parents:
-            child_counts[parent] -= 1
-            if child_counts[parent] == 0:
-                ready.append(parent)
+
+def zeros_like(x: Any) -> Any:
+    """A zero cotangent for `x`: NumPy outside JAX traces, `lax.full` inside them
+    (so no large literal is baked into a compiled program)."""
+    value = raw(x)
+    shape, dtype = tuple(np.shape(value)), value.dtype
+    if isinstance(value, jcore.Tracer):
+        return lax.full(shape, 0, dtype)
+    return np.zeros(shape, dtype)
+
+
+def add_cotangents(a: Any, b: Any) -> Any:
+    """Accumulates two cotangents; tuples (multiple-results nodes) add elementwise."""
+    if isinstance(a, tuple):
+        return tuple(
+            y if x is None else x if y is None else add_cotangents(x, y)
+            for x, y in zip(a, b, strict=True)
+        )
+    return bind(PRIMITIVES["add_any"], a, b)
 
 
 def _by_seq(node: Node) -> int:
@@ -433,25 +560,27 @@ def _by_seq(node: Node) -> int:
 
 def backward(
     seeds: Iterable[tuple[Node, Any]],
-    add: Callable[[Any, Any], Any],
     *,
     release: bool,
+    observe: Callable[[Node, Any, Sequence[Any] | None], None] | None = None,
 ) -> dict[Node, Any]:
     """The backward pass: propagates cotangents from `seeds` to the input nodes.
 
     Args:
       seeds: (node, cotangent of its output) pairs, e.g. the loss and 1.0.
-      add: adds two cotangents (accumulation where a value is used twice).
       release: drop each node's saved values once it has been processed, so
         the graph's memory is freed during the pass (as in PyTorch's
         `backward()` without `retain_graph`).
+      observe: called as `observe(node, g, cts)` for every node reached, in
+        the order visited (`cts` None for inputs and unreached uses), e.g. by
+        `cr.explain` to show each step.
 
     Returns:
       The cotangent of every reached node without parents (the inputs).
     """
     cotangents: dict[Node, Any] = {}
     for node, g in seeds:
-        cotangents[node] = add(cotangents[node], g) if node in cotangents else g
+        cotangents[node] = add_cotangents(cotangents[node], g) if node in cotangents else g
     inputs: dict[Node, Any] = {}
     # Reverse creation order visits every node after all the nodes that use it
     # (see `Node.seq`); one iterative pass finds the reachable ones.
@@ -464,14 +593,48 @@ def backward(
             stack.extend(node.parents)
     for node in sorted(reached, key=_by_seq, reverse=True):
         g = cotangents.pop(node, None)
-        if g is None:  # every use of this node contributed a structural zero
+        if g is None or not node.parents:  # an input, or every use was a structural zero
+            if g is not None:
+                inputs[node] = g
+            if observe is not None:
+                observe(node, g, None)
             continue
-        if not node.parents:
-            inputs[node] = g
-            continue
-        for parent, ct in zip(node.parents, node.vjp(g), strict=True):
+        cts = node.vjp(g)
+        if observe is not None:
+            observe(node, g, cts)
+        for parent, ct in zip(node.parents, cts, strict=True):
             if ct is not None:
-                cotangents[parent] = add(cotangents[parent], ct) if parent in cotangents else ct
+                cotangents[parent] = (
+                    add_cotangents(cotangents[parent], ct) if parent in cotangents else ct
+                )
         if release:
             node.release()
     return inputs
+
+
+def vjp_flat(
+    fun: Callable[..., Sequence[Any]],
+    primals: Sequence[Any],
+    cotangents: Sequence[Any],
+    tracer_type: type[Tracer] = Tracer,
+) -> list[Any]:
+    """VJP of a function of flat arrays returning a flat list of arrays.
+
+    `fun` runs once on a new trace (JAX code in it reaches chainrule's rules);
+    the cotangents of inputs the outputs do not depend on are zeros. Used by the
+    rules of call-like primitives (custom rules, cond branches).
+    """
+    trace = Trace(tracer_type)
+    tracers = [trace.new_input(p) for p in primals]
+    try:
+        with trace.active():
+            outs = fun(*tracers)
+    finally:
+        trace.invalidate()
+    seeds = [
+        (o.node, ct)
+        for o, ct in zip(outs, cotangents, strict=True)
+        if isinstance(o, Tracer) and o._trace is trace and ct is not None
+    ]
+    input_cts = backward(seeds, release=True)
+    return [input_cts.get(t.node) if t.node in input_cts else zeros_like(t) for t in tracers]

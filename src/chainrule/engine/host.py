@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import dtypes
+from jax._src import core as _jax_core
+from jax._src.lib import xla_client as _xc
 
 _HOST_TYPES = (np.ndarray, np.generic)
 _HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -143,28 +145,23 @@ def _literal_dtype(x: int | float, args: tuple[Any, ...]):
     return None
 
 
-try:  # the fast path of `jax.device_put` for one CPU array; JAX's public API is slow here
-    from jax._src import core as _jax_core
-    from jax._src.lib import xla_client as _xc
+_DEVICE = None  # the CPU device and its sharding, looked up on first use (not on import)
+_AVALS: dict[tuple, Any] = {}  # (shape, dtype) -> ShapedArray; bounded by the shapes used
 
-    _DEVICE = None
-    _AVALS: dict[tuple, Any] = {}  # (shape, dtype) -> ShapedArray; bounded by the shapes used
 
-    def _device_put(x: np.ndarray) -> jax.Array:
-        global _DEVICE
-        if _DEVICE is None:
-            device = jax.devices()[0]
-            _DEVICE = (device, jax.sharding.SingleDeviceSharding(device))
-        device, sharding = _DEVICE
-        key = (x.shape, x.dtype)
-        aval = _AVALS.get(key)
-        if aval is None:
-            aval = _AVALS[key] = _jax_core.ShapedArray(x.shape, x.dtype)
-        return _xc.batched_device_put(aval, sharding, [x], [device], False)
-
-    _device_put(np.zeros((), np.float32))
-except Exception:  # pragma: no cover - another JAX release: the public API
-    _device_put = jnp.asarray  # type: ignore[assignment]
+def _device_put(x: np.ndarray) -> jax.Array:
+    """`jax.device_put` of one CPU array by its fast path (JAX's public API is
+    slow here; JAX 0.10, pinned)."""
+    global _DEVICE
+    if _DEVICE is None:
+        device = jax.devices()[0]
+        _DEVICE = (device, jax.sharding.SingleDeviceSharding(device))
+    device, sharding = _DEVICE
+    key = (x.shape, x.dtype)
+    aval = _AVALS.get(key)
+    if aval is None:
+        aval = _AVALS[key] = _jax_core.ShapedArray(x.shape, x.dtype)
+    return _xc.batched_device_put(aval, sharding, [x], [device], False)
 
 
 def to_jax(x: Any, *, copy: bool = False) -> Any:

@@ -1,15 +1,15 @@
 """The user-facing transforms: `grad`, `value_and_grad`, `vjp`, with JAX's signatures.
 
-Each call of a transform takes a fresh level, boxes the differentiated leaves
-as `Tracer`s, runs the function (dynamic front end first; jaxpr replay when
-the function hands a Tracer to a JAX function), then runs the backward pass.
+Each call of a transform makes a new `Trace` (a fresh level), boxes the
+differentiated leaves as `Tracer`s, runs the function once with that trace
+current (`_trace_call`), then runs the backward pass (`core.backward`) on the
+trace outside and hands the cotangents back as pytrees.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,25 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chainrule.engine import core, dynamic, host, jaxtrace, replay, rules
-from chainrule.engine.core import ReplayNeeded, Tracer, raw
+from chainrule.engine import core, host, rules
+from chainrule.engine.arrays import ArrayTracer
+from chainrule.engine.core import Trace, Tracer, raw
 from chainrule.errors import (
     ArgnumsError,
     AuxError,
     CotangentError,
     InputTypeError,
     NonScalarOutputError,
-    UnrecordableJaxCallError,
 )
-
-del dynamic  # imported for its side effect: operators on Tracer
-
-_CONTROL_FLOW_ERRORS = (
-    jax.errors.ConcretizationTypeError,
-    jax.errors.TracerArrayConversionError,
-    jax.errors.TracerIntegerConversionError,
-)
-
 
 # --- arguments ------------------------------------------------------------------
 
@@ -69,6 +60,11 @@ def _resolve_argnums(argnums: tuple[int, ...], n_args: int, fun_name: str) -> tu
                 "or change argnums."
             )
         out.append(a % n_args)
+    if len(set(out)) != len(out):
+        raise ArgnumsError(
+            f"{fun_name}: argnums={argnums} names the same positional argument twice "
+            f"(as {tuple(out)} for {n_args} arguments). Each argument may appear once."
+        )
     return tuple(out)
 
 
@@ -85,11 +81,11 @@ def _arg_name(fun: Callable, i: int) -> str:
     return f"argument {i}"
 
 
-def _box_leaf(x: Any, where: Callable[[], str], fun_name: str, level: int) -> Tracer:
+def _box_leaf(x: Any, where: Callable[[], str], fun_name: str, trace: Trace) -> Tracer:
     """Boxes one leaf; `where()` names it, and is only called to report an error."""
     on_host = host.to_host(x)
     if on_host is not None:  # a float32/float64 array: nothing to check
-        return Tracer(on_host, core.input_node(on_host), level)
+        return trace.new_input(on_host)
     if isinstance(x, (Tracer, jax.Array)) or isinstance(x, jax.core.Tracer):
         value = x
     elif isinstance(x, (float, int, complex, np.ndarray, np.generic)) and not isinstance(x, str):
@@ -113,14 +109,14 @@ def _box_leaf(x: Any, where: Callable[[], str], fun_name: str, level: int) -> Tr
             f"{fun_name}: {where()} has dtype {dtype.name}; gradients are only defined for "
             f"floating-point inputs (float16, bfloat16, float32, float64). {fix}."
         )
-    return Tracer(value, core.input_node(value), level)
+    return trace.new_input(value)
 
 
 def _leaf_name(fun: Callable, i: int, path: tuple) -> str:
     return _arg_name(fun, i) + (jax.tree_util.keystr(path) if path else "")
 
 
-def _box_args(fun, args, argnums, level, fun_name):
+def _box_args(fun, args, argnums, trace, fun_name):
     """Boxes the leaves of args[argnums]; returns (new args, tracers per argnum, trees)."""
     boxed_args = list(args)
     tracers, trees = [], []
@@ -129,123 +125,52 @@ def _box_args(fun, args, argnums, level, fun_name):
         leaves = []
         for path, leaf in with_path:
             where = functools.partial(_leaf_name, fun, i, path)
-            leaves.append(_box_leaf(leaf, where, fun_name, level))
+            leaves.append(_box_leaf(leaf, where, fun_name, trace))
         boxed_args[i] = jax.tree_util.tree_unflatten(tree, leaves)
         tracers.append(leaves)
         trees.append(tree)
     return boxed_args, tracers, trees
 
 
-# --- running the function --------------------------------------------------------
+# --- running the function once ----------------------------------------------------------
 
 
-def _run(
+def trace_call(
     fun: Callable,
-    args: list[Any],
-    tracers: list[Tracer],
-    level: int,
-    memo: dict[str, bool] | None = None,
-) -> Any:
-    """Runs `fun(*args)` on the tape: dynamic front end, else jaxpr replay.
+    args: Sequence[Any],
+    nums: tuple[int, ...],
+    name: str,
+    prepare: Callable[[Trace, list[Any]], None] | None = None,
+):
+    """Runs `fun(*args)` once on a new trace, the leaves of `args[nums]` boxed.
 
-    `memo` (one per function, see `_memo_for`) remembers that `fun` needed replay
-    (and whether the JAX-trace front end could not run it, see `_run_replay`),
-    so later calls go straight to it: the dynamic attempt is not repeated (nor
-    the side effects it ran before failing). Replay is exact whenever it
-    succeeds, so this is never stale; should replay fail on a later call (Python
-    control flow on a value), the dynamic front end is tried after all.
+    Returns (trace, output, boxed leaves per argnum, their tree structures).
+    `prepare(trace, boxed_args)` may box more before the run (`cr.explain`
+    boxes constants). The trace is invalidated when `fun` returns, so a Tracer
+    that escapes the call raises JAX's `UnexpectedTracerError` when used.
     """
-    if memo is not None and memo.get("replay"):
-        try:
-            return _run_replay(fun, args, tracers, level, memo)
-        except UnrecordableJaxCallError:
-            memo["replay"] = False
+    trace = Trace(ArrayTracer)
+    boxed, tracers, trees = _box_args(fun, args, nums, trace, name)
+    if prepare is not None:
+        prepare(trace, boxed)
     try:
-        return fun(*args)
-    except ReplayNeeded as e:
-        if e.level != level:
-            raise
-    except (TypeError, ValueError) as e:
-        if not core.names_tracer(e):
-            raise
-    out = _run_replay(fun, args, tracers, level, memo)
-    if memo is not None:
-        memo["replay"] = True
-    return out
+        with trace.active(), _quiet():
+            out = fun(*boxed)
+    finally:
+        trace.invalidate()
+    return trace, out, tracers, trees
 
 
-_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _unbox(x: Any, trace: Trace) -> Any:
+    return x.value if isinstance(x, Tracer) and x._trace is trace else x
 
 
-def _memo_for(fun: Callable) -> dict[str, bool]:
-    """The front-end memo of `fun` (see `_run`), shared by every `cr.grad(fun)`
-    made for the same function object, so `cr.grad(loss)(p)` written inline in
-    a loop skips the failed dynamic attempt too. It only orders the front ends,
-    so it cannot make a result stale; it lives as long as `fun`."""
-    try:
-        return _MEMOS.setdefault(fun, {})
-    except TypeError:  # not weakly referenceable or not hashable: one per transform
-        return {}
-
-
-def _replay(flat_fun: Callable, values: list[Any], level: int) -> tuple[list[Any], Any]:
-    """Jaxpr replay of a whole function (a seam for tests of the fast path)."""
-    return replay.replay(flat_fun, values, level)
-
-
-def _run_replay(fun: Callable, args: list, tracers: list[Tracer], level: int, memo=None) -> Any:
-    """The JAX-trace front end when it applies, else jaxpr replay; `memo` as in `_run`."""
-    leaves, tree = jax.tree_util.tree_flatten(args)
-    lifted = [i for i, x in enumerate(leaves) if isinstance(x, Tracer)]
-
-    def flat_fun(*xs):
-        full = list(leaves)
-        for i, x in zip(lifted, xs, strict=True):
-            full[i] = x
-        return fun(*jax.tree_util.tree_unflatten(tree, full))
-
-    lifted_values = [leaves[i] for i in lifted]
-    if (memo is None or memo.get("jaxtrace", True)) and jaxtrace.eligible(lifted_values, level):
-        # The fast path (see `engine/jaxtrace.py`): the function runs once, eagerly.
-        # Whatever it leaves to replay (or any error) is replayed below, which
-        # gives the same result, or the error with its source line. The memo
-        # then sends later calls of `fun` straight to replay.
-        out_tree: list[Any] = []
-
-        def flat_out(*xs):
-            leaves_out, t = jax.tree_util.tree_flatten(flat_fun(*xs))
-            out_tree.append(t)
-            return leaves_out
-
-        try:
-            outs = jaxtrace.run(flat_out, lifted_values)
-        except Exception:  # noqa: BLE001 - replay reproduces it or handles it
-            if memo is not None:
-                memo["jaxtrace"] = False
-        else:
-            return jax.tree_util.tree_unflatten(out_tree[0], outs)
-
-    try:
-        outs, out_tree = _replay(flat_fun, lifted_values, level)
-    except _CONTROL_FLOW_ERRORS as e:
-        raise UnrecordableJaxCallError(
-            "The function passes a differentiated value to a jax.numpy/jax.nn/lax function, "
-            "so chainrule captures it as a jaxpr, and it also uses Python control flow or "
-            "conversions (if/while, float(), int(), np.asarray) on a differentiated value, "
-            "which a jaxpr cannot capture. Either use chainrule.numpy functions and array "
-            "methods (x.sum(), x @ w, ...) instead of jax.numpy, so that the function runs "
-            "eagerly like PyTorch, or replace the Python control flow with jnp.where / "
-            f"lax.cond. JAX said: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from e
-    return jax.tree_util.tree_unflatten(out_tree, outs)
-
-
-def _unbox(x: Any, level: int) -> Any:
-    return x.value if isinstance(x, Tracer) and x.level == level else x
-
-
-def _zeros_for(t: Tracer) -> Any:
-    return rules.zeros_like(t.value)
+def gradients(tracers: list[list[Tracer]], trees: list[Any], input_cts: dict) -> tuple:
+    """The cotangents of the boxed inputs, as pytrees shaped like the arguments."""
+    return tuple(
+        jax.tree_util.tree_unflatten(tree, [_input_ct(t, input_cts) for t in ts])
+        for ts, tree in zip(tracers, trees, strict=True)
+    )
 
 
 # --- vjp ---------------------------------------------------------------------------
@@ -275,31 +200,24 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
       2.0
     """
     _check_callable(fun, "cr.vjp")
-    level = core.new_level()
-    argnums = tuple(range(len(primals)))
-    boxed, tracers, trees = _box_args(fun, primals, argnums, level, "cr.vjp")
-    with _quiet():
-        out = _run(fun, boxed, [t for ts in tracers for t in ts], level)
+    nums = tuple(range(len(primals)))
+    trace, out, tracers, trees = trace_call(fun, primals, nums, "cr.vjp")
     aux = None
     if has_aux:
         out, aux = _split_aux(out, "cr.vjp")
-        aux = host.tree_to_jax(jax.tree_util.tree_map(lambda x: _unbox(x, level), aux), copy=True)
+        aux = host.tree_to_jax(jax.tree_util.tree_map(lambda x: _unbox(x, trace), aux), copy=True)
     out_leaves, out_tree = jax.tree_util.tree_flatten(out)
-    primal_out = jax.tree_util.tree_unflatten(out_tree, [_output(o, level) for o in out_leaves])
+    primal_out = jax.tree_util.tree_unflatten(out_tree, [_output(o, trace) for o in out_leaves])
 
     def vjp_fn(cotangent: Any) -> tuple[Any, ...]:
-        ct_leaves = _check_cotangent(cotangent, out_tree, out_leaves, level)
+        ct_leaves = _check_cotangent(cotangent, out_tree, out_leaves)
         seeds = [
             (o.node, ct)
             for o, ct in zip(out_leaves, ct_leaves, strict=True)
-            if isinstance(o, Tracer) and o.level == level
+            if isinstance(o, Tracer) and o._trace is trace
         ]
-        with _quiet():
-            input_cts = core.backward(seeds, rules.add_cotangents, release=False)
-            return tuple(
-                jax.tree_util.tree_unflatten(tree, [_input_ct(t, input_cts) for t in ts])
-                for ts, tree in zip(tracers, trees, strict=True)
-            )
+        with trace.outside(), _quiet():
+            return gradients(tracers, trees, core.backward(seeds, release=False))
 
     if has_aux:
         return primal_out, vjp_fn, aux
@@ -310,14 +228,14 @@ def _input_ct(t: Tracer, input_cts: dict) -> Any:
     """The cotangent of input `t`, as a `jax.Array` (or a Tracer of an outer level)."""
     ct = input_cts.get(t.node)
     if ct is None:  # the output does not depend on this input: its gradient is 0
-        return host.to_jax(_zeros_for(t))
+        return host.to_jax(core.zeros_like(t))
     return host.to_jax(rules.convert_element_type(ct, rules.dtype_of(t.value)))
 
 
-def _output(x: Any, level: int) -> Any:
+def _output(x: Any, trace: Trace) -> Any:
     """An output of the user's function, unboxed and handed back as JAX values:
     computed values as they are, anything the function returned untouched copied."""
-    if isinstance(x, Tracer) and x.level == level:
+    if isinstance(x, Tracer) and x._trace is trace:
         return host.to_jax(x.value)
     return host.to_jax(x, copy=True)
 
@@ -328,7 +246,7 @@ def _quiet():
     return np.errstate(all="ignore")
 
 
-def _check_cotangent(cotangent, out_tree, out_leaves, level) -> list[Any]:
+def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
     ct_leaves, ct_tree = jax.tree_util.tree_flatten(cotangent)
     if ct_tree != out_tree:
         raise CotangentError(
@@ -355,20 +273,6 @@ def _check_cotangent(cotangent, out_tree, out_leaves, level) -> list[Any]:
             )
         checked.append(ct)
     return checked
-
-
-def vjp_flat(fun: Callable, primals: Sequence[Any], cotangents: Sequence[Any]) -> list[Any]:
-    """Internal: VJP of a function of flat arrays returning a flat list of arrays."""
-    level = core.new_level()
-    tracers = [Tracer(p, core.input_node(p), level) for p in primals]
-    outs = fun(*tracers)
-    seeds = [
-        (o.node, ct)
-        for o, ct in zip(outs, cotangents, strict=True)
-        if isinstance(o, Tracer) and o.level == level
-    ]
-    input_cts = core.backward(seeds, rules.add_cotangents, release=True)
-    return [_input_ct(t, input_cts) for t in tracers]
 
 
 # --- grad and value_and_grad -----------------------------------------------------------
@@ -405,32 +309,27 @@ def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool
     argnums_t, single = _normalize_argnums(argnums, "cr.value_and_grad")
 
     name = f"cr.grad of {getattr(fun, '__name__', 'function')}"
-    memo = _memo_for(fun)  # see `_run`
 
     @functools.wraps(fun)
     def value_and_grad_fun(*args: Any, **kwargs: Any):
         nums = _resolve_argnums(argnums_t, len(args), name)
-        level = core.new_level()
-        boxed, tracers, trees = _box_args(fun, args, nums, level, name)
         call = functools.partial(fun, **kwargs) if kwargs else fun
-        with _quiet():
-            out = _run(call, boxed, [t for ts in tracers for t in ts], level, memo)
-            aux = None
-            if has_aux:
-                out, aux = _split_aux(out, name)
-                aux = jax.tree_util.tree_map(lambda x: _unbox(x, level), aux)
-                aux = host.tree_to_jax(aux, copy=True)
-            _check_scalar(out, name)
-            if isinstance(out, Tracer) and out.level == level:
+        trace, out, tracers, trees = trace_call(call, args, nums, name)
+        aux = None
+        if has_aux:
+            out, aux = _split_aux(out, name)
+            aux = host.tree_to_jax(
+                jax.tree_util.tree_map(lambda x: _unbox(x, trace), aux), copy=True
+            )
+        _check_scalar(out, name)
+        with trace.outside(), _quiet():
+            if isinstance(out, Tracer) and out._trace is trace:
                 one = np.ones((), raw(out).dtype)
-                input_cts = core.backward([(out.node, one)], rules.add_cotangents, release=True)
+                input_cts = core.backward([(out.node, one)], release=True)
             else:  # the output does not depend on the differentiated inputs
                 input_cts = {}
-            grads = tuple(
-                jax.tree_util.tree_unflatten(tree, [_input_ct(t, input_cts) for t in ts])
-                for ts, tree in zip(tracers, trees, strict=True)
-            )
-        value = _output(out, level) if want_value else None
+            grads = gradients(tracers, trees, input_cts)
+        value = _output(out, trace) if want_value else None
         if has_aux:
             value = (value, aux)
         return value, grads[0] if single else grads

@@ -18,12 +18,13 @@ from chainrule.engine.core import Primitive, raw
 from chainrule.engine.rules.registry import (
     const,
     defvjp,
+    dtype_of,
     full_like,
     primitive,
     shape_of,
     zeros_like,
 )
-from chainrule.engine.rules.shape import unbroadcast
+from chainrule.engine.rules.shape import broadcast_in_dim, convert_element_type, unbroadcast
 
 # --- elementwise arithmetic ---------------------------------------------------
 
@@ -63,7 +64,23 @@ def _host_div(x, y):
 
 add_p = primitive("add", _broadcasting(lax.add), host=np.add)
 sub_p = primitive("sub", _broadcasting(lax.sub), host=np.subtract)
-mul_p = primitive("mul", _broadcasting(lax.mul), host=np.multiply)
+
+
+def _mul(x, y, out_dtype=None):
+    """lax.mul; `out_dtype` (JAX's parameter) computes in a wider dtype."""
+    if out_dtype is None:
+        return _broadcasting(lax.mul)(x, y)
+    return lax.mul(x, y, out_dtype=out_dtype)
+
+
+def _host_mul(x, y, out_dtype=None):
+    if out_dtype is None:
+        return np.multiply(x, y)
+    dtype = np.dtype(out_dtype)
+    return np.multiply(np.asarray(x, dtype), np.asarray(y, dtype))
+
+
+mul_p = primitive("mul", _mul, ("out_dtype",), host=_host_mul)
 div_p = primitive("div", _broadcasting(lax.div), host=_host_div)
 neg_p = primitive("neg", lax.neg, host=np.negative)
 add_any_p = primitive("add_any", _broadcasting(lax.add), host=np.add)
@@ -88,12 +105,25 @@ defvjp(
     lambda ans, x, y: lambda g: unbroadcast(neg(g), shape_of(y)),
     formulas=("1", "-1"),
 )
-defvjp(
-    mul_p,
-    lambda ans, x, y: lambda g: unbroadcast(mul(g, y), shape_of(x)),
-    lambda ans, x, y: lambda g: unbroadcast(mul(x, g), shape_of(y)),
-    formulas=("y", "x"),
-)
+
+
+def _mul_vjp(other: int):
+    """The cotangent of one factor: g times the other, in that factor's dtype
+    (with `out_dtype`, g is wider than the operands)."""
+
+    def maker(ans, x, y, out_dtype=None):
+        mine, theirs = (x, y) if other == 1 else (y, x)
+        if out_dtype is None:
+            return lambda g: unbroadcast(mul(g, theirs), shape_of(mine))
+        wide = convert_element_type(theirs, out_dtype)
+        return lambda g: convert_element_type(
+            unbroadcast(mul(g, wide), shape_of(mine)), dtype_of(mine)
+        )
+
+    return maker
+
+
+defvjp(mul_p, _mul_vjp(1), _mul_vjp(0), formulas=("y", "x"))
 defvjp(
     div_p,
     lambda ans, x, y: lambda g: unbroadcast(div(g, y), shape_of(x)),
@@ -258,11 +288,31 @@ def _replace_zero(x: Any) -> Any:
     return select_n(eq(x, const(x, 0)), x, full_like(x, 1))
 
 
+def _pow_base_vjp(ans, x, y):
+    """d/dx x**y = y * x**(y-1). As in JAX, an integer exponent (jnp.power with
+    an int array) counts as x's dtype and gives exactly 0 where it is 0 (x = 0
+    included); a float exponent 0 at x = 0 gives 0 * inf = nan, as JAX's does."""
+    if np.issubdtype(dtype_of(y), np.inexact):
+        return lambda g: unbroadcast(mul(g, mul(y, pow_(x, sub(y, const(y, 1))))), shape_of(x))
+    y = convert_element_type(y, dtype_of(x))
+
+    def vjp(g):
+        d = mul(y, pow_(x, sub(y, const(y, 1))))
+        y_is_zero = eq(y, const(y, 0))
+        if shape_of(y_is_zero) != shape_of(d):
+            lead = len(shape_of(d)) - len(shape_of(y_is_zero))
+            y_is_zero = broadcast_in_dim(
+                y_is_zero, shape_of(d), tuple(range(lead, len(shape_of(d))))
+            )
+        d = select_n(y_is_zero, d, zeros_like(d))
+        return unbroadcast(mul(g, d), shape_of(x))
+
+    return vjp
+
+
 defvjp(
     pow_p,
-    lambda ans, x, y: (
-        lambda g: unbroadcast(mul(g, mul(y, pow_(x, sub(y, const(y, 1))))), shape_of(x))
-    ),
+    _pow_base_vjp,
     lambda ans, x, y: lambda g: unbroadcast(mul(g, mul(log(_replace_zero(x)), ans)), shape_of(y)),
     formulas=("y * x**(y - 1)", "log(where(x == 0, 1, x)) * out"),
 )
@@ -401,13 +451,3 @@ defvjp(
     ),
     formulas=("1", "-sign(x/y) * floor(abs(x/y))"),
 )
-
-
-def add_cotangents(a: Any, b: Any) -> Any:
-    """Accumulates two cotangents; tuples (multiple-results nodes) add elementwise."""
-    if isinstance(a, tuple):
-        return tuple(
-            y if x is None else x if y is None else add_cotangents(x, y)
-            for x, y in zip(a, b, strict=True)
-        )
-    return add_any_p.bind(a, b)

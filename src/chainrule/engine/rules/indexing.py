@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from jax import lax
+from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine.core import Primitive, raw
 from chainrule.engine.rules.elementwise import select_n, sub
@@ -240,16 +241,21 @@ def _host_dynamic_update_slice(x, update, *idx):
     return out
 
 
+# The primitives themselves, not the `lax.dynamic_slice` wrappers: the indices
+# here are a jaxpr's, already normalised, and the wrappers would wrap a
+# negative (out-of-bounds) index a second time where the primitive clamps it.
 dynamic_slice_p = primitive(
     "dynamic_slice",
-    lambda x, *idx, slice_sizes: lax.dynamic_slice(x, idx, slice_sizes),
+    lambda x, *idx, slice_sizes: jax_primitives.dynamic_slice_p.bind(
+        x, *idx, slice_sizes=tuple(slice_sizes)
+    ),
     ("slice_sizes",),
     host=lambda x, *idx, slice_sizes: x[_clamped_window(x, idx, slice_sizes)],
     cls=_DynamicSlice,
 )
 dynamic_update_slice_p = primitive(
     "dynamic_update_slice",
-    lambda x, update, *idx: lax.dynamic_update_slice(x, update, idx),
+    lambda x, update, *idx: jax_primitives.dynamic_update_slice_p.bind(x, update, *idx),
     host=_host_dynamic_update_slice,
     cls=_DynamicSlice,
 )
@@ -279,6 +285,7 @@ scatter_add_p = primitive(
     "scatter-add",
     lambda x, indices, updates, **p: lax.scatter_add(x, indices, updates, **p),
     ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
+    implied_params=("update_jaxpr", "update_consts"),  # the combiner: add
 )
 
 
@@ -384,6 +391,7 @@ scatter_p = primitive(
     lambda x, indices, updates, **p: lax.scatter(x, indices, updates, **p),
     ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
     cls=_Scatter,
+    implied_params=("update_jaxpr", "update_consts"),  # the combiner: replace
 )
 
 

@@ -11,10 +11,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from chainrule.engine.core import Primitive, raw
-
-PRIMITIVES: dict[str, Primitive] = {}
-"""Every primitive chainrule can trace, keyed by its `jax.lax` name."""
+from chainrule.engine.core import PRIMITIVES, Primitive, raw, zeros_like  # noqa: F401 (re-exported)
 
 
 def primitive(
@@ -100,10 +97,6 @@ def full_like(x: Any, value: float):
     if isinstance(raw(x), jax.core.Tracer):
         return lax.full(shape_of(x), value, dtype_of(x))
     return np.full(shape_of(x), value, dtype_of(x))
-
-
-def zeros_like(x: Any):
-    return full_like(x, 0)
 
 
 def const(x: Any, value: float):

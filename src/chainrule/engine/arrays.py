@@ -1,19 +1,18 @@
-"""The dynamic front end: Tracers that record operations as Python runs them.
+"""Array semantics on chainrule's ops, and `ArrayTracer`, the Tracer with operators.
 
-Operators (`+ - * / ** @`, comparisons, indexing) and array methods (`.sum()`,
-`.T`, `.reshape()`, ...) on a `Tracer` record nodes immediately, PyTorch-style,
-so Python control flow on concrete values just works outside `jax.jit`. The
-functions here give `jax.numpy` semantics (dtype promotion, broadcasting) on
-top of the lax-level ops of `rules`; `chainrule.numpy` re-exports them.
-
-Anything without a hand-written fast path (e.g. fancy indexing) is recorded
-with `lift`: the `jax.numpy` function is captured as a jaxpr and replayed.
+The functions here give `jax.numpy` semantics (dtype promotion, broadcasting,
+matmul's rules) on top of the lax-level ops of `rules`, with fast paths that
+decide from types alone when there is nothing to promote or broadcast (the
+common case); `chainrule.numpy` re-exports them. `ArrayTracer`'s operators
+(`+ - * / ** @`, comparisons) and array methods (`.sum()`, `.T`,
+`.reshape()`, ...) are these functions. Everything else a `jax.Array` has
+(indexing, `.at[]`, `.var()`, ...) is `jax.core.Tracer`'s own: JAX's
+implementation, whose primitives reach chainrule's trace like any JAX code.
 """
 
 from __future__ import annotations
 
 import builtins
-import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -22,8 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.array import ArrayImpl as _ArrayImpl  # concrete jax.Arrays (JAX 0.10)
 
-from chainrule.engine import core, host, replay, rules
+from chainrule.engine import host, rules
 from chainrule.engine.core import Tracer, raw
 
 # --- dtype promotion and broadcasting, as jax.numpy does them -----------------
@@ -45,11 +45,6 @@ def _as_operand(x: Any, dtype) -> Any:
 
 _PYTHON_SCALARS = (int, float)
 
-
-try:  # the type of concrete jax.Arrays, for exact type checks on the hot path
-    from jax._src.array import ArrayImpl as _ArrayImpl
-except ImportError:  # pragma: no cover - another JAX release
-    _ArrayImpl = type(None)
 
 _FLOATS = frozenset(np.dtype(d) for d in (jnp.bfloat16, np.float16, np.float32, np.float64))
 
@@ -140,10 +135,11 @@ def promote(*args: Any, inexact: bool = False) -> list[Any]:
     return [_broadcast_to(a, shape) for a in ops]
 
 
-def _named(f: Callable, op: Callable, kind: str) -> Callable:
-    """Marks `f` for naming after its public name (see the end of this module)."""
-    f._chainrule_doc = (  # type: ignore[attr-defined]
-        f"{kind} `{{name}}`, as in jax.numpy (dtype promotion, broadcasting); records on "
+def _named(f: Callable, name: str, kind: str) -> Callable:
+    """Gives a generated function its public name and a docstring."""
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = (
+        f"{kind} `{name}`, as in jax.numpy (dtype promotion, broadcasting); records on "
         "chainrule's tape when given Tracers."
     )
     return f
@@ -161,8 +157,8 @@ def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
     kind = type(other)
     if kind is float or kind is int:
         return np.asarray(other, dtype)
-    if kind is Tracer or kind is np.ndarray or (kind is _ArrayImpl and not other.weak_type):
-        ov = other.value if kind is Tracer else other
+    if kind is ArrayTracer or kind is np.ndarray or (kind is _ArrayImpl and not other.weak_type):
+        ov = other.value if kind is ArrayTracer else other
         if ov.dtype == dtype and (
             ov.shape == tv.shape
             or not ov.shape
@@ -177,57 +173,70 @@ def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
 def _is_float_tracer(x: Any) -> bool:
     """A Tracer of a strongly typed floating dtype: nothing for `promote` to do
     for a unary op or reduction (the common case, decided from types alone)."""
-    if type(x) is not Tracer:
+    if type(x) is not ArrayTracer:
         return False
     v = x.value
     return v.dtype in _FLOATS and not getattr(v, "weak_type", False)
 
 
-def _binary(op: Callable, inexact: bool = False) -> Callable:
+def _binary(name: str, op: Callable, inexact: bool = False) -> Callable:
     def f(x, y):
-        if type(x) is Tracer:
+        if type(x) is ArrayTracer:
             fast = _fast_operand(x, y, inexact)
             if fast is not None:
                 return op(x, fast)
-        elif type(y) is Tracer:
+        elif type(y) is ArrayTracer:
             fast = _fast_operand(y, x, inexact)
             if fast is not None:
                 return op(fast, y)
         return op(*promote(x, y, inexact=inexact))
 
-    return _named(f, op, "Elementwise binary")
+    return _named(f, name, "Elementwise binary")
 
 
-def _unary(op: Callable) -> Callable:
+def _unary(name: str, op: Callable) -> Callable:
     def f(x):
         if not _is_float_tracer(x):
             (x,) = promote(x, inexact=True)
         return op(x)
 
-    return _named(f, op, "Elementwise")
+    return _named(f, name, "Elementwise")
 
 
-add = _binary(rules.add)
-subtract = _binary(rules.sub)
-multiply = _binary(rules.mul)
-true_divide = divide = _binary(rules.div, inexact=True)
-maximum = _binary(rules.maximum)
-minimum = _binary(rules.minimum)
-arctan2 = _binary(rules.atan2_p.bind, inexact=True)
-less, less_equal = _binary(rules.lt), _binary(rules.le)
-greater, greater_equal = _binary(rules.gt), _binary(rules.ge)
-equal, not_equal = _binary(rules.eq), _binary(rules.ne)
+add = _binary("add", rules.add)
+subtract = _binary("subtract", rules.sub)
+multiply = _binary("multiply", rules.mul)
+true_divide = divide = _binary("divide", rules.div, inexact=True)
+maximum = _binary("maximum", rules.maximum)
+minimum = _binary("minimum", rules.minimum)
+arctan2 = _binary("arctan2", rules.atan2_p.bind, inexact=True)
+less, less_equal = _binary("less", rules.lt), _binary("less_equal", rules.le)
+greater, greater_equal = _binary("greater", rules.gt), _binary("greater_equal", rules.ge)
+equal, not_equal = _binary("equal", rules.eq), _binary("not_equal", rules.ne)
 
-negative = _unary(rules.neg)
-sin, cos, tan = _unary(rules.sin), _unary(rules.cos), _unary(rules.tan_p.bind)
-arcsin, arccos, arctan = (_unary(p.bind) for p in (rules.asin_p, rules.acos_p, rules.atan_p))
-sinh, cosh, tanh = _unary(rules.sinh), _unary(rules.cosh), _unary(rules.tanh)
-arcsinh, arccosh, arctanh = (_unary(p.bind) for p in (rules.asinh_p, rules.acosh_p, rules.atanh_p))
-exp, exp2, log = _unary(rules.exp), _unary(rules.exp2_p.bind), _unary(rules.log)
-log1p, expm1 = _unary(rules.log1p_p.bind), _unary(rules.expm1_p.bind)
-sqrt, cbrt, square = _unary(rules.sqrt), _unary(rules.cbrt_p.bind), _unary(rules.square_p.bind)
-abs = absolute = _unary(rules.abs_)
-sign = _unary(rules.sign)
+negative = _unary("negative", rules.neg)
+sin, cos, tan = _unary("sin", rules.sin), _unary("cos", rules.cos), _unary("tan", rules.tan_p.bind)
+arcsin = _unary("arcsin", rules.asin_p.bind)
+arccos = _unary("arccos", rules.acos_p.bind)
+arctan = _unary("arctan", rules.atan_p.bind)
+sinh, cosh, tanh = (
+    _unary("sinh", rules.sinh),
+    _unary("cosh", rules.cosh),
+    _unary("tanh", rules.tanh),
+)
+arcsinh = _unary("arcsinh", rules.asinh_p.bind)
+arccosh = _unary("arccosh", rules.acosh_p.bind)
+arctanh = _unary("arctanh", rules.atanh_p.bind)
+exp, exp2, log = (
+    _unary("exp", rules.exp),
+    _unary("exp2", rules.exp2_p.bind),
+    _unary("log", rules.log),
+)
+log1p, expm1 = _unary("log1p", rules.log1p_p.bind), _unary("expm1", rules.expm1_p.bind)
+sqrt, cbrt = _unary("sqrt", rules.sqrt), _unary("cbrt", rules.cbrt_p.bind)
+square = _unary("square", rules.square_p.bind)
+abs = absolute = _unary("abs", rules.abs_)
+sign = _unary("sign", rules.sign)
 
 
 def power(x: Any, y: Any) -> Any:
@@ -236,6 +245,11 @@ def power(x: Any, y: Any) -> Any:
         if not _is_float_tracer(x):
             (x,) = promote(x)
         return rules.integer_pow(x, int(y))
+    if not isinstance(y, Tracer) and np.issubdtype(rules.dtype_of(y), np.integer):
+        # an integer array exponent stays integer, as in jax.numpy (x**0 has
+        # derivative 0 even at x = 0, where a float exponent 0 gives nan)
+        (x,) = promote(x, inexact=True)
+        return rules.pow_(x, y)
     return rules.pow_(*promote(x, y, inexact=True))
 
 
@@ -268,7 +282,7 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(operator.index(a) % builtins.max(ndim, 1) for a in axis))
 
 
-def _reduction(op: Callable) -> Callable:
+def _reduction(name: str, op: Callable) -> Callable:
     def f(x, axis=None, keepdims=False):
         (x,) = promote(x)
         shape = rules.shape_of(x)
@@ -278,12 +292,12 @@ def _reduction(op: Callable) -> Callable:
             out = rules.reshape(out, tuple(1 if d in axes else n for d, n in enumerate(shape)))
         return out
 
-    return _named(f, op, "Reduction")
+    return _named(f, name, "Reduction")
 
 
-sum = _reduction(rules.reduce_sum)
-max = amax = _reduction(lambda x, axes: rules.reduce_max_p.bind(x, axes=axes))
-min = amin = _reduction(lambda x, axes: rules.reduce_min_p.bind(x, axes=axes))
+sum = _reduction("sum", rules.reduce_sum)
+max = amax = _reduction("max", lambda x, axes: rules.reduce_max_p.bind(x, axes=axes))
+min = amin = _reduction("min", lambda x, axes: rules.reduce_min_p.bind(x, axes=axes))
 
 
 def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
@@ -327,7 +341,7 @@ def ravel(x: Any) -> Any:
 def transpose(x: Any, *axes: Any) -> Any:
     if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
         axes = axes[0]
-    if type(x) is not Tracer:  # a Tracer already has an array dtype: nothing to promote
+    if type(x) is not ArrayTracer:  # a Tracer already has an array dtype: nothing to promote
         (x,) = promote(x)
     ndim = len(rules.shape_of(x))
     perm = tuple(reversed(range(ndim))) if not axes else tuple(a % ndim for a in axes)
@@ -357,14 +371,14 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Any:
     return concatenate([expand_dims(a, axis) for a in arrays], axis)
 
 
-def _transposed_from(y: Any) -> Tracer | None:
+def _transposed_from(y: Any) -> ArrayTracer | None:
     """For `y = w.T` recorded on the tape (w a 2-D Tracer), the Tracer `w` again.
 
     A Tracer is only a box (value, node, level): re-boxing the transpose's
     operand with its node and level gives exactly the Tracer that was
     transposed, and gradients reach `w` through that node as before.
     """
-    if type(y) is not Tracer:
+    if type(y) is not ArrayTracer:
         return None
     node = y.node
     if (
@@ -374,7 +388,7 @@ def _transposed_from(y: Any) -> Tracer | None:
         or node.primals is None
     ):
         return None
-    return Tracer(node.primals[0], node.parents[0], y.level)
+    return ArrayTracer(node.primals[0], node.parents[0], y._trace)
 
 
 _ARRAY_TYPES = (np.ndarray, _ArrayImpl)
@@ -384,10 +398,10 @@ def _same_strong_float(x: Any, y: Any) -> bool:
     """A Tracer and a Tracer or concrete array, of one floating dtype, neither
     weakly typed: nothing for `promote_dtypes_only` to do (decided from types)."""
     kx, ky = type(x), type(y)
-    if kx is not Tracer and ky is not Tracer:
+    if kx is not ArrayTracer and ky is not ArrayTracer:
         return False
-    a = x.value if kx is Tracer else x if kx in _ARRAY_TYPES else None
-    b = y.value if ky is Tracer else y if ky in _ARRAY_TYPES else None
+    a = x.value if kx is ArrayTracer else x if kx in _ARRAY_TYPES else None
+    b = y.value if ky is ArrayTracer else y if ky in _ARRAY_TYPES else None
     return (
         a is not None
         and b is not None
@@ -469,153 +483,69 @@ def asarray(x: Any, dtype: Any = None) -> Any:
     return jnp.asarray(x, dtype=dtype)
 
 
-def lift(fun: Callable) -> Callable:
-    """Makes any JAX function accept Tracers, by capturing and replaying it.
-
-    Without Tracers among the arguments `fun` runs as it is.
-    """
-
-    @functools.wraps(fun)
-    def lifted(*args: Any, **kwargs: Any) -> Any:
-        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
-        traced = [i for i, x in enumerate(leaves) if isinstance(x, Tracer)]
-        if not traced:
-            return fun(*args, **kwargs)
-
-        def flat_fun(*xs):
-            full = list(leaves)
-            for i, x in zip(traced, xs, strict=True):
-                full[i] = x
-            a, k = jax.tree_util.tree_unflatten(tree, full)
-            return fun(*a, **k)
-
-        level = core.top_level(leaves[i] for i in traced)
-        outs, out_tree = replay.replay(flat_fun, [leaves[i] for i in traced], level)
-        return jax.tree_util.tree_unflatten(out_tree, outs)
-
-    return lifted
-
-
-def getitem(x: Any, index: Any) -> Any:
-    """`x[index]` with all of numpy's indexing, recorded through jax.numpy's own."""
-    if isinstance(index, Tracer):
-        raise TypeError(
-            "chainrule: an array index must be an integer array, not a differentiated "
-            f"value ({index!r}). Convert it with .astype(int) outside the gradient."
-        )
-    return lift(operator.getitem)(x, index)
-
-
-# --- Tracer methods ---------------------------------------------------------------
+# --- the Tracer with operators --------------------------------------------------------
 
 
 def _flip(f: Callable) -> Callable:
     return lambda self, other: f(other, self)
 
 
-def _no_numpy(self: Tracer, *args: Any, **kwargs: Any):
-    raise TypeError(
-        f"A chainrule.Tracer ({self!r}) was converted to a NumPy array, which would drop "
-        "its gradient. Use jax.numpy or chainrule.numpy functions on traced values, not "
-        "numpy ones."
-    )
+def _transpose_last_two(x: Any) -> Any:
+    n = len(rules.shape_of(x))
+    return transpose(x, (*range(n - 2), n - 1, n - 2))
 
 
-class _AtIndexer:
-    """`x.at[index].set/add/multiply/min/max/get(...)`, recorded through jax.numpy."""
+def _method(name: str, fast: Callable, max_args: int, keywords: frozenset = frozenset()):
+    """An array method: `fast` when called as it supports, else jax.Array's own."""
 
-    def __init__(self, x: Tracer, index: Any = None):
-        self.x, self.index = x, index
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) <= max_args and kwargs.keys() <= keywords:
+            return fast(self, *args, **kwargs)
+        return jax.core.Tracer.__getattr__(self, name)(*args, **kwargs)
 
-    def __getitem__(self, index: Any) -> _AtIndexer:
-        return _AtIndexer(self.x, index)
-
-    def __getattr__(self, method: str) -> Callable:
-        index = self.index
-
-        def update(*args: Any, **kwargs: Any) -> Any:
-            return lift(lambda v, *a: getattr(v.at[index], method)(*a, **kwargs))(self.x, *args)
-
-        return update
+    method.__name__ = name
+    return method
 
 
-def _array_method_fallback(self: Tracer, name: str) -> Any:
-    """Array methods and properties without a fast path (`x.var()`, `x.cumsum()`, ...)
-    run `jax.Array`'s own, recorded through jaxpr replay."""
-    attr = getattr(jax.Array, name, None)
-    if attr is None or name.startswith("__"):
-        raise AttributeError(f"chainrule.Tracer (like jax.Array) has no attribute {name!r}")
-    if isinstance(attr, property) or not callable(attr):
-        return lift(lambda v: getattr(v, name))(self)
-    return functools.partial(lift(lambda v, *a, **k: getattr(v, name)(*a, **k)), self)
+_REDUCTION_KWARGS = frozenset({"axis", "keepdims"})
 
 
-def _lifted_operator(op: Callable) -> Callable:
-    return lambda self, other: lift(op)(self, other)
+class ArrayTracer(Tracer):
+    """The `Tracer` every transform boxes its values in: operators and array
+    methods with fast paths (the functions above); whatever else `jax.Array`
+    offers comes from `jax.core.Tracer` and runs JAX's own implementation."""
 
+    __slots__ = ()
+    __hash__ = None  # like jax arrays: __eq__ is elementwise
 
-_METHODS: dict[str, Any] = {
-    "__add__": add,
-    "__radd__": _flip(add),
-    "__sub__": subtract,
-    "__rsub__": _flip(subtract),
-    "__mul__": multiply,
-    "__rmul__": _flip(multiply),
-    "__truediv__": divide,
-    "__rtruediv__": _flip(divide),
-    "__pow__": power,
-    "__rpow__": _flip(power),
-    "__matmul__": matmul,
-    "__rmatmul__": _flip(matmul),
-    "__lt__": less,
-    "__le__": less_equal,
-    "__gt__": greater,
-    "__ge__": greater_equal,
-    "__eq__": equal,
-    "__ne__": not_equal,
-    "__neg__": negative,
-    "__pos__": lambda self: self,
-    "__abs__": abs,
-    "__getitem__": getitem,
-    "__floordiv__": _lifted_operator(operator.floordiv),
-    "__rfloordiv__": _flip(_lifted_operator(operator.floordiv)),
-    "__mod__": _lifted_operator(operator.mod),
-    "__rmod__": _flip(_lifted_operator(operator.mod)),
-    "at": property(lambda self: _AtIndexer(self)),
-    "__getattr__": _array_method_fallback,
-    "__len__": lambda self: len(raw(self)),
-    "__iter__": lambda self: (self[i] for i in range(len(raw(self)))),
-    "__bool__": lambda self: bool(raw(self)),
-    "__float__": lambda self: float(raw(self)),
-    "__int__": lambda self: int(raw(self)),
-    "__array__": _no_numpy,
-    "item": lambda self: raw(self).item(),
-    "sum": sum,
-    "mean": mean,
-    "max": max,
-    "min": min,
-    "argmax": argmax,
-    "argmin": argmin,
-    "reshape": reshape,
-    "transpose": transpose,
-    "ravel": ravel,
-    "flatten": ravel,
-    "squeeze": squeeze,
-    "dot": dot,
-    "clip": clip,
-    "astype": lambda self, dtype: _as_operand(self, dtype),
-    "T": property(lambda self: transpose(self)),
-    "mT": property(
-        lambda self: transpose(self, (*range(self.ndim - 2), self.ndim - 1, self.ndim - 2))
-    ),
-}
+    __add__, __radd__ = add, _flip(add)
+    __sub__, __rsub__ = subtract, _flip(subtract)
+    __mul__, __rmul__ = multiply, _flip(multiply)
+    __truediv__, __rtruediv__ = divide, _flip(divide)
+    __pow__, __rpow__ = power, _flip(power)
+    __matmul__, __rmatmul__ = matmul, _flip(matmul)
+    __lt__, __le__, __gt__, __ge__ = less, less_equal, greater, greater_equal
+    __eq__, __ne__ = equal, not_equal
+    __neg__, __abs__ = negative, abs
 
-for _name, _method in _METHODS.items():
-    setattr(Tracer, _name, _method)
+    def __pos__(self):
+        return self
 
-for _name, _fn in list(globals().items()):  # name the generated functions: cnp.sin is "sin"
-    if callable(_fn) and hasattr(_fn, "_chainrule_doc") and not _name.startswith("_"):
-        if getattr(_fn, "__name__", "f") == "f":
-            _fn.__name__ = _fn.__qualname__ = _name
-            _fn.__doc__ = _fn._chainrule_doc.format(name=_name)
-Tracer.__hash__ = None  # type: ignore[assignment]  # like jax arrays: __eq__ is elementwise
+    sum = _method("sum", sum, 1, _REDUCTION_KWARGS)
+    mean = _method("mean", mean, 1, _REDUCTION_KWARGS)
+    max = _method("max", max, 1, _REDUCTION_KWARGS)
+    min = _method("min", min, 1, _REDUCTION_KWARGS)
+    argmax = _method("argmax", argmax, 1, frozenset({"axis"}))
+    argmin = _method("argmin", argmin, 1, frozenset({"axis"}))
+    reshape = _method("reshape", reshape, 8)
+    transpose = _method("transpose", transpose, 8)
+    ravel = flatten = _method("ravel", ravel, 0)
+    squeeze = _method("squeeze", squeeze, 1, frozenset({"axis"}))
+    dot = _method("dot", dot, 1)
+    clip = _method("clip", clip, 2, frozenset({"min", "max"}))
+
+    def astype(self, dtype: Any) -> Any:
+        return _as_operand(self, dtype)
+
+    T = property(transpose)
+    mT = property(_transpose_last_two)

@@ -1,0 +1,216 @@
+"""Call-like primitives: `jit` bodies, `checkpoint`, `cond`, and custom rules.
+
+These carry a function (a jaxpr, or a Python function for `custom_jvp` /
+`custom_vjp`) rather than an array operation:
+
+* `jit` / `closed_call` / `checkpoint`: the body is evaluated inline on the
+  current chainrule trace with JAX's own jaxpr interpreter, so each of its
+  equations reaches `Trace.process_primitive` like any other primitive.
+* `cond` with a predicate known now (eager): the branch taken is evaluated
+  inline. With a traced predicate (under `jit`/`vmap`) it is one node, whose
+  VJP is a `lax.switch` over the branches' VJPs.
+* `custom_jvp_call` (`jax.nn.relu`, `softplus`, ... and users' own): one
+  node whose VJP honours the user's JVP rule. The rule maps tangents to
+  output tangents linearly (for fixed primals), so chainrule's reverse pass
+  over that map, at tangents = 0, gives its transpose: the VJP.
+* `custom_vjp_call`: the user's `fwd` computes the outputs and residuals; the
+  user's `bwd` is the rule.
+
+None of this calls JAX's differentiation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+from jax._src import ad_util
+from jax._src import core as jcore  # the Trace interface (JAX 0.10, pinned)
+from jax.extend.core import primitives as jax_primitives
+
+from chainrule.engine import core
+from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
+from chainrule.engine.rules.registry import PRIMITIVES
+
+
+def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
+    """Evaluates a jaxpr (closed or open) on `args` with `trace` current."""
+    jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+    with trace.active():
+        return jcore.eval_jaxpr(jaxpr, consts, *args)
+
+
+class _Inline(Primitive):
+    """A call whose body is evaluated inline: `param` names the body."""
+
+    def __init__(self, name: str, param: str):
+        super().__init__(name, impl=None)
+        self.param = param
+
+    def apply(self, trace, args, params):
+        return eval_body(trace, params[self.param], args)
+
+    apply_untraced = apply
+
+
+for _name, _param in (("jit", "jaxpr"), ("closed_call", "call_jaxpr"), ("checkpoint", "jaxpr")):
+    PRIMITIVES[_name] = _Inline(_name, _param)
+
+
+def _cotangents(g: Any, outs: Sequence[Any]) -> list[Any]:
+    """The cotangents of a multiple-results node, zeros where none arrived."""
+    cts = list(g) if isinstance(g, tuple) else [g]
+    return [zeros_like(o) if ct is None else ct for ct, o in zip(cts, outs, strict=True)]
+
+
+def _instantiate(ct: Any, like: Any) -> Any:
+    """A cotangent a user's rule returned, zeros for its symbolic zeros."""
+    if ct is None or isinstance(ct, (ad_util.Zero, ad_util.SymbolicZero)):
+        return zeros_like(like)
+    return ct
+
+
+# --- cond ----------------------------------------------------------------------------
+
+
+def _cond_impl(index: Any, *operands: Any, **params: Any) -> list[Any]:
+    prim = jax_primitives.cond_p
+    return prim.bind(index, *operands, **params)
+
+
+class _Cond(Primitive):
+    """`lax.cond`/`lax.switch`. VJP: a `lax.switch` over the branches' VJPs, each
+    taken by chainrule itself, re-running the branch's forward pass inside the
+    backward branch (rematerialisation), so no residuals cross the cond."""
+
+    def apply(self, trace, args, params):
+        index, *operands = args
+        if not isinstance(raw(index), jcore.Tracer):  # known now: evaluate that branch
+            branches = params["branches"]
+            branch = branches[int(np.clip(int(raw(index)), 0, len(branches) - 1))]
+            return eval_body(trace, branch, operands)
+        return list(core.bind(self, *args, **params))
+
+    def apply_untraced(self, trace, args, params):
+        return self.apply(trace, args, params)
+
+    def vjp(self, g, node):
+        index, *operands = node.primals
+        branches = node.params["branches"]
+        cts = _cotangents(g, node.ans)
+        diff = [i for i, o in enumerate(operands) if core.is_differentiable(raw(o))]
+
+        def branch_vjp(branch):
+            def run(*args):
+                ops, out_cts = list(args[: len(operands)]), args[len(operands) :]
+
+                def forward(*diff_ops):
+                    full = list(ops)
+                    for i, x in zip(diff, diff_ops, strict=True):
+                        full[i] = x
+                    return jcore.eval_jaxpr(branch.jaxpr, branch.consts, *full)
+
+                return vjp_flat(forward, [ops[i] for i in diff], list(out_cts))
+
+            return run
+
+        op_cts = lax.switch(index, [branch_vjp(b) for b in branches], *operands, *cts)
+        by_operand = dict(zip(diff, op_cts, strict=True))
+        return [by_operand[i - 1] for i in node.argnums]
+
+
+PRIMITIVES["cond"] = _Cond("cond", _cond_impl, multiple_results=True)
+
+
+# --- custom_jvp ------------------------------------------------------------------------
+
+
+def _current_trace() -> Any:
+    with jcore.take_current_trace() as trace:
+        return trace
+
+
+def _custom_jvp_impl(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> list[Any]:
+    """The function's value, from the trace outside (which may record it too)."""
+    prim = jax_primitives.custom_jvp_call_p
+    return prim.bind_with_trace(
+        _current_trace(), args, None, dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
+    )
+
+
+class _CustomJVP(Primitive):
+    """Output: the function's. VJP: the transpose of the user's JVP rule."""
+
+    def apply(self, trace, args, params):
+        return list(core.bind(self, *args, **params))
+
+    def vjp(self, g: Any, node: Node) -> list[Any]:
+        primals, outs, jvp = node.primals, node.ans, node.params["jvp"]
+        n_out = len(outs)
+        diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
+
+        def tangent_map(*diff_tangents: Any) -> list[Any]:
+            tangents = [np.zeros(np.shape(raw(p)), jax.dtypes.float0) for p in primals]
+            for i, t in zip(diff, diff_tangents, strict=True):
+                tangents[i] = t
+            for store in jvp.stores:  # the rule may run more than once (vjp_fn twice)
+                if store is not None:
+                    store.reset()
+            results = jvp.call_wrapped(*primals, *tangents)
+            return [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
+
+        tangent_cts = vjp_flat(
+            tangent_map, [zeros_like(primals[i]) for i in diff], _cotangents(g, outs)
+        )
+        by_primal = dict(zip(diff, tangent_cts, strict=True))
+        return [by_primal[i] for i in node.argnums]
+
+
+PRIMITIVES["custom_jvp_call"] = _CustomJVP(
+    "custom_jvp_call", _custom_jvp_impl, ("fun", "jvp", "symbolic_zeros"), multiple_results=True
+)
+
+
+# --- custom_vjp ------------------------------------------------------------------------
+
+
+def _custom_vjp_impl(*args: Any, fun, fwd, bwd, out_trees, symbolic_zeros) -> list[Any]:
+    """Runs the user's fwd on the trace outside; returns the outputs, then the residuals."""
+    fwd_in = [x for a in args for x in (a, core.is_differentiable(raw(a)))]
+    results = fwd.call_wrapped(*fwd_in)
+    _, res_tree, input_fwds = out_trees()
+    n_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
+    res_out, outs = results[:n_res_out], results[n_res_out:]
+    res_out = iter(res_out)
+    residuals = [args[f] if f is not None else next(res_out) for f in input_fwds]
+    return [*outs, *residuals]
+
+
+class _CustomVJP(Primitive):
+    """Output = the user's fwd; VJP = the user's bwd on the saved residuals."""
+
+    def apply(self, trace, args, params):
+        outs = list(core.bind(self, *args, **params))  # runs fwd, which fills out_trees
+        return outs[: params["out_trees"]()[0].num_leaves]
+
+    def vjp(self, g, node):
+        params = node.params
+        n_out = params["out_trees"]()[0].num_leaves
+        outs, residuals = node.ans[:n_out], node.ans[n_out:]
+        cts = _cotangents(g[:n_out] if isinstance(g, tuple) else g, outs)
+        cts_in = params["bwd"].call_wrapped(*residuals, *cts)
+        return [_instantiate(cts_in[i], node.primals[i]) for i in node.argnums]
+
+
+PRIMITIVES["custom_vjp_call"] = _CustomVJP(
+    "custom_vjp_call",
+    _custom_vjp_impl,
+    ("fun", "fwd", "bwd", "out_trees", "symbolic_zeros"),
+    multiple_results=True,
+)
+# As in JAX, an enclosing transform differentiates through fwd (its residuals
+# are then ordinary functions of the inputs) and through bwd (second order).
+PRIMITIVES["custom_vjp_call"].runs_outside = True

@@ -1,0 +1,164 @@
+"""Regression tests for answers that were silently wrong (issue 12, engine items).
+
+Each case is checked against `jax.value_and_grad` eagerly, under `jax.jit` and
+under `jax.vmap`, so a bug that shows only on one path (an index wrapped twice
+under `jit`, a dtype corner) cannot hide.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax import lax
+
+import chainrule as cr
+from tests.test_compositions import fuzz_settings
+
+X = jnp.arange(1.0, 5.0)  # [1, 2, 3, 4]: every entry distinct
+
+
+def _check(f, *args, rtol=1e-12):
+    """f's value and gradient (argument 0) by chainrule, eagerly and under jit,
+    against jax.value_and_grad; returns chainrule's eager result."""
+    want = jax.value_and_grad(f)(*args)
+    for name, got in (
+        ("eager", cr.value_and_grad(f)(*args)),
+        ("jit", jax.jit(cr.value_and_grad(f))(*args)),
+    ):
+        for g, w in zip(
+            jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True
+        ):
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-14, err_msg=name)
+            assert g.dtype == w.dtype, name
+    return want
+
+
+# --- 1. out-of-bounds dynamic indices: JAX clamps, chainrule must not wrap twice ---------
+
+INDICES = st.integers(-12, 12)
+
+
+@fuzz_settings(25)
+@given(i=INDICES)
+def test_out_of_bounds_index_matches_jax_eager_jit_vmap(i):
+    f = lambda x, i: x[i] * 10.0  # noqa: E731
+    _check(f, X, i)
+    idx = jnp.array([i, -i, 2 * i])
+    got = jax.vmap(cr.value_and_grad(f), (None, 0))(X, idx)
+    want = jax.vmap(jax.value_and_grad(f), (None, 0))(X, idx)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+@fuzz_settings(25)
+@given(start=INDICES, size=st.integers(1, 4))
+def test_dynamic_slice_and_update_clamp_like_jax(start, size):
+    sliced = lambda x, s: jnp.sum(lax.dynamic_slice(x, (s,), (size,)) ** 2)  # noqa: E731
+    updated = (
+        lambda x, s: jnp.sum(  # noqa: E731
+            lax.dynamic_update_slice(x, x[:size] * 3.0, (s,)) ** 2
+        )
+    )
+    indexed = lambda x, s: jnp.sum(  # noqa: E731
+        lax.dynamic_update_index_in_dim(x, x[0] * 7.0, s, 0) * X
+    )
+    for f in (sliced, updated, indexed):
+        _check(f, X, start)
+        starts = jnp.array([start, -start, start - 3])
+        got = jax.vmap(cr.grad(f), (None, 0))(X, starts)
+        np.testing.assert_array_equal(got, jax.vmap(jax.grad(f), (None, 0))(X, starts))
+
+
+# --- 2. integer exponents ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x", [0.0, 0.5, -1.5, 2.0])
+@pytest.mark.parametrize(
+    "exponent", [jnp.array([0, 1, 2]), jnp.array([3, 0, -1]), jnp.array(0), jnp.array(2)]
+)
+def test_integer_array_exponents_match_jax(x, exponent):
+    f = lambda x: jnp.sum(jnp.power(x, exponent))  # noqa: E731
+    if x == 0.0 and bool(jnp.any(exponent < 0)):
+        return  # 0 ** -1 is inf for both; nothing to compare but infinities
+    _check(f, x)
+    np.testing.assert_allclose(cr.grad(cr.grad(f))(x), jax.grad(jax.grad(f))(x), rtol=1e-12)
+    xs = jnp.array([x, x + 1.0])
+    np.testing.assert_allclose(jax.vmap(cr.grad(f))(xs), jax.vmap(jax.grad(f))(xs), rtol=1e-12)
+
+
+def test_zero_integer_exponent_at_zero_is_zero_like_jax():
+    f = lambda x: x ** jnp.array(0)  # noqa: E731
+    assert float(cr.grad(f)(0.0)) == float(jax.grad(f)(0.0)) == 0.0
+    assert float(jax.jit(cr.grad(f))(0.0)) == 0.0
+
+
+def test_float_exponent_zero_at_zero_is_nan_like_jax():
+    f = lambda x: jnp.sum(jnp.power(x, jnp.array([0.0, 2.0])))  # noqa: E731
+    got, want = cr.grad(f)(jnp.zeros(2)), jax.grad(f)(jnp.zeros(2))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+# --- 3. parameters are honoured or refused ------------------------------------------------
+
+
+@pytest.mark.parametrize("x", [np.float32(2.0), np.array([1.5, -2.0], np.float32)])
+def test_mul_out_dtype_is_honoured(x):
+    f = lambda x: jnp.sum(lax.mul(x, x * 3.0, out_dtype=jnp.float64))  # noqa: E731
+    want = _check(f, x)
+    assert want[0].dtype == jnp.float64 and want[1].dtype == jnp.float32
+    np.testing.assert_allclose(cr.grad(cr.grad(f))(np.float32(2.0)), 6.0)
+
+
+def test_an_unknown_parameter_is_refused_not_ignored():
+    prim = cr.PRIMITIVES["mul"]
+    with pytest.raises(cr.errors.NoVJPRuleError, match="accumulation_type='f64'"):
+        prim.taken({"accumulation_type": "f64"})
+    assert prim.taken({"sharding": None, "out_sharding": None}) == {}
+
+
+# --- 4. Tracers are jax.Arrays --------------------------------------------------------
+
+
+def test_isinstance_jax_array_filters_see_tracers():
+    def is_array(x):  # equinox's eqx.is_array
+        return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+    def loss(p):
+        leaves = [v for v in jax.tree_util.tree_leaves(p) if is_array(v)]
+        return sum(jnp.sum(v * v) for v in leaves)
+
+    p = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+    got = cr.grad(loss)(p)
+    want = jax.grad(loss)(p)
+    for k in p:
+        np.testing.assert_allclose(got[k], want[k])
+    assert float(jnp.abs(got["w"]).sum()) > 0
+
+
+# --- 5. argnums naming one argument twice ---------------------------------------------
+
+
+@pytest.mark.parametrize("argnums", [(1, -1), (0, -2), (0, 1, 0)])
+def test_duplicate_argnums_after_normalisation_raise(argnums):
+    with pytest.raises(cr.errors.ArgnumsError, match="twice|duplicates"):
+        cr.grad(lambda a, b: a * b, argnums=argnums)(1.0, 2.0)
+
+
+# --- 7. a transform in another thread --------------------------------------------------
+
+
+def test_transform_in_another_thread_inside_a_transform():
+    pool = ThreadPoolExecutor(1)
+
+    def f(x):
+        inner = pool.submit(lambda: cr.grad(lambda y: x * y)(1.0)).result()  # = x
+        return x * inner
+
+    assert float(cr.grad(f)(3.0)) == 6.0
+    pool.shutdown()

@@ -1,0 +1,134 @@
+"""jax.numpy code through chainrule's trace: every JAX primitive the function
+applies reaches `Trace.process_primitive` and chainrule's rule table, in one
+run, eagerly, under `jax.jit` and nested. Each test checks against jax.grad /
+jax.vjp.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+
+import chainrule as cr
+from chainrule.engine import host
+from tests.test_compositions import (
+    ARGNUMS,
+    SEEDS,
+    Composition,
+    assert_grads_match,
+    check_finite,
+    compositions,
+    fuzz_settings,
+    random_inputs,
+)
+from tests.test_jnp_coverage import FUNCTIONS, X, _scalar
+
+
+@fuzz_settings(60)
+@given(composition=compositions, seed=SEEDS)
+def test_random_compositions_match_jax(composition: Composition, seed: int):
+    f = composition.function(jnp)
+    inputs = random_inputs(seed)
+    want = jax.grad(f, argnums=ARGNUMS)(*inputs)
+    check_finite(want)
+    got = cr.grad(f, argnums=ARGNUMS)(*inputs)
+    assert_grads_match(got, want, inputs)
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_jnp_idioms_match_jax(name):
+    """cond/switch, scatter and gather (`.at[]`), jax.nn's custom_jvp functions, ..."""
+    loss = _scalar(FUNCTIONS[name])
+    got = cr.value_and_grad(loss)(X)
+    want = jax.value_and_grad(loss)(X)
+    for g, w in zip(got, want, strict=True):
+        assert isinstance(g, jax.Array) and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_relu_at_zero_follows_its_custom_jvp_rule():
+    """jax.nn.relu's custom JVP rule gives 0 at 0, where max(x, 0)'s own rule
+    would split the gradient (0.5): chainrule must use the custom rule."""
+
+    def f(w1, w2, x):
+        return jnp.sum(w2 * jax.nn.relu(w1 * x))
+
+    args = (np.array([0.0, 1.0, -1.0]), np.array([2.0, 3.0, 4.0]), np.array([1.0, 1.0, 1.0]))
+    got = cr.grad(f, argnums=(0, 1))(*args)
+    want = jax.grad(f, argnums=(0, 1))(*args)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert float(got[0][0]) == 0.0
+
+
+def test_custom_jvp_vjp_fn_can_be_called_twice():
+    f = lambda w: jax.nn.softplus(w) * jax.nn.relu(w - 0.5)  # noqa: E731
+    w = np.linspace(-1.0, 2.0, 7)
+    out, vjp_fn = cr.vjp(f, w)
+    first = vjp_fn(jnp.ones(7))
+    second = vjp_fn(2.0 * jnp.ones(7))
+    want_out, want_vjp = jax.vjp(f, w)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12)
+    np.testing.assert_allclose(first[0], want_vjp(jnp.ones(7))[0], rtol=1e-12)
+    np.testing.assert_allclose(second[0], 2.0 * first[0], rtol=1e-12)
+
+
+def test_users_jitted_function_with_a_custom_jvp_inside():
+    @jax.jit
+    def mlp(w, x):
+        return jnp.mean(jax.nn.relu(x @ w) ** 2)
+
+    w = np.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    x = np.linspace(-2.0, 2.0, 20).reshape(5, 4)
+    got = cr.value_and_grad(mlp)(w, x)
+    want = jax.value_and_grad(mlp)(w, x)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["eager", "jit", "second order"])
+def test_custom_vjp_uses_the_users_bwd(where):
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * 100.0 * x,))  # deliberately not cos
+    loss = lambda w: jnp.sum(f(w))  # noqa: E731
+    w = np.array([0.1, 0.2])
+    if where == "eager":
+        got, want = cr.grad(loss)(w), jax.grad(loss)(w)
+    elif where == "jit":
+        got, want = jax.jit(cr.grad(loss))(w), jax.grad(loss)(w)
+    else:
+        second = lambda g: lambda w: jnp.sum(g(loss)(w) ** 2)  # noqa: E731
+        got, want = cr.grad(second(cr.grad))(w), jax.grad(second(jax.grad))(w)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["host off", "jax.jit", "jax.vmap", "second order", "weakly typed input"],
+)
+def test_same_results_on_every_path(case):
+    f = lambda w: jnp.sum(jnp.tanh(w) ** 2)  # noqa: E731
+    w = np.array([0.3, -0.7])
+    want = jax.grad(f)(w)
+    previous = host.set_enabled(case != "host off")
+    try:
+        if case == "jax.jit":
+            got = jax.jit(cr.grad(f))(w)
+        elif case == "jax.vmap":
+            got = jax.vmap(cr.grad(f))(w[None].repeat(3, 0))[1]
+        elif case == "second order":
+            got = cr.grad(lambda v: cr.grad(f)(v).sum())(w)
+            want = jax.grad(lambda v: jax.grad(f)(v).sum())(w)
+        elif case == "weakly typed input":
+            got, want = cr.grad(f)(0.3), jax.grad(f)(0.3)
+        else:
+            got = cr.grad(f)(w)
+    finally:
+        host.set_enabled(previous)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
