@@ -23,3 +23,11 @@ class DataError(TrainError, ValueError):
 
 class CheckpointError(TrainError, OSError):
     """A checkpoint is missing, truncated, corrupted, or does not match the model."""
+
+
+class OutputError(TrainError, OSError):
+    """The output folder cannot be written (permissions, a full disk, a planted link)."""
+
+
+class TrainingDiverged(TrainError, ArithmeticError):
+    """The training loss became NaN or infinite."""
