@@ -19,8 +19,9 @@ split):
     `label` of shape `(examples,)` with integer classes, or `target` of shape
     `(examples,)` or `(examples, outputs)`.
 
-  Features are used as given (scale them yourself). NaN or infinite values
-  are rejected.
+  Features are used as given (scale them yourself). NaN or infinite values,
+  and values too large for float32 (beyond about 3.4e38), are rejected;
+  labels are class indices below `MAX_CLASSES`.
 
 The batch order is a pure function of `(seed, step)` (`BatchOrder`): each
 epoch is a fresh permutation drawn from `numpy.random.default_rng([seed,
@@ -30,6 +31,7 @@ exact same sequence of batches.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import os
@@ -39,11 +41,20 @@ import numpy as np
 
 from chainrule.train.errors import DataError
 
-__all__ = ["BUILTIN", "BatchOrder", "Dataset", "digits_dataset", "load_dataset", "teacher_dataset"]
+__all__ = [
+    "BUILTIN",
+    "MAX_CLASSES",
+    "BatchOrder",
+    "Dataset",
+    "digits_dataset",
+    "load_dataset",
+    "teacher_dataset",
+]
 
 BUILTIN = ("teacher", "digits")
 TEACHER_SEED = 1234
 SPLIT_SEED = 0  # the train/test split does not depend on --seed: test sets stay comparable
+MAX_CLASSES = 100_000  # the output layer has one unit per class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,14 +193,26 @@ _FORMAT_HELP = (
 
 
 def _check_finite(path: str, what: str, values: np.ndarray) -> None:
+    """Rejects NaN and infinities; call it on the float32 values, so overflows count too."""
     bad = ~np.isfinite(values)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise DataError(
             f"{path}: {what} contains {int(bad.sum())} NaN or infinite value(s), the first in "
-            f"example {row} (0-based, not counting the header). Remove or impute those values "
-            "before training."
+            f"example {row} (0-based, not counting the header); values beyond about 3.4e38 "
+            "do not fit in float32 and count as infinite. Remove, rescale or impute those "
+            "values before training."
         )
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):  # too large -> inf, reported by the caller
+        return np.asarray(values).astype(np.float32)
+
+
+def _number(value) -> str:
+    value = float(value)
+    return f"{value:.0f}" if abs(value) < 1e15 else f"{value:g}"
 
 
 def _labels(path: str, labels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -208,12 +231,20 @@ def _labels(path: str, labels: np.ndarray) -> tuple[np.ndarray, int]:
                 f"{path}: `label` must hold integer class indices (0, 1, 2, ...), but it has "
                 "fractional values. For a real-valued target name the column `target`."
             )
-    labels = labels.astype(np.int64)
     if labels.size and labels.min() < 0:
         raise DataError(
-            f"{path}: `label` has negative value {labels.min()}; classes must be 0..K-1."
+            f"{path}: `label` has negative value {_number(labels.min())}; classes must be 0..K-1."
         )
-    return labels.astype(np.int32), int(labels.max()) + 1
+    if labels.size and labels.max() >= MAX_CLASSES:  # checked before any cast can overflow
+        top = labels.max()
+        raise DataError(
+            f"{path}: `label` has value {_number(top)}, which would make {_number(top + 1.0)} "
+            f"classes (one output unit each); at most {MAX_CLASSES:,} are supported. Labels "
+            "are class indices 0..K-1: renumber the classes 0, 1, 2, ..., or name the column "
+            "`target` for a numeric value to predict."
+        )
+    labels = labels.astype(np.int32)
+    return labels, int(labels.max()) + 1
 
 
 def _from_arrays(path, x, labels, target, test_fraction) -> Dataset:
@@ -227,14 +258,14 @@ def _from_arrays(path, x, labels, target, test_fraction) -> Dataset:
         raise DataError(f"{path}: the features must be numeric, got dtype {x.dtype}.")
     if x.shape[0] < 2:
         raise DataError(f"{path}: found {x.shape[0]} example(s); at least 2 are needed.")
-    _check_finite(path, "the features", x.astype(np.float64))
+    x = _float32(x)
+    _check_finite(path, "the features", x)
     y = labels if labels is not None else target
     if np.shape(y)[:1] != x.shape[:1]:
         raise DataError(
             f"{path}: {x.shape[0]} examples of features but {np.shape(y)[0] if np.ndim(y) else 0} "
             f"{'labels' if labels is not None else 'targets'}; they must have the same length."
         )
-    x = x.astype(np.float32)
     if labels is not None:
         y, num_classes = _labels(path, labels)
         return _split(path, "classification", x, y, test_fraction, num_classes=num_classes)
@@ -248,13 +279,40 @@ def _from_arrays(path, x, labels, target, test_fraction) -> Dataset:
             f"{path}: `target` must have shape (examples,) or (examples, outputs), got "
             f"{target.shape}."
         )
-    _check_finite(path, "`target`", target.astype(np.float64))
-    return _split(path, "regression", x, target.astype(np.float32), test_fraction)
+    target = _float32(target)
+    _check_finite(path, "`target`", target)
+    return _split(path, "regression", x, target, test_fraction)
+
+
+def _csv_rows(path: str) -> list[list[str]]:
+    """The non-blank rows of a UTF-8 CSV (a UTF-8 byte-order mark is allowed)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise DataError(
+                f"{path}: the file is UTF-16 text; chainrule train reads UTF-8. Save it as "
+                '"CSV UTF-8" (or convert it: iconv -f UTF-16 -t UTF-8 in.csv > out.csv).'
+            )
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not UTF-8 text (it has the byte 0x{e.object[e.start]:02x}): this looks "
+            "like a binary file or another text encoding. Pass a UTF-8 .csv (or a .npz for "
+            "binary arrays)."
+        ) from None
+    except csv.Error as e:
+        raise DataError(
+            f"{path}: not a readable CSV ({e}); this looks like a binary file. Pass a UTF-8 "
+            ".csv with a header row (or a .npz for binary arrays)."
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}). Check its permissions.") from None
 
 
 def _load_csv(path: str, test_fraction: float) -> Dataset:
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    rows = _csv_rows(path)
     if not rows:
         raise DataError(f"{path}: the file is empty. {_FORMAT_HELP}")
     header = [h.strip() for h in rows[0]]
