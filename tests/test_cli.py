@@ -1,18 +1,33 @@
 """`chainrule train`: outputs, digits accuracy, resume == uninterrupted, Ctrl-C, corrupted
-checkpoints, and one clear message (no traceback) for each kind of bad input."""
+checkpoints, and one clear message (no traceback) for each kind of bad input.
 
+Issue 12's training items, by test: 12 (planted links) `test_outputs_never_write_through_a_
+planted_link`; 13 (one run per folder) `test_a_second_run_on_the_same_out_fails_at_once`;
+14 (crafted checkpoints) `test_crafted_checkpoint_metadata_*`, `test_zip_bomb_checkpoint_*`,
+`test_stale_temporary_files_are_removed_at_start` (and the bounded reads in test_train.py);
+15 (no tracebacks) `BAD_INPUTS`, `test_unwritable_out_*`, `test_full_disk_*`,
+`test_a_diverging_run_*`; 16 (Ctrl-C) `test_ctrl_c_*`, `test_resume_without_a_checkpoint_*`;
+17 (the README in order) `test_readme_commands_run_in_order`, `test_overwrite_*`.
+"""
+
+import errno
+import fcntl
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 
 from chainrule import cli
-from chainrule.train import loop
+from chainrule.train import checkpoint as ckpt_lib
+from chainrule.train import config, loop, outdir, progress
 from tests.conftest import ROOT
 
 STEPS = ["--steps", "40", "--checkpoint-every", "20", "--quiet"]
@@ -107,11 +122,11 @@ def test_progress_bar_only_on_a_tty_outside_ci(monkeypatch):
             return self.tty
 
     monkeypatch.delenv("CI", raising=False)
-    assert loop._progress_mode(loop.TrainConfig(), Stream(True)) == "bar"
-    assert loop._progress_mode(loop.TrainConfig(), Stream(False)) == "log"
-    assert loop._progress_mode(loop.TrainConfig(quiet=True), Stream(True)) == "off"
+    assert progress.progress_mode(loop.TrainConfig(), Stream(True)) == "bar"
+    assert progress.progress_mode(loop.TrainConfig(), Stream(False)) == "log"
+    assert progress.progress_mode(loop.TrainConfig(quiet=True), Stream(True)) == "off"
     monkeypatch.setenv("CI", "true")
-    assert loop._progress_mode(loop.TrainConfig(), Stream(True)) == "log"
+    assert progress.progress_mode(loop.TrainConfig(), Stream(True)) == "log"
 
 
 def test_log_lines_when_not_a_tty(tmp_path, capsys):
@@ -153,6 +168,12 @@ def test_ctrl_c_saves_the_last_step_exits_130_and_resumes(
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000013.npz"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    if how == "signal":  # one Ctrl-C: the results of the 13 steps too
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["steps"] == 13 and summary["interrupted"] is True
+        assert (tmp_path / "loss_curve.png").exists()
+    else:  # a second Ctrl-C: only the checkpoint
+        assert not (tmp_path / "summary.json").exists()
 
     monkeypatch.setattr(loop.Progress, "update", update)
     assert _train(tmp_path, "--resume", *STEPS) == 0
@@ -174,7 +195,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
 
 def test_no_readable_checkpoint(tmp_path, capsys):
     (tmp_path / "ckpt-00000010.npz").write_bytes(b"PK\x03\x04 broken")
-    assert _train(tmp_path, "--resume", "--quiet") == 1
+    assert _train(tmp_path, "--resume", "--quiet") == 2
     err = capsys.readouterr().err
     assert "ckpt-00000010.npz" in err and "without --resume" in err and "Traceback" not in err
 
@@ -207,6 +228,11 @@ def _write_inputs(tmp_path):
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+    (tmp_path / "binary.csv").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    (tmp_path / "nul.csv").write_bytes(b"a,label\n1,0\n\x00\x00,1\n")
+    (tmp_path / "utf16.csv").write_bytes(("a,label\n" + rows).encode("utf-16"))
+    (tmp_path / "bigclass.csv").write_text("a,label\n" + rows + "3,1000000000\n")
+    (tmp_path / "huge.csv").write_text("a,target\n" + rows + "1e39,1\n")  # inf in float32
     np.savez(tmp_path / "x3d.npz", x=np.ones((4, 2, 2)), label=np.zeros(4, int))
     np.savez(tmp_path / "lengths.npz", x=np.ones((4, 2)), label=np.zeros(5, int))
     np.savez(tmp_path / "nankey.npz", x=np.ones((4, 2)), target=np.array([1, np.nan, 2, 3]))
@@ -215,19 +241,34 @@ def _write_inputs(tmp_path):
 
 
 BAD_INPUTS = [
-    (["--data", "missing.csv"], 1, "Data file not found: 'missing.csv'"),
-    (["--data", "model.h5"], 1, "neither a built-in data set"),
-    (["--data", "{d}/nan.csv"], 1, "NaN or infinite value(s), the first in example 1"),
-    (["--data", "{d}/text.csv"], 1, "line 3, column `a`: 'hello' is not a number"),
-    (["--data", "{d}/nolabel.csv"], 1, "no `label` or `target` column"),
-    (["--data", "{d}/ragged.csv"], 1, "line 3 has 1 value(s) but the header has 2"),
-    (["--data", "{d}/fraction.csv"], 1, "integer class indices"),
-    (["--data", "{d}/empty.csv"], 1, "the file is empty"),
-    (["--data", "{d}/x3d.npz"], 1, "2-D array (examples, features)"),
-    (["--data", "{d}/lengths.npz"], 1, "4 examples of features but 5 labels"),
-    (["--data", "{d}/nankey.npz"], 1, "`target` contains 1 NaN"),
-    (["--data", "{d}/nokeys.npz"], 1, "need `x` and exactly one of `label`, `target`"),
-    (["--data", "{d}/notzip.npz"], 1, "cannot read it as a .npz file"),
+    (["--data", "missing.csv"], 2, "Data file not found: 'missing.csv'"),
+    (["--data", "model.h5"], 2, "neither a built-in data set"),
+    (["--data", "{d}/nan.csv"], 2, "NaN or infinite value(s), the first in example 1"),
+    (["--data", "{d}/text.csv"], 2, "line 3, column `a`: 'hello' is not a number"),
+    (["--data", "{d}/nolabel.csv"], 2, "no `label` or `target` column"),
+    (["--data", "{d}/ragged.csv"], 2, "line 3 has 1 value(s) but the header has 2"),
+    (["--data", "{d}/fraction.csv"], 2, "integer class indices"),
+    (["--data", "{d}/empty.csv"], 2, "the file is empty"),
+    (["--data", "{d}/x3d.npz"], 2, "2-D array (examples, features)"),
+    (["--data", "{d}/lengths.npz"], 2, "4 examples of features but 5 labels"),
+    (["--data", "{d}/nankey.npz"], 2, "`target` contains 1 NaN"),
+    (["--data", "{d}/nokeys.npz"], 2, "need `x` and exactly one of `label`, `target`"),
+    (["--data", "{d}/notzip.npz"], 2, "cannot read it as a .npz file"),
+    (
+        ["--data", "{d}/binary.csv"],
+        2,
+        "not UTF-8 text (it has the byte 0x89): this looks like a binary",
+    ),
+    (["--data", "{d}/nul.csv"], 2, "line 3, column `a`: '\\x00\\x00' is not a number"),
+    (["--data", "{d}/utf16.csv"], 2, "the file is UTF-16 text; chainrule train reads UTF-8"),
+    (["--data", "{d}/bigclass.csv"], 2, "value 1000000000, which would make 1000000001 classes"),
+    (["--data", "{d}/huge.csv"], 2, "NaN or infinite value(s), the first in example 10"),
+    (["--seed", "-1"], 2, "--seed: must be an integer from 0 to 4294967295, got '-1'"),
+    (["--seed", "1e20"], 2, "--seed: must be an integer from 0 to 4294967295, got '1e20'"),
+    (["--seed", str(10**20)], 2, "--seed: must be an integer from 0 to 4294967295, got '1000"),
+    (["--hidden", "1e8"], 2, "'1e8' is not a comma-separated list of layer sizes"),
+    (["--hidden", "100000000"], 2, "1,200,000,001 parameters in 2 layers, more than the 100,000"),
+    (["--resume", "--overwrite"], 2, "argument --overwrite: not allowed with argument --resume"),
     (["--lr", "0"], 2, "learning rate must be a finite number > 0, got --lr 0.0"),
     (["--lr", "-0.1"], 2, "learning rate must be a finite number > 0"),
     (["--lr", "fast"], 2, "argument --lr: invalid float value: 'fast'"),
@@ -235,11 +276,10 @@ BAD_INPUTS = [
     (["--optimizer", "rmsprop"], 2, "Unknown optimizer 'rmsprop'. Use --optimizer sgd or"),
     (["--steps", "0"], 2, "must be a positive integer, got 0"),
     (["--steps", "5", "--epochs", "2"], 2, "not allowed with argument"),
-    (["--batch-size", "5000"], 1, "batch size must be between 1 and the number of training"),
+    (["--batch-size", "5000"], 2, "batch size must be between 1 and the number of training"),
     (["--hidden", "12,x"], 2, "comma-separated list of layer sizes"),
     (["--devices", "64"], 2, "Asked for 64 device(s) but JAX sees"),
-    (["--test-fraction", "1.5"], 1, "test fraction must be in [0, 1)"),
-    (["--resume"], 1, "no checkpoint (ckpt-<step>.npz) in"),
+    (["--test-fraction", "1.5"], 2, "test fraction must be in [0, 1)"),
     (["--frobnicate"], 2, "unrecognized arguments: --frobnicate"),
 ]
 
@@ -286,3 +326,378 @@ def test_python_dash_m_entry_point():
     )
     assert proc.returncode == 2
     assert "Unknown engine 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _one_line_error(err: str, message: str) -> None:
+    assert err.startswith("chainrule train: error: ") and "Traceback" not in err, err
+    assert err.strip().count("\n") == 0, err  # one paragraph
+    assert message in err, err
+
+
+# --- the output folder: links, locking, temporaries, unwritable, full -------------------------
+
+
+def test_outputs_never_write_through_a_planted_link(tmp_path, capsys):
+    """Issue 12, item 12: fixed temporary names let a planted symlink redirect a write."""
+    out, victims = tmp_path / "run", tmp_path / "victims"
+    out.mkdir()
+    victims.mkdir()
+    names = ["summary.tmp", "loss_curve.tmp.png", "summary.json", "loss_curve.png"]
+    for name in names:  # the old fixed temporary names, and the final names
+        (victims / name).write_text("precious")
+        (out / name).symlink_to(victims / name)
+    assert _train(out, "--steps", "4", "--quiet") == 0
+    for name in names:
+        assert (victims / name).read_text() == "precious", name
+    for name in ("summary.json", "loss_curve.png"):  # the link was replaced, not followed
+        assert not (out / name).is_symlink() and (out / name).is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_second_run_on_the_same_out_fails_at_once(tmp_path, capsys):
+    """Issue 12, item 13: two runs on one --out both exited 0; one run's checkpoints were lost."""
+    fd = os.open(tmp_path / outdir.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds the folder
+        os.write(fd, b"4242\n")
+        assert _train(tmp_path, "--steps", "4", "--quiet") == 2
+        _, err = capsys.readouterr()
+        _one_line_error(err, f"--out '{tmp_path}' is in use by another chainrule train run")
+        assert "(process 4242)" in err and "pick another --out" in err
+        assert not list(tmp_path.glob("ckpt-*"))
+    finally:
+        os.close(fd)
+    assert _train(tmp_path, "--steps", "4", "--quiet") == 0  # free again
+
+
+def test_a_second_process_on_the_same_out_fails(tmp_path):
+    """The same with two real processes: the second fails while the first trains."""
+    code = (
+        "import sys; from chainrule.train import outdir; from pathlib import Path\n"
+        "with outdir.locked(Path(sys.argv[1]), 'x'):\n"
+        "    print('locked', flush=True); sys.stdin.readline()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run(
+            [sys.executable, "-m", "chainrule", "train", "--out", str(tmp_path), "--quiet"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    _one_line_error(proc.stderr, f"(process {holder.pid})")
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path, capsys):
+    """Issue 12, item 14: a kill -9 during a save left `.ckpt-*.tmp` files for ever."""
+    stale = [".ckpt-00000020.npz.k3j_x9.tmp", ".summary.json.abc.tmp", ".loss_curve.png.q.tmp"]
+    kept = ["notes.tmp", ".ckpt-notes.txt", "ckpt-old.npz.tmp.bak"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    assert _train(tmp_path, "--steps", "4", "--quiet") == 0
+    assert "Removed 3 temporary file(s)" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in stale)
+    assert all((tmp_path / name).exists() for name in kept)
+
+
+@pytest.mark.parametrize("how", ["chmod", "mocked"])
+def test_unwritable_out_is_a_clear_error(tmp_path, capsys, monkeypatch, how):
+    """Issue 12, item 15: an existing but read-only --out gave a PermissionError traceback."""
+    out = tmp_path / "readonly"
+    out.mkdir()
+    if how == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        out.chmod(0o500)
+    else:  # what a read-only folder does to any file created in it
+        real_open = os.open
+
+        def refuse(path, *args, **kwargs):
+            if str(path).startswith(str(out)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refuse)
+        monkeypatch.setattr(outdir.tempfile, "mkstemp", lambda **kw: refuse(kw["dir"]))
+    try:
+        assert _train(out, "--steps", "4", "--quiet") == 2
+    finally:
+        out.chmod(0o700)
+    message = f"Cannot write in --out '{out}' (Permission denied). Pass a folder you can write to"
+    _one_line_error(capsys.readouterr().err, message)
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "summary"])
+def test_full_disk_is_a_clear_error(tmp_path, capsys, monkeypatch, what):
+    """Issue 12, item 15: ENOSPC while saving gave a traceback."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if what == "checkpoint":
+
+        def savez(file, **arrays):
+            file.write(b"PK\x03\x04 partial")
+            raise full
+
+        monkeypatch.setattr(ckpt_lib.np, "savez", savez)
+        name = "ckpt-00000002.npz"
+    else:
+        atomic_write = outdir.atomic_write
+
+        def write(path, write):
+            if path.name == "summary.json":
+                raise full
+            return atomic_write(path, write)
+
+        monkeypatch.setattr(outdir, "atomic_write", write)
+        name = "summary.json"
+    code = _train(tmp_path, "--steps", "4", "--checkpoint-every", "2", "--quiet")
+    _, err = capsys.readouterr()
+    assert code == 2
+    _one_line_error(err, f"Cannot write {name} in --out '{tmp_path}' (No space left on device)")
+    assert "Free disk space" in err
+    assert not list(tmp_path.glob(".*.tmp"))  # no partial temporary file left
+
+
+def test_a_diverging_run_exits_1_with_a_message(tmp_path, capsys):
+    """Issue 12, item 15: a loss that became NaN/inf ended with `final loss nan` and exit 0."""
+    assert _train(tmp_path, "--steps", "20", "--lr", "1e10", "--quiet") == 1
+    _, err = capsys.readouterr()
+    _one_line_error(err, "The training loss became inf at step 2 (of 20)")
+    assert "Lower the learning rate (this run: --lr 1e+10)" in err
+    assert not (tmp_path / "summary.json").exists()
+
+
+# --- crafted checkpoints --------------------------------------------------------------------------
+
+
+def _rewrite_checkpoint(path, edit_meta):
+    """Rewrites a checkpoint's metadata with `edit_meta(meta)`, its arrays unchanged."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["__meta__"]))
+    edit_meta(meta)
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+
+
+@pytest.fixture
+def no_huge_model(monkeypatch):
+    """Fails the test (instead of hanging it) when the run allocates a giant MLP."""
+    mlp_init = loop.nn.mlp_init
+
+    def guarded(key, sizes, *args, **kwargs):
+        weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        assert weights < 10**7, f"allocating an MLP of sizes {sizes}"
+        return mlp_init(key, sizes, *args, **kwargs)
+
+    monkeypatch.setattr(loop.nn, "mlp_init", guarded)
+
+
+def test_crafted_checkpoint_metadata_is_refused_before_allocating(tmp_path, capsys, no_huge_model):
+    """Issue 12, item 14: metadata claiming hidden=1e9 made --resume hang allocating it."""
+    assert _train(tmp_path, "--steps", "2", "--checkpoint-every", "2", "--quiet") == 0
+    ckpt = tmp_path / "ckpt-00000002.npz"
+    _rewrite_checkpoint(ckpt, lambda meta: meta["extra"]["config"].update(hidden=[10**9]))
+    capsys.readouterr()
+    assert _train(tmp_path, "--resume", "--steps", "4", "--quiet") == 2
+    _one_line_error(capsys.readouterr().err, "No readable checkpoint in")
+    assert (tmp_path / "ckpt-00000002.npz").exists()  # not renamed when nothing else is left
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["extra"]["config"].update(hidden=[10**9]), "impossible hidden [1000000000]"),
+        (lambda m: m["extra"]["config"].update(hidden=[50000, 50000]), "100,000,000 parameters"),
+        (lambda m: m["extra"]["config"].update(seed=-5), "impossible seed -5"),
+        (lambda m: m["extra"]["config"].update(lr="0.1"), "impossible lr '0.1'"),
+        (lambda m: m["extra"]["config"].pop("batch_size"), "lacks the training options"),
+        (lambda m: m["extra"].update(config=[1, 2]), "lacks the training options"),
+        (lambda m: m.update(step=-3), "the step -3 is not a count of steps"),
+    ],
+)
+def test_crafted_checkpoint_metadata_falls_back_to_the_previous(
+    tmp_path, capsys, no_huge_model, edit, message
+):
+    assert _train(tmp_path, "--steps", "4", "--checkpoint-every", "2", "--quiet") == 0
+    _rewrite_checkpoint(tmp_path / "ckpt-00000004.npz", edit)
+    capsys.readouterr()
+    assert _train(tmp_path, "--resume", "--steps", "6", "--quiet") == 0
+    err = capsys.readouterr().err
+    assert "ckpt-00000004.npz" in err and message in err, err
+    assert "Resuming from" in err and "(step 2)" in err
+    assert (tmp_path / "ckpt-00000004.npz.corrupt").exists()
+
+
+def test_crafted_checkpoint_shapes_are_refused_before_reading(tmp_path, capsys):
+    """Metadata that agrees with the options, arrays that do not: refused from the headers."""
+    assert _train(tmp_path, "--steps", "2", "--checkpoint-every", "2", "--quiet") == 0
+    hidden_6 = lambda meta: meta["extra"]["config"].update(hidden=[6])  # the options say 5
+    _rewrite_checkpoint(tmp_path / "ckpt-00000002.npz", hidden_6)
+    capsys.readouterr()
+    assert _train(tmp_path, "--resume", "--quiet") == 2
+    _one_line_error(
+        capsys.readouterr().err,
+        "params[0]['bias'] is float32[5] in the checkpoint but float32[6] in this run",
+    )
+
+
+def _zip_bomb(path, megabytes=100):
+    """A checkpoint whose first parameter unpacks to `megabytes` MB of zeros (a few hundred kB)."""
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    n = megabytes * (1 << 20) // 4
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.float32))
+    header["shape"] = (n,)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            if name != "params/0.npy":
+                zf.writestr(name, data)
+                continue
+            with zf.open(name, "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                chunk = bytes(1 << 20)
+                for _ in range(megabytes):
+                    f.write(chunk)
+    return path
+
+
+def test_zip_bomb_checkpoint_is_refused_without_unpacking(tmp_path, capsys):
+    """Issue 12, item 14: a 3 MB zip bomb used 3.3 GB before --resume failed."""
+    assert _train(tmp_path, "--steps", "2", "--checkpoint-every", "2", "--quiet") == 0
+    _zip_bomb(tmp_path / "ckpt-00000002.npz")
+    assert (tmp_path / "ckpt-00000002.npz").stat().st_size < 1 << 20
+    capsys.readouterr()
+    assert _train(tmp_path, "--resume", "--quiet") == 2
+    _one_line_error(capsys.readouterr().err, "bytes from a")
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_after_the_last_step_still_writes_the_results(tmp_path, capsys, monkeypatch):
+    """Issue 12, item 16: Ctrl-C while evaluating said "interrupted before training started"."""
+    evaluate = loop._evaluate
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args)
+
+    monkeypatch.setattr(loop, "_evaluate", interrupted)
+    assert _train(tmp_path, "--steps", "8", "--quiet") == 130
+    out, err = capsys.readouterr()
+    assert "Interrupted after the last step (8/8); the run is complete" in err
+    assert "before training started" not in err and "Traceback" not in err
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 8
+    assert (tmp_path / "loss_curve.png").exists() and "test loss" in out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_second_ctrl_c_while_saving_results_stops_at_once(tmp_path, capsys, monkeypatch):
+    def second_ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_evaluate", second_ctrl_c)
+    assert _train(tmp_path, "--steps", "8", "--quiet") == 130
+    err = capsys.readouterr().err
+    assert "Interrupted while saving the results of step 8/8" in err and "Traceback" not in err
+    assert f"the last checkpoint is {tmp_path / 'ckpt-00000008.npz'}" in err
+
+
+@pytest.mark.parametrize("disposition", ["default", "ignored"])
+def test_ctrl_c_during_start_up_stops_the_run(tmp_path, capsys, monkeypatch, disposition):
+    """Issue 12, item 16: Ctrl-C while loading data was swallowed; the run went on to exit 0.
+
+    "ignored": started the way a shell starts a background job (SIGINT ignored),
+    where today's run only listened to Ctrl-C during the training loop.
+    """
+    if disposition == "ignored":
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    load_dataset = loop.load_dataset
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return load_dataset(*args)
+
+    monkeypatch.setattr(loop, "load_dataset", interrupted)
+    try:
+        assert _train(tmp_path, "--steps", "8", "--quiet") == 130
+        if disposition == "ignored":  # the run's handler is gone, the old one back
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        if disposition == "ignored":
+            signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert "Interrupted before training started; nothing was changed" in err
+    assert not list(tmp_path.glob("ckpt-*")) and not (tmp_path / "summary.json").exists()
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path, capsys, monkeypatch):
+    """Issue 12, item 16: Ctrl-C before the first checkpoint, then --resume, was an error."""
+    monkeypatch.setattr(loop, "load_dataset", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert _train(tmp_path, "--steps", "8", "--quiet") == 130
+    monkeypatch.undo()
+    assert _train(tmp_path, "--resume", "--steps", "8", "--quiet") == 0
+    err = capsys.readouterr().err
+    assert f"--resume: no checkpoint in {tmp_path} yet; starting a new run." in err
+    assert json.loads((tmp_path / "summary.json").read_text())["start_step"] == 0
+
+
+# --- the README's commands, default folders, --overwrite -----------------------------------------
+
+
+def _readme_train_commands():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("## Train from the command line", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_readme_commands_run_in_order(tmp_path, capsys, monkeypatch):
+    """Issue 12, item 17: the README's second `chainrule train` failed (the folder held a run)."""
+    pytest.importorskip("sklearn")
+    commands = _readme_train_commands()
+    assert len(commands) >= 4 and all(c[:2] == ["chainrule", "train"] for c in commands)
+    monkeypatch.chdir(tmp_path)
+    for name in ("teacher", "digits"):  # the same commands, shorter runs
+        monkeypatch.setitem(config.DEFAULTS[name], "epochs", 1)
+    rng = np.random.default_rng(0)
+    rows = "".join(f"{a:.3f},{b:.3f},{int(a > b)}\n" for a, b in rng.standard_normal((40, 2)))
+    (tmp_path / "my.csv").write_text("f1,f2,label\n" + rows)
+    for command in commands:
+        code = cli.main([*command[1:], "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 0, (command, err)
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert folders == ["digits-chainrule", "digits-jax", "my-chainrule", "teacher-chainrule"]
+    with open(os.path.join(ROOT, ".gitignore"), encoding="utf-8") as f:
+        assert "/runs/" in f.read().split()
+
+
+def test_overwrite_replaces_an_earlier_run(tmp_path, capsys):
+    assert _train(tmp_path, "--steps", "6", "--quiet") == 0
+    assert _train(tmp_path, "--steps", "4", "--quiet") == 2
+    _one_line_error(capsys.readouterr().err, "Add --resume to continue that run, --overwrite to")
+    assert _train(tmp_path, "--steps", "4", "--overwrite", "--quiet") == 0
+    assert "--overwrite: deleted the earlier run's" in capsys.readouterr().err
+    names = sorted(p.name for p in tmp_path.glob("ckpt-*"))
+    assert names == ["ckpt-00000003.npz", "ckpt-00000004.npz"]  # the 6-step run's are gone
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
+
+
+def test_default_out_is_per_data_set_and_engine():
+    assert str(config.default_out(None, "chainrule")) == os.path.join("runs", "teacher-chainrule")
+    assert str(config.default_out("digits", "jax")) == os.path.join("runs", "digits-jax")
+    assert str(config.default_out("data/x.v2.npz", "jax")) == os.path.join("runs", "x.v2-jax")

@@ -3,9 +3,11 @@ parallel), checkpoints (atomic, pickle-free, corruption), data sets and the batc
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import zipfile
 
 import jax
@@ -16,6 +18,7 @@ import pytest
 
 from chainrule import nn, train
 from chainrule.train import checkpoint as ckpt_lib
+from chainrule.train import outdir
 from tests.conftest import ROOT
 
 F32 = {"rtol": 1e-5, "atol": 1e-6}
@@ -413,3 +416,196 @@ def test_load_csv_and_npz(tmp_path):
     np.savez(npz, x=np.ones((20, 4)), target=np.zeros(20))
     ds = train.load_dataset(str(npz))
     assert ds.task == "regression" and ds.y_train.shape == (16, 1)
+
+
+# --- bounded checkpoint reads (issue 12, item 14) ------------------------------------------------
+
+
+def _bomb(path, megabytes=64):
+    """A valid checkpoint whose `params/0` is replaced by `megabytes` MB of deflated zeros."""
+    train.save_checkpoint(path.parent, 1, {"w": np.ones(3, np.float32)}, ())
+    src = ckpt_lib.checkpoint_path(path.parent, 1)
+    with zipfile.ZipFile(src) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.float32))
+    header["shape"] = (megabytes * (1 << 20) // 4,)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            if name != "params/0.npy":
+                zf.writestr(name, data)
+                continue
+            with zf.open(name, "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for _ in range(megabytes):
+                    f.write(bytes(1 << 20))
+    return path
+
+
+def _peak_bytes(fn):
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("how", ["read_checkpoint", "read_header", "expected", "latest"])
+def test_zip_bomb_is_refused_before_unpacking(tmp_path, how):
+    bomb = _bomb(tmp_path / "ckpt-00000002.npz")
+    assert bomb.stat().st_size < (1 << 20)
+    expected = train.Expected({"w": jax.ShapeDtypeStruct((3,), np.float32)}, ())
+
+    def read():
+        with pytest.raises(train.CheckpointError, match=r"unpack to 67,1\d\d,\d\d\d bytes from a"):
+            if how == "read_checkpoint":
+                train.read_checkpoint(bomb)
+            elif how == "read_header":
+                train.read_header(bomb)
+            elif how == "expected":
+                train.read_checkpoint(bomb, expected)
+            else:
+                ckpt, problems = train.latest_checkpoint(tmp_path)  # falls back to step 1
+                assert ckpt.step == 1 and problems[0][0] == bomb
+                raise train.CheckpointError(problems[0][1])
+
+    assert _peak_bytes(read) < 8 << 20  # 64 MB if it were unpacked
+
+
+def test_declared_sizes_must_agree_with_the_npy_headers(tmp_path):
+    path = train.save_checkpoint(tmp_path, 1, {"w": np.ones(3, np.float32)}, ())
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    members["params/0.npy"] += bytes(64)  # more bytes than the header's float32[3]
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    with pytest.raises(train.CheckpointError, match="params/0.npy declares 204 bytes but its"):
+        train.read_checkpoint(path)
+
+
+def test_expected_shapes_are_checked_before_any_array_is_read(tmp_path, monkeypatch):
+    params = {"w": np.ones((3, 4), np.float32)}
+    path = train.save_checkpoint(tmp_path, 1, params, (), {"loss_history": np.zeros(1, np.float32)})
+    reads = []
+    read_array = np.lib.format.read_array
+    monkeypatch.setattr(
+        np.lib.format, "read_array", lambda f, **kw: reads.append(f.name) or read_array(f, **kw)
+    )
+    history = {"loss_history": jax.ShapeDtypeStruct((1,), np.float32)}
+    for wrong, match in [
+        ({"w": jax.ShapeDtypeStruct((3, 5), np.float32)}, r"float32\[3, 4\].*float32\[3, 5\]"),
+        ({"v": jax.ShapeDtypeStruct((3, 4), np.float32)}, "different structure"),
+    ]:
+        with pytest.raises(train.CheckpointMismatchError, match=match):
+            train.read_checkpoint(path, train.Expected(wrong, (), history))
+    with pytest.raises(train.CheckpointMismatchError, match="'loss_history' that this run"):
+        train.read_checkpoint(path, train.Expected(params, ()))
+    assert reads == ["__meta__.npy"] * 3  # only the metadata was read
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    ckpt = train.read_checkpoint(path, train.Expected(abstract, (), history))
+    restored, _ = ckpt.restore(abstract, ())  # abstract templates are enough to restore
+    np.testing.assert_array_equal(restored["w"], params["w"])
+
+
+# --- the output folder (issue 12, items 12-14) ----------------------------------------------------
+
+
+def test_atomic_write_replaces_a_planted_link_and_leaves_no_temporary(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    final = tmp_path / "out" / "summary.json"
+    final.symlink_to(victim)
+    outdir.atomic_write(final, lambda f: f.write(b"{}"))
+    assert victim.read_text() == "precious"
+    assert not final.is_symlink() and final.read_text() == "{}"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert final.stat().st_mode & 0o777 == 0o666 & ~umask  # like open(path, "w")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        outdir.atomic_write(final, fail)
+    assert final.read_text() == "{}" and sorted(os.listdir(tmp_path / "out")) == ["summary.json"]
+
+
+def test_folder_lock_is_exclusive_and_released(tmp_path):
+    with outdir.locked(tmp_path, "--out 'x'"):
+        assert (tmp_path / outdir.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(
+            train.ConfigError, match=rf"--out 'x' is in use .*process {os.getpid()}"
+        ):
+            with outdir.locked(tmp_path, "--out 'x'"):
+                pass
+    with outdir.locked(tmp_path, "--out 'x'"):  # released
+        pass
+    (tmp_path / outdir.LOCK_NAME).unlink()
+    (tmp_path / outdir.LOCK_NAME).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(train.OutputError, match="is a symbolic link"):
+        with outdir.locked(tmp_path, "--out 'x'"):
+            pass
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_killed_save_leaves_a_temporary_that_the_next_run_removes(tmp_path):
+    code = textwrap.dedent(
+        """
+        import os, sys, numpy as np
+        from chainrule.train import checkpoint
+        def savez(f, **arrays):
+            f.write(b"PK partial")
+            os._exit(9)  # killed half-way through a save
+        checkpoint.np.savez = savez
+        checkpoint.save_checkpoint(sys.argv[1], 5, {"w": np.ones(3, np.float32)}, ())
+        """
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, timeout=120)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".ckpt-00000005.npz.") and left[0].endswith(".tmp")
+    (tmp_path / "notes.tmp").write_text("mine")
+    assert [p.name for p in outdir.remove_stale_temporaries(tmp_path)] == left
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.tmp"]
+
+
+# --- data: values that do not fit (issue 12, item 15) ---------------------------------------------
+
+
+def test_values_too_large_for_float32_are_rejected(tmp_path):
+    for row, what in [("1e39,1", "the features"), ("1,-1e39", "`target`")]:
+        path = tmp_path / "d.csv"
+        path.write_text(f"a,target\n1,2\n3,4\n{row}\n")
+        with pytest.raises(train.DataError, match=f"{re.escape(what)} contains 1 NaN or inf"):
+            train.load_dataset(str(path))
+    np.savez(tmp_path / "d.npz", x=np.full((3, 2), 1e300), target=np.zeros(3))
+    with pytest.raises(train.DataError, match="do not fit in float32"):
+        train.load_dataset(str(tmp_path / "d.npz"))
+
+
+def test_labels_are_bounded_before_any_cast(tmp_path):
+    for labels in (np.array([0, 1, 2**40]), np.array([0.0, 1.0, 1e30])):
+        np.savez(tmp_path / "d.npz", x=np.ones((3, 2)), label=labels)
+        with pytest.raises(train.DataError, match="at most 100,000 are supported"):
+            train.load_dataset(str(tmp_path / "d.npz"))
+    np.savez(
+        tmp_path / "d.npz", x=np.ones((3, 2)), label=np.array([0, 1, train.data.MAX_CLASSES - 1])
+    )
+    assert train.load_dataset(str(tmp_path / "d.npz")).num_classes == train.data.MAX_CLASSES
+
+
+def test_csv_encodings(tmp_path):
+    rows = "a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(10))
+    (tmp_path / "bom.csv").write_bytes(rows.encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    assert train.load_dataset(str(tmp_path / "bom.csv")).task == "classification"
+    latin1 = "caf\xe9,label\n1,0\n".encode("latin-1")
+    for name, data, match in [
+        ("utf16.csv", rows.encode("utf-16"), "UTF-16 text"),
+        ("latin1.csv", latin1, r"not UTF-8 text \(it has the byte 0xe9\)"),
+    ]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(train.DataError, match=match):
+            train.load_dataset(str(tmp_path / name))

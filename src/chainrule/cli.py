@@ -4,12 +4,14 @@ Examples (shell)::
 
     chainrule train                          # the tutorial's 10 -> 5 -> 1 teacher, SGD
     chainrule train --data digits            # handwritten digits, Adam, ~97% test accuracy
-    chainrule train --data digits --engine jax --out runs/jax
+    chainrule train --data digits --engine jax   # in runs/digits-jax (one folder per data, engine)
     chainrule train --data my.csv --epochs 50 --hidden 64,64
-    chainrule train --data digits --out runs/d --resume   # continue an interrupted run
+    chainrule train --data digits --resume   # continue an interrupted run
 
-Exit codes: 0 success, 1 bad data or checkpoint, 2 bad options, 130 Ctrl-C
-(after saving a checkpoint of the last completed step).
+Exit codes: 0 success; 1 the training loss became NaN or infinite; 2 a user
+error (options, data, checkpoints, output folder), printed as one
+`chainrule train: error: ...` line naming the fix; 130 Ctrl-C (after saving
+what the run had done).
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ data:
   Files: 20% of the rows are held out for testing (--test-fraction), MLP with one
   hidden layer of 128, Adam lr 1e-3, batch 32, 20 epochs. NaN values are rejected.
 
-output (in --out): ckpt-<step>.npz (the newest two), loss_curve.png, summary.json.
+output (in --out, default runs/<data>-<engine>, e.g. runs/digits-chainrule):
+  ckpt-<step>.npz (the newest two), loss_curve.png, summary.json. One run at a
+  time per folder (it is locked). A folder holding a run needs --resume (continue
+  it) or --overwrite (delete it and start over); --resume on a folder with no
+  checkpoint yet starts a new run. Ctrl-C stops after the current step, saves
+  the checkpoint, loss curve and summary, and exits 130.
 """
 
 
@@ -55,6 +62,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    from chainrule.train.config import SEED_MAX
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX}, got {text!r}")
     return value
 
 
@@ -95,15 +114,25 @@ def _parser() -> _Parser:
     length.add_argument("--steps", type=_positive_int, default=None, help="total training steps")
     length.add_argument("--epochs", type=_positive_int, default=None, help="total epochs")
     p.add_argument("--hidden", type=_sizes, default=None, help="hidden layer sizes, e.g. 128,64")
-    p.add_argument("--seed", type=int, default=None, help="model init and batch order (0)")
+    p.add_argument("--seed", type=_seed, default=None, help="model init and batch order (0)")
     p.add_argument(
         "--devices",
         type=_positive_int,
         default=1,
         help="data parallel over this many devices (batch sharded, weights replicated)",
     )
-    p.add_argument("--out", default="chainrule-run", help="output folder (chainrule-run)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<data>-<engine>)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out (a new run if there is none)",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in --out (checkpoints, summary, loss curve) and start over",
+    )
     p.add_argument(
         "--checkpoint-every", type=_positive_int, default=None, help="steps (10%% of the run)"
     )
@@ -124,7 +153,7 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit code (0 ok, 1 data/checkpoint, 2 usage, 130 ^C)."""
+    """Runs the command line; returns the exit code (0 ok, 1 diverged, 2 user error, 130 ^C)."""
     try:
         args = _parser().parse_args(argv)
     except _UsageError as e:
@@ -132,9 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
-
     _simulate_cpu_devices(args.devices)
-    from chainrule.train import ConfigError, TrainError, TrainingInterrupted
+    try:
+        return _train(args)
+    except KeyboardInterrupt:  # before the run took charge of Ctrl-C (imports, options)
+        print(
+            "\nchainrule train: interrupted before training started; nothing saved.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from chainrule.train import TrainError, TrainingDiverged, TrainingInterrupted
     from chainrule.train.loop import TrainConfig, run
 
     cfg = TrainConfig(
@@ -150,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         devices=args.devices,
         out=args.out,
         resume=args.resume,
+        overwrite=args.overwrite,
         checkpoint_every=args.checkpoint_every,
         test_fraction=args.test_fraction,
         quiet=args.quiet,
@@ -159,16 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\nchainrule train: {e}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # before the first step (loading data, building the model)
-        print(
-            "\nchainrule train: interrupted before training started; nothing saved.",
-            file=sys.stderr,
-        )
-        return 130
-    except ConfigError as e:
-        _error(str(e))
-        return 2
-    except TrainError as e:
+    except TrainingDiverged as e:
         _error(str(e))
         return 1
+    except TrainError as e:  # options, data, checkpoints, the output folder
+        _error(str(e))
+        return 2
     return 0

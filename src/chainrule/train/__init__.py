@@ -5,8 +5,8 @@
   with buffer donation, optionally data parallel over a `jax.sharding.Mesh`
   (`data_mesh`, `shard_batch`, `replicate`).
 * `load_dataset`, `BatchOrder`: built-in and user data sets, a resumable batch order.
-* `save_checkpoint`, `load_checkpoint`, `latest_checkpoint`: atomic,
-  pickle-free `.npz` checkpoints.
+* `save_checkpoint`, `load_checkpoint`, `latest_checkpoint`, `read_checkpoint`:
+  atomic, pickle-free `.npz` checkpoints, read with bounded memory.
 * `run(TrainConfig(...))`: the loop behind the `chainrule train` command.
 
 Examples:
@@ -24,16 +24,27 @@ Examples:
 
 from chainrule.train.checkpoint import (
     Checkpoint,
+    CheckpointHeader,
     CheckpointMismatchError,
+    Expected,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint,
+    read_header,
     save_checkpoint,
 )
+from chainrule.train.config import DEFAULTS, TrainConfig, default_out
 from chainrule.train.data import BatchOrder, Dataset, digits_dataset, load_dataset, teacher_dataset
-from chainrule.train.errors import CheckpointError, ConfigError, DataError, TrainError
-from chainrule.train.loop import DEFAULTS, TrainConfig, TrainingInterrupted, run
+from chainrule.train.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputError,
+    TrainError,
+    TrainingDiverged,
+)
+from chainrule.train.loop import TrainingInterrupted, run
 from chainrule.train.step import (
     data_mesh,
     make_optimizer,
@@ -47,14 +58,19 @@ __all__ = [
     "BatchOrder",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointHeader",
     "CheckpointMismatchError",
     "ConfigError",
     "DataError",
     "Dataset",
+    "Expected",
+    "OutputError",
     "TrainConfig",
     "TrainError",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "data_mesh",
+    "default_out",
     "digits_dataset",
     "latest_checkpoint",
     "list_checkpoints",
@@ -63,6 +79,7 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "read_checkpoint",
+    "read_header",
     "replicate",
     "run",
     "save_checkpoint",

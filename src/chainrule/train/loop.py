@@ -2,10 +2,29 @@
 
 `run(TrainConfig(...))` trains an MLP (`chainrule.nn`) on a `Dataset` with the
 jitted step of `make_train_step`, writes `ckpt-<step>.npz` checkpoints, a
-`loss_curve.png` and a `summary.json` into the output folder, and returns the
-summary. A run resumed from a checkpoint (`resume=True`) ends with the same
-parameters as one that was never interrupted: the batch order is a pure
-function of `(seed, step)` and the optimizer state is saved with the weights.
+`loss_curve.png` and a `summary.json` into the output folder (by default
+`runs/<data set>-<engine>`), and returns the summary. A run resumed from a
+checkpoint (`resume=True`) ends with the same parameters as one that was never
+interrupted: the batch order is a pure function of `(seed, step)` and the
+optimizer state is saved with the weights.
+
+`run` is four steps, one function each:
+
+1. `_claim_output`: lock the output folder for the run (a second run on it
+   fails at once), remove temporary files a killed run left, and refuse (or,
+   with `overwrite`, clear) an earlier run's checkpoints.
+2. `_set_up`: the checkpoint to resume from (its metadata and array shapes
+   checked against the configuration before anything is allocated), the
+   options (`config.py`), the data, the model, the optimizer and the jitted step.
+3. `_train`: one step per batch, a checkpoint every `every` steps.
+4. `_finish`: the last checkpoint, evaluation, `loss_curve.png`,
+   `summary.json` and the printed summary.
+
+Ctrl-C anywhere in `run` only asks the run to stop (`sigint_requests`): it
+stops at the next step boundary (or before the first step), saves what exists
+(the checkpoint of the last completed step, the loss curve, the summary) and
+raises `TrainingInterrupted` (the command line exits 130). A second Ctrl-C
+stops at once; atomic writes mean no file is left half-written.
 """
 
 from __future__ import annotations
@@ -14,11 +33,9 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,123 +45,116 @@ import numpy as np
 
 from chainrule import nn
 from chainrule.train import checkpoint as ckpt_lib
-from chainrule.train.data import BatchOrder, Dataset, load_dataset
-from chainrule.train.errors import ConfigError
-from chainrule.train.step import (
-    ENGINES,
-    OPTIMIZERS,
-    data_mesh,
-    make_optimizer,
-    make_train_step,
-    replicate,
-    shard_batch,
+from chainrule.train import outdir
+from chainrule.train.config import (
+    DEFAULTS,
+    TrainConfig,
+    abstract_state,
+    check_options,
+    default_out,
+    model_sizes,
+    resolve,
+    saved_config,
 )
+from chainrule.train.data import BatchOrder, Dataset, load_dataset
+from chainrule.train.errors import CheckpointError, ConfigError, OutputError, TrainingDiverged
+from chainrule.train.progress import Progress, progress_mode, sigint_requests
+from chainrule.train.step import data_mesh, make_optimizer, make_train_step, replicate, shard_batch
 
-__all__ = ["DEFAULTS", "TrainConfig", "TrainingInterrupted", "run"]
-
-# Per data set: model (hidden sizes), optimizer, learning rate, batch size, epochs.
-DEFAULTS = {
-    # The tutorial: nn.Sequential(Linear(10, 5), ReLU(), Linear(5, 1)), MSELoss, SGD(lr=0.01), 32.
-    "teacher": {"hidden": (5,), "optimizer": "sgd", "lr": 0.01, "batch_size": 32, "epochs": 20},
-    "digits": {"hidden": (128,), "optimizer": "adam", "lr": 1e-3, "batch_size": 64, "epochs": 30},
-    "file": {"hidden": (128,), "optimizer": "adam", "lr": 1e-3, "batch_size": 32, "epochs": 20},
-}
-# Options that fix the trajectory; a resumed run takes them from the checkpoint.
-_RESUME_KEYS = ("data", "hidden", "optimizer", "lr", "batch_size", "seed", "test_fraction")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Options of a training run. `None` means: the data set's default (see `DEFAULTS`).
-
-    With `resume=True`, `None` options are taken from the checkpoint, and any
-    option given explicitly must equal the checkpoint's.
-    """
-
-    data: str | None = None  # "teacher" (default), "digits", or a .csv/.npz path
-    engine: str = "chainrule"
-    optimizer: str | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    steps: int | None = None  # total steps (a resumed run continues up to it)
-    epochs: int | None = None  # or: total epochs
-    hidden: tuple[int, ...] | None = None
-    seed: int | None = None  # model init and batch order
-    devices: int = 1
-    out: str = "chainrule-run"
-    resume: bool = False
-    checkpoint_every: int | None = None  # default: every 10% of the steps
-    test_fraction: float | None = None  # default 0.2
-    progress: bool | None = None  # None: a bar when stderr is a TTY and CI is not set
-    quiet: bool = False
+__all__ = ["DEFAULTS", "TrainConfig", "TrainingInterrupted", "default_out", "format_summary", "run"]
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training; `checkpoint` holds the last completed step (or `None`)."""
+    """Ctrl-C stopped the run; `checkpoint` holds the last completed step (or is `None`).
 
-    def __init__(self, step: int, checkpoint: Path | None, message: str):
+    `summary` is the summary written for the steps completed, if it was written.
+    """
+
+    def __init__(
+        self, step: int, checkpoint: Path | None, message: str, summary: dict | None = None
+    ):
         super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.summary = step, checkpoint, summary
 
 
-def _check_options(cfg: TrainConfig) -> None:
-    if cfg.engine not in ENGINES:
-        raise ConfigError(
-            f"Unknown engine {cfg.engine!r}. Use --engine chainrule (chainrule's own VJP rules) "
-            "or --engine jax (jax.value_and_grad); both give the same numbers."
-        )
-    if cfg.optimizer is not None and cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(
-            f"Unknown optimizer {cfg.optimizer!r}. Use --optimizer sgd or --optimizer adam."
-        )
-    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ConfigError(
-            f"The learning rate must be a finite number > 0, got --lr {cfg.lr}. "
-            "Try --lr 0.01 for SGD or --lr 0.001 for Adam."
-        )
-    for name in ("batch_size", "steps", "epochs", "checkpoint_every", "devices"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} must be a positive integer, got {value}.")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise ConfigError("Give either --steps or --epochs, not both.")
-    if cfg.hidden is not None and any(h < 1 for h in cfg.hidden):
-        raise ConfigError(
-            f"--hidden sizes must be positive integers, got {list(cfg.hidden)}. "
-            "Example: --hidden 128,64."
-        )
+# --- the output folder ----------------------------------------------------------------------
 
 
-def _resolve(cfg: TrainConfig, saved: dict | None) -> dict:
-    """Fills `None` options from the checkpoint (when resuming), then from `DEFAULTS`."""
-    given = {k: getattr(cfg, k) for k in _RESUME_KEYS}
-    if given["hidden"] is not None:
-        given["hidden"] = tuple(given["hidden"])
-    if saved is not None:
-        for key in _RESUME_KEYS:
-            stored = tuple(saved[key]) if key == "hidden" else saved[key]
-            if given[key] is None:
-                given[key] = stored
-            elif given[key] != stored:
-                flag = "--" + key.replace("_", "-")
-                raise ConfigError(
-                    f"--resume: this run has {flag} {given[key]!r} but the checkpoint in "
-                    f"{cfg.out} was written with {flag} {stored!r}. Drop {flag} (the checkpoint's "
-                    "value is used) or start a new run in another --out folder."
-                )
-    resolved = dict(given)
-    resolved["data"] = resolved["data"] or "teacher"
-    defaults = DEFAULTS.get(resolved["data"], DEFAULTS["file"])
-    for key in ("hidden", "optimizer", "lr", "batch_size"):
-        if resolved[key] is None:
-            resolved[key] = defaults[key]
-    resolved["seed"] = 0 if resolved["seed"] is None else int(resolved["seed"])
-    resolved["test_fraction"] = (
-        0.2 if resolved["test_fraction"] is None else resolved["test_fraction"]
+def _label(out: Path) -> str:
+    return f"--out {str(out)!r}"
+
+
+def _make_output_folder(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out) if cfg.out else default_out(cfg.data, cfg.engine)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot use {_label(out)} as the output folder ({e.strerror}). Pass a folder "
+            "path that can be created and written to."
+        ) from None
+    return out
+
+
+def _write_failed(out: Path, name: str, error: OSError, last_saved: Path | None) -> OutputError:
+    then = (
+        f"then add --resume to continue from {last_saved}"
+        if last_saved
+        else "then run the command again"
     )
-    resolved["hidden"] = tuple(int(h) for h in resolved["hidden"])
-    return resolved
+    return OutputError(
+        f"Cannot write {name} in {_label(out)} ({error.strerror or error}). Free disk space or "
+        f"fix the folder's permissions (or pick another --out), {then}."
+    )
+
+
+def _clear_earlier_run(out: Path) -> int:
+    """`--overwrite`: deletes an earlier run's checkpoints and results (links, not targets)."""
+    names = ("summary.json", "loss_curve.png")
+    old = [*ckpt_lib.list_checkpoints(out), *out.glob("ckpt-*.npz.corrupt")]
+    old += [out / name for name in names if (out / name).is_symlink() or (out / name).exists()]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return len(old)
+
+
+@contextlib.contextmanager
+def _claim_output(cfg: TrainConfig, out: Path, stderr: TextIO) -> Iterator[None]:
+    """Holds the output folder's lock for the run, after tidying it for this run.
+
+    Raises:
+      ConfigError: another run holds the folder, or it holds an earlier run's
+        checkpoints and neither `resume` nor `overwrite` was given.
+      OutputError: the folder cannot be written.
+    """
+    with outdir.locked(out, _label(out)):
+        try:
+            stale = outdir.remove_stale_temporaries(out)
+            cleared = _clear_earlier_run(out) if cfg.overwrite else 0
+        except OSError as e:
+            raise OutputError(
+                f"Cannot tidy {_label(out)} ({e.strerror or e}). Fix the folder's permissions, "
+                "or pick another --out folder."
+            ) from None
+        if stale:
+            print(
+                f"Removed {len(stale)} temporary file(s) left in {out} by a killed run.",
+                file=stderr,
+            )
+        if cleared:
+            print(
+                f"--overwrite: deleted the earlier run's {cleared} file(s) in {out}.", file=stderr
+            )
+        if not cfg.resume and ckpt_lib.list_checkpoints(out):
+            raise ConfigError(
+                f"{_label(out)} already holds checkpoints of an earlier run. Add --resume to "
+                "continue that run, --overwrite to delete it and start over, or pick another "
+                "--out folder."
+            )
+        yield
+
+
+# --- one run: set-up, training, results -----------------------------------------------------
 
 
 def _loss_fn(task: str):
@@ -163,77 +173,389 @@ def _loss_fn(task: str):
     return loss
 
 
-@contextlib.contextmanager
-def _sigint_requests():
-    """While active, the first Ctrl-C only sets `flag["stop"]`; a second one interrupts."""
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
+@dataclasses.dataclass
+class _Run:
+    """Everything a run needs, built by `_set_up`, and what its steps have done so far."""
 
-    def handler(signum, frame):
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
+    cfg: TrainConfig
+    out: Path
+    resolved: dict  # the options that fix the trajectory (`_RESUME_KEYS`)
+    ds: Dataset
+    order: BatchOrder
+    total: int  # steps to reach
+    every: int  # checkpoint interval
+    mesh: Any
+    step_fn: Callable
+    params: Any
+    opt_state: Any
+    start: int  # the step this run started from (the checkpoint's, or 0)
+    history: np.ndarray  # batch losses of steps 1..n, fetched from the device
+    last_saved: Path | None
+    completed: int = 0
+    losses: list = dataclasses.field(default_factory=list)  # device losses not yet fetched
+    t_start: float | None = None
+    t_compiled: float | None = None  # end of the first (compiling) step
+    t_end: float | None = None
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def __post_init__(self):
+        self.completed = self.start
+
+    def all_losses(self) -> np.ndarray:
+        new = np.asarray(jax.device_get(self.losses), np.float32).reshape(-1)
+        return np.concatenate([self.history, new])
+
+    def save(self, step: int) -> Path:
+        """Writes `ckpt-<step>.npz`, after checking that every loss so far is finite."""
+        self.history = self.all_losses()  # fetch the losses so far once, not at every save
+        self.losses.clear()
+        self._check_finite()
+        extra = {
+            "config": {k: list(v) if k == "hidden" else v for k, v in self.resolved.items()},
+            "data_order": self.order.state(),
+            "engine": self.cfg.engine,
+            "loss_history": self.history,
+        }
+        try:
+            path = ckpt_lib.save_checkpoint(self.out, step, self.params, self.opt_state, extra)
+        except CheckpointError:
+            raise
+        except OSError as e:
+            name = ckpt_lib.checkpoint_path(self.out, step).name
+            raise _write_failed(self.out, name, e, self.last_saved) from None
+        self.last_saved = path
+        return path
+
+    def _check_finite(self) -> None:
+        bad = ~np.isfinite(self.history)
+        if not bad.any():
+            return
+        i = int(np.argmax(bad))
+        kept = f"the last checkpoint is {self.last_saved}" if self.last_saved else "nothing saved"
+        raise TrainingDiverged(
+            f"The training loss became {self.history[i]} at step {i + 1} (of {self.total}); "
+            f"training stopped ({kept}). Lower the learning rate (this run: --lr "
+            f"{self.resolved['lr']:g}) or check the data for extreme values, then start again "
+            "with --overwrite (or another --out folder)."
+        )
+
+    def state_lost(self) -> bool:
+        """True when a step was interrupted after its (donated) inputs were deleted."""
+        leaves = jax.tree_util.tree_leaves((self.params, self.opt_state))
+        return any(getattr(leaf, "is_deleted", lambda: False)() for leaf in leaves)
+
+    def write(self, name: str, write: Callable) -> Path:
+        """Writes a result file atomically (see `outdir.atomic_write`)."""
+        try:
+            return outdir.atomic_write(self.out / name, write)
+        except OSError as e:
+            raise _write_failed(self.out, name, e, self.last_saved) from None
+
+
+def _set_aside(problems: list[tuple[Path, str]], stderr: TextIO) -> None:
+    """Renames unreadable checkpoints to `*.corrupt`, out of the way, kept for inspection."""
+    for bad, problem in problems:
+        kept = bad.with_name(bad.name + ".corrupt")
+        try:
+            bad.rename(kept)
+        except OSError as e:
+            raise _write_failed(bad.parent, kept.name, e, None) from None
+        print(
+            f"warning: {problem} Renamed it to {kept.name}; using the previous checkpoint instead.",
+            file=stderr,
+        )
+
+
+def _resume_point(
+    cfg: TrainConfig, out: Path, stderr: TextIO
+) -> tuple[ckpt_lib.Checkpoint, dict, Dataset] | None:
+    """The newest readable checkpoint of `out`, with the options and data it was written with.
+
+    Each candidate's metadata, the model it implies and its array shapes are
+    checked before its arrays are read or the model is allocated. An
+    unreadable or impossible checkpoint is set aside for the previous one.
+
+    Returns:
+      `(checkpoint, resolved options, data set)`, or `None` when `out` has no
+      checkpoint yet (the run then starts from step 0).
+    """
+    candidates = ckpt_lib.list_checkpoints(out)
+    if not candidates:
+        print(f"--resume: no checkpoint in {out} yet; starting a new run.", file=stderr)
+        return None
+    problems: list[tuple[Path, str]] = []
+    datasets: dict[tuple, Dataset] = {}
+    for path in candidates:
+        try:
+            header = ckpt_lib.read_header(path)
+            resolved = resolve(cfg, saved_config(header), out)
+            key = (resolved["data"], resolved["test_fraction"])
+            if key not in datasets:
+                datasets[key] = load_dataset(*key)
+            params, opt_state = abstract_state(datasets[key], resolved, path)
+            history = jax.ShapeDtypeStruct((header.step,), np.float32)
+            expected = ckpt_lib.Expected(params, opt_state, {"loss_history": history})
+            ckpt = ckpt_lib.read_checkpoint(path, expected)
+        except ckpt_lib.CheckpointMismatchError:
+            raise
+        except CheckpointError as e:
+            problems.append((path, str(e)))
+            continue
+        _set_aside(problems, stderr)
+        print(f"Resuming from {ckpt.path} (step {ckpt.step}).", file=stderr)
+        return ckpt, resolved, datasets[key]
+    raise ckpt_lib.no_readable_checkpoint(out, problems)
+
+
+def _schedule(cfg: TrainConfig, resolved: dict, order: BatchOrder) -> tuple[int, int]:
+    """`(total steps, checkpoint interval)`."""
+    if cfg.steps is not None:
+        total = cfg.steps
+    else:
+        epochs = cfg.epochs or DEFAULTS.get(resolved["data"], DEFAULTS["file"])["epochs"]
+        total = epochs * order.steps_per_epoch
+    return total, cfg.checkpoint_every or max(1, total // 10)
+
+
+def _mesh(cfg: TrainConfig, batch_size: int):
+    if cfg.devices == 1:
+        return None
+    mesh = data_mesh(cfg.devices)
+    if batch_size % cfg.devices:
+        raise ConfigError(
+            f"--batch-size {batch_size} does not split evenly over --devices "
+            f"{cfg.devices}. Use a batch size that is a multiple of {cfg.devices}."
+        )
+    return mesh
+
+
+def _initial_state(ds: Dataset, resolved: dict, saved: ckpt_lib.Checkpoint | None):
+    """`(params, opt_state, start step, loss history)`: fresh, or restored from `saved`."""
+    optimizer = make_optimizer(resolved["optimizer"], resolved["lr"])
+    if saved is None:
+        sizes = model_sizes(ds, resolved)
+        params = nn.mlp_init(jax.random.key(resolved["seed"]), sizes, jnp.float32)
+        return params, optimizer.init(params), 0, np.zeros(0, np.float32)
+    params, opt_state = saved.restore(*abstract_state(ds, resolved, saved.path))
+    history = np.asarray(saved.extra.get("loss_history", np.zeros(0)), np.float32)
+    return params, opt_state, saved.step, history[: saved.step]
+
+
+def _set_up(cfg: TrainConfig, out: Path, stderr: TextIO) -> _Run:
+    """Resume point, options, data, model, optimizer state and the jitted step."""
+    resumed = _resume_point(cfg, out, stderr) if cfg.resume else None
+    if resumed is None:
+        saved, resolved = None, resolve(cfg, None, out)
+        ds = load_dataset(resolved["data"], resolved["test_fraction"])
+    else:
+        saved, resolved, ds = resumed
+    order = BatchOrder(len(ds.x_train), resolved["batch_size"], resolved["seed"])
+    total, every = _schedule(cfg, resolved, order)
+    mesh = _mesh(cfg, resolved["batch_size"])
+    params, opt_state, start, history = _initial_state(ds, resolved, saved)
+    if start >= total:
+        print(
+            f"The checkpoint is already at step {start}, at or past the {total} steps asked for; "
+            "nothing to train (raise --steps or --epochs to continue).",
+            file=stderr,
+        )
+    place = (lambda t: replicate(t, mesh)) if mesh is not None else jax.device_put
+    optimizer = make_optimizer(resolved["optimizer"], resolved["lr"])
+    step_fn = make_train_step(
+        _loss_fn(ds.task), optimizer, engine=cfg.engine, donate=True, mesh=mesh
+    )
+    return _Run(
+        cfg=cfg,
+        out=out,
+        resolved=resolved,
+        ds=ds,
+        order=order,
+        total=total,
+        every=every,
+        mesh=mesh,
+        step_fn=step_fn,
+        params=place(params),
+        opt_state=place(opt_state),
+        start=start,
+        history=history,
+        last_saved=None if saved is None else saved.path,
+    )
+
+
+def _train(r: _Run, sigint: dict, stderr: TextIO) -> bool:
+    """Steps `r.completed + 1 .. r.total`; returns early once Ctrl-C asked to stop.
+
+    Returns:
+      Whether a second Ctrl-C cut the loop short (the state is intact).
+
+    Raises:
+      TrainingInterrupted: a second Ctrl-C inside a step lost its (donated) state.
+    """
+    progress = Progress(
+        r.total, r.start, r.resolved["batch_size"], progress_mode(r.cfg, stderr), stderr
+    )
+    r.t_start = time.perf_counter()
     try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class Progress:
-    """A tqdm bar (TTY) or a log line every 10% (not a TTY), or nothing (`quiet`)."""
-
-    def __init__(self, total: int, initial: int, batch_size: int, mode: str, stream: TextIO):
-        self.total, self.mode, self.stream, self.batch_size = total, mode, stream, batch_size
-        self.bar = None
-        self.last_refresh, self.start, self.start_step = 0.0, time.perf_counter(), initial
-        self.every = max(1, total // 10)
-        self.first = True
-        if mode == "bar":
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # no tqdm: fall back to log lines
-                self.mode = "log"
-            else:
-                self.bar = tqdm(
-                    total=total, initial=initial, unit="step", file=stream, dynamic_ncols=True
-                )
-
-    def update(self, step: int, loss: jax.Array) -> None:
-        if self.first:  # measure throughput from the end of the first (compiling) step
-            self.first, self.start, self.start_step = False, time.perf_counter(), step
-        if self.mode == "bar":
-            self.bar.update(1)
-            now = time.perf_counter()
-            if now - self.last_refresh > 0.25 or step == self.total:
-                self.last_refresh = now
-                rate = (step - self.start_step) / max(now - self.start, 1e-9)
-                self.bar.set_postfix(
-                    **{"loss": f"{float(loss):.4g}", "ex/s": f"{rate * self.batch_size:,.0f}"}
-                )
-        elif self.mode == "log" and (step % self.every == 0 or step == self.total):
-            rate = (step - self.start_step) / max(time.perf_counter() - self.start, 1e-9)
-            print(
-                f"step {step}/{self.total}  loss {float(loss):.4g}  {rate:,.0f} steps/s",
-                file=self.stream,
-                flush=True,
+        for step in range(r.start, r.total):
+            idx = r.order.indices(step)
+            batch = (r.ds.x_train[idx], r.ds.y_train[idx])
+            if r.mesh is not None:
+                batch = shard_batch(batch, r.mesh)
+            r.params, r.opt_state, metrics = r.step_fn(r.params, r.opt_state, batch)
+            r.completed = step + 1
+            r.losses.append(metrics["loss"])
+            if r.t_compiled is None:
+                metrics["loss"].block_until_ready()
+                r.t_compiled = time.perf_counter()
+            progress.update(r.completed, metrics["loss"])
+            if r.completed % r.every == 0 or r.completed == r.total:
+                r.save(r.completed)
+            if sigint["stop"]:
+                break
+    except KeyboardInterrupt:
+        sigint["stop"] = True
+        if r.state_lost():  # the last good state is on disk (or nowhere)
+            msg = f"Interrupted during step {r.completed + 1}; "
+            msg += (
+                f"the last checkpoint is {r.last_saved}." if r.last_saved else "nothing was saved."
             )
+            raise TrainingInterrupted(r.completed, r.last_saved, msg) from None
+        cut_short = True
+    else:
+        cut_short = False
+    finally:
+        progress.close()
+    jax.block_until_ready(r.params)
+    r.t_end = time.perf_counter()
+    return cut_short
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+
+def _summary(r: _Run, history: np.ndarray, t_run: float, interrupted: bool) -> dict[str, Any]:
+    timed_steps = r.completed - r.start - 1
+    t_end = r.t_end if r.t_end is not None else time.perf_counter()
+    t_start = r.t_start if r.t_start is not None else t_end
+    speed = (
+        timed_steps / (t_end - r.t_compiled) if r.t_compiled and timed_steps > 0 else float("nan")
+    )
+    tail = history[-max(1, min(len(history), r.order.steps_per_epoch)) :]
+    return {
+        "data": r.resolved["data"],
+        "task": r.ds.task,
+        "engine": r.cfg.engine,
+        "optimizer": r.resolved["optimizer"],
+        "lr": r.resolved["lr"],
+        "batch_size": r.resolved["batch_size"],
+        "hidden": list(r.resolved["hidden"]),
+        "seed": r.resolved["seed"],
+        "devices": r.cfg.devices,
+        "steps": r.completed,
+        "start_step": r.start,
+        "epochs": r.completed / r.order.steps_per_epoch,
+        "interrupted": interrupted,
+        "final_loss": float(np.mean(tail)) if len(tail) else float("nan"),
+        **_evaluate(r.params, r.ds, r.ds.task),
+        "steps_per_second": speed,
+        "examples_per_second": speed * r.resolved["batch_size"],
+        "compile_seconds": (r.t_compiled - t_start) if r.t_compiled else 0.0,
+        "train_seconds": t_end - t_start,  # the loop, first step's compilation included
+        "wall_seconds": time.perf_counter() - t_run,  # data, init, loop, evaluation
+        "checkpoint": str(r.last_saved) if r.last_saved else None,
+    }
 
 
-def _progress_mode(cfg: TrainConfig, stream: TextIO) -> str:
-    if cfg.quiet:
-        return "off"
-    if cfg.progress is not None:
-        return "bar" if cfg.progress else "log"
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    return "bar" if getattr(stream, "isatty", lambda: False)() and not in_ci else "log"
+def _finish(r: _Run, t_run: float, stdout: TextIO, interrupted: bool) -> dict:
+    """The checkpoint of the last step, evaluation, loss curve, summary.json, the report."""
+    _save_last_step(r)
+    history = r.all_losses()
+    summary = _summary(r, history, t_run, interrupted)
+    title = f"{r.resolved['data']}: {r.cfg.engine}, {r.resolved['optimizer']} lr={r.resolved['lr']}"
+    curve = _plot_loss(r, history, title) if len(history) else None
+    summary["loss_curve"] = str(curve) if curve else None
+    _write_json(r, "summary.json", summary)
+    print(format_summary(summary), file=stdout)
+    if curve is None and len(history):
+        print("(loss curve skipped: matplotlib is not installed)", file=stdout)
+    return summary
+
+
+def _save_last_step(r: _Run) -> None:
+    if r.last_saved != ckpt_lib.checkpoint_path(r.out, r.completed):
+        r.save(r.completed)
+
+
+def run(cfg: TrainConfig, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> dict:
+    """Trains, checkpoints, evaluates, plots; returns the summary (also in `summary.json`).
+
+    Raises:
+      ConfigError, DataError, CheckpointError, OutputError: bad options, data,
+        checkpoints, or an output folder that cannot be written (or is in use).
+      TrainingDiverged: the loss became NaN or infinite.
+      TrainingInterrupted: Ctrl-C; what the run had done was saved.
+    """
+    t_run = time.perf_counter()
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    check_options(cfg)
+    out = _make_output_folder(cfg)
+    with sigint_requests() as sigint, _claim_output(cfg, out, stderr):
+        r = _set_up_or_stop(cfg, out, sigint, stderr)
+        cut_short = _train(r, sigint, stderr)
+        return _finish_or_stop(r, sigint, cut_short, t_run, stdout)
+
+
+def _set_up_or_stop(cfg: TrainConfig, out: Path, sigint: dict, stderr: TextIO) -> _Run:
+    try:
+        r = _set_up(cfg, out, stderr)
+    except KeyboardInterrupt:
+        sigint["stop"] = True
+    if sigint["stop"]:
+        raise TrainingInterrupted(
+            0, None, f"Interrupted before training started; nothing was changed in {out}."
+        )
+    return r
+
+
+def _finish_or_stop(r: _Run, sigint: dict, cut_short: bool, t_run: float, stdout: TextIO) -> dict:
+    """`_finish`, then `TrainingInterrupted` if Ctrl-C was pressed at any point of the run.
+
+    After one Ctrl-C every result is written; after a second one only the
+    checkpoint, and a third stops that too.
+    """
+    resume = f"Continue with the same command plus --resume (--out {r.out})."
+    if sigint["stop"] and r.completed == r.start < r.total:  # no step ran: nothing new to save
+        kept = f"the checkpoint {r.last_saved} is unchanged" if r.last_saved else "nothing saved"
+        raise TrainingInterrupted(
+            r.completed, r.last_saved, f"Interrupted before the first step; {kept}."
+        )
+    try:
+        if cut_short:
+            _save_last_step(r)
+            raise TrainingInterrupted(
+                r.completed,
+                r.last_saved,
+                f"Interrupted after step {r.completed}/{r.total}; saved {r.last_saved}. {resume}",
+            )
+        summary = _finish(r, t_run, stdout, interrupted=sigint["stop"])
+    except KeyboardInterrupt:  # another Ctrl-C: stop writing
+        kept = f"the last checkpoint is {r.last_saved}" if r.last_saved else "nothing was saved"
+        raise TrainingInterrupted(
+            r.completed,
+            r.last_saved,
+            f"Interrupted while saving the results of step {r.completed}/{r.total}; {kept}. "
+            + resume,
+        ) from None
+    if not sigint["stop"]:
+        return summary
+    saved = f"saved {r.last_saved}, summary.json"
+    saved += " and the loss curve" if summary["loss_curve"] else ""
+    if r.completed < r.total:
+        msg = f"Interrupted after step {r.completed}/{r.total}; {saved}. {resume}"
+    else:
+        msg = f"Interrupted after the last step ({r.completed}/{r.total}); the run is complete"
+        msg += f": {saved}."
+    raise TrainingInterrupted(r.completed, r.last_saved, msg, summary)
+
+
+# --- results --------------------------------------------------------------------------------
 
 
 def _evaluate(params, ds: Dataset, task: str) -> dict[str, float]:
@@ -254,7 +576,8 @@ def _evaluate(params, ds: Dataset, task: str) -> dict[str, float]:
     return result
 
 
-def _plot_loss(history: np.ndarray, path: Path, title: str) -> Path | None:
+def _plot_loss(r: _Run, history: np.ndarray, title: str) -> Path | None:
+    """Writes `loss_curve.png` (batch loss and its running mean); `None` without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -276,192 +599,15 @@ def _plot_loss(history: np.ndarray, path: Path, title: str) -> Path | None:
     ax.set_title(title)
     ax.legend()
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.91)  # cheaper than tight_layout
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return r.write("loss_curve.png", lambda f: fig.savefig(f, format="png"))
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(r: _Run, name: str, data: dict) -> Path:
     finite = {
         k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()
     }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(finite, indent=2) + "\n")  # strict JSON: NaN becomes null
-    os.replace(tmp, path)
-
-
-def run(cfg: TrainConfig, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> dict:
-    """Trains, checkpoints, evaluates, plots; returns the summary (also in `summary.json`).
-
-    Raises:
-      ConfigError, DataError, CheckpointError: bad options, data or checkpoints.
-      TrainingInterrupted: Ctrl-C; a checkpoint of the last completed step was saved.
-    """
-    t_run = time.perf_counter()
-    stdout = stdout or sys.stdout
-    stderr = stderr or sys.stderr
-    _check_options(cfg)
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"Cannot use --out {cfg.out!r} as the output folder ({e.strerror}). Pass a folder "
-            "path that can be created and written to."
-        ) from None
-    if not cfg.resume and ckpt_lib.list_checkpoints(out):
-        raise ConfigError(
-            f"--out {cfg.out!r} already holds checkpoints of an earlier run. Add --resume to "
-            "continue that run, or pick another --out folder (or delete the ckpt-*.npz files)."
-        )
-
-    saved_ckpt = None
-    if cfg.resume:
-        saved_ckpt, problems = ckpt_lib.latest_checkpoint(out)
-        for bad, problem in problems:
-            kept = bad.with_name(bad.name + ".corrupt")
-            bad.rename(kept)  # out of the way of later saves and resumes, kept for inspection
-            print(
-                f"warning: {problem} Renamed it to {kept.name}; using the previous "
-                "checkpoint instead.",
-                file=stderr,
-            )
-        print(f"Resuming from {saved_ckpt.path} (step {saved_ckpt.step}).", file=stderr)
-    resolved = _resolve(cfg, None if saved_ckpt is None else saved_ckpt.extra["config"])
-
-    ds = load_dataset(resolved["data"], resolved["test_fraction"])
-    order = BatchOrder(len(ds.x_train), resolved["batch_size"], resolved["seed"])
-    if cfg.steps is not None:
-        total = cfg.steps
-    else:
-        epochs = cfg.epochs or DEFAULTS.get(resolved["data"], DEFAULTS["file"])["epochs"]
-        total = epochs * order.steps_per_epoch
-    every = cfg.checkpoint_every or max(1, total // 10)
-
-    mesh = data_mesh(cfg.devices) if cfg.devices > 1 else None
-    if mesh is not None and resolved["batch_size"] % cfg.devices:
-        raise ConfigError(
-            f"--batch-size {resolved['batch_size']} does not split evenly over --devices "
-            f"{cfg.devices}. Use a batch size that is a multiple of {cfg.devices}."
-        )
-
-    sizes = [ds.n_features, *resolved["hidden"], ds.n_outputs]
-    params = nn.mlp_init(jax.random.key(resolved["seed"]), sizes, jnp.float32)
-    optimizer = make_optimizer(resolved["optimizer"], resolved["lr"])
-    opt_state = optimizer.init(params)
-    start, history = 0, np.zeros(0, np.float32)
-    if saved_ckpt is not None:
-        params, opt_state = saved_ckpt.restore(params, opt_state)
-        start = saved_ckpt.step
-        history = np.asarray(saved_ckpt.extra.get("loss_history", history), np.float32)[:start]
-    if start >= total:
-        print(
-            f"The checkpoint is already at step {start}, at or past the {total} steps asked for; "
-            "nothing to train (raise --steps or --epochs to continue).",
-            file=stderr,
-        )
-    place = (lambda t: replicate(t, mesh)) if mesh is not None else jax.device_put
-    params, opt_state = place(params), place(opt_state)
-
-    step_fn = make_train_step(
-        _loss_fn(ds.task), optimizer, engine=cfg.engine, donate=True, mesh=mesh
-    )
-    losses: list[jax.Array] = []
-    last_saved: Path | None = saved_ckpt.path if saved_ckpt is not None else None
-
-    def all_losses() -> np.ndarray:
-        new = np.asarray(jax.device_get(losses), np.float32).reshape(-1)
-        return np.concatenate([history, new])
-
-    def save(step: int) -> Path:
-        nonlocal history
-        history = all_losses()  # fetch the losses so far once, not again at every save
-        losses.clear()
-        extra = {
-            "config": {k: list(v) if k == "hidden" else v for k, v in resolved.items()},
-            "data_order": order.state(),
-            "engine": cfg.engine,
-            "loss_history": history,
-        }
-        return ckpt_lib.save_checkpoint(out, step, params, opt_state, extra)
-
-    progress = Progress(total, start, resolved["batch_size"], _progress_mode(cfg, stderr), stderr)
-    completed = start
-    t_start = time.perf_counter()
-    t_compiled = None
-    try:
-        with _sigint_requests() as sigint:
-            for step in range(start, total):
-                idx = order.indices(step)
-                batch = (ds.x_train[idx], ds.y_train[idx])
-                if mesh is not None:
-                    batch = shard_batch(batch, mesh)
-                params, opt_state, metrics = step_fn(params, opt_state, batch)
-                completed = step + 1
-                losses.append(metrics["loss"])
-                if t_compiled is None:
-                    metrics["loss"].block_until_ready()
-                    t_compiled = time.perf_counter()
-                progress.update(completed, metrics["loss"])
-                if completed % every == 0 or completed == total:
-                    last_saved = save(completed)
-                if sigint["stop"]:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        progress.close()
-        leaves = jax.tree_util.tree_leaves((params, opt_state))
-        if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in leaves):
-            # Interrupted inside a step whose inputs were donated: the last good state is on disk.
-            msg = f"Interrupted during step {completed + 1}; "
-            msg += f"the last checkpoint is {last_saved}." if last_saved else "nothing was saved."
-            raise TrainingInterrupted(completed, last_saved, msg) from None
-        if last_saved is None or ckpt_lib.checkpoint_path(out, completed) != last_saved:
-            last_saved = save(completed)
-        raise TrainingInterrupted(
-            completed,
-            last_saved,
-            f"Interrupted after step {completed}/{total}; saved {last_saved}. "
-            f"Continue with the same command plus --resume (--out {cfg.out}).",
-        ) from None
-    progress.close()
-    jax.block_until_ready(params)
-    t_end = time.perf_counter()
-
-    timed_steps = completed - start - 1
-    speed = timed_steps / (t_end - t_compiled) if t_compiled and timed_steps > 0 else float("nan")
-    history = all_losses()
-    tail = history[-max(1, min(len(history), order.steps_per_epoch)) :]
-    summary: dict[str, Any] = {
-        "data": resolved["data"],
-        "task": ds.task,
-        "engine": cfg.engine,
-        "optimizer": resolved["optimizer"],
-        "lr": resolved["lr"],
-        "batch_size": resolved["batch_size"],
-        "hidden": list(resolved["hidden"]),
-        "seed": resolved["seed"],
-        "devices": cfg.devices,
-        "steps": completed,
-        "start_step": start,
-        "epochs": completed / order.steps_per_epoch,
-        "final_loss": float(np.mean(tail)) if len(tail) else float("nan"),
-        **_evaluate(params, ds, ds.task),
-        "steps_per_second": speed,
-        "examples_per_second": speed * resolved["batch_size"],
-        "compile_seconds": (t_compiled - t_start) if t_compiled else 0.0,
-        "train_seconds": t_end - t_start,  # the loop, first step's compilation included
-        "wall_seconds": time.perf_counter() - t_run,  # data, init, loop, evaluation
-        "checkpoint": str(last_saved) if last_saved else None,
-    }
-    title = f"{resolved['data']}: {cfg.engine}, {resolved['optimizer']} lr={resolved['lr']}"
-    curve = _plot_loss(history, out / "loss_curve.png", title) if len(history) else None
-    summary["loss_curve"] = str(curve) if curve else None
-    _write_json(out / "summary.json", summary)
-    print(format_summary(summary), file=stdout)
-    if curve is None and len(history):
-        print("(loss curve skipped: matplotlib is not installed)", file=stdout)
-    return summary
+    text = json.dumps(finite, indent=2) + "\n"  # strict JSON: NaN becomes null
+    return r.write(name, lambda f: f.write(text.encode("utf-8")))
 
 
 def format_summary(s: dict) -> str:
