@@ -162,3 +162,29 @@ def test_transform_in_another_thread_inside_a_transform():
 
     assert float(cr.grad(f)(3.0)) == 6.0
     pool.shutdown()
+
+
+# --- 10. primitives that used to be missing --------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3)])
+def test_reshape_with_dimensions(shape):
+    x = np.arange(np.prod(shape), dtype=np.float64).reshape(shape) + 1.0
+    for f in (
+        lambda x: jnp.sum(jnp.column_stack([x, 2.0 * x]) ** 2),
+        lambda x: jnp.sum(
+            lax.reshape(x, (np.prod(shape),), tuple(reversed(range(len(shape)))))
+            * jnp.arange(x.size)
+        ),
+    ):
+        _check(f, x)
+        second = lambda grad, f=f: lambda x: jnp.sum(grad(f)(x) ** 2)  # noqa: E731
+        np.testing.assert_allclose(cr.grad(second(cr.grad))(x), jax.grad(second(jax.grad))(x))
+
+
+def test_bitcast_convert_type_passes_through_without_a_gradient():
+    f = lambda x: jnp.sum(jnp.where(jnp.signbit(x), -x, 2.0 * x))  # noqa: E731
+    x = np.array([-1.5, 0.0, 2.0, -0.0])
+    _check(f, x)
+    xs = np.stack([x, -x])
+    np.testing.assert_array_equal(jax.vmap(cr.grad(f))(xs), jax.vmap(jax.grad(f))(xs))

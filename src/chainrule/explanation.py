@@ -509,21 +509,9 @@ def _names(tape: _Tape, ops: list[Node], key_of: dict, fun_name: str, names: Any
     return name_of
 
 
-def _explain(fun, args, nums, single, names) -> Explanation:
-    fun_name = getattr(fun, "__name__", "function")
-    tape = _record(fun, args, nums)
-    out = tape.out
-    transforms._check_scalar(out, f"cr.explain of {fun_name}")
-    if isinstance(raw(out), jax.core.Tracer):
-        raise TypeError(
-            "cr.explain shows concrete numbers, so it runs eagerly; it was called under a JAX "
-            "transformation (jax.jit, jax.vmap, ...). Call it outside, on concrete arguments."
-        )
-    upstream, sent, order, input_cts = _backward(tape)
-    grads = transforms.gradients(tape.tracers, tape.trees, input_cts)
-    grads = grads[0] if single else grads
-    ops, key_of, proj_of, relevant, shown = _shown_nodes(tape, order)
-    name_of = _names(tape, ops, key_of, fun_name, names)
+def _rows(tape, ops, key_of, proj_of, relevant, shown, name_of, upstream, sent):
+    """The table: one row per shown node (output first), then the inputs; and
+    which constants feed which node."""
     constants = tape.constants
 
     def operand(node: Node, i: int) -> str:
@@ -578,6 +566,25 @@ def _explain(fun, args, nums, single, names) -> Explanation:
                 _np(g) if g is not None else np.zeros_like(_np(node.ans)),
             )
         )
+    return rows, const_edges
+
+
+def _explain(fun, args, nums, single, names) -> Explanation:
+    fun_name = getattr(fun, "__name__", "function")
+    tape = _record(fun, args, nums)
+    out = tape.out
+    transforms._check_scalar(out, f"cr.explain of {fun_name}")
+    if isinstance(raw(out), jax.core.Tracer):
+        raise TypeError(
+            "cr.explain shows concrete numbers, so it runs eagerly; it was called under a JAX "
+            "transformation (jax.jit, jax.vmap, ...). Call it outside, on concrete arguments."
+        )
+    upstream, sent, order, input_cts = _backward(tape)
+    grads = transforms.gradients(tape.tracers, tape.trees, input_cts)
+    grads = grads[0] if single else grads
+    ops, key_of, proj_of, relevant, shown = _shown_nodes(tape, order)
+    name_of = _names(tape, ops, key_of, fun_name, names)
+    rows, const_edges = _rows(tape, ops, key_of, proj_of, relevant, shown, name_of, upstream, sent)
     out_key = key_of.get(out.node) if isinstance(out, Tracer) else None
     return Explanation(
         fun_name=fun_name,
@@ -585,7 +592,7 @@ def _explain(fun, args, nums, single, names) -> Explanation:
         value=_np(raw(out)),
         grads=grads,
         rows=rows,
-        constants=[(name, _np(node.ans)) for node, name in constants.items()],
+        constants=[(name, _np(node.ans)) for node, name in tape.constants.items()],
         differentiated=[name_of[n] for n in tape.input_names],
         edges_in=const_edges,
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -247,6 +248,10 @@ class _Projection:
 
 _levels = itertools.count(1)  # global: a transform in another thread gets its own level
 
+# JAX's current trace (a C++ config value; `jcore.trace_ctx.trace` reads it
+# through a Python property, which the hot path avoids)
+_current_trace = jcore.trace_state_strong_ref
+
 _AVALS: dict[tuple, Any] = {}  # (shape, dtype, weak) -> ShapedArray; bounded by the shapes used
 
 
@@ -357,23 +362,37 @@ class Trace(jcore.Trace):
     __slots__ = ("level", "parent", "tracer_type")
 
     def __init__(self, tracer_type: type[Tracer] = Tracer):
-        super().__init__()
+        # jcore.Trace.__init__'s three fields, set here (once per transform call)
+        self._invalidated = False
+        self._weakref = weakref.ref(self)
         self.requires_low = False
         self.level = next(_levels)
         self.tracer_type = tracer_type
-        with jcore.take_current_trace() as parent:
-            self.parent = parent
+        self.parent = _current_trace.value  # the current trace, which this one nests in
 
     def new_input(self, value: Any) -> Tracer:
         """Boxes an input of the transform."""
-        return self.tracer_type(value, input_node(value), self)
+        return self.tracer_type(value, Node(None, (), {}, value, (), ()), self)
 
     def active(self):
         """Context manager: this trace is JAX's current trace (the user's code runs)."""
         return jcore.set_current_trace(self)
 
+    def run(self, fun: Callable, *args: Any) -> Any:
+        """`fun(*args)` with this trace current (`active`, without its overhead:
+        this is once per transform call)."""
+        ctx = jcore.trace_ctx
+        previous = _current_trace.value
+        ctx.set_trace(self)
+        try:
+            return fun(*args)
+        finally:
+            ctx.set_trace(previous)
+
     def outside(self):
         """Context manager: the parent is current (the backward pass runs)."""
+        if _current_trace.value is self.parent:  # the common case: nothing to switch
+            return contextlib.nullcontext()
         return jcore.set_current_trace(self.parent)
 
     def record(self, prim: Primitive, args: tuple[Any, ...], params: dict[str, Any]) -> Any:
@@ -505,7 +524,7 @@ def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
     if top is None:
         return evaluate(prim, args, params)
     trace = top._trace
-    if jcore.trace_ctx.trace is not trace:
+    if _current_trace.value is not trace:
         for a in args:
             if isinstance(a, jcore.Tracer) and not isinstance(a, Tracer):
                 # A value of another JAX transformation running inside this one

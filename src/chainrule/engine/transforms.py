@@ -60,7 +60,7 @@ def _resolve_argnums(argnums: tuple[int, ...], n_args: int, fun_name: str) -> tu
                 "or change argnums."
             )
         out.append(a % n_args)
-    if len(set(out)) != len(out):
+    if len(out) > 1 and len(set(out)) != len(out):
         raise ArgnumsError(
             f"{fun_name}: argnums={argnums} names the same positional argument twice "
             f"(as {tuple(out)} for {n_args} arguments). Each argument may appear once."
@@ -154,8 +154,7 @@ def trace_call(
     if prepare is not None:
         prepare(trace, boxed)
     try:
-        with trace.active(), _quiet():
-            out = fun(*boxed)
+        out = trace.run(fun, *boxed)
     finally:
         trace.invalidate()
     return trace, out, tracers, trees
@@ -201,7 +200,8 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
     """
     _check_callable(fun, "cr.vjp")
     nums = tuple(range(len(primals)))
-    trace, out, tracers, trees = trace_call(fun, primals, nums, "cr.vjp")
+    with _quiet():
+        trace, out, tracers, trees = trace_call(fun, primals, nums, "cr.vjp")
     aux = None
     if has_aux:
         out, aux = _split_aux(out, "cr.vjp")
@@ -314,21 +314,21 @@ def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool
     def value_and_grad_fun(*args: Any, **kwargs: Any):
         nums = _resolve_argnums(argnums_t, len(args), name)
         call = functools.partial(fun, **kwargs) if kwargs else fun
-        trace, out, tracers, trees = trace_call(call, args, nums, name)
-        aux = None
-        if has_aux:
-            out, aux = _split_aux(out, name)
-            aux = host.tree_to_jax(
-                jax.tree_util.tree_map(lambda x: _unbox(x, trace), aux), copy=True
-            )
-        _check_scalar(out, name)
-        with trace.outside(), _quiet():
-            if isinstance(out, Tracer) and out._trace is trace:
-                one = np.ones((), raw(out).dtype)
-                input_cts = core.backward([(out.node, one)], release=True)
-            else:  # the output does not depend on the differentiated inputs
-                input_cts = {}
-            grads = gradients(tracers, trees, input_cts)
+        with _quiet():
+            trace, out, tracers, trees = trace_call(call, args, nums, name)
+            aux = None
+            if has_aux:
+                out, aux = _split_aux(out, name)
+                aux = jax.tree_util.tree_map(lambda x: _unbox(x, trace), aux)
+                aux = host.tree_to_jax(aux, copy=True)
+            _check_scalar(out, name)
+            with trace.outside():
+                if isinstance(out, Tracer) and out._trace is trace:
+                    one = np.ones((), raw(out).dtype)
+                    input_cts = core.backward([(out.node, one)], release=True)
+                else:  # the output does not depend on the differentiated inputs
+                    input_cts = {}
+                grads = gradients(tracers, trees, input_cts)
         value = _output(out, trace) if want_value else None
         if has_aux:
             value = (value, aux)

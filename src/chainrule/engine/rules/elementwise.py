@@ -15,6 +15,7 @@ from jax import lax
 
 from chainrule.engine import host
 from chainrule.engine.core import Primitive, raw
+from chainrule.engine.core import bind as core_bind
 from chainrule.engine.rules.registry import (
     const,
     defvjp,
@@ -66,21 +67,20 @@ add_p = primitive("add", _broadcasting(lax.add), host=np.add)
 sub_p = primitive("sub", _broadcasting(lax.sub), host=np.subtract)
 
 
-def _mul(x, y, out_dtype=None):
-    """lax.mul; `out_dtype` (JAX's parameter) computes in a wider dtype."""
-    if out_dtype is None:
-        return _broadcasting(lax.mul)(x, y)
-    return lax.mul(x, y, out_dtype=out_dtype)
+class _Mul(Primitive):
+    """`mul`; JAX's `out_dtype` parameter (multiply in a wider dtype) is the
+    product of the operands converted to it, so each conversion's own rule
+    brings the cotangents back to the operands' dtypes."""
+
+    def apply(self, trace, args, params):
+        out_dtype = params.get("out_dtype")
+        if out_dtype is not None:
+            args = [convert_element_type(a, out_dtype) for a in args]
+        return [core_bind(self, *args)]
 
 
-def _host_mul(x, y, out_dtype=None):
-    if out_dtype is None:
-        return np.multiply(x, y)
-    dtype = np.dtype(out_dtype)
-    return np.multiply(np.asarray(x, dtype), np.asarray(y, dtype))
-
-
-mul_p = primitive("mul", _mul, ("out_dtype",), host=_host_mul)
+mul_p = primitive("mul", _broadcasting(lax.mul), host=np.multiply, cls=_Mul)
+mul_p.implied_params = frozenset({"out_dtype"})  # taken by `_Mul.apply`
 div_p = primitive("div", _broadcasting(lax.div), host=_host_div)
 neg_p = primitive("neg", lax.neg, host=np.negative)
 add_any_p = primitive("add_any", _broadcasting(lax.add), host=np.add)
@@ -107,23 +107,12 @@ defvjp(
 )
 
 
-def _mul_vjp(other: int):
-    """The cotangent of one factor: g times the other, in that factor's dtype
-    (with `out_dtype`, g is wider than the operands)."""
-
-    def maker(ans, x, y, out_dtype=None):
-        mine, theirs = (x, y) if other == 1 else (y, x)
-        if out_dtype is None:
-            return lambda g: unbroadcast(mul(g, theirs), shape_of(mine))
-        wide = convert_element_type(theirs, out_dtype)
-        return lambda g: convert_element_type(
-            unbroadcast(mul(g, wide), shape_of(mine)), dtype_of(mine)
-        )
-
-    return maker
-
-
-defvjp(mul_p, _mul_vjp(1), _mul_vjp(0), formulas=("y", "x"))
+defvjp(
+    mul_p,
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, y), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(mul(x, g), shape_of(y)),
+    formulas=("y", "x"),
+)
 defvjp(
     div_p,
     lambda ans, x, y: lambda g: unbroadcast(div(g, y), shape_of(x)),
@@ -143,6 +132,24 @@ and_p = primitive("and", lax.bitwise_and, host=np.bitwise_and, differentiable=Fa
 or_p = primitive("or", lax.bitwise_or, host=np.bitwise_or, differentiable=False)
 not_p = primitive("not", lax.bitwise_not, host=np.invert, differentiable=False)
 xor_p = primitive("xor", lax.bitwise_xor, host=np.bitwise_xor, differentiable=False)
+
+
+def _host_bitcast(x, new_dtype):
+    """lax.bitcast_convert_type for equal item sizes (NumPy's view)."""
+    x = np.asarray(x)
+    new = np.dtype(new_dtype)
+    return x.view(new) if new.itemsize == x.dtype.itemsize else NotImplemented
+
+
+# The bits of a float as an integer (jnp.signbit, so jax.scipy.special.gamma): no
+# gradient flows through it.
+bitcast_convert_type_p = primitive(
+    "bitcast_convert_type",
+    lambda x, new_dtype: lax.bitcast_convert_type(x, new_dtype),
+    ("new_dtype",),
+    host=_host_bitcast,
+    differentiable=False,
+)
 is_finite_p = primitive("is_finite", lax.is_finite, host=np.isfinite, differentiable=False)
 sign_p = primitive("sign", lax.sign, host=np.sign, differentiable=False)
 floor_p = primitive("floor", lax.floor, host=np.floor, differentiable=False)

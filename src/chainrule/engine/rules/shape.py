@@ -97,8 +97,8 @@ reshape_p = primitive(
     "reshape",
     lambda x, new_sizes, dimensions=None: lax.reshape(x, new_sizes, dimensions),
     ("new_sizes", "dimensions"),
-    host=lambda x, new_sizes, dimensions=None: (
-        np.reshape(x, new_sizes) if dimensions is None else NotImplemented
+    host=lambda x, new_sizes, dimensions=None: np.reshape(
+        x if dimensions is None else np.transpose(x, dimensions), new_sizes
     ),
 )
 
@@ -108,9 +108,12 @@ def reshape(x: Any, new_sizes: Sequence[int]) -> Any:
 
 
 def _reshape_vjp(ans, x, new_sizes, dimensions):
-    if dimensions is not None:
-        raise NotImplementedError("chainrule: reshape with `dimensions` is not supported")
-    return lambda g: reshape(g, shape_of(x))
+    if dimensions is None:
+        return lambda g: reshape(g, shape_of(x))
+    # reshape with `dimensions` transposes first (jnp.column_stack emits it):
+    # undo the reshape into the transposed shape, then the transpose
+    transposed = tuple(shape_of(x)[d] for d in dimensions)
+    return lambda g: transpose(reshape(g, transposed), argsort(dimensions))
 
 
 defvjp(reshape_p, _reshape_vjp)
