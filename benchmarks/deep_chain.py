@@ -5,7 +5,7 @@ Each contender runs in its own subprocess (`python -m benchmarks.deep_chain
 warms up, and for each N (smallest first) reads its resident set (VmRSS),
 resets the high-water mark, runs the gradient, and reports the growth of
 VmHWM over that baseline, then the median time of the repeats. chainrule uses
-its dynamic front end (`chainrule.numpy`).
+the `chainrule.numpy` spelling.
 """
 
 from __future__ import annotations

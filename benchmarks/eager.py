@@ -2,7 +2,7 @@
 
 chainrule (dynamic) differentiates the `chainrule.numpy`/operator spelling of
 each loss; chainrule (jnp) and jax.grad the `jax.numpy`/`jax.nn` spelling
-(chainrule's JAX-trace front end, with jaxpr replay as its fallback); PyTorch
+(through JAX's dispatch into chainrule's trace; the same trace runs both); PyTorch
 its own port with `torch.autograd.grad`.
 """
 

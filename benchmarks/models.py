@@ -1,9 +1,9 @@
 """The benchmarked models, written out here (params dicts, `x @ W.T + b`).
 
 Each loss exists in two spellings with the same math: `*_jnp` uses
-`jax.numpy`/`jax.nn` (chainrule's JAX-trace front end runs it) and `*_cnp` uses
-`chainrule.numpy` and operators only (chainrule's dynamic front end records
-it eagerly). `jax.grad` always differentiates the `jnp` spelling.
+`jax.numpy`/`jax.nn` (JAX's dispatch hands its primitives to chainrule's trace)
+and `*_cnp` uses `chainrule.numpy` and operators only (chainrule's own fast
+paths record it). `jax.grad` always differentiates the `jnp` spelling.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ mix elementwise unary ops, broadcasting binary ops, reductions and matrix produc
 always well typed. Every op is finite on all of R (log and division only see arguments bounded
 away from zero, exp only sees a tanh-bounded argument), so the gradient is finite everywhere.
 
-The tree is evaluated over a namespace parameter: ``jax.numpy`` for the jaxpr-replay front end
-and ``chainrule.numpy`` for the dynamic (tape) front end, so one generator serves both. Inputs
+The tree is evaluated over a namespace parameter: ``jax.numpy`` (primitives reach chainrule's
+trace through JAX's dispatch) and ``chainrule.numpy`` (chainrule's own fast paths), so one
+generator serves both. Inputs
 are drawn from a continuous distribution (seeded by hypothesis), so kinks of abs/maximum are hit
 with probability zero; ties are the business of the dedicated tests in ``test_primitives.py``.
 
@@ -291,8 +292,8 @@ def test_grad_with_unit_dimensions_matches_jax(
 
 @fuzz_settings(50)
 @given(composition=compositions, seed=SEEDS)
-def test_dynamic_front_end_matches_jax(composition: Composition, seed: int) -> None:
-    """The tree written with chainrule.numpy (tape front end) has jax.grad's gradient."""
+def test_chainrule_numpy_spelling_matches_jax(composition: Composition, seed: int) -> None:
+    """The tree written with chainrule.numpy (chainrule's fast paths) has jax.grad's gradient."""
     inputs = random_inputs(seed)
     want = jax.grad(composition.function(jnp), argnums=ARGNUMS)(*inputs)
     check_finite(want)

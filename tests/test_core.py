@@ -478,7 +478,7 @@ _OPS = {  # (chainrule.numpy spelling, jax.numpy spelling: the oracle)
 def test_operator_fast_paths_match_jax_dtype_weak_type_values_and_gradients(
     op, other, dtype, weak_input
 ):
-    """The dynamic front end's type-only fast paths (no promotion when the
+    """The operators' type-only fast paths (no promotion when the
     types already agree) give what JAX gives: dtype, weak type, value and VJP,
     on the host path and the JAX path alike."""
     shape = (3, 4)
@@ -534,7 +534,7 @@ def _scaled_tanh_jvp(primals, tangents):
 
 @pytest.mark.parametrize("inner", [_scaled_sin, _scaled_tanh, jax.jit(jnp.sin)])
 @pytest.mark.parametrize("on_host", [True, False])
-def test_replayed_calls_on_untraced_values_match_jax(inner, on_host):
+def test_calls_on_untraced_values_match_jax(inner, on_host):
     """jit, custom_jvp and custom_vjp calls meet a differentiated value and an
     undifferentiated one (evaluated inline with NumPy on the host path)."""
     f = lambda w, x: jnp.sum(w * inner(x) + inner(w * x) ** 2)  # noqa: E731
