@@ -132,3 +132,17 @@ def test_same_results_on_every_path(case):
     finally:
         host.set_enabled(previous)
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.nothing_saveable])
+def test_jax_checkpoint_bodies_are_differentiated_inline(policy):
+    block = jax.checkpoint(lambda w, x: jnp.tanh(x @ w) * 2.0, policy=policy)
+    loss = lambda w, x: jnp.sum(block(w, block(w, x)) ** 2)  # noqa: E731
+    w, x = np.linspace(-1.0, 1.0, 9).reshape(3, 3), np.linspace(0.0, 1.0, 6).reshape(2, 3)
+    want = jax.grad(loss)(w, x)
+    np.testing.assert_allclose(cr.grad(loss)(w, x), want, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(cr.grad(loss))(w, x), want, rtol=1e-12)
+    second = lambda g: lambda w: jnp.sum(g(loss)(w, x) ** 2)  # noqa: E731
+    np.testing.assert_allclose(
+        cr.grad(second(cr.grad))(w), jax.grad(second(jax.grad))(w), rtol=1e-10
+    )

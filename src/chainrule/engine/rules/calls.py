@@ -56,7 +56,8 @@ class _Inline(Primitive):
     apply_untraced = apply
 
 
-for _name, _param in (("jit", "jaxpr"), ("closed_call", "call_jaxpr"), ("checkpoint", "jaxpr")):
+# (jax.checkpoint's primitive is named "remat2")
+for _name, _param in (("jit", "jaxpr"), ("closed_call", "call_jaxpr"), ("remat2", "jaxpr")):
     PRIMITIVES[_name] = _Inline(_name, _param)
 
 
