@@ -146,3 +146,16 @@ def test_jax_checkpoint_bodies_are_differentiated_inline(policy):
     np.testing.assert_allclose(
         cr.grad(second(cr.grad))(w), jax.grad(second(jax.grad))(w), rtol=1e-10
     )
+
+
+def test_a_vjp_fn_runs_on_the_callers_trace():
+    """A vjp_fn made eagerly can be jitted, vmapped and differentiated, as JAX's."""
+    f = lambda x: jnp.sin(x) * x  # noqa: E731
+    x = jnp.arange(1.0, 4.0)
+    _, vjp_fn = cr.vjp(f, x)
+    _, want_fn = jax.vjp(f, x)
+    np.testing.assert_allclose(jax.jit(vjp_fn)(jnp.ones(3))[0], want_fn(jnp.ones(3))[0], rtol=1e-12)
+    np.testing.assert_allclose(jax.vmap(vjp_fn)(jnp.eye(3))[0], jax.vmap(want_fn)(jnp.eye(3))[0])
+    got = cr.grad(lambda c: jnp.sum(vjp_fn(c)[0] ** 2))(jnp.ones(3))
+    want = jax.grad(lambda c: jnp.sum(want_fn(c)[0] ** 2))(jnp.ones(3))
+    np.testing.assert_allclose(got, want, rtol=1e-12)

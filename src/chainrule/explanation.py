@@ -460,9 +460,8 @@ def _backward(tape: _Tape) -> tuple[dict[Node, Any], dict[Node, list[Any]], list
     out = tape.out
     input_cts: dict = {}
     if isinstance(out, Tracer) and out._trace is tape.trace:
-        with tape.trace.outside():
-            one = np.ones((), raw(out).dtype)
-            input_cts = core.backward([(out.node, one)], release=False, observe=observe)
+        one = np.ones((), raw(out).dtype)
+        input_cts = core.backward([(out.node, one)], release=False, observe=observe)
     return upstream, sent, order, input_cts
 
 

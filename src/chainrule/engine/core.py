@@ -251,7 +251,6 @@ _levels = itertools.count(1)  # global: a transform in another thread gets its o
 # JAX's current trace (a C++ config value; `jcore.trace_ctx.trace` reads it
 # through a Python property, which the hot path avoids)
 _current_trace = jcore.trace_state_strong_ref
-_NO_SWITCH = contextlib.nullcontext()  # reusable
 
 _AVALS: dict[tuple, Any] = {}  # (shape, dtype, weak) -> ShapedArray; bounded by the shapes used
 
@@ -389,12 +388,6 @@ class Trace(jcore.Trace):
             return fun(*args)
         finally:
             ctx.set_trace(previous)
-
-    def outside(self):
-        """Context manager: the parent is current (the backward pass runs)."""
-        if _current_trace.value is self.parent:  # the common case: nothing to switch
-            return _NO_SWITCH
-        return jcore.set_current_trace(self.parent)
 
     def record(self, prim: Primitive, args: tuple[Any, ...], params: dict[str, Any]) -> Any:
         """Applies `prim` to `args` (some boxed at this level) and records a node.

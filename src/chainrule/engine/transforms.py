@@ -216,7 +216,8 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
             for o, ct in zip(out_leaves, ct_leaves, strict=True)
             if isinstance(o, Tracer) and o._trace is trace
         ]
-        with trace.outside(), _quiet():
+        # on the caller's current trace (e.g. under jax.jit(vjp_fn)), as JAX's vjp_fn
+        with _quiet():
             return gradients(tracers, trees, core.backward(seeds, release=False))
 
     if has_aux:
@@ -322,13 +323,13 @@ def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool
                 aux = jax.tree_util.tree_map(lambda x: _unbox(x, trace), aux)
                 aux = host.tree_to_jax(aux, copy=True)
             _check_scalar(out, name)
-            with trace.outside():
-                if isinstance(out, Tracer) and out._trace is trace:
-                    one = np.ones((), raw(out).dtype)
-                    input_cts = core.backward([(out.node, one)], release=True)
-                else:  # the output does not depend on the differentiated inputs
-                    input_cts = {}
-                grads = gradients(tracers, trees, input_cts)
+            # the backward pass runs on the trace outside (current again)
+            if isinstance(out, Tracer) and out._trace is trace:
+                one = np.ones((), raw(out).dtype)
+                input_cts = core.backward([(out.node, one)], release=True)
+            else:  # the output does not depend on the differentiated inputs
+                input_cts = {}
+            grads = gradients(tracers, trees, input_cts)
         value = _output(out, trace) if want_value else None
         if has_aux:
             value = (value, aux)
