@@ -104,7 +104,7 @@ NOT_ELEMENTWISE = {
     "reduce_max", "reduce_min", "cumsum",
     # call-like: a body of other primitives, or a user's rule (explain checks a
     # custom_jvp formula against that rule before showing it)
-    "jit", "closed_call", "checkpoint", "cond", "custom_jvp_call", "custom_vjp_call",
+    "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",
 }  # fmt: skip
 
 WITH_FORMULAS = sorted(n for n, p in PRIMITIVES.items() if getattr(p, "formulas", None))
