@@ -291,3 +291,20 @@ def test_the_readme_order_of_the_engine_holds():
 def test_no_methods_are_attached_to_classes_from_outside():
     for path in ENGINE.rglob("*.py"):
         assert "setattr(" not in path.read_text(), f"{path.name} uses setattr"
+
+
+def test_import_leaves_jax_backends_alone():
+    """`import chainrule` must not initialise JAX's backends: afterwards JAX can
+    still be configured (e.g. simulated CPU devices for `chainrule train --devices 2`)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import chainrule, chainrule.numpy, chainrule.nn, chainrule.train\n"
+        "import jax\n"
+        "jax.config.update('jax_num_cpu_devices', 2)\n"
+        "assert len(jax.devices()) == 2, jax.devices()\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
