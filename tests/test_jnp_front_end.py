@@ -1,7 +1,8 @@
 """jax.numpy code through chainrule's trace: every JAX primitive the function
 applies reaches `Trace.process_primitive` and chainrule's rule table, in one
 run, eagerly, under `jax.jit` and nested. Each test checks against jax.grad /
-jax.vjp.
+jax.vjp. (Random compositions in the jax.numpy spelling are
+`tests/test_compositions.py::test_grad_of_random_composition_matches_jax`.)
 """
 
 from __future__ import annotations
@@ -10,32 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
 
 import chainrule as cr
 from chainrule.engine import host
-from tests.test_compositions import (
-    ARGNUMS,
-    SEEDS,
-    Composition,
-    assert_grads_match,
-    check_finite,
-    compositions,
-    fuzz_settings,
-    random_inputs,
-)
 from tests.test_jnp_coverage import FUNCTIONS, X, _scalar
-
-
-@fuzz_settings(60)
-@given(composition=compositions, seed=SEEDS)
-def test_random_compositions_match_jax(composition: Composition, seed: int):
-    f = composition.function(jnp)
-    inputs = random_inputs(seed)
-    want = jax.grad(f, argnums=ARGNUMS)(*inputs)
-    check_finite(want)
-    got = cr.grad(f, argnums=ARGNUMS)(*inputs)
-    assert_grads_match(got, want, inputs)
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONS))
