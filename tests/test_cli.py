@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import pytest
@@ -29,6 +28,7 @@ from chainrule import cli
 from chainrule.train import checkpoint as ckpt_lib
 from chainrule.train import config, loop, outdir, progress
 from tests.conftest import ROOT
+from tests.test_train import rewrite_as_zip_bomb
 
 STEPS = ["--steps", "40", "--checkpoint-every", "20", "--quiet"]
 
@@ -555,22 +555,7 @@ def test_crafted_checkpoint_shapes_are_refused_before_reading(tmp_path, capsys):
 
 def _zip_bomb(path, megabytes=100):
     """A checkpoint whose first parameter unpacks to `megabytes` MB of zeros (a few hundred kB)."""
-    with zipfile.ZipFile(path) as zf:
-        members = {name: zf.read(name) for name in zf.namelist()}
-    n = megabytes * (1 << 20) // 4
-    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.float32))
-    header["shape"] = (n,)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            if name != "params/0.npy":
-                zf.writestr(name, data)
-                continue
-            with zf.open(name, "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, header)
-                chunk = bytes(1 << 20)
-                for _ in range(megabytes):
-                    f.write(chunk)
-    return path
+    return rewrite_as_zip_bomb(path, path, megabytes)
 
 
 def test_zip_bomb_checkpoint_is_refused_without_unpacking(tmp_path, capsys):

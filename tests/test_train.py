@@ -421,24 +421,30 @@ def test_load_csv_and_npz(tmp_path):
 # --- bounded checkpoint reads (issue 12, item 14) ------------------------------------------------
 
 
-def _bomb(path, megabytes=64):
-    """A valid checkpoint whose `params/0` is replaced by `megabytes` MB of deflated zeros."""
-    train.save_checkpoint(path.parent, 1, {"w": np.ones(3, np.float32)}, ())
-    src = ckpt_lib.checkpoint_path(path.parent, 1)
+def rewrite_as_zip_bomb(src, dst, megabytes):
+    """Copies checkpoint `src` to `dst` with `params/0` replaced by `megabytes` MB of
+    deflated zeros (a few hundred kB on disk). Also used by tests/test_cli.py."""
     with zipfile.ZipFile(src) as zf:
         members = {name: zf.read(name) for name in zf.namelist()}
     header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.float32))
     header["shape"] = (megabytes * (1 << 20) // 4,)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in members.items():
             if name != "params/0.npy":
                 zf.writestr(name, data)
                 continue
             with zf.open(name, "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, header)
+                chunk = bytes(1 << 20)
                 for _ in range(megabytes):
-                    f.write(bytes(1 << 20))
-    return path
+                    f.write(chunk)
+    return dst
+
+
+def _bomb(path, megabytes=64):
+    """A valid checkpoint whose `params/0` is replaced by `megabytes` MB of deflated zeros."""
+    train.save_checkpoint(path.parent, 1, {"w": np.ones(3, np.float32)}, ())
+    return rewrite_as_zip_bomb(ckpt_lib.checkpoint_path(path.parent, 1), path, megabytes)
 
 
 def _peak_bytes(fn):

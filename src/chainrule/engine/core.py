@@ -459,30 +459,26 @@ class Trace(jcore.Trace):
             return primitive.bind(*tracers, **params)
 
     def process_custom_jvp_call(self, primitive, fun, jvp, tracers, /, *, symbolic_zeros):
-        if not self._owns(tracers):
-            if host.host_operands(tuple(tracers)):
-                with self.active():  # on the host, with NumPy
-                    return fun.call_wrapped(*tracers)
-            return primitive.bind_with_trace(
-                self.parent, tracers, None, dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
-            )
-        with self.active():
-            return PRIMITIVES["custom_jvp_call"].apply(
-                self, tracers, dict(fun=fun, jvp=jvp, symbolic_zeros=symbolic_zeros)
-            )
+        params = dict(symbolic_zeros=symbolic_zeros)
+        return self._custom_call(primitive, tracers, (fun, jvp), ("fun", "jvp"), params)
 
     def process_custom_vjp_call(self, primitive, fun, fwd, bwd, tracers, /, **params):
-        if not self._owns(tracers):
-            if host.host_operands(tuple(tracers)):
-                with self.active():
-                    return fun.call_wrapped(*tracers)
-            return primitive.bind_with_trace(
-                self.parent, tracers, None, dict(subfuns=(fun, fwd, bwd), **params)
-            )
-        with self.active():
-            return PRIMITIVES["custom_vjp_call"].apply(
-                self, tracers, dict(fun=fun, fwd=fwd, bwd=bwd, **params)
-            )
+        return self._custom_call(primitive, tracers, (fun, fwd, bwd), ("fun", "fwd", "bwd"), params)
+
+    def _custom_call(self, primitive, tracers, subfuns, names, params):
+        """A function with a custom rule: one node of chainrule's rule for it
+        (`rules/calls.py`) when it meets this trace's values; else its body, with
+        NumPy on host values, or the trace outside's handling of it."""
+        if self._owns(tracers):
+            with self.active():
+                rule = PRIMITIVES[primitive.name]
+                return rule.apply(self, tracers, dict(zip(names, subfuns, strict=True), **params))
+        if host.host_operands(tuple(tracers)):
+            with self.active():  # the body, on the host with NumPy
+                return subfuns[0].call_wrapped(*tracers)
+        return primitive.bind_with_trace(
+            self.parent, tracers, None, dict(subfuns=subfuns, **params)
+        )
 
     def process_call(self, call_primitive, f, tracers, params, /):
         with self.active():

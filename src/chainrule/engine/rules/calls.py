@@ -95,8 +95,7 @@ class _Cond(Primitive):
             return eval_body(trace, branch, operands)
         return list(core.bind(self, *args, **params))
 
-    def apply_untraced(self, trace, args, params):
-        return self.apply(trace, args, params)
+    apply_untraced = apply  # a predicate known now picks the branch either way
 
     def vjp(self, g, node):
         index, *operands = node.primals
