@@ -162,10 +162,8 @@ def check_against_jax(
             batch = tuple(jnp.stack([a, a * 1.01]) if _inexact(a) else a for a in diff)
             cts = jax.tree_util.tree_map(lambda c: jnp.stack([c, c]), ct)
 
-            def batched(run):
-                return jax.vmap(lambda d, c: run(d, c))(batch, cts)
-
-            got, want = batched(cr_run), batched(jax_run)
+            got = jax.vmap(cr_run)(batch, cts)
+            want = jax.vmap(jax_run)(batch, cts)
             _assert_trees_close(got[0], want[0], "vmap: output", rtol, atol)
             _assert_trees_close(got[1], want[1], "vmap: cotangents", rtol, atol)
             continue
