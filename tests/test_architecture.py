@@ -131,7 +131,7 @@ def _branchy(w):
 
 def _newton_sqrt(a):
     x = a
-    while float(jnp.abs(x * x - a)) > 1e-10:
+    while jnp.abs(x * x - a) > 1e-10:
         x = 0.5 * (x + a / x)
     return x
 

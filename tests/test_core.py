@@ -187,7 +187,7 @@ def test_dynamic_front_end_runs_python_control_flow_like_pytorch():
         h = cnp.tanh(x @ w)
         total = 0.0
         for i in range(h.shape[0]):
-            if float(h[i]) > 0:  # control flow on concrete values
+            if h[i] > 0:  # control flow on concrete values
                 total = total + h[i] ** 2
             else:
                 total = total - h[i]

@@ -188,3 +188,24 @@ def test_bitcast_convert_type_passes_through_without_a_gradient():
     _check(f, x)
     xs = np.stack([x, -x])
     np.testing.assert_array_equal(jax.vmap(cr.grad(f))(xs), jax.vmap(jax.grad(f))(xs))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_float_of_a_differentiated_value_raises_as_jax_does(jit):
+    """float() would make the value a constant and silently lose its gradient path."""
+
+    def f(x):
+        return float(x) * x
+
+    for grad in (jax.grad, cr.grad):
+        run = jax.jit(grad(f)) if jit else grad(f)
+        with pytest.raises(jax.errors.ConcretizationTypeError):
+            run(2.0)
+    if not jit:
+        with pytest.raises(jax.errors.ConcretizationTypeError, match="stop_gradient"):
+            cr.grad(f)(2.0)
+    # int() and .item() work in jax.grad (a constant), and so they do in chainrule
+    for g in (lambda x: int(x) * x, lambda x: x.item() * x):
+        assert float(cr.grad(g)(2.0)) == float(jax.grad(g)(2.0)) == 2.0
+    keep = cr.grad(lambda x: float(jax.lax.stop_gradient(x)) * x)(2.0)
+    assert float(keep) == 2.0

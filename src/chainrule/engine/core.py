@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from jax import dtypes, lax
 from jax._src import core as jcore  # the Trace/Tracer interface (JAX 0.10, pinned)
+from jax.errors import ConcretizationTypeError
 
 from chainrule.engine import host
 from chainrule.errors import NoVJPRuleError
@@ -318,10 +319,18 @@ class Tracer(jcore.Tracer):
             ) from None
 
     def __float__(self) -> float:
-        # Eagerly `float(loss)` works, for control flow and logging (PyTorch's
-        # `loss.item()`); under `jit` JAX raises its ConcretizationTypeError.
-        value = self.to_concrete_value()
-        return super().__float__() if value is None else float(value)
+        # As in `jax.grad`: a float taken from a differentiated value would be a
+        # constant to the gradient, silently cutting the path through it.
+        raise ConcretizationTypeError(
+            self,
+            f"float() was called on a value chainrule is differentiating (at "
+            f"{user_frame()}); the result would be a constant, so the gradient "
+            "through it would silently be lost (jax.grad raises here too). For a "
+            "branch or a loop compare the array itself (`while loss > tol:`); to "
+            "log the value return it as an auxiliary output (has_aux=True) or use "
+            "jax.debug.print; to use it as a constant on purpose, write "
+            "float(jax.lax.stop_gradient(x)).\n",
+        )
 
     def __repr__(self) -> str:
         return f"chainrule.Tracer(level={self.level}, {raw(self)!r})"
