@@ -37,10 +37,40 @@ from chainrule.engine.rules.registry import PRIMITIVES
 
 
 def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
-    """Evaluates a jaxpr (closed or open) on `args` with `trace` current."""
+    """Evaluates a jaxpr (closed or open) on `args` with `trace` current.
+
+    As `jax.core.eval_jaxpr`, except that an equation of an ordinary primitive
+    goes straight to `trace.process_primitive`, where JAX's `bind` would have
+    sent it after finding that trace current (eager `jax.numpy` functions are
+    `jit` bodies, so this is on the hot path). Equations JAX binds specially
+    (calls with sub-functions, custom rules) and those traced under another
+    context (`compute_on`, metadata) are left to JAX's `bind`.
+    """
     jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def read(v: Any) -> Any:
+        return v.val if type(v) is jcore.Literal else env[v]
+
+    here = jcore.JaxprEqnContext()  # interned: an equation traced in this context is it
     with trace.active():
-        return jcore.eval_jaxpr(jaxpr, consts, *args)
+        for eqn in jaxpr.eqns:
+            prim, invals = eqn.primitive, [read(v) for v in eqn.invars]
+            if type(prim).bind_with_trace is _PLAIN_BIND and eqn.ctx is here:
+                out = trace.process_primitive(prim, invals, eqn.params)
+            else:
+                with jcore.source_info_util.user_context(eqn.source_info.traceback):
+                    with eqn.ctx.manager:
+                        out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
+            if prim.multiple_results:
+                env.update(zip(eqn.outvars, out, strict=True))
+            else:
+                env[eqn.outvars[0]] = out
+    return [read(v) for v in jaxpr.outvars]
+
+
+_PLAIN_BIND = jcore.Primitive.bind_with_trace
 
 
 class _Inline(Primitive):
