@@ -13,6 +13,7 @@ Examples:
 
 from chainrule import errors
 from chainrule.engine.core import Tracer
+from chainrule.engine.debugging import tap
 from chainrule.engine.rules import PRIMITIVES
 from chainrule.engine.transforms import grad, value_and_grad, vjp
 from chainrule.explanation import explain
@@ -26,6 +27,7 @@ __all__ = [
     "explain",
     "grad",
     "numpy",
+    "tap",
     "value_and_grad",
     "vjp",
 ]

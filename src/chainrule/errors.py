@@ -49,3 +49,12 @@ class NoVJPRuleError(ChainruleError, NotImplementedError):
             "jax.custom_vjp with a bwd function written with supported operations; "
             "chainrule uses your bwd rule."
         )
+
+
+class NonFiniteGradientError(ChainruleError, FloatingPointError):
+    """`check_finite=True` found a NaN or infinite cotangent; the message is the
+    provenance report (primitive, line, values, likely cause)."""
+
+
+class TapError(ChainruleError, ValueError):
+    """`cr.tap` was used wrongly (no name or hook, a name used twice, a bad hook)."""

@@ -169,6 +169,7 @@ class Primitive:
         # that code instead of this primitive again.
         self.runs_outside = False
         self.formulas: tuple[str, ...] | None = None
+        self.family = _defining_family()
 
     def bind(self, *args: Any, **params: Any) -> Any:
         return bind(self, *args, **params)
@@ -222,6 +223,17 @@ class Primitive:
 
     def __repr__(self) -> str:
         return f"Primitive({self.name})"
+
+
+def _defining_family() -> str:
+    """The rule module (`rules/<family>.py`) whose code is creating a primitive."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("chainrule.engine.rules.") and not module.endswith(".registry"):
+            return module.rsplit(".", 1)[1]
+        frame = frame.f_back
+    return "other"
 
 
 # Parameters that say where a result lives, not what it is; chainrule's values
@@ -368,7 +380,7 @@ class Trace(jcore.Trace):
     pass run there.
     """
 
-    __slots__ = ("level", "parent", "tracer_type")
+    __slots__ = ("level", "parent", "tracer_type", "taps")
 
     def __init__(self, tracer_type: type[Tracer] = Tracer):
         # jcore.Trace.__init__'s three fields, set here (once per transform call)
@@ -378,6 +390,7 @@ class Trace(jcore.Trace):
         self.level = next(_levels)
         self.tracer_type = tracer_type
         self.parent = _current_trace.value  # the current trace, which this one nests in
+        self.taps = None  # a debugging.TapSink when the transform collects taps
 
     def new_input(self, value: Any) -> Tracer:
         """Boxes an input of the transform."""

@@ -8,6 +8,7 @@ trace outside and hands the cotangents back as pytrees.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chainrule.engine import core, host, rules
+from chainrule.engine import core, debugging, host, rules
 from chainrule.engine.arrays import ArrayTracer
 from chainrule.engine.core import Trace, Tracer, raw
 from chainrule.errors import (
@@ -279,7 +280,14 @@ def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
 # --- grad and value_and_grad -----------------------------------------------------------
 
 
-def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False):
+def value_and_grad(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    taps: bool = False,
+    check_finite: bool = False,
+):
     """Returns a function computing `fun`'s value and gradient, like `jax.value_and_grad`.
 
     Args:
@@ -288,11 +296,18 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         arrays or pytrees of them.
       argnums: which positional argument(s) to differentiate.
       has_aux: `fun` returns `(loss, aux)`; `aux` is passed through.
+      taps: also return the cotangents of the intermediates marked with
+        `cr.tap(x, name)` inside `fun`, as a dict name -> cotangent.
+      check_finite: watch the backward pass and raise `NonFiniteGradientError`
+        with a provenance report (primitive, line, values, likely cause) at the
+        first node whose cotangent becomes NaN or infinite; under `jax.jit` the
+        compiled program raises it when it runs.
 
     Returns:
       A function with `fun`'s signature returning `(value, grad)`, or
-      `((value, aux), grad)` with `has_aux`. `grad` has the structure of the
-      differentiated argument (a tuple of them if `argnums` is a tuple).
+      `((value, aux), grad)` with `has_aux`, and `taps` as a third element with
+      `taps=True`. `grad` has the structure of the differentiated argument (a
+      tuple of them if `argnums` is a tuple).
 
     Examples:
       >>> import chainrule as cr
@@ -301,10 +316,17 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
       (1.0, -2.0)
     """
     _check_callable(fun, "cr.value_and_grad")
-    return _value_and_grad(fun, argnums, has_aux, want_value=True)
+    return _value_and_grad(fun, argnums, has_aux, True, taps, check_finite)
 
 
-def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool):
+def _value_and_grad(
+    fun: Callable,
+    argnums: Any,
+    has_aux: bool,
+    want_value: bool,
+    taps: bool = False,
+    check_finite: bool = False,
+):
     """`value_and_grad`; without `want_value` the value is not handed back as a
     `jax.Array` (`grad` drops it), which saves a host-to-JAX transfer."""
     argnums_t, single = _normalize_argnums(argnums, "cr.value_and_grad")
@@ -315,8 +337,13 @@ def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool
     def value_and_grad_fun(*args: Any, **kwargs: Any):
         nums = _resolve_argnums(argnums_t, len(args), name)
         call = functools.partial(fun, **kwargs) if kwargs else fun
+        sink = debugging.TapSink() if taps else None
+        check = debugging.FiniteCheck() if check_finite else None
+        with _quiet(), core.recording(check.record) if check else contextlib.nullcontext():
+            trace, out, tracers, trees = trace_call(
+                call, args, nums, name, prepare=_collect_taps(sink) if taps else None
+            )
         with _quiet():
-            trace, out, tracers, trees = trace_call(call, args, nums, name)
             aux = None
             if has_aux:
                 out, aux = _split_aux(out, name)
@@ -326,25 +353,54 @@ def _value_and_grad(fun: Callable, argnums: Any, has_aux: bool, want_value: bool
             # the backward pass runs on the trace outside (current again)
             if isinstance(out, Tracer) and out._trace is trace:
                 one = np.ones((), raw(out).dtype)
-                input_cts = core.backward([(out.node, one)], release=True)
+                observe = check.observe if check else None
+                input_cts = core.backward([(out.node, one)], release=True, observe=observe)
             else:  # the output does not depend on the differentiated inputs
                 input_cts = {}
+            if check:
+                check.finish()
             grads = gradients(tracers, trees, input_cts)
         value = _output(out, trace) if want_value else None
         if has_aux:
             value = (value, aux)
-        return value, grads[0] if single else grads
+        grads = grads[0] if single else grads
+        if taps:
+            return value, grads, sink.result(_tap_ct)
+        return value, grads
 
     return value_and_grad_fun
 
 
-def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False):
+def _collect_taps(sink: Any) -> Callable[[Trace, list[Any]], None]:
+    def prepare(trace: Trace, boxed: list[Any]) -> None:
+        trace.taps = sink
+
+    return prepare
+
+
+def _tap_ct(ct: Any, like: Any) -> Any:
+    """A tap's cotangent as a `jax.Array` of the tapped value's dtype (zeros if none came)."""
+    if ct is None:
+        return host.to_jax(core.zeros_like(like))
+    return host.to_jax(rules.convert_element_type(ct, rules.dtype_of(like)))
+
+
+def grad(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    taps: bool = False,
+    check_finite: bool = False,
+):
     """Returns a function computing the gradient of `fun`, like `jax.grad`.
 
     Args:
       fun: a function returning a real scalar (a loss); see `value_and_grad`.
       argnums: which positional argument(s) to differentiate.
       has_aux: `fun` returns `(loss, aux)`; the result is then `(grad, aux)`.
+      taps, check_finite: as in `value_and_grad`; with `taps=True` the taps dict
+        comes last: `(grad, taps)` or `(grad, aux, taps)`.
 
     Returns:
       A function with `fun`'s signature returning the gradient (the structure
@@ -356,12 +412,12 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False)
       -2.0
     """
     _check_callable(fun, "cr.grad")
-    value_and_grad_fun = _value_and_grad(fun, argnums, has_aux, want_value=False)
+    value_and_grad_fun = _value_and_grad(fun, argnums, has_aux, False, taps, check_finite)
 
     @functools.wraps(fun)
     def grad_fun(*args: Any, **kwargs: Any):
-        value, g = value_and_grad_fun(*args, **kwargs)
-        return (g, value[1]) if has_aux else g
+        value, g, *tapped = value_and_grad_fun(*args, **kwargs)
+        return (g, value[1], *tapped) if has_aux else (g, *tapped) if taps else g
 
     return grad_fun
 
