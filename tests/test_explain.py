@@ -320,3 +320,28 @@ def test_explain_needs_a_scalar_and_runs_eagerly():
         cr.explain(lambda w: w * jnp.ones(3), 1.0)
     with pytest.raises(TypeError, match="eagerly"):
         jax.jit(lambda w: cr.explain(linear_loss, w, 1.0, 2.0).value)(1.0)
+
+
+def test_explain_shows_a_tap_under_its_name():
+    def loss(w, x):
+        h = cr.tap(w * x, "hidden")
+        return (h - 2.0) ** 2
+
+    e = cr.explain(loss, 1.0, 1.0)
+    row = e.row("hidden")
+    assert (row.op, row.expr, float(row.upstream)) == ("tap", "tap(t1)", -2.0)
+    assert [(x.formula, float(x.local)) for x in row.edges] == [("1", 1.0)]
+    assert e.nan_report is None and "NaN provenance" not in e.to_text()
+
+
+def test_explain_reports_where_the_first_nan_came_from():
+    def trap(x):
+        return jnp.where(x > 0, jnp.sqrt(x), 0.0)
+
+    e = cr.explain(trap, 0.0)
+    assert "non-finite cotangent at 'sqrt'" in e.nan_report
+    assert "double-where" in e.nan_report
+    assert "NaN provenance" in e.to_text() and "NaN provenance" in e._repr_html_()
+    with pytest.raises(cr.errors.NonFiniteGradientError) as info:
+        cr.grad(trap, check_finite=True)(0.0)
+    assert str(info.value) == e.nan_report  # the same report as check_finite's

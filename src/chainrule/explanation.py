@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from chainrule.engine import core, transforms
+from chainrule.engine import core, debugging, transforms
 from chainrule.engine.core import Node, Tracer, raw
 from chainrule.errors import ChainruleError
 
@@ -120,9 +120,24 @@ class Explanation:
       grads: the gradient, exactly as `cr.grad(fun, argnums)(*args)` returns it.
       rows: one `Row` per node in backward order (output first, inputs last).
       constants: (name, value) of the inputs that were not differentiated.
+      nan_report: where the backward pass first turned a finite cotangent into
+        NaN or inf, with the likely cause (the report of `check_finite=True`),
+        else None.
     """
 
-    def __init__(self, fun_name, output, value, grads, rows, constants, differentiated, edges_in):
+    def __init__(
+        self,
+        fun_name,
+        output,
+        value,
+        grads,
+        rows,
+        constants,
+        differentiated,
+        edges_in,
+        nan_report=None,
+    ):
+        self.nan_report: str | None = nan_report
         self.fun_name = fun_name
         self.output = output
         self.value = value
@@ -202,6 +217,9 @@ class Explanation:
             lines.append(_clip(f"gradient: ∂{out}/∂{r.name} = {_short(r.upstream)}", width))
         if any(np.ndim(r.value) for r in self.rows):
             lines.append("arrays: dtype[shape], ‖‖ = norm, μ = mean, [min, max]")
+        if self.nan_report:
+            report = f"NaN provenance: {self.nan_report}".split("\n")
+            lines += ["", *(_wrap_line(t, width) for t in report)]
         return "\n".join(lines)
 
     def _title(self) -> str:
@@ -270,7 +288,10 @@ class Explanation:
         parts.append("</table><p>")
         grads = [f"∂{out}/∂{r.name} = {_short(r.upstream)}" for r in self.inputs]
         parts.append("<br>".join(f"gradient: {e(g)}" for g in grads))
-        parts.append("</p></div>")
+        parts.append("</p>")
+        if self.nan_report:
+            parts.append(f'<pre style="color:#b00">NaN provenance: {e(self.nan_report)}</pre>')
+        parts.append("</div>")
         return "\n".join(parts)
 
     # --- Graphviz ---------------------------------------------------------------
@@ -391,7 +412,8 @@ def explain(
     transforms._check_callable(fun, "cr.explain")
     argnums_t, single = transforms._normalize_argnums(argnums, "cr.explain")
     nums = transforms._resolve_argnums(argnums_t, len(args), "cr.explain")
-    return _explain(fun, args, nums, single, names)
+    with np.errstate(all="ignore"):  # NaN/inf are shown (and explained), not warned about
+        return _explain(fun, args, nums, single, names)
 
 
 @dataclasses.dataclass
@@ -406,6 +428,7 @@ class _Tape:
     constants: dict[Node, str]
     created: list[Node]
     sources: dict[Node, str | None]
+    nan_report: str | None = None  # the first node whose cotangent became NaN/inf
 
 
 def _record(fun, args, nums) -> _Tape:
@@ -415,6 +438,7 @@ def _record(fun, args, nums) -> _Tape:
     constants: dict[Node, str] = {}
 
     def box_constants(trace, boxed):
+        trace.taps = debugging.TapSink()  # so that cr.tap marks its node (shown by name)
         for i, arg in enumerate(args):
             if i in nums:
                 continue
@@ -456,6 +480,8 @@ def _backward(tape: _Tape) -> tuple[dict[Node, Any], dict[Node, list[Any]], list
         upstream[node] = g
         if cts is not None:
             sent[node] = list(cts)
+            if not tape.nan_report and node.prim is not None:
+                tape.nan_report = debugging.nonfinite_report(node, tape.sources.get(node), g, cts)
 
     out = tape.out
     input_cts: dict = {}
@@ -494,7 +520,7 @@ def _names(tape: _Tape, ops: list[Node], key_of: dict, fun_name: str, names: Any
     used = set(name_of.values())
     counter = 0
     for n in ops:
-        name = auto.get(n)
+        name = _tap_name(n) or auto.get(n)
         if name is None and n is out_key:
             name = fun_name if fun_name.isidentifier() else "out"
         if name is None:
@@ -594,6 +620,7 @@ def _explain(fun, args, nums, single, names) -> Explanation:
         constants=[(name, _np(node.ans)) for node, name in tape.constants.items()],
         differentiated=[name_of[n] for n in tape.input_names],
         edges_in=const_edges,
+        nan_report=tape.nan_report,
     )
 
 
@@ -935,6 +962,14 @@ def _chained(node: ast.BinOp, names: Mapping[str, str], params: Mapping) -> str 
     return f"{a}{op1}{b}{op2}{c}"
 
 
+def _tap_name(node: Node) -> str | None:
+    """A `cr.tap(x, name)` node is shown under its name (leaf i of a pytree as name[i])."""
+    if node.prim is None or node.prim.name != "tap" or node.params["name"] is None:
+        return None
+    leaves = node.params["sink"].trees[node.params["name"]].num_leaves
+    return node.params["name"] + (f"[{node.params['index']}]" if leaves > 1 else "")
+
+
 def _op_name(node: Node) -> str:
     name = node.prim.name
     if name in ("custom_jvp_call", "custom_vjp_call"):
@@ -1016,6 +1051,8 @@ def _formula(node: Node, i: int, ops: list[str], out: str) -> str:
         return f"{_G} ↦ {_G} at the {name.removeprefix('reduce_')}"
     if name == "select_n":
         return f"1[{ops[0]}={i - 1}]"
+    if name == "tap":
+        return f"{_G} ↦ hook({_G})" if node.params["hook"] is not None else "1"
     if node.prim.name == "custom_jvp_call":
         return f"{_G} ↦ {name}'s custom_jvp rule"
     if node.prim.name == "custom_vjp_call":
@@ -1067,12 +1104,15 @@ def _sent_cell(out: str, r: Row, e: Edge) -> list[str]:
     lhs = f"∂{out}/∂{e.input} "
     if e.gradient is None:
         return [lhs + "= 0 (no dependence)"]
-    if (
-        e.local is not None
-        and np.ndim(r.upstream) == 0
-        and np.ndim(e.gradient) == 0
-        and np.isclose(r.upstream * e.local, e.gradient)  # a custom rule need not be linear
-    ):
+    with np.errstate(invalid="ignore"):  # 0 × inf is shown as the NaN it makes
+        chained = (
+            e.local is not None
+            and np.ndim(r.upstream) == 0
+            and np.ndim(e.gradient) == 0
+            # a custom rule need not be linear
+            and np.isclose(r.upstream * e.local, e.gradient, equal_nan=True)
+        )
+    if chained:
         return [f"{lhs}= {_short(r.upstream)} × {_short(e.local)} = {_short(e.gradient)}"]
     cell = _cell(e.gradient)
     return [lhs + "= " + cell[0], *cell[1:]]

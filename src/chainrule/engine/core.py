@@ -67,6 +67,13 @@ def recording(recorder: Callable[[Node, str | None], None]) -> Iterator[None]:
         _recorders.remove(recorder)
 
 
+def announce(node: Node) -> None:
+    """Hands a new node to the recorders (`recording`), with the user's line."""
+    where = user_frame()
+    for recorder in _recorders:
+        recorder(node, where)
+
+
 def user_frame() -> str | None:
     """The innermost Python frame outside chainrule's engine and JAX, as "file:line (fn)"."""
     frame = sys._getframe(1)
@@ -441,9 +448,7 @@ class Trace(jcore.Trace):
             return [raw(a) for a in ans] if prim.multiple_results else raw(ans)
         node = Node(prim, primals, params, ans, tuple(argnums), tuple(parents))
         if _recorders:
-            where = user_frame()
-            for recorder in _recorders:
-                recorder(node, where)
+            announce(node)
         box = self.tracer_type
         if not prim.multiple_results:
             return box(ans, node, self) if is_differentiable(raw(ans)) else raw(ans)

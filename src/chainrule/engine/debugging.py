@@ -172,6 +172,7 @@ def _collecting_trace(traces: set[Trace]) -> Trace | None:
 def _tap_leaf(leaf: Tracer, trace: Trace, name, index, hook, sink) -> Tracer:
     params = {"name": name, "index": index, "hook": hook, "sink": sink}
     node = Node(_TAP, (leaf.value,), params, leaf.value, (0,), (leaf.node,))
+    core.announce(node)
     return trace.tracer_type(leaf.value, node, trace)
 
 
@@ -203,11 +204,10 @@ class FiniteCheck:
         upstream = [raw(x) for x in _flat(g)]
         if any(isinstance(v, jcore.Tracer) for v in values + upstream):
             self._observe_traced(node, upstream, values)
-        elif _all_finite(upstream) and not _all_finite(values):
-            report = _facts(node, self.where.get(node))
-            report.update(_summaries(node, upstream, values))
-            report["local"] = _local_summary(node)
-            raise NonFiniteGradientError(_render(report))
+        else:
+            report = nonfinite_report(node, self.where.get(node), g, cts)
+            if report is not None:
+                raise NonFiniteGradientError(report)
 
     def _observe_traced(self, node: Node, upstream: list[Any], values: list[Any]) -> None:
         ok_up = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in upstream]))
@@ -232,6 +232,19 @@ class FiniteCheck:
         facts = [f for f, _ in self.traced]
         stats = jnp.stack([s for _, s in self.traced])
         jax.debug.callback(functools.partial(_raise_first, facts), stats)
+
+
+def nonfinite_report(node: Node, where: str | None, g: Any, cts: Any) -> str | None:
+    """The provenance report if `node` (concrete values) turned a finite upstream
+    cotangent `g` into non-finite cotangents `cts`, else None."""
+    values = [np.asarray(raw(c)) for c in _flat(cts)]
+    upstream = [np.asarray(raw(x)) for x in _flat(g)]
+    if not values or not _all_finite(upstream) or _all_finite(values):
+        return None
+    report = _facts(node, where)
+    report.update(_summaries(node, upstream, values))
+    report["local"] = _local_summary(node)
+    return _render(report)
 
 
 def _flat(x: Any) -> list[Any]:
