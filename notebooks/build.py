@@ -491,6 +491,179 @@ NB03 = [
 ]
 
 
+# --- 04 -------------------------------------------------------------------------------
+
+NB04 = [
+    md("""
+    # 4. Debugging gradients
+
+    The questions people bring to a gradient are "where did this NaN come from?",
+    "what is the gradient of this intermediate?" and "which layer's gradient vanishes?".
+    chainrule owns its backward pass and knows the line of every node, so it answers all
+    three: `check_finite=True` reports the first node whose cotangent became NaN or
+    infinite, `cr.tap(h, name)` returns the gradient of an intermediate, and
+    `cr.tap(h, hook=fn)` edits it on its way back (PyTorch's `register_hook`).
+    """),
+    code("""
+    import jax
+    import jax.numpy as jnp
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    import chainrule as cr
+
+    jax.config.update("jax_enable_x64", True)
+    """),
+    md("""
+    ## 1. A NaN from the branch not taken
+
+    A soft "hinge on the distance" loss: for points inside the margin the penalty is
+    `sqrt(margin - d)`, outside it is 0. Written with `jnp.where`, its value is fine
+    everywhere, but its gradient is NaN as soon as one point sits exactly on the margin
+    or outside it: `jnp.where` differentiates *both* branches, the branch not taken gets
+    a zero cotangent, and `0 × (derivative of sqrt at a negative or zero number)` is NaN.
+    """),
+    code("""
+    def hinge_loss(w, x):
+        d = x @ w
+        gap = 1.0 - d
+        return jnp.sum(jnp.where(gap > 0, jnp.sqrt(gap), 0.0))
+
+    w = jnp.array([0.5, 0.5])
+    x = jnp.array([[1.0, 1.0], [0.2, 0.4], [3.0, 1.0]])   # the first point is on the margin
+    print("loss:", hinge_loss(w, x))
+    print("jax.grad:", jax.grad(hinge_loss)(w, x))
+    print("cr.grad: ", cr.grad(hinge_loss)(w, x))
+    """),
+    md("""
+    Both engines agree: the gradient is NaN. JAX's `jax_debug_nans` would point at the
+    forward `sqrt` only if the forward value were NaN, which it is not. `check_finite=True`
+    watches chainrule's backward pass and stops at the first node that turns a finite
+    cotangent into a NaN:
+    """),
+    code("""
+    try:
+        cr.grad(hinge_loss, check_finite=True)(w, x)
+    except cr.errors.NonFiniteGradientError as err:
+        report = str(err)
+    print(report)
+    assert "non-finite cotangent at 'sqrt'" in report
+    """),
+    md("""
+    The report names the primitive and the line, shows that the upstream cotangent had
+    zeros (the branch not taken) and that the local derivative was infinite, and suggests
+    the double-`where` fix: make the argument safe on the branch not taken as well.
+    """),
+    code("""
+    def hinge_loss_fixed(w, x):
+        d = x @ w
+        gap = 1.0 - d
+        safe_gap = jnp.where(gap > 0, gap, 1.0)
+        return jnp.sum(jnp.where(gap > 0, jnp.sqrt(safe_gap), 0.0))
+
+    g = cr.grad(hinge_loss_fixed, check_finite=True)(w, x)
+    print("fixed gradient:", g)
+    np.testing.assert_allclose(g, jax.grad(hinge_loss_fixed)(w, x), rtol=1e-12)
+    assert np.all(np.isfinite(g))
+    """),
+    md("""
+    The same check works under `jax.jit`: the compiled program raises the same report
+    when it runs (through a `jax.debug.callback`). `cr.explain` shows it too, under the
+    chain-rule table:
+    """),
+    code("""
+    print(cr.explain(lambda gap: jnp.where(gap > 0, jnp.sqrt(gap), 0.0), 0.0))
+    """),
+    md("""
+    ## 2. A vanishing gradient, layer by layer
+
+    A deep MLP with sigmoid activations: the derivative of the sigmoid is at most 1/4, so
+    the gradient shrinks at every layer on its way back. Mark each layer's activation
+    with a tap and ask for the taps: the cotangent of every hidden layer, in one backward
+    pass, without changing the loss's signature (with `jax.grad` you would add a zero
+    "perturbation" argument per layer by hand).
+    """),
+    code("""
+    depth, width = 12, 16
+    keys = jax.random.split(jax.random.PRNGKey(0), depth + 1)
+    layers = [jax.random.normal(k, (width, width)) / np.sqrt(width) for k in keys[:depth]]
+    x = jax.random.normal(keys[-1], (32, width))
+
+    def deep_net(layers, x, activation):
+        h = x
+        for i, w in enumerate(layers):
+            h = cr.tap(activation(h @ w), f"layer {i + 1}")
+        return jnp.mean(h ** 2)
+
+    norms = {}
+    for name, act in [("sigmoid", jax.nn.sigmoid), ("relu", jax.nn.relu)]:
+        _, grads, taps = cr.value_and_grad(deep_net, taps=True)(layers, x, act)
+        norms[name] = [float(jnp.linalg.norm(taps[f"layer {i + 1}"])) for i in range(depth)]
+        # the taps are what jax.grad gives for zero perturbations at each layer
+        def perturbed(eps):
+            h = x
+            for i, w in enumerate(layers):
+                h = act(h @ w) + eps[i]
+            return jnp.mean(h ** 2)
+        want = jax.grad(perturbed)([jnp.zeros((32, width))] * depth)
+        for i in range(depth):
+            np.testing.assert_allclose(taps[f"layer {i + 1}"], want[i], rtol=1e-10, atol=1e-14)
+
+    ratio = norms["sigmoid"][0] / norms["sigmoid"][-1]
+    print(f"sigmoid: the first layer's cotangent is {ratio:.1e} times the last layer's")
+    assert ratio < 1e-3
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in norms.items():
+        ax.semilogy(range(1, depth + 1), values, marker="o", label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("‖∂loss/∂activation‖")
+    ax.set_title("gradient flow through a 12-layer MLP")
+    ax.legend()
+    plt.show()
+    """),
+    md("""
+    The taps work under `jax.jit` and `jax.vmap` like any output: per-example gradients
+    of an intermediate are `jax.vmap(cr.grad(loss, taps=True))`. A tap that nothing
+    collects is the value itself: it adds nothing to a compiled program.
+
+    ## 3. Hooks: edit a cotangent on its way back
+
+    `cr.tap(h, hook=fn)` applies `fn` to the cotangent of `h` in the backward pass, like
+    PyTorch's `register_hook`. Here a hook clips the gradient flowing into the last layer,
+    and gives the same numbers as a hand-written `jax.custom_vjp` that does the same.
+    """),
+    code("""
+    def clipped_net(layers, x):
+        h = x
+        for i, w in enumerate(layers):
+            h = jax.nn.relu(h @ w)
+            if i == len(layers) - 2:
+                h = cr.tap(h, hook=lambda g: jnp.clip(g, -1e-3, 1e-3))
+        return jnp.mean(h ** 2)
+
+    @jax.custom_vjp
+    def clip_backward(h):
+        return h
+
+    clip_backward.defvjp(lambda h: (h, None), lambda _, g: (jnp.clip(g, -1e-3, 1e-3),))
+
+    def reference(layers, x):
+        h = x
+        for i, w in enumerate(layers):
+            h = jax.nn.relu(h @ w)
+            if i == len(layers) - 2:
+                h = clip_backward(h)
+        return jnp.mean(h ** 2)
+
+    got = jax.jit(cr.grad(clipped_net))(layers, x)
+    want = jax.grad(reference)(layers, x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    print("hooked gradient == custom_vjp gradient: True")
+    """),
+]
+
+
 def write(name: str, cells: list) -> None:
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {
@@ -507,6 +680,7 @@ def main() -> None:
     write("01_backpropagation.ipynb", NB01)
     write("02_chain_rule.ipynb", NB02)
     write("03_implementing_backpropagation.ipynb", NB03)
+    write("04_debugging_gradients.ipynb", NB04)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ KEY_NUMBERS = {
         "Gradient of w2: -3.0000",
         "Gradient of x: -2.2500",
     ],
+    "04_debugging_gradients.ipynb": [
+        "non-finite cotangent at 'sqrt'",
+        "hooked gradient == custom_vjp gradient: True",
+    ],
 }
 
 
