@@ -101,10 +101,11 @@ NOT_ELEMENTWISE = {
     "broadcast_in_dim", "reshape", "squeeze", "transpose", "rev", "reduce_sum",
     "pad", "slice", "concatenate", "stack", "tile", "split", "dynamic_slice",
     "dynamic_update_slice", "gather", "scatter-add", "scatter", "dot_general",
-    "reduce_max", "reduce_min", "cumsum",
+    "reduce_max", "reduce_min", "cumsum", "unstack", "ragged_dot_general", "name",
     # call-like: a body of other primitives, or a user's rule (explain checks a
     # custom_jvp formula against that rule before showing it)
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",
+    "custom_vmap_call",
 }  # fmt: skip
 
 WITH_FORMULAS = sorted(n for n, p in PRIMITIVES.items() if getattr(p, "formulas", None))

@@ -27,13 +27,13 @@ from typing import Any
 import jax
 import numpy as np
 from jax import lax
-from jax._src import ad_util
+from jax._src import ad_checkpoint, ad_util
 from jax._src import core as jcore  # the Trace interface (JAX 0.10, pinned)
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
-from chainrule.engine.rules.registry import PRIMITIVES
+from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
 
 
 def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
@@ -86,9 +86,26 @@ class _Inline(Primitive):
     apply_untraced = apply
 
 
-# (jax.checkpoint's primitive is named "remat2")
-for _name, _param in (("jit", "jaxpr"), ("closed_call", "call_jaxpr"), ("remat2", "jaxpr")):
+# (jax.checkpoint's primitive is named "remat2"; a `custom_vmap` function is
+# differentiated through its body, as in JAX)
+for _name, _param in (
+    ("jit", "jaxpr"),
+    ("closed_call", "call_jaxpr"),
+    ("remat2", "jaxpr"),
+    ("custom_vmap_call", "call"),
+):
     PRIMITIVES[_name] = _Inline(_name, _param)
+
+
+# `jax.ad_checkpoint.checkpoint_name`: an identity that names a value for remat
+# policies; the name stays on the value for the trace outside.
+name_p = primitive(
+    "name",
+    lambda x, name: ad_checkpoint.name_p.bind(x, name=name),
+    ("name",),
+    host=lambda x, name: x,
+)
+defvjp(name_p, lambda ans, x, name: lambda g: g)
 
 
 def _cotangents(g: Any, outs: Sequence[Any]) -> list[Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from jax import lax
+from jax._src.lax import lax as lax_internal  # unstack_p (JAX 0.10, pinned)
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine.core import Primitive, raw
@@ -210,6 +211,24 @@ split_p = primitive(
     host=lambda x, sizes, axis: np.split(x, np.cumsum(sizes)[:-1], axis),
     multiple_results=True,
     cls=_Split,
+)
+
+
+class _Unstack(Primitive):
+    """unstack's outputs are one node; its rule stacks their cotangents back."""
+
+    def vjp(self, g, node):
+        cts = [zeros_like(a) if ct is None else ct for ct, a in zip(g, node.ans, strict=True)]
+        return [stack(cts, node.params["axis"])]
+
+
+unstack_p = primitive(
+    "unstack",
+    lambda x, axis: lax_internal.unstack_p.bind(x, axis=axis),
+    ("axis",),
+    host=lambda x, axis: list(np.moveaxis(x, axis, 0)),
+    multiple_results=True,
+    cls=_Unstack,
 )
 
 

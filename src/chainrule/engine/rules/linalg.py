@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from jax import lax
+from jax._src.lax import lax as lax_internal  # ragged_dot_general_p (JAX 0.10, pinned)
 
 from chainrule.engine.rules.registry import argsort, defvjp, dtype_of, primitive, shape_of
 from chainrule.engine.rules.shape import convert_element_type, transpose
@@ -118,3 +119,81 @@ defvjp(
     lambda ans, x, y, **p: lambda g: _dot_lhs_cotangent(g, x, y, **p),
     lambda ans, x, y, **p: lambda g: _dot_rhs_cotangent(g, x, y, **p),
 )
+
+
+# --- ragged_dot_general (grouped matmuls, mixture-of-experts layers) ----------------
+
+
+ragged_dot_general_p = primitive(
+    "ragged_dot_general",
+    lambda lhs, rhs, group_sizes, ragged_dot_dimension_numbers, **params: lax.ragged_dot_general(
+        lhs, rhs, group_sizes, ragged_dot_dimension_numbers, **params
+    ),
+    ("ragged_dot_dimension_numbers", "precision", "preferred_element_type", "group_offset"),
+)
+
+
+def _ragged_dot_cotangent(which: int):
+    """The cotangent of lhs (0) or rhs (1) when the lhs's ragged dimension is a
+    free (non-contracting) one, as for `lax.ragged_dot`: each is a ragged dot of
+    the output cotangent with the other operand, transposed to the operand's
+    layout. (JAX transposes only this mode; the others raise here as there.)"""
+
+    def maker(ans, lhs, rhs, group_sizes, ragged_dot_dimension_numbers, precision,
+              preferred_element_type, group_offset):  # fmt: skip
+        rdn = ragged_dot_dimension_numbers
+        if group_offset is not None:
+            raise NotImplementedError("chainrule: ragged_dot_general with group_offset")
+        (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
+        lhs_rank, rhs_rank = len(shape_of(lhs)), len(shape_of(rhs))
+        mode, ragged = lax_internal._ragged_dot_mode_and_dim(lhs_rank, rdn)
+        if mode != lax_internal.RaggedDotMode.RAGGED_NONCONTRACTING:
+            raise NotImplementedError(
+                f"chainrule (like JAX) differentiates ragged_dot_general only when the lhs's "
+                f"ragged dimension is a non-contracting one, not in mode {mode.name}"
+            )
+        l_kept = [d for d in range(lhs_rank) if d not in lc and d not in lb]
+        r_group = list(rdn.rhs_group_dimensions)
+        r_kept = [d for d in range(rhs_rank) if d not in rc and d not in rb and d not in r_group]
+        batch, l_out, r_out = _consecutive(len(lb), len(l_kept), len(r_kept))
+        dtype = dtype_of(lhs if which == 0 else rhs)
+
+        def vjp(g):
+            if which == 0:
+                dims = lax_internal.RaggedDotDimensionNumbers(
+                    dot_dimension_numbers=((r_out, r_kept), (batch, rb)),
+                    lhs_ragged_dimensions=[len(lb) + l_kept.index(ragged)],
+                    rhs_group_dimensions=r_group,
+                )
+                out = lax.ragged_dot_general(
+                    g,
+                    rhs,
+                    group_sizes,
+                    dims,
+                    precision=precision,
+                    preferred_element_type=preferred_element_type,
+                )
+                order = [*lb, *l_kept, *(np.take(lc, np.argsort(rc)).tolist())]
+            else:
+                dims = lax_internal.RaggedDotDimensionNumbers(
+                    dot_dimension_numbers=((l_kept, l_out), (lb, batch)),
+                    lhs_ragged_dimensions=[ragged],
+                    rhs_group_dimensions=[],
+                )
+                out = lax.ragged_dot_general(
+                    lhs,
+                    g,
+                    group_sizes,
+                    dims,
+                    precision=precision,
+                    preferred_element_type=preferred_element_type,
+                )
+                order = [*r_group, *rb, *(np.take(rc, np.argsort(lc)).tolist()), *r_kept]
+            return convert_element_type(transpose(out, argsort(order)), dtype)
+
+        return vjp
+
+    return maker
+
+
+defvjp(ragged_dot_general_p, _ragged_dot_cotangent(0), _ragged_dot_cotangent(1), None)

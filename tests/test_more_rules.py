@@ -1,0 +1,97 @@
+"""Rules for primitives that ordinary JAX code emits outside the big families:
+`checkpoint_name`, `jnp.unstack`, `custom_vmap` functions, `lax.ragged_dot`."""
+
+from __future__ import annotations
+
+import jax
+import jax.custom_batching
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax._src import ad_checkpoint
+
+import chainrule as cr
+from tests.oracle import check_against_jax, emitted
+
+X = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_checkpoint_name_is_an_identity(dtype):
+    def f(x):
+        return jnp.sin(ad_checkpoint.checkpoint_name(x * 2.0, "hidden")) * x
+
+    assert "name" in emitted(f, X)
+    check_against_jax(f, X.astype(dtype))
+    # the name stays on the value for a remat policy outside
+    policy = jax.checkpoint_policies.save_only_these_names("hidden")
+    g = jax.checkpoint(lambda x: jnp.sum(f(x)), policy=policy)
+    np.testing.assert_allclose(cr.grad(g)(X), jax.grad(g)(X), rtol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_unstack(axis):
+    def f(x):
+        parts = jnp.unstack(jnp.sin(x), axis=axis)
+        return parts[0] * parts[-1] + parts[1]  # one part unused: a zero cotangent
+
+    assert "unstack" in emitted(f, X)
+    check_against_jax(f, X)
+    check_against_jax(f, X.astype(jnp.float32))
+
+
+def test_a_custom_vmap_function_is_differentiated_through_its_body():
+    @jax.custom_batching.custom_vmap
+    def f(x):
+        return jnp.sin(x) * x
+
+    @f.def_vmap
+    def _rule(axis_size, in_batched, xs):
+        return jnp.sin(xs) * xs, in_batched[0]
+
+    assert "custom_vmap_call" in emitted(f, X)
+    # jax.grad cannot linearize custom_vmap; forward mode is JAX's oracle here
+    want = jnp.diag(jax.jacfwd(lambda v: f(v.reshape(X.shape)).ravel())(X.ravel()))
+    for run in (cr.grad(lambda x: jnp.sum(f(x))), jax.jit(cr.grad(lambda x: jnp.sum(f(x))))):
+        np.testing.assert_allclose(run(X).ravel(), want, rtol=1e-12)
+
+
+GROUPS = jnp.array([2, 0, 5], jnp.int32)
+
+
+def _ragged(lhs, rhs):
+    return lax.ragged_dot(lhs, rhs, GROUPS)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_ragged_dot_first_order(dtype):
+    k = jax.random.split(jax.random.PRNGKey(1), 2)
+    lhs = jax.random.normal(k[0], (7, 3), dtype)
+    rhs = jax.random.normal(k[1], (3, 3, 4), dtype)
+    assert "ragged_dot_general" in emitted(_ragged, lhs, rhs)
+    # JAX cannot batch the rhs cotangent's ragged dot (vmap over dim 0 only) nor
+    # transpose it (second order): neither can chainrule, which raises as JAX does
+    check_against_jax(_ragged, lhs, rhs, second_order=False, modes=("eager", "jit"))
+
+
+def test_ragged_dot_second_order_where_jax_has_it():
+    k = jax.random.split(jax.random.PRNGKey(2), 2)
+    lhs, rhs = jax.random.normal(k[0], (7, 3)), jax.random.normal(k[1], (3, 3, 4))
+
+    def by_rhs_of_lhs_grad(grad):  # the lhs cotangent is a non-contracting ragged dot again
+        inner = lambda r: jnp.sum(grad(lambda l: jnp.sum(jnp.sin(_ragged(l, r))))(lhs) ** 2)  # noqa: E731
+        return grad(inner)(rhs)
+
+    np.testing.assert_allclose(
+        by_rhs_of_lhs_grad(cr.grad), by_rhs_of_lhs_grad(jax.grad), rtol=1e-12, atol=1e-12
+    )
+
+    def by_lhs_of_rhs_grad(grad):  # the rhs cotangent is a contracting-mode ragged dot
+        inner = lambda l: jnp.sum(grad(lambda r: jnp.sum(jnp.sin(_ragged(l, r))))(rhs) ** 2)  # noqa: E731
+        return grad(inner)(lhs)
+
+    with pytest.raises(NotImplementedError):
+        by_lhs_of_rhs_grad(jax.grad)
+    with pytest.raises(NotImplementedError, match="non-contracting"):
+        by_lhs_of_rhs_grad(cr.grad)
