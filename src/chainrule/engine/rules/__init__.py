@@ -15,6 +15,7 @@ of its family; `PRIMITIVES` (in `registry`) is the whole table.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403
+from chainrule.engine.rules.convolution import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403
 from chainrule.engine.rules.linalg import *  # noqa: F403
