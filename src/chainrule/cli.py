@@ -1,10 +1,11 @@
-"""The `chainrule` command line. `chainrule train` trains an MLP with chainrule's gradients.
+"""The `chainrule` command line. `chainrule train` trains an MLP or CNN with chainrule's gradients.
 
 Examples (shell)::
 
     chainrule train                          # the tutorial's 10 -> 5 -> 1 teacher, SGD
     chainrule train --data digits            # handwritten digits, Adam, ~97% test accuracy
     chainrule train --data digits --engine jax   # in runs/digits-jax (one folder per data, engine)
+    chainrule train --data digits --model cnn --out runs/digits-cnn   # two conv layers, max pool
     chainrule train --data my.csv --epochs 50 --hidden 64,64
     chainrule train --data digits --resume   # continue an interrupted run
 
@@ -113,7 +114,19 @@ def _parser() -> _Parser:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=None, help="total training steps")
     length.add_argument("--epochs", type=_positive_int, default=None, help="total epochs")
-    p.add_argument("--hidden", type=_sizes, default=None, help="hidden layer sizes, e.g. 128,64")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="mlp (default) or cnn: two 3x3 conv layers with ReLU, 2x2 max pooling and a linear "
+        "head, for square single-channel images such as --data digits",
+    )
+    p.add_argument(
+        "--hidden",
+        type=_sizes,
+        default=None,
+        help="MLP hidden layer sizes, e.g. 128,64; for --model cnn the two conv layers' "
+        "channels (default 16,32)",
+    )
     p.add_argument("--seed", type=_seed, default=None, help="model init and batch order (0)")
     p.add_argument(
         "--devices",
@@ -185,6 +198,7 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.steps,
         epochs=args.epochs,
         hidden=args.hidden,
+        model=args.model,
         seed=args.seed,
         devices=args.devices,
         out=args.out,

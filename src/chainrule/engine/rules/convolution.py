@@ -85,7 +85,14 @@ def input_cotangent_padding(
     """
     pads = []
     for n, k, s, o, (lo, _), ld, rd in zip(
-        in_sizes, window_sizes, strides, out_sizes, padding, in_dilation, window_dilation, strict=True
+        in_sizes,
+        window_sizes,
+        strides,
+        out_sizes,
+        padding,
+        in_dilation,
+        window_dilation,
+        strict=True,
     ):
         kd, nd, od = dilated(k, rd), dilated(n, ld), dilated(o, s)
         before = kd - 1 - lo

@@ -16,8 +16,6 @@ for pooling (unlike `reduce_max`, whose ties share the cotangent).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from jax import lax
 from jax._src.lax import windowed_reductions as jax_windows
@@ -66,7 +64,9 @@ def _reduce_window_sum_vjp(
             window_dilation,
         )
         spread = pad(
-            g, const(g, 0), [(lo, hi, s - 1) for (lo, hi), s in zip(pads, window_strides, strict=True)]
+            g,
+            const(g, 0),
+            [(lo, hi, s - 1) for (lo, hi), s in zip(pads, window_strides, strict=True)],
         )
         return reduce_window_sum_p.bind(
             spread,
@@ -109,10 +109,17 @@ def _scatter_to_selected(
             "XLA's select_and_scatter cannot (JAX's own VJP refuses it too); pool without "
             "window dilation, or dilate the input instead",
         )
-    dilated_base = any(d != 1 for d in base_dilation)
-    if dilated_base:  # the holes hold the identity, so they are never selected
+    # XLA's select_and_scatter takes neither base dilation nor negative padding:
+    # dilate the operand explicitly (the holes hold the identity, so they are
+    # never selected) and crop what negative padding skips, then undo both.
+    # (JAX's rule fails on negative padding; this is the same function.)
+    crop = [(min(lo, 0), min(hi, 0)) for lo, hi in padding]
+    reshaped = any(d != 1 for d in base_dilation) or any(lo or hi for lo, hi in crop)
+    if reshaped:
         identity = -np.inf if select_prim is lax.ge_p else np.inf
-        operand = pad(operand, const(operand, identity), [(0, 0, d - 1) for d in base_dilation])
+        config = [(lo, hi, d - 1) for (lo, hi), d in zip(crop, base_dilation, strict=True)]
+        operand = pad(operand, const(operand, identity), config)
+        padding = [(max(lo, 0), max(hi, 0)) for lo, hi in padding]
     out = select_and_scatter_add_p.bind(
         g,
         operand,
@@ -121,7 +128,8 @@ def _scatter_to_selected(
         window_strides=tuple(window_strides),
         padding=tuple(map(tuple, padding)),
     )
-    if dilated_base:
+    if reshaped:
+        out = pad(out, const(out, 0), [(-lo, -hi, 0) for lo, hi in crop])
         out = slice_(out, (0,) * len(base_dilation), shape_of(out), base_dilation)
     return out
 
@@ -143,9 +151,7 @@ defvjp(reduce_window_min_p, _chooser_vjp(lax.le_p, "reduce_window_min"))
 # The selection is piecewise constant in `x`: its cotangent is zero (as in
 # JAX), a structural zero here.
 def _gather_tangents_vjp(ans, t, x, select_prim, **window):
-    return lambda g: _scatter_to_selected(
-        g, x, select_prim, **window, name="select_and_gather_add"
-    )
+    return lambda g: _scatter_to_selected(g, x, select_prim, **window, name="select_and_gather_add")
 
 
 def _scatter_source_vjp(ans, source, x, select_prim, window_dimensions, window_strides, padding):
