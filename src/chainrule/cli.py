@@ -38,6 +38,12 @@ data:
   Files: 20% of the rows are held out for testing (--test-fraction), MLP with one
   hidden layer of 128, Adam lr 1e-3, batch 32, 20 epochs. NaN values are rejected.
 
+model (--model):
+  mlp       (default) the MLP above.
+  cnn       square single-channel images (the features are the pixels, e.g. the
+            8x8 digits): Conv(3x3, 16) ReLU Conv(3x3, 32) ReLU MaxPool(2) Linear;
+            --hidden gives the two channel counts (16,32); Adam lr 3e-3.
+
 output (in --out, default runs/<data>-<engine>, e.g. runs/digits-chainrule):
   ckpt-<step>.npz (the newest two), loss_curve.png, summary.json. One run at a
   time per folder (it is locked). A folder holding a run needs --resume (continue

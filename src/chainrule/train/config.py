@@ -31,7 +31,7 @@ from chainrule.train.errors import CheckpointError, ConfigError
 from chainrule.train.step import ENGINES, OPTIMIZERS, make_optimizer
 
 __all__ = [
-    "CNN_CHANNELS",
+    "CNN_DEFAULTS",
     "DEFAULTS",
     "MAX_LAYERS",
     "MODELS",
@@ -62,7 +62,9 @@ RUNS_FOLDER = "runs"  # default output folders: runs/<data set>-<engine>
 MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights (Adam keeps two more copies)
 MAX_LAYERS = 100
 MODELS = ("mlp", "cnn")
-CNN_CHANNELS = (16, 32)  # the CNN's two conv layers (its --hidden), whatever the data set
+# The CNN's defaults, whatever the data set: its two conv layers' channels (its
+# --hidden) and Adam's learning rate (3e-3: 1e-3 stays under 98% on digits in 30 epochs).
+CNN_DEFAULTS = {"hidden": (16, 32), "lr": 3e-3}
 SEED_MAX = 2**32 - 1  # jax.random.key keeps 32 bits of the seed
 
 
@@ -173,9 +175,9 @@ def resolve(cfg: TrainConfig, saved: dict | None, out: Path) -> dict:
     resolved = dict(given)
     resolved["data"] = resolved["data"] or "teacher"
     resolved["model"] = resolved["model"] or "mlp"
-    if resolved["model"] == "cnn" and resolved["hidden"] is None:
-        resolved["hidden"] = CNN_CHANNELS
     defaults = DEFAULTS.get(resolved["data"], DEFAULTS["file"])
+    if resolved["model"] == "cnn":
+        defaults = {**defaults, **CNN_DEFAULTS}
     for key in ("hidden", "optimizer", "lr", "batch_size"):
         if resolved[key] is None:
             resolved[key] = defaults[key]
