@@ -110,25 +110,17 @@ def test_feature_and_batch_groups(groups, xshape, wshape):
     check_conv(fun, normal(xshape), normal(wshape, seed=1), modes=("eager",))
 
 
-def test_feature_groups_in_channels_last_layout():
-    fun = conv(
-        window_strides=(1, 1),
-        padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=2,
-    )
-    check_conv(fun, normal((2, 5, 6, 4)), normal((3, 3, 2, 6), seed=1), modes=("jit",))
-
-
-@SLOW
-def test_batch_groups_in_channels_last_layout():
-    fun = conv(
-        window_strides=(1, 1),
-        padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        batch_group_count=2,
-    )
-    check_conv(fun, normal((4, 5, 6, 3)), normal((3, 2, 3, 4), seed=1), modes=("eager",))
+@pytest.mark.parametrize(
+    "groups, xshape, wshape, modes",
+    [
+        (dict(feature_group_count=2), (2, 5, 6, 4), (3, 3, 2, 6), ("jit",)),
+        pytest.param(dict(batch_group_count=2), (4, 5, 6, 3), (3, 2, 3, 4), ("eager",), marks=SLOW),
+    ],
+)
+def test_groups_in_channels_last_layout(groups, xshape, wshape, modes):
+    dn = ("NHWC", "HWIO", "NHWC")
+    fun = conv(window_strides=(1, 1), padding="SAME", dimension_numbers=dn, **groups)
+    check_conv(fun, normal(xshape), normal(wshape, seed=1), modes=modes)
 
 
 @pytest.mark.parametrize(

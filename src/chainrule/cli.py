@@ -5,7 +5,7 @@ Examples (shell)::
     chainrule train                          # the tutorial's 10 -> 5 -> 1 teacher, SGD
     chainrule train --data digits            # handwritten digits, Adam, ~97% test accuracy
     chainrule train --data digits --engine jax   # in runs/digits-jax (one folder per data, engine)
-    chainrule train --data digits --model cnn --out runs/digits-cnn   # two conv layers, max pool
+    chainrule train --data digits --model cnn   # a small CNN, in runs/digits-cnn-chainrule
     chainrule train --data my.csv --epochs 50 --hidden 64,64
     chainrule train --data digits --resume   # continue an interrupted run
 
@@ -44,7 +44,8 @@ model (--model):
             8x8 digits): Conv(3x3, 16) ReLU Conv(3x3, 32) ReLU MaxPool(2) Linear;
             --hidden gives the two channel counts (16,32); Adam lr 3e-3.
 
-output (in --out, default runs/<data>-<engine>, e.g. runs/digits-chainrule):
+output (in --out, default runs/<data>-<engine>, e.g. runs/digits-chainrule, or
+  runs/digits-cnn-chainrule for --model cnn):
   ckpt-<step>.npz (the newest two), loss_curve.png, summary.json. One run at a
   time per folder (it is locked). A folder holding a run needs --resume (continue
   it) or --overwrite (delete it and start over); --resume on a folder with no

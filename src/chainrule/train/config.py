@@ -68,15 +68,20 @@ CNN_DEFAULTS = {"hidden": (16, 32), "lr": 3e-3}
 SEED_MAX = 2**32 - 1  # jax.random.key keeps 32 bits of the seed
 
 
-def default_out(data: str | None, engine: str) -> Path:
-    """`runs/<data set>-<engine>`: `teacher`, `digits`, or the data file's name without suffix.
+def default_out(data: str | None, engine: str, model: str | None = None) -> Path:
+    """`runs/<data set>-<engine>`: `teacher`, `digits`, or the data file's name without
+    suffix; `runs/<data set>-cnn-<engine>` for the CNN, so it never meets the MLP's run.
 
     Examples:
       >>> str(default_out("digits", "jax")), str(default_out("data/my.csv", "chainrule"))
       ('runs/digits-jax', 'runs/my-chainrule')
+      >>> str(default_out("digits", "chainrule", "cnn"))
+      'runs/digits-cnn-chainrule'
     """
     data = data or "teacher"
     name = data if data in BUILTIN else (Path(data).stem or "data")
+    if model == "cnn":
+        name += "-cnn"
     return Path(RUNS_FOLDER) / f"{name}-{engine}"
 
 
@@ -100,7 +105,7 @@ class TrainConfig:
     model: str | None = None  # "mlp" (default) or "cnn" (square single-channel images)
     seed: int | None = None  # model init and batch order, 0..SEED_MAX
     devices: int = 1
-    out: str | None = None  # default: default_out(data, engine)
+    out: str | None = None  # default: default_out(data, engine, model)
     resume: bool = False
     overwrite: bool = False  # delete an earlier run's checkpoints and results in `out` first
     checkpoint_every: int | None = None  # default: every 10% of the steps

@@ -84,7 +84,7 @@ def _label(out: Path) -> str:
 
 
 def _make_output_folder(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out) if cfg.out else default_out(cfg.data, cfg.engine)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.data, cfg.engine, cfg.model)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

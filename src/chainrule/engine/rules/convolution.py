@@ -141,6 +141,20 @@ def _taken(shape: Sequence[int], dims: Sequence[int]) -> list[int]:
     return [shape[d] for d in dims]
 
 
+def _window_sizes(g, lhs, rhs, p):
+    """Per spatial dimension: input, kernel and output sizes, strides, padding, dilations."""
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    return (
+        _taken(shape_of(lhs), _spatial(lhs_spec)),
+        _taken(shape_of(rhs), _spatial(rhs_spec)),
+        p["window_strides"],
+        _taken(shape_of(g), _spatial(out_spec)),
+        p["padding"],
+        p["lhs_dilation"],
+        p["rhs_dilation"],
+    )
+
+
 def _lhs_cotangent(g, lhs, rhs, **p):
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     feature_groups, batch_groups = p["feature_group_count"], p["batch_group_count"]
@@ -151,15 +165,7 @@ def _lhs_cotangent(g, lhs, rhs, **p):
         # going backwards they become its input features, so the groups move
         # there: (G*o, c) -> (o, G*c), a grouped convolution over g's features.
         kernel = _move_groups(kernel, rhs_spec[0], rhs_spec[1], groups)
-    pads = input_cotangent_padding(
-        _taken(shape_of(lhs), _spatial(lhs_spec)),
-        _taken(shape_of(rhs), _spatial(rhs_spec)),
-        p["window_strides"],
-        _taken(shape_of(g), _spatial(out_spec)),
-        p["padding"],
-        p["lhs_dilation"],
-        p["rhs_dilation"],
-    )
+    pads = input_cotangent_padding(*_window_sizes(g, lhs, rhs, p))
     kernel = rev_p.bind(kernel, dimensions=_spatial(rhs_spec))
     kernel = convert_element_type(kernel, dtype_of(g))
     out = conv_general_dilated(
@@ -190,15 +196,7 @@ def _rhs_cotangent(g, lhs, rhs, **p):
     # Forward feature groups pair input-feature group i with output-feature
     # group i; here the input features are the batch, so they are batch
     # groups (and forward batch groups become feature groups, contracted).
-    pads = _kernel_cotangent_padding(
-        _taken(shape_of(lhs), _spatial(lhs_spec)),
-        _taken(shape_of(rhs), _spatial(rhs_spec)),
-        p["window_strides"],
-        _taken(shape_of(g), _spatial(out_spec)),
-        p["padding"],
-        p["lhs_dilation"],
-        p["rhs_dilation"],
-    )
+    pads = _kernel_cotangent_padding(*_window_sizes(g, lhs, rhs, p))
     out = conv_general_dilated(
         convert_element_type(lhs, dtype_of(g)),
         g,
