@@ -87,6 +87,48 @@ def mse_cnp(params, x, y):
     return cnp.mean((mlp_logits_cnp(params, x) - y) ** 2)
 
 
+# --- the CNN of `chainrule train --model cnn` ------------------------------------
+
+
+def init_cnn(image: int = 8, channels: tuple[int, int] = (16, 32), n_classes: int = 10, seed=0):
+    """Conv(1, c0, 3) -> Conv(c0, c1, 3) -> MaxPool(2) -> Linear, PyTorch layouts and bounds."""
+    rng = np.random.default_rng(seed)
+    c0, c1 = channels
+    shapes = {
+        "conv1": ((c0, 1, 3, 3), 9),
+        "conv2": ((c1, c0, 3, 3), 9 * c0),
+        "head": ((n_classes, c1 * (image // 2) ** 2), c1 * (image // 2) ** 2),
+    }
+    params = {}
+    for name, (shape, fan_in) in shapes.items():
+        bound = 1.0 / np.sqrt(fan_in)
+        params[f"{name}_W"] = rng.uniform(-bound, bound, shape).astype(F32)
+        params[f"{name}_b"] = rng.uniform(-bound, bound, shape[:1]).astype(F32)
+    return params
+
+
+def cnn_logits_jnp(params, x):
+    side = int(np.sqrt(x.shape[-1]))
+    h = x.reshape(x.shape[0], 1, side, side)
+    for name in ("conv1", "conv2"):
+        h = jax.lax.conv_general_dilated(h, params[f"{name}_W"], (1, 1), "SAME")
+        h = jax.nn.relu(h + params[f"{name}_b"][:, None, None])
+    h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+    return h.reshape(h.shape[0], -1) @ params["head_W"].T + params["head_b"]
+
+
+def cnn_xent_jnp(params, x, y_onehot):
+    logp = jax.nn.log_softmax(cnn_logits_jnp(params, x), axis=-1)
+    return -jnp.mean(jnp.sum(y_onehot * logp, axis=-1))
+
+
+def cnn_forward_flops(batch: int, image: int = 8, channels=(16, 32), n_classes: int = 10):
+    c0, c1 = channels
+    pixels = image * image
+    convs = 2 * pixels * 9 * (c0 + c0 * c1)
+    return batch * (convs + 2 * c1 * pixels // 4 * n_classes)
+
+
 # --- the tutorials' scalar cases -------------------------------------------------
 
 

@@ -102,6 +102,8 @@ NOT_ELEMENTWISE = {
     "pad", "slice", "concatenate", "stack", "tile", "split", "dynamic_slice",
     "dynamic_update_slice", "gather", "scatter-add", "scatter", "dot_general",
     "reduce_max", "reduce_min", "cumsum", "unstack", "ragged_dot_general", "name",
+    "conv_general_dilated", "reduce_window_sum", "reduce_window_max", "reduce_window_min",
+    "reduce_window", "select_and_scatter_add", "select_and_gather_add",
     # call-like: a body of other primitives, or a user's rule (explain checks a
     # custom_jvp formula against that rule before showing it)
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",

@@ -1,10 +1,11 @@
-"""The `chainrule` command line. `chainrule train` trains an MLP with chainrule's gradients.
+"""The `chainrule` command line. `chainrule train` trains an MLP or CNN with chainrule's gradients.
 
 Examples (shell)::
 
     chainrule train                          # the tutorial's 10 -> 5 -> 1 teacher, SGD
     chainrule train --data digits            # handwritten digits, Adam, ~97% test accuracy
     chainrule train --data digits --engine jax   # in runs/digits-jax (one folder per data, engine)
+    chainrule train --data digits --model cnn   # a small CNN, in runs/digits-cnn-chainrule
     chainrule train --data my.csv --epochs 50 --hidden 64,64
     chainrule train --data digits --resume   # continue an interrupted run
 
@@ -37,7 +38,14 @@ data:
   Files: 20% of the rows are held out for testing (--test-fraction), MLP with one
   hidden layer of 128, Adam lr 1e-3, batch 32, 20 epochs. NaN values are rejected.
 
-output (in --out, default runs/<data>-<engine>, e.g. runs/digits-chainrule):
+model (--model):
+  mlp       (default) the MLP above.
+  cnn       square single-channel images (the features are the pixels, e.g. the
+            8x8 digits): Conv(3x3, 16) ReLU Conv(3x3, 32) ReLU MaxPool(2) Linear;
+            --hidden gives the two channel counts (16,32); Adam lr 3e-3.
+
+output (in --out, default runs/<data>-<engine>, e.g. runs/digits-chainrule, or
+  runs/digits-cnn-chainrule for --model cnn):
   ckpt-<step>.npz (the newest two), loss_curve.png, summary.json. One run at a
   time per folder (it is locked). A folder holding a run needs --resume (continue
   it) or --overwrite (delete it and start over); --resume on a folder with no
@@ -113,7 +121,19 @@ def _parser() -> _Parser:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=None, help="total training steps")
     length.add_argument("--epochs", type=_positive_int, default=None, help="total epochs")
-    p.add_argument("--hidden", type=_sizes, default=None, help="hidden layer sizes, e.g. 128,64")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="mlp (default) or cnn: two 3x3 conv layers with ReLU, 2x2 max pooling and a linear "
+        "head, for square single-channel images such as --data digits",
+    )
+    p.add_argument(
+        "--hidden",
+        type=_sizes,
+        default=None,
+        help="MLP hidden layer sizes, e.g. 128,64; for --model cnn the two conv layers' "
+        "channels (default 16,32)",
+    )
     p.add_argument("--seed", type=_seed, default=None, help="model init and batch order (0)")
     p.add_argument(
         "--devices",
@@ -185,6 +205,7 @@ def _train(args: argparse.Namespace) -> int:
         steps=args.steps,
         epochs=args.epochs,
         hidden=args.hidden,
+        model=args.model,
         seed=args.seed,
         devices=args.devices,
         out=args.out,

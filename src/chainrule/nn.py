@@ -11,6 +11,10 @@ Where users compare with PyTorch, the behaviour matches it:
   `x @ weight.T + bias`, like `torch.nn.Linear`; `linear_init` draws weight and
   bias from `U(-1/sqrt(in_features), 1/sqrt(in_features))`, the distribution of
   `torch.nn.Linear`'s default initialisation (the numbers differ: the PRNGs do).
+* `conv2d` takes NCHW inputs and stores `weight` as `(out_channels,
+  in_channels, kh, kw)`, like `torch.nn.Conv2d`, with its default
+  initialisation bound `1/sqrt(in_channels * kh * kw)`; `max_pool2d` is
+  `torch.nn.MaxPool2d(k)` (window and stride `k`, no padding).
 * `relu` has gradient 0 at 0, like `torch.relu`.
 * `mse_loss` and `softmax_cross_entropy` are means over the batch, like
   `torch.nn.MSELoss()` and `torch.nn.CrossEntropyLoss()`.
@@ -37,10 +41,15 @@ import jax.numpy as jnp
 
 __all__ = [
     "accuracy",
+    "cnn_apply",
+    "cnn_init",
+    "conv2d",
+    "conv2d_init",
     "linear",
     "linear_init",
     "mlp_apply",
     "mlp_init",
+    "max_pool2d",
     "mse_loss",
     "relu",
     "softmax_cross_entropy",
@@ -201,6 +210,120 @@ def mlp_apply(
         if i < len(params) - 1:
             x = activation(x)
     return x
+
+
+def conv2d_init(
+    key: jax.Array, in_channels: int, out_channels: int, kernel_size: int, dtype: Any = jnp.float32
+) -> Params:
+    """Parameters of a 2-D convolution, initialised like `torch.nn.Conv2d`.
+
+    Returns:
+      `{"weight": (out_channels, in_channels, k, k), "bias": (out_channels,)}`,
+      both from `U(-b, b)` with `b = 1/sqrt(in_channels * k * k)` (PyTorch's
+      default bound; the values differ, the PRNGs do).
+
+    Examples:
+      >>> import jax
+      >>> p = conv2d_init(jax.random.key(0), 1, 4, 3)
+      >>> p["weight"].shape, p["bias"].shape
+      ((4, 1, 3, 3), (4,))
+    """
+    if min(in_channels, out_channels, kernel_size) < 1:
+        raise ValueError(
+            f"conv2d_init: in_channels, out_channels and kernel_size must be >= 1, got "
+            f"{in_channels}, {out_channels}, {kernel_size}."
+        )
+    return _conv2d_init(
+        key, int(in_channels), int(out_channels), int(kernel_size), jnp.dtype(dtype)
+    )
+
+
+def _conv2d_init_eager(key, in_channels, out_channels, k, dtype):
+    bound = 1.0 / math.sqrt(in_channels * k * k)
+    w_key, b_key = jax.random.split(key)
+    weight = jax.random.uniform(w_key, (out_channels, in_channels, k, k), dtype, -bound, bound)
+    bias = jax.random.uniform(b_key, (out_channels,), dtype, -bound, bound)
+    return {"weight": weight, "bias": bias}
+
+
+_conv2d_init = jax.jit(_conv2d_init_eager, static_argnums=(1, 2, 3, 4))
+
+
+def conv2d(params: Params, x: jax.Array) -> jax.Array:
+    """A stride-1 2-D convolution with "same" padding, like
+    `torch.nn.Conv2d(in, out, k, padding="same")` (NCHW, cross-correlation).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> p = {"weight": jnp.ones((1, 1, 3, 3)), "bias": jnp.zeros(1)}
+      >>> conv2d(p, jnp.ones((1, 1, 3, 3)))[0, 0].tolist()  # 3x3 box sums
+      [[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]]
+    """
+    out = jax.lax.conv_general_dilated(
+        x, params["weight"], (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
+    return out + params["bias"][:, None, None]
+
+
+def max_pool2d(x: jax.Array, k: int = 2) -> jax.Array:
+    """`torch.nn.MaxPool2d(k)` on NCHW inputs: the max of each `k x k` tile.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> max_pool2d(jnp.arange(16.0).reshape(1, 1, 4, 4))[0, 0].tolist()
+      [[5.0, 7.0], [13.0, 15.0]]
+    """
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, k, k), (1, 1, k, k), "VALID")
+
+
+def cnn_init(
+    key: jax.Array,
+    image_size: int,
+    channels: Sequence[int] = (16, 32),
+    n_classes: int = 10,
+    dtype: Any = jnp.float32,
+) -> dict[str, Params]:
+    """A small CNN for `image_size x image_size` single-channel images.
+
+    Two 3x3 convolutions with ReLU (`channels[0]`, `channels[1]` maps), a 2x2
+    max pool, and a linear head on the flattened maps; the PyTorch model is
+    `Sequential(Conv2d(1, c0, 3, padding="same"), ReLU(), Conv2d(c0, c1, 3,
+    padding="same"), ReLU(), MaxPool2d(2), Flatten(), Linear(c1 * (s//2)**2, n))`.
+
+    Examples:
+      >>> import jax
+      >>> params = cnn_init(jax.random.key(0), 8)
+      >>> cnn_apply(params, jax.numpy.zeros((5, 64))).shape
+      (5, 10)
+    """
+    if len(channels) != 2 or image_size < 2:
+        raise ValueError(
+            f"cnn_init: two conv layers' channels and an image of at least 2x2 are needed, "
+            f"got channels={list(channels)}, image_size={image_size}. Example: cnn_init(key, 8, "
+            "(16, 32))."
+        )
+    k1, k2, k3 = jax.random.split(key, 3)
+    c0, c1 = (int(c) for c in channels)
+    return {
+        "conv1": conv2d_init(k1, 1, c0, 3, dtype),
+        "conv2": conv2d_init(k2, c0, c1, 3, dtype),
+        "head": linear_init(k3, c1 * (image_size // 2) ** 2, n_classes, dtype),
+    }
+
+
+def cnn_apply(params: dict[str, Params], x: jax.Array) -> jax.Array:
+    """Logits of the CNN of `cnn_init` for flattened square images `(batch, size * size)`."""
+    side = math.isqrt(x.shape[-1])
+    if side * side != x.shape[-1]:
+        raise ValueError(
+            f"cnn_apply: expected flattened square images (batch, size*size), got shape "
+            f"{x.shape}; {x.shape[-1]} is not a square."
+        )
+    h = x.reshape(x.shape[0], 1, side, side)
+    h = relu(conv2d(params["conv1"], h))
+    h = relu(conv2d(params["conv2"], h))
+    h = max_pool2d(h, 2)
+    return linear(params["head"], h.reshape(h.shape[0], -1))
 
 
 def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:

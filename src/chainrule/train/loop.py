@@ -1,6 +1,6 @@
 """The training run behind `chainrule train`: data, model, steps, checkpoints, summary.
 
-`run(TrainConfig(...))` trains an MLP (`chainrule.nn`) on a `Dataset` with the
+`run(TrainConfig(...))` trains an MLP or a small CNN (`chainrule.nn`) on a `Dataset` with the
 jitted step of `make_train_step`, writes `ckpt-<step>.npz` checkpoints, a
 `loss_curve.png` and a `summary.json` into the output folder (by default
 `runs/<data set>-<engine>`), and returns the summary. A run resumed from a
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from chainrule import nn
@@ -52,7 +51,7 @@ from chainrule.train.config import (
     abstract_state,
     check_options,
     default_out,
-    model_sizes,
+    init_params,
     resolve,
     saved_config,
 )
@@ -85,7 +84,7 @@ def _label(out: Path) -> str:
 
 
 def _make_output_folder(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out) if cfg.out else default_out(cfg.data, cfg.engine)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.data, cfg.engine, cfg.model)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -157,18 +156,23 @@ def _claim_output(cfg: TrainConfig, out: Path, stderr: TextIO) -> Iterator[None]
 # --- one run: set-up, training, results -----------------------------------------------------
 
 
-def _loss_fn(task: str):
+def _apply_fn(model: str):
+    return nn.cnn_apply if model == "cnn" else nn.mlp_apply
+
+
+def _loss_fn(task: str, model: str = "mlp"):
+    apply = _apply_fn(model)
     if task == "classification":
 
         def loss(params, batch):
             x, labels = batch
-            return nn.softmax_cross_entropy(nn.mlp_apply(params, x), labels)
+            return nn.softmax_cross_entropy(apply(params, x), labels)
 
     else:
 
         def loss(params, batch):
             x, targets = batch
-            return nn.mse_loss(nn.mlp_apply(params, x), targets)
+            return nn.mse_loss(apply(params, x), targets)
 
     return loss
 
@@ -332,8 +336,7 @@ def _initial_state(ds: Dataset, resolved: dict, saved: ckpt_lib.Checkpoint | Non
     """`(params, opt_state, start step, loss history)`: fresh, or restored from `saved`."""
     optimizer = make_optimizer(resolved["optimizer"], resolved["lr"])
     if saved is None:
-        sizes = model_sizes(ds, resolved)
-        params = nn.mlp_init(jax.random.key(resolved["seed"]), sizes, jnp.float32)
+        params = init_params(ds, resolved, jax.random.key(resolved["seed"]))
         return params, optimizer.init(params), 0, np.zeros(0, np.float32)
     params, opt_state = saved.restore(*abstract_state(ds, resolved, saved.path))
     history = np.asarray(saved.extra.get("loss_history", np.zeros(0)), np.float32)
@@ -361,7 +364,7 @@ def _set_up(cfg: TrainConfig, out: Path, stderr: TextIO) -> _Run:
     place = (lambda t: replicate(t, mesh)) if mesh is not None else jax.device_put
     optimizer = make_optimizer(resolved["optimizer"], resolved["lr"])
     step_fn = make_train_step(
-        _loss_fn(ds.task), optimizer, engine=cfg.engine, donate=True, mesh=mesh
+        _loss_fn(ds.task, resolved["model"]), optimizer, engine=cfg.engine, donate=True, mesh=mesh
     )
     return _Run(
         cfg=cfg,
@@ -444,6 +447,7 @@ def _summary(r: _Run, history: np.ndarray, t_run: float, interrupted: bool) -> d
         "optimizer": r.resolved["optimizer"],
         "lr": r.resolved["lr"],
         "batch_size": r.resolved["batch_size"],
+        "model": r.resolved["model"],
         "hidden": list(r.resolved["hidden"]),
         "seed": r.resolved["seed"],
         "devices": r.cfg.devices,
@@ -452,7 +456,7 @@ def _summary(r: _Run, history: np.ndarray, t_run: float, interrupted: bool) -> d
         "epochs": r.completed / r.order.steps_per_epoch,
         "interrupted": interrupted,
         "final_loss": float(np.mean(tail)) if len(tail) else float("nan"),
-        **_evaluate(r.params, r.ds, r.ds.task),
+        **_evaluate(r.params, r.ds, r.ds.task, r.resolved["model"]),
         "steps_per_second": speed,
         "examples_per_second": speed * r.resolved["batch_size"],
         "compile_seconds": (r.t_compiled - t_start) if r.t_compiled else 0.0,
@@ -558,14 +562,14 @@ def _finish_or_stop(r: _Run, sigint: dict, cut_short: bool, t_run: float, stdout
 # --- results --------------------------------------------------------------------------------
 
 
-def _evaluate(params, ds: Dataset, task: str) -> dict[str, float]:
-    loss = _loss_fn(task)
+def _evaluate(params, ds: Dataset, task: str, model: str = "mlp") -> dict[str, float]:
+    loss, apply = _loss_fn(task, model), _apply_fn(model)
 
     @jax.jit
     def metrics(params, x, y):
         out = {"loss": loss(params, (x, y))}
         if task == "classification":
-            out["accuracy"] = nn.accuracy(nn.mlp_apply(params, x), y)
+            out["accuracy"] = nn.accuracy(apply(params, x), y)
         return out
 
     result = {}
@@ -610,13 +614,19 @@ def _write_json(r: _Run, name: str, data: dict) -> Path:
     return r.write(name, lambda f: f.write(text.encode("utf-8")))
 
 
+def _model_label(s: dict) -> str:
+    if s.get("model") == "cnn":
+        return f"CNN channels {s['hidden']}"
+    return f"MLP hidden {s['hidden']}"
+
+
 def format_summary(s: dict) -> str:
     """The final report printed by `chainrule train`."""
     name = Path(s["data"]).name if s["data"] not in DEFAULTS else s["data"]
     lines = [
         f"chainrule train: {name} ({s['task']}), engine={s['engine']}, "
         f"{s['optimizer']}(lr={s['lr']:g}), batch {s['batch_size']}, "
-        f"MLP hidden {s['hidden']}, {s['devices']} device(s)",
+        f"{_model_label(s)}, {s['devices']} device(s)",
         f"  steps        {s['steps']} ({s['epochs']:.1f} epochs; started at {s['start_step']})",
         f"  final loss   {s['final_loss']:.4g}  (mean batch loss over the last epoch)",
     ]
