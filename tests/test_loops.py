@@ -90,7 +90,8 @@ def scan_int_carry(w, xs, c0):  # a counter and an index carried beside the floa
 
 def scan_nested(w, xs, c0):
     def inner(c, x):
-        return lax.scan(lambda d, y: (_cell(d, y, w), d * y), c, x * jnp.arange(1.0, 4.0, dtype=x.dtype))
+        ys = x * jnp.arange(1.0, 4.0, dtype=x.dtype)
+        return lax.scan(lambda d, y: (_cell(d, y, w), d * y), c, ys)
 
     def outer(c, x):
         c, ys = inner(c, x)
@@ -142,12 +143,36 @@ def _scan_params(fun, *args) -> list[dict]:
     return [e.params for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
 
 
+def _check_scan(fun, dtype, modes=("eager", "jit", "vmap")):
+    w, xs, c0 = _randn(0, dtype=dtype), _randn(1, 5, dtype=dtype), _randn(2, dtype=dtype)
+    assert "scan" in emitted(fun, w, xs, c0)
+    check_against_jax(fun, w, xs, c0, modes=modes)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("fun", SCANS, ids=[f.__name__ for f in SCANS])
 def test_scan_against_jax(fun, dtype):
-    w, xs, c0 = _randn(0, dtype=dtype), _randn(1, 5, dtype=dtype), _randn(2, dtype=dtype)
-    assert "scan" in emitted(fun, w, xs, c0)
-    check_against_jax(fun, w, xs, c0)
+    _check_scan(fun, dtype)
+
+
+# The bounded run (XLA compiles every scan: the full matrix above takes minutes):
+# every mode for one variant, then one mode per variant, spread over the modes.
+def test_scan_every_mode_float64():
+    _check_scan(scan_basic, jnp.float64)
+
+
+@pytest.mark.parametrize(
+    "fun, dtype, mode",
+    [
+        (fun, DTYPES[i % 2], ("jit", "eager", "vmap")[i % 3])
+        for i, fun in enumerate(SCANS)
+        if fun is not scan_basic
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_scan_variant_in_one_mode(fun, dtype, mode):
+    _check_scan(fun, dtype, modes=(mode,))
 
 
 def test_the_variants_emit_their_parameters():
@@ -172,7 +197,7 @@ def test_scan_with_closed_over_constant_gets_its_gradient():
 
     w, xs = _randn(3), _randn(4, 6)
     assert _scan_params(f, w, xs)[0]["num_consts"] == 1
-    check_against_jax(f, w, xs)
+    check_against_jax(f, w, xs, modes=("jit",))
 
 
 def test_third_order_through_scan():
@@ -240,12 +265,26 @@ def interp(w, x):
 BUILT_ON_SCAN = [fori_static, fori_static_pytree, lax_map, lax_map_batched, polyval, interp]
 
 
+def _check_built_on_scan(fun, dtype, modes=("eager", "jit", "vmap")):
+    w, x = _randn(4, dtype=dtype) * 0.5 + 1.0, _randn(5, 5, dtype=dtype)
+    assert "scan" in emitted(fun, w, x)
+    check_against_jax(fun, w, x, modes=modes)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("fun", BUILT_ON_SCAN, ids=[f.__name__ for f in BUILT_ON_SCAN])
 def test_built_on_scan_against_jax(fun, dtype):
-    w, x = _randn(4, dtype=dtype) * 0.5 + 1.0, _randn(5, 5, dtype=dtype)
-    assert "scan" in emitted(fun, w, x)
-    check_against_jax(fun, w, x)
+    _check_built_on_scan(fun, dtype)
+
+
+@pytest.mark.parametrize(
+    "fun, dtype, mode",
+    [(fun, DTYPES[i % 2], ("jit", "eager", "vmap")[i % 3]) for i, fun in enumerate(BUILT_ON_SCAN)],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_built_on_scan_in_one_mode(fun, dtype, mode):
+    _check_built_on_scan(fun, dtype, modes=(mode,))
 
 
 @pytest.mark.parametrize("fun", [assoc_scan, assoc_scan_reverse])
@@ -253,7 +292,7 @@ def test_associative_scan_against_jax(fun):
     # associative_scan unrolls into slices and pads (no scan primitive): it must work too.
     w, x = _randn(6) * 0.5 + 1.0, _randn(7, 7)
     assert {"slice", "pad"} <= emitted(fun, w, x)
-    check_against_jax(fun, w, x)
+    check_against_jax(fun, w, x, modes=("jit",))
 
 
 def test_searchsorted_integer_output_inside_a_differentiated_loss():
@@ -267,7 +306,7 @@ def test_searchsorted_integer_output_inside_a_differentiated_loss():
     assert idx.dtype == jnp.int32
     for f in (cr.grad, lambda f: jax.jit(cr.grad(f))):
         np.testing.assert_allclose(f(loss)(x, q), jax.grad(loss)(x, q), rtol=1e-12)
-    check_against_jax(loss, x, q)
+    check_against_jax(loss, x, q, modes=("vmap",))
 
 
 # --- the backward pass is a scan ---------------------------------------------------------
@@ -453,6 +492,7 @@ def test_char_rnn_trains_with_jax_grads_at_every_step():
     assert losses[-1] < 0.99 * losses[0], losses  # it learns
 
 
+@pytest.mark.slow
 def test_char_rnn_gradients_eagerly_and_second_order():
     params = _rnn_params(jax.random.PRNGKey(1))
     tokens = jnp.array([1, 4, 2, 7, 3, 3, 0])
@@ -486,7 +526,12 @@ def test_neural_ode_rk4_eager_and_jit():
         got = f(ode_rk4, argnums=(0, 1))(theta, y0)
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
-    check_against_jax(lambda W, b, y0: ode_rk4((W, b), y0), *theta, y0)
+
+
+@pytest.mark.slow
+def test_neural_ode_rk4_against_jax_every_mode():
+    theta = (_randn(11, 3, 3), _randn(12, 3))
+    check_against_jax(lambda W, b, y0: ode_rk4((W, b), y0), *theta, _randn(13, 3))
 
 
 # --- the README's example -----------------------------------------------------------------

@@ -10,8 +10,8 @@ The rules are written with the traced ops of these modules (`mul`, `neg`,
 is itself recorded and can be differentiated again (higher order).
 
 The families import one way: `registry` <- `shape` <- `elementwise` <-
-`indexing`, `reductions`, `linalg` <- `calls` <- `loops` (scan, while). A new rule goes into the module
-of its family; `PRIMITIVES` (in `registry`) is the whole table.
+`indexing`, `reductions`, `linalg` <- `calls` <- `loops` (scan, while). A new
+rule goes into the module of its family; `PRIMITIVES` (in `registry`) is the whole table.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403

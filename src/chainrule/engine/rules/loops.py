@@ -158,7 +158,10 @@ def _backward_body(
             ct_carry = [lax.add(a, b) for a, b in zip(ct_carry, ct_saved, strict=True)]
         return [
             *(_as(ct, ins[i]) for ct, i in zip(ct_carry, at.carry, strict=True)),
-            *(_as(lax.add(s, ct), ins[i]) for s, ct, i in zip(sums, ct_consts, at.consts, strict=True)),
+            *(
+                _as(lax.add(total, ct), ins[i])
+                for total, ct, i in zip(sums, ct_consts, at.consts, strict=True)
+            ),
             *(_as(ct, ins[i]) for ct, i in zip(ct_xs, at.xs, strict=True)),
         ]
 
@@ -190,10 +193,13 @@ class _Scan(Primitive):
         g = g if isinstance(g, tuple) else (g,)
         cts = _cotangents(g[:n_out], node.ans[:n_out])
         residual_carries = node.ans[n_out:]
-        saved = [(ct, residual_carries[i - nc]) for ct, i in zip(g[n_out:], range(nc, nc + nk))]
-        ct_saved = [saved[i - nc] for i in at.carry]
-        residual_cts = any(ct is not None for ct, _ in ct_saved)
-        ct_saved = [zeros_like(r) if ct is None else ct for ct, r in ct_saved] if residual_cts else []
+        # At second order the saved carries are outputs with cotangents of their own.
+        ct_saved = [g[n_out + i - nc] for i in at.carry]
+        residual_cts = any(ct is not None for ct in ct_saved)
+        if residual_cts:
+            ct_saved = _cotangents(tuple(ct_saved), [residual_carries[i - nc] for i in at.carry])
+        else:
+            ct_saved = []
         consts, xs = node.primals[:nc], node.primals[nc + nk :]
         step, step_consts = _backward_body(body, nc, nk, residual_cts)
         results = scan_p.bind(
