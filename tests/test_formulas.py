@@ -108,6 +108,7 @@ NOT_ELEMENTWISE = {
     # custom_jvp formula against that rule before showing it)
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",
     "custom_vmap_call",
+    "scan", "while",
 }  # fmt: skip
 
 WITH_FORMULAS = sorted(n for n, p in PRIMITIVES.items() if getattr(p, "formulas", None))

@@ -10,10 +10,11 @@ The rules are written with the traced ops of these modules (`mul`, `neg`,
 is itself recorded and can be differentiated again (higher order).
 
 The families import one way: `registry` <- `shape` <- `elementwise` <-
-`indexing`, `reductions`, `linalg` <- `calls`; `convolution` (convolutions,
-on `shape`) <- `windows` (pooling: windowed reductions, on `indexing` too). A
-new rule goes into the module of its family; `PRIMITIVES` (in `registry`) is
-the whole table.
+`indexing`, `reductions`, `linalg` <- `calls` <- `loops` (scan, while);
+`convolution` (convolutions, on `shape`) <- `windows` (pooling: windowed
+reductions, on `indexing` too). A new rule goes into the module of its
+family; `PRIMITIVES` (in `registry`) is the whole table, and
+`python -m chainrule.engine.rules` prints it by family.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403
@@ -21,6 +22,7 @@ from chainrule.engine.rules.convolution import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403
 from chainrule.engine.rules.linalg import *  # noqa: F403
+from chainrule.engine.rules.loops import *  # noqa: F403
 from chainrule.engine.rules.reductions import *  # noqa: F403
 from chainrule.engine.rules.registry import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403

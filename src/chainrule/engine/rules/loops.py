@@ -1,0 +1,301 @@
+"""Loops: `scan` (and what JAX builds on it) and `while`.
+
+* `scan` (`lax.scan`, `lax.fori_loop` with static bounds, `lax.map`,
+  `jnp.searchsorted`, `jnp.interp`, `jnp.polyval`, ...): one node. Its
+  forward pass is the same scan, whose body also outputs the carry each step
+  starts from, stacked: those carries are the residuals. Its VJP is a scan in
+  the opposite direction whose step is chainrule's VJP of the body
+  (`core.vjp_flat`) at the saved carry; it carries the carries' cotangents and
+  the running sum of the loop constants' cotangents, and outputs the cotangent
+  of each `xs` slice. The body's forward is recomputed inside each backward
+  step (as `jax.checkpoint` would), so memory is one carry per step and the
+  compiled program does not grow with the length. The backward pass is a scan
+  of JAX values: a transform enclosing this one records it with this same
+  rule (second order).
+* `while` (`lax.while_loop`, `fori_loop` with traced bounds): evaluated as is
+  when no differentiated value reaches its carry (a counter, a tolerance in
+  the condition). A carry that depends on a differentiated value is traced;
+  differentiating it raises JAX's `ValueError` for reverse mode through a
+  while loop, naming the user's line: reverse mode needs the number of steps
+  known, as `lax.scan` and `fori_loop` with static bounds have it.
+
+None of this calls JAX's differentiation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+from jax._src import core as jcore  # jaxpr evaluation and tracing (JAX 0.10, pinned)
+from jax._src.interpreters import partial_eval as pe
+from jax._src.lax.lax import _convert_element_type
+from jax._src.util import weakref_lru_cache
+from jax.extend.core import primitives as jax_primitives
+
+from chainrule.engine import core
+from chainrule.engine.core import Primitive, Tracer, raw, vjp_flat, zeros_like
+from chainrule.engine.rules.calls import _cotangents
+from chainrule.engine.rules.registry import PRIMITIVES
+
+scan_p = jax_primitives.scan_p
+while_p = jax_primitives.while_p
+
+
+def _inexact(aval: Any) -> bool:
+    return bool(jax.dtypes.issubdtype(aval.dtype, np.inexact))
+
+
+def _trace_body(fun: Callable, in_avals: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """`fun` traced on `in_avals` as a scan body: a closed jaxpr without consts,
+    and the constants it needs, to be passed as the scan's leading operands."""
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in in_avals]
+    closed = jax.make_jaxpr(fun)(*structs)
+    return jcore.ClosedJaxpr(pe.convert_constvars_jaxpr(closed.jaxpr), ()), list(closed.consts)
+
+
+def _as(x: Any, aval: Any) -> Any:
+    """`x` with exactly `aval`'s dtype and weak type (a scan's carry must keep its type)."""
+    got = jcore.typeof(x)
+    if got.dtype == aval.dtype and got.weak_type == aval.weak_type:
+        return x
+    return _convert_element_type(x, aval.dtype, aval.weak_type)
+
+
+# --- scan ------------------------------------------------------------------------------
+
+# Parameters older JAX versions emit that do not change a scan's value: `linear`
+# marks operands for JAX's own transpose, `_split_transpose` says how JAX splits
+# its own transpose. chainrule's rule needs neither.
+_SCAN_HINTS = ("linear", "_split_transpose")
+
+
+@weakref_lru_cache
+def _with_residuals(body: Any, num_consts: int, num_carry: int) -> tuple[Any, list[Any]]:
+    """The body, also returning the carry it started from (one more `ys` per carry)."""
+
+    def step(*args):
+        carry = args[num_consts : num_consts + num_carry]
+        return [*jcore.eval_jaxpr(body.jaxpr, body.consts, *args), *carry]
+
+    return _trace_body(step, body.in_avals)
+
+
+def _scan_impl(*args, reverse, length, jaxpr, num_consts, num_carry, unroll):
+    """The scan's outputs, then the carry each step started from, stacked."""
+    step, consts = _with_residuals(jaxpr, num_consts, num_carry)
+    return scan_p.bind(
+        *consts,
+        *args,
+        reverse=reverse,
+        length=length,
+        jaxpr=step,
+        num_consts=len(consts) + num_consts,
+        num_carry=num_carry,
+        unroll=unroll,
+    )
+
+
+class _Layout:
+    """Which operands and outputs of a scan body carry cotangents.
+
+    Positions index the body's inputs (consts, carry, xs) and outputs (carry, ys).
+    """
+
+    def __init__(self, body: Any, num_consts: int, num_carry: int):
+        ins, outs = body.in_avals, body.out_avals
+        nc, nk = num_consts, num_carry
+        self.num_consts, self.num_carry, self.num_xs = nc, nk, len(ins) - nc - nk
+        self.consts = [i for i in range(nc) if _inexact(ins[i])]
+        self.carry = [i for i in range(nc, nc + nk) if _inexact(ins[i])]
+        self.xs = [i for i in range(nc + nk, len(ins)) if _inexact(ins[i])]
+        self.ys = [j for j in range(nk, len(outs)) if _inexact(outs[j])]
+
+
+@weakref_lru_cache
+def _backward_body(
+    body: Any, num_consts: int, num_carry: int, residual_cts: bool
+) -> tuple[Any, list[Any]]:
+    """One step of the backward scan.
+
+    Operands: the body's consts (constants of the backward scan); carried, the
+    cotangents of the differentiable carries and the sums of the consts'
+    cotangents; per step, the body's xs, the carry the forward step started
+    from, the cotangents of the differentiable ys and, with `residual_cts`,
+    those of the saved carries (the residuals are outputs too: a transform
+    enclosing this one differentiates the backward pass through them).
+    Outputs: the carried values one step back, and the cotangents of the
+    differentiable xs.
+    """
+    at = _Layout(body, num_consts, num_carry)
+    nc, nk, nx = at.num_consts, at.num_carry, at.num_xs
+    diff = [*at.consts, *at.carry, *at.xs]
+    ins, outs = body.in_avals, body.out_avals
+
+    def step(*args):
+        consts, args = args[:nc], args[nc:]
+        ct_carry, args = args[: len(at.carry)], args[len(at.carry) :]
+        sums, args = args[: len(at.consts)], args[len(at.consts) :]
+        xs, carry, args = args[:nx], args[nx : nx + nk], args[nx + nk :]
+        ct_ys, ct_saved = args[: len(at.ys)], args[len(at.ys) :]
+        primals = [*consts, *carry, *xs]
+
+        def forward(*diff_primals):
+            full = list(primals)
+            for i, x in zip(diff, diff_primals, strict=True):
+                full[i] = x
+            results = jcore.eval_jaxpr(body.jaxpr, body.consts, *full)
+            return [results[i - nc] for i in at.carry] + [results[j] for j in at.ys]
+
+        cts = vjp_flat(forward, [primals[i] for i in diff], [*ct_carry, *ct_ys])
+        ct_consts = cts[: len(at.consts)]
+        ct_carry = cts[len(at.consts) : len(at.consts) + len(at.carry)]
+        ct_xs = cts[len(at.consts) + len(at.carry) :]
+        if residual_cts:
+            ct_carry = [lax.add(a, b) for a, b in zip(ct_carry, ct_saved, strict=True)]
+        return [
+            *(_as(ct, ins[i]) for ct, i in zip(ct_carry, at.carry, strict=True)),
+            *(
+                _as(lax.add(total, ct), ins[i])
+                for total, ct, i in zip(sums, ct_consts, at.consts, strict=True)
+            ),
+            *(_as(ct, ins[i]) for ct, i in zip(ct_xs, at.xs, strict=True)),
+        ]
+
+    step_avals = [
+        *ins[:nc],
+        *(ins[i] for i in at.carry),
+        *(ins[i] for i in at.consts),
+        *ins[nc + nk :],
+        *ins[nc : nc + nk],
+        *(outs[j] for j in at.ys),
+        *((ins[i] for i in at.carry) if residual_cts else ()),
+    ]
+    return _trace_body(step, step_avals)
+
+
+class _Scan(Primitive):
+    """`lax.scan`: one node; its VJP is a reverse scan over VJPs of the body."""
+
+    def apply(self, trace, args, params):
+        params = self.taken(params)
+        n_out = len(params["jaxpr"].out_avals)
+        return list(core.bind(self, *args, **params))[:n_out]  # residuals stay in the node
+
+    def vjp(self, g, node):
+        p = node.params
+        body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
+        at = _Layout(body, nc, nk)
+        n_out = len(body.out_avals)
+        g = g if isinstance(g, tuple) else (g,)
+        cts = _cotangents(g[:n_out], node.ans[:n_out])
+        residual_carries = node.ans[n_out:]
+        # At second order the saved carries are outputs with cotangents of their own.
+        ct_saved = [g[n_out + i - nc] for i in at.carry]
+        residual_cts = any(ct is not None for ct in ct_saved)
+        if residual_cts:
+            ct_saved = _cotangents(tuple(ct_saved), [residual_carries[i - nc] for i in at.carry])
+        else:
+            ct_saved = []
+        consts, xs = node.primals[:nc], node.primals[nc + nk :]
+        step, step_consts = _backward_body(body, nc, nk, residual_cts)
+        results = scan_p.bind(
+            *step_consts,
+            *consts,
+            *(cts[i - nc] for i in at.carry),
+            *(zeros_like(node.primals[i]) for i in at.consts),
+            *xs,
+            *residual_carries,
+            *(cts[j] for j in at.ys),
+            *ct_saved,
+            reverse=not p["reverse"],
+            length=p["length"],
+            jaxpr=step,
+            num_consts=len(step_consts) + nc,
+            num_carry=len(at.carry) + len(at.consts),
+            unroll=p["unroll"],
+        )
+        by_operand = dict(zip([*at.carry, *at.consts, *at.xs], results, strict=True))
+        return [by_operand[i] for i in node.argnums]
+
+
+PRIMITIVES["scan"] = _Scan(
+    "scan",
+    _scan_impl,
+    ("reverse", "length", "jaxpr", "num_consts", "num_carry", "unroll"),
+    multiple_results=True,
+    implied_params=_SCAN_HINTS,
+)
+
+
+# --- while -----------------------------------------------------------------------------
+
+
+def _depends(jaxpr: Any, flags: Sequence[bool]) -> list[bool]:
+    """Which outputs of `jaxpr` a differentiable value flows to from the flagged inputs
+    (conservatively: every inexact output of an equation that reads one)."""
+    reached = {v for v, f in zip(jaxpr.invars, flags, strict=True) if f}
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, jcore.Literal) and v in reached for v in eqn.invars):
+            reached.update(v for v in eqn.outvars if _inexact(v.aval))
+    return [not isinstance(v, jcore.Literal) and v in reached for v in jaxpr.outvars]
+
+
+def _traced_carries(body: Any, body_nconsts: int, flags: Sequence[bool]) -> list[bool]:
+    """The carries that depend on the flagged body consts and initial carries,
+    after any number of steps (a fixed point of one step's dependence)."""
+    consts, carry = list(flags[:body_nconsts]), list(flags[body_nconsts:])
+    while True:
+        step = _depends(body.jaxpr, consts + carry)
+        grown = [a or b for a, b in zip(carry, step, strict=True)]
+        if grown == carry:
+            return carry
+        carry = grown
+
+
+def _while_impl(*args, where, **params):
+    return while_p.bind(*args, **params)
+
+
+class _While(Primitive):
+    """`lax.while_loop`: forward only. A carry that depends on a differentiated
+    value is one node whose VJP raises JAX's error for reverse mode through a
+    while loop."""
+
+    def apply(self, trace, args, params):
+        params = self.taken(params)
+        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+        owned = [
+            isinstance(a, Tracer) and a._trace is trace and core.is_differentiable(raw(a))
+            for a in args
+        ]
+        traced = _traced_carries(params["body_jaxpr"], n_body, owned[n_cond:])
+        if not any(traced):  # the loop's results do not depend on what we differentiate
+            values = [a.value if isinstance(a, Tracer) and a._trace is trace else a for a in args]
+            with jcore.set_current_trace(trace.parent):
+                return list(while_p.bind(*values, **params))
+        outs = core.bind(self, *args, where=core.user_frame(), **params)
+        return [
+            o if keep or not (isinstance(o, Tracer) and o._trace is trace) else o.value
+            for o, keep in zip(outs, traced, strict=True)
+        ]
+
+    def vjp(self, g, node):
+        raise ValueError(
+            "Reverse-mode differentiation does not work for lax.while_loop or "
+            "lax.fori_loop with dynamic start/stop values: the loop at "
+            f"{node.params['where'] or '(unknown line)'} carries a value that depends on "
+            "a differentiated input. Use lax.scan, or lax.fori_loop with static (Python "
+            "int) start/stop values, which chainrule differentiates."
+        )
+
+
+PRIMITIVES["while"] = _While(
+    "while",
+    _while_impl,
+    ("cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts"),
+    multiple_results=True,
+)
