@@ -21,3 +21,4 @@ from chainrule.engine.rules.linalg import *  # noqa: F403
 from chainrule.engine.rules.reductions import *  # noqa: F403
 from chainrule.engine.rules.registry import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403
+from chainrule.engine.rules.sorting import *  # noqa: F403
