@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from jax import lax
+from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core
 from chainrule.engine.core import Primitive, zeros_like
@@ -46,6 +47,14 @@ def _scatter_along(g: Any, positions: Any, axis: int, x: Any) -> Any:
         unique_indices=False,
         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
     )
+
+
+# --- comparisons in the total order sorts use (searchsorted emits them) ---------------
+# -0.0 < 0.0 and NaNs at the ends: no gradient, no NumPy version (NumPy has no
+# such comparison), so they run through JAX.
+
+for _name in ("eq_to", "le_to", "lt_to"):
+    primitive(_name, getattr(jax_primitives, _name + "_p").bind, differentiable=False)
 
 
 # --- sort ----------------------------------------------------------------------------
