@@ -112,26 +112,19 @@ def _cumulative_vjp(combine):
     return maker
 
 
-def _cumulative(name: str, impl, combine, host=None) -> Primitive:
+# No NumPy versions: XLA orders -0.0 below 0.0 in max/min and multiplies in its
+# own order, so NumPy's accumulate would not give exactly the same values.
+def _cumulative(name: str, impl, combine) -> Primitive:
     prim = primitive(
-        name, lambda x, axis, reverse=False: impl(x, axis, reverse), ("axis", "reverse"), host=host
+        name, lambda x, axis, reverse=False: impl(x, axis, reverse), ("axis", "reverse")
     )
     defvjp(prim, _cumulative_vjp(combine))
     return prim
 
 
-def _host_accumulate(ufunc):
-    def run(x, axis, reverse=False):
-        if reverse:
-            return np.flip(ufunc.accumulate(np.flip(x, axis), axis), axis)
-        return ufunc.accumulate(x, axis)
-
-    return run
-
-
 cumprod_p = _cumulative("cumprod", lax.cumprod, lax.mul)
-cummax_p = _cumulative("cummax", lax.cummax, lax.max, host=_host_accumulate(np.maximum))
-cummin_p = _cumulative("cummin", lax.cummin, lax.min, host=_host_accumulate(np.minimum))
+cummax_p = _cumulative("cummax", lax.cummax, lax.max)
+cummin_p = _cumulative("cummin", lax.cummin, lax.min)
 cumlogsumexp_p = _cumulative("cumlogsumexp", lax.cumlogsumexp, logaddexp)
 
 
