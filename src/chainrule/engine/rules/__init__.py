@@ -27,3 +27,4 @@ from chainrule.engine.rules.reductions import *  # noqa: F403
 from chainrule.engine.rules.registry import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403
 from chainrule.engine.rules.windows import *  # noqa: F403
+from chainrule.engine.rules.sorting import *  # noqa: F403

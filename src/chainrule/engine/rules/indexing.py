@@ -13,9 +13,10 @@ from jax._src.lax import lax as lax_internal  # unstack_p (JAX 0.10, pinned)
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine.core import Primitive, raw
-from chainrule.engine.rules.elementwise import select_n, sub
+from chainrule.engine.rules.elementwise import add, mul, neg, select_n, sub
 from chainrule.engine.rules.registry import const, defvjp, primitive, shape_of, zeros_like
 from chainrule.engine.rules.shape import reduce_sum, reshape
+from chainrule.errors import NoVJPRuleError
 
 
 def _host_pad(x, padding_value, padding_config):
@@ -416,3 +417,117 @@ scatter_p = primitive(
 
 defvjp(gather_p, _gather_vjp, None)
 defvjp(scatter_add_p, lambda ans, x, *a, **p: lambda g: g, None, _scatter_add_updates_vjp)
+
+_SCATTER_PARAMS = ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode")
+
+scatter_sub_p = primitive(
+    "scatter-sub",
+    lambda x, indices, updates, **p: lax.scatter_sub(x, indices, updates, **p),
+    _SCATTER_PARAMS,
+    implied_params=("update_jaxpr", "update_consts"),  # the combiner: subtract
+)
+
+
+def _scatter_sub_updates_vjp(ans, x, indices, updates, **params):
+    read = _scatter_add_updates_vjp(ans, x, indices, updates, **params)
+    return lambda g: neg(read(g))
+
+
+defvjp(scatter_sub_p, lambda ans, x, *a, **p: lambda g: g, None, _scatter_sub_updates_vjp)
+
+scatter_mul_p = primitive(
+    "scatter-mul",
+    lambda x, indices, updates, **p: lax.scatter_mul(x, indices, updates, **p),
+    _SCATTER_PARAMS,
+    implied_params=("update_jaxpr", "update_consts"),  # the combiner: multiply
+)
+
+
+def _scatter_mul_operand_vjp(ans, x, indices, updates, **params):
+    """out = x * (the product of the updates at each position): linear in x."""
+    return lambda g: scatter_mul_p.bind(g, indices, updates, **params)
+
+
+def _scatter_mul_updates_vjp(ans, x, indices, updates, **params):
+    """With unique indices each update multiplies one position: its cotangent is
+    g * x there. With duplicates JAX defines no rule, and neither do we."""
+    if not params["unique_indices"]:
+        raise NoVJPRuleError(
+            "scatter-mul",
+            detail="its gradient with respect to the updates (the factors of "
+            "x.at[i].multiply(y), the divisors of .divide, the exponents' base of .power) "
+            "is defined only for unique indices, as in JAX. If your indices have no "
+            "duplicates, say so: x.at[i].multiply(y, unique_indices=True)",
+        )
+    read = _scatter_add_updates_vjp(ans, x, indices, updates, **params)
+    return lambda g: read(mul(g, x))
+
+
+defvjp(scatter_mul_p, _scatter_mul_operand_vjp, None, _scatter_mul_updates_vjp)
+
+
+class _ScatterExtremal(Primitive):
+    """scatter-min / scatter-max. JAX's rule, transposed: a position of `x` keeps
+    its cotangent unless an update replaced it; when several values tie for the
+    result (updates among themselves, or with the original), they share the
+    cotangent evenly. The shares are JAX's, computed from the primal values
+    with JAX's gathers and scatters (their default modes included), so
+    out-of-bounds indices give what `jax.grad` gives."""
+
+    def vjp(self, g, node):
+        x, indices, updates = node.primals
+        dn, mode = node.params["dimension_numbers"], node.params["mode"]
+        gather_dn, slice_sizes = _scatter_as_gather(dn, x, updates)
+        x_, indices_, updates_, ans_ = raw(x), raw(indices), raw(updates), raw(node.ans)
+        one = np.ones((), updates_.dtype)
+
+        def read(a):
+            return lax.gather(a, indices_, gather_dn, slice_sizes)
+
+        def count(where):
+            return read(lax.scatter_add(lax.full_like(x_, 0), indices_, where, dn))
+
+        def where(which, a, b):
+            return lax.select(which, lax.full_like(updates_, a), lax.full_like(updates_, b))
+
+        target = read(ans_)
+        won, kept = lax.eq(updates_, target), lax.eq(read(x_), target)
+        winners, references = count(where(won, 1, 0)), count(where(won, 1, 1))
+        share = lax.div(one, lax.add(winners, one))  # with the original value
+        updates_coef = lax.select(
+            won, lax.select(kept, share, lax.div(one, winners)), where(won, 0, 0)
+        )
+        operand_coef = lax.div(lax.sub(lax.select(kept, share, where(won, 0, 0)), one), references)
+        at_updates = gather_p.bind(
+            g, indices, dimension_numbers=gather_dn, slice_sizes=slice_sizes,
+            indices_are_sorted=node.params["indices_are_sorted"],
+            unique_indices=node.params["unique_indices"], mode=mode, fill_value=0,
+        )  # fmt: skip
+        out = []
+        for i in node.argnums:
+            if i == 0:
+                replaced = scatter_add_p.bind(
+                    zeros_like(g), indices, mul(at_updates, operand_coef), dimension_numbers=dn,
+                    indices_are_sorted=False, unique_indices=False,
+                    mode=lax.GatherScatterMode.FILL_OR_DROP,
+                )  # fmt: skip
+                out.append(add(g, replaced))
+            elif i == 2:
+                out.append(mul(at_updates, updates_coef))
+        return out
+
+
+scatter_min_p = primitive(
+    "scatter-min",
+    lambda x, indices, updates, **p: lax.scatter_min(x, indices, updates, **p),
+    _SCATTER_PARAMS,
+    cls=_ScatterExtremal,
+    implied_params=("update_jaxpr", "update_consts"),  # the combiner: min
+)
+scatter_max_p = primitive(
+    "scatter-max",
+    lambda x, indices, updates, **p: lax.scatter_max(x, indices, updates, **p),
+    _SCATTER_PARAMS,
+    cls=_ScatterExtremal,
+    implied_params=("update_jaxpr", "update_consts"),  # the combiner: max
+)

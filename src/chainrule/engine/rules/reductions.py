@@ -1,11 +1,18 @@
-"""Reductions other than sums: max, min, argmax/argmin, cumulative sums."""
+"""Reductions other than sums: max, min, argmax/argmin, products, a user's
+`lax.reduce`, boolean and bitwise ones, and the cumulative reductions."""
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
 import numpy as np
 from jax import lax
+from jax._src import core as jcore  # eval_jaxpr (JAX 0.10, pinned)
+from jax._src.lax.other import logaddexp  # the combine JAX's cumlogsumexp rule scans with
+from jax.extend.core import primitives as jax_primitives
 
-from chainrule.engine.core import raw
+from chainrule.engine.core import Primitive, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.elementwise import div, eq, mul
 from chainrule.engine.rules.registry import defvjp, dtype_of, primitive, shape_of
 from chainrule.engine.rules.shape import (
@@ -14,6 +21,7 @@ from chainrule.engine.rules.shape import (
     kept_dims,
     reduce_sum,
 )
+from chainrule.errors import NoVJPRuleError
 
 reduce_max_p = primitive(
     "reduce_max",
@@ -83,3 +91,147 @@ defvjp(
     cumsum_p,
     lambda ans, x, axis, reverse: lambda g: cumsum_p.bind(g, axis=axis, reverse=not reverse),
 )
+
+
+# --- cumulative reductions other than sums -------------------------------------------
+# JAX defines their derivatives as those of the parallel prefix scan
+# `lax.associative_scan(combine, x)`, whatever the backend computes the
+# forward pass with. The rule is therefore chainrule's own VJP of that scan
+# (its slices, pads and combines, each by its rule), run in the backward pass:
+# the same derivative as JAX's, ties of cummax/cummin and zeros of cumprod
+# included, and differentiable again.
+
+
+def _cumulative_vjp(combine):
+    def maker(ans, x, axis, reverse):
+        def scan(x):
+            return [lax.associative_scan(combine, x, axis=axis, reverse=reverse)]
+
+        return lambda g: vjp_flat(scan, [x], [g])[0]
+
+    return maker
+
+
+# No NumPy versions: XLA orders -0.0 below 0.0 in max/min and multiplies in its
+# own order, so NumPy's accumulate would not give exactly the same values.
+def _cumulative(name: str, impl, combine) -> Primitive:
+    prim = primitive(
+        name, lambda x, axis, reverse=False: impl(x, axis, reverse), ("axis", "reverse")
+    )
+    defvjp(prim, _cumulative_vjp(combine))
+    return prim
+
+
+cumprod_p = _cumulative("cumprod", lax.cumprod, lax.mul)
+cummax_p = _cumulative("cummax", lax.cummax, lax.max)
+cummin_p = _cumulative("cummin", lax.cummin, lax.min)
+cumlogsumexp_p = _cumulative("cumlogsumexp", lax.cumlogsumexp, logaddexp)
+
+
+# --- products and generic reductions -------------------------------------------------
+# As for the cumulative ones, JAX differentiates reduce_prod and `lax.reduce`
+# through a balanced tree of the reducer (halves combined pairwise, the odd
+# half padded with the initial value): a product's derivative is then right
+# with zeros in the input (one zero or several), where dividing by x is not.
+
+
+def _tree_reduce(reducer, init_values, xs, axes):
+    """`reducer` (arrays -> arrays, elementwise) applied pairwise along `axes`."""
+    shape = shape_of(xs[0])
+    rest = tuple(d for d in range(len(shape)) if d not in axes)
+    n = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    flat = (n,) + tuple(shape[d] for d in rest)
+    xs = [lax.reshape(x, flat, tuple(axes) + rest) for x in xs]
+    while n > 1:
+        half = (n + 1) // 2
+        firsts = [lax.slice_in_dim(x, 0, half) for x in xs]
+        seconds = [lax.slice_in_dim(x, half, n) for x in xs]
+        if n - half != half:
+            config = [(0, 1, 0)] + [(0, 0, 0)] * len(rest)
+            seconds = [
+                lax.pad(x, init, config) for x, init in zip(seconds, init_values, strict=True)
+            ]
+        xs = list(reducer(*firsts, *seconds))
+        n = half
+    if n == 0:
+        return [
+            lax.full(flat[1:], init, dtype_of(x)) for x, init in zip(xs, init_values, strict=True)
+        ]
+    return [lax.squeeze(x, (0,)) for x in xs]
+
+
+reduce_prod_p = primitive("reduce_prod", lambda x, axes: lax.reduce_prod(x, axes), ("axes",))
+
+
+def _reduce_prod_vjp(ans, x, axes):
+    one = np.ones((), dtype_of(x))
+
+    def product(x):
+        return _tree_reduce(lambda a, b: [lax.mul(a, b)], [one], [x], axes)
+
+    return lambda g: vjp_flat(product, [x], [g])[0]
+
+
+defvjp(reduce_prod_p, _reduce_prod_vjp)
+
+
+class _Reduce(Primitive):
+    """`lax.reduce` with a user's reducer (a jaxpr over scalars): operands, then
+    as many initial values. Only the operands are differentiated, as in JAX."""
+
+    def vjp(self, g, node):
+        n = len(node.primals) // 2
+        if any(i >= n for i in node.argnums):
+            raise NoVJPRuleError(
+                "reduce",
+                detail="its initial values are differentiated; JAX does not define that "
+                "either. Pass constant initial values (e.g. 0.0 for a sum)",
+            )
+        operands, init_values = node.primals[:n], node.primals[n:]
+        jaxpr, dimensions = node.params["jaxpr"], node.params["dimensions"]
+        rest = len(shape_of(operands[0])) - len(dimensions)
+
+        def reducer(*args):
+            fun = partial(jcore.eval_jaxpr, jaxpr.jaxpr, jaxpr.consts)
+            for _ in range(rest + 1):  # the jaxpr takes scalars
+                fun = jax.vmap(fun)
+            return fun(*args)
+
+        def reduction(*diff):
+            full = list(operands)
+            for i, x in zip(node.argnums, diff, strict=True):
+                full[i] = x
+            return _tree_reduce(reducer, init_values, full, dimensions)
+
+        cts = [zeros_like(a) if ct is None else ct for ct, a in zip(g, node.ans, strict=True)]
+        return vjp_flat(reduction, [operands[i] for i in node.argnums], cts)
+
+
+reduce_p = primitive(
+    "reduce",
+    lambda *args, computation, jaxpr, dimensions: jax_primitives.reduce_p.bind(
+        *args, computation=computation, jaxpr=jaxpr, dimensions=tuple(dimensions)
+    ),
+    ("computation", "jaxpr", "dimensions"),
+    multiple_results=True,
+    cls=_Reduce,
+)
+
+
+# --- boolean and bitwise reductions (no gradient) ------------------------------------
+
+
+def _bitwise_reduction(name: str, ufunc) -> Primitive:
+    jax_prim = getattr(jax_primitives, name + "_p")
+    return primitive(
+        name,
+        lambda x, axes: jax_prim.bind(x, axes=tuple(axes)),
+        ("axes",),
+        host=lambda x, axes: ufunc.reduce(x, tuple(axes)),
+        differentiable=False,
+    )
+
+
+reduce_and_p = _bitwise_reduction("reduce_and", np.bitwise_and)
+reduce_or_p = _bitwise_reduction("reduce_or", np.bitwise_or)
+reduce_xor_p = _bitwise_reduction("reduce_xor", np.bitwise_xor)
