@@ -55,15 +55,21 @@ def _diag(x: Any) -> Any:
     return jnp.diagonal(x, axis1=-2, axis2=-1)
 
 
-def _diag_matrix(v: Any) -> Any:
-    """A (..., n, n) matrix with `v` (..., n) on its diagonal."""
-    n = shape_of(v)[-1]
-    return jnp.eye(n, dtype=dtype_of(v)) * v[..., None, :]
+def _eye(n: int, like: Any, k: int = 0) -> Any:
+    """The n x n identity (ones from the k-th diagonal block on) in `like`'s
+    dtype and rank (leading axes of size 1), so no operation promotes ranks."""
+    eye = jnp.pad(jnp.eye(n - k, dtype=dtype_of(like)), [(k, 0), (k, 0)])
+    return jnp.reshape(eye, (1,) * (len(shape_of(like)) - 2) + (n, n))
 
 
 def _eye_like(x: Any) -> Any:
-    n = shape_of(x)[-1]
-    return jnp.eye(n, dtype=dtype_of(x))
+    """The identity of `x`'s last dimension, `x`'s dtype and rank."""
+    return _eye(shape_of(x)[-1], x)
+
+
+def _diag_matrix(v: Any) -> Any:
+    """A (..., n, n) matrix with `v` (..., n) on its diagonal."""
+    return _eye(shape_of(v)[-1], v[..., None]) * v[..., None, :]
 
 
 def _tri_solve(a: Any, b: Any, **flags: bool) -> Any:
@@ -189,9 +195,9 @@ def _lu_factors(packed: Any) -> tuple[Any, Any]:
     k = min(m, n)
     batch = [(0, 0)] * (len(shape_of(packed)) - 2)
     low = jnp.pad(jnp.tril(packed[..., :, :k], -1), [*batch, (0, 0), (0, m - k)])
-    low = low + jnp.eye(m, dtype=dtype_of(packed))
+    low = low + _eye(m, packed)
     up = jnp.pad(jnp.triu(packed[..., :k, :]), [*batch, (0, n - k), (0, 0)])
-    up = up + jnp.pad(jnp.eye(n - k, dtype=dtype_of(packed)), [(k, 0), (k, 0)])
+    up = up + _eye(n, packed, k)
     return low, up
 
 
@@ -419,7 +425,7 @@ def _eig_rule(g: Any, node: Node) -> list[Any]:
         enable_eigvec_derivs=params["enable_eigvec_derivs"],
         implementation=params["implementation"],
     )
-    a_bar = _T(jnp.linalg.solve(v, _mm(_diag_matrix(w_bar.astype(dtype_of(v))), _T(v))))
+    a_bar = jnp.linalg.solve(_T(v), _mm(_diag_matrix(w_bar.astype(dtype_of(v))), _T(v)))
     return [a_bar if _is_complex(a) else jnp.real(a_bar).astype(dtype_of(a))]
 
 
