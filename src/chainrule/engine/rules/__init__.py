@@ -19,6 +19,10 @@ family; `PRIMITIVES` (in `registry`) is the whole table, and
 
 from chainrule.engine.rules.calls import *  # noqa: F403
 from chainrule.engine.rules.convolution import *  # noqa: F403
+`indexing`, `reductions`, `linalg` <- `calls`; `decompositions` (matrix
+factorizations and solves) imports `registry` only. A new rule goes into the module
+of its family; `PRIMITIVES` (in `registry`) is the whole table.
+from chainrule.engine.rules.decompositions import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403
 from chainrule.engine.rules.linalg import *  # noqa: F403
