@@ -10,7 +10,7 @@ The rules are written with the traced ops of these modules (`mul`, `neg`,
 is itself recorded and can be differentiated again (higher order).
 
 The families import one way: `registry` <- `shape` <- `elementwise` <-
-`indexing`, `reductions`, `linalg` <- `calls`. A new rule goes into the module
+`indexing`, `reductions`, `linalg`, `special` <- `calls`. A new rule goes into the module
 of its family; `PRIMITIVES` (in `registry`) is the whole table.
 """
 
@@ -21,3 +21,4 @@ from chainrule.engine.rules.linalg import *  # noqa: F403
 from chainrule.engine.rules.reductions import *  # noqa: F403
 from chainrule.engine.rules.registry import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403
+from chainrule.engine.rules.special import *  # noqa: F403
