@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from jax import lax
 from jax.extend.core import primitives as jax_primitives
@@ -234,10 +235,15 @@ def _random_gamma_vjp(ans, key, a, *, log_space):
     if log_space:
         sample = exp(ans)
         sample = select_n(eq(sample, const(sample, 0)), sample, full_like(sample, _tiny(sample)))
-        da = div(lax.random_gamma_grad(a, sample), sample)
+        da = div(_random_gamma_grad(a, sample), sample)
     else:
-        da = lax.random_gamma_grad(a, ans)
+        da = _random_gamma_grad(a, ans)
     return lambda g: mul(g, da)
+
+
+# Compiled once per shape: eagerly, its while loops would be traced and compiled
+# again on every call. (On chainrule's values, its body is evaluated inline.)
+_random_gamma_grad = jax.jit(lax.random_gamma_grad)
 
 
 def _tiny(x: Any) -> float:
