@@ -58,3 +58,18 @@ class NonFiniteGradientError(ChainruleError, FloatingPointError):
 
 class TapError(ChainruleError, ValueError):
     """`cr.tap` was used wrongly (no name or hook, a name used twice, a bad hook)."""
+class NotDifferentiableError(NoVJPRuleError, ValueError):
+    """An argument that JAX does not differentiate either (`jax.grad` raises ValueError there).
+    E.g. polygamma's order `m`, or the shape parameters `a` and `b` of the
+    regularized incomplete beta function.
+    """
+    def __init__(self, primitive: str, argument: str, where: str | None = None):
+        ChainruleError.__init__(
+            self,
+            f"'{primitive}' is not differentiable with respect to its argument {argument}"
+            f"{f' (used at {where})' if where else ''}: JAX defines no derivative there either "
+            "(jax.grad raises ValueError). Hold that argument fixed: pass it as a constant, "
+            "or wrap it in jax.lax.stop_gradient if a zero gradient is what you mean.",
+        )
+        self.primitive = primitive
+        self.where = where

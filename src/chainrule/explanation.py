@@ -46,6 +46,7 @@ from jax import lax
 
 from chainrule.engine import core, debugging, transforms
 from chainrule.engine.core import Node, Tracer, raw
+from chainrule.engine.rules.registry import FORMULA_FUNCTIONS
 from chainrule.errors import ChainruleError
 
 __all__ = ["Edge", "Explanation", "GraphvizNotFoundError", "Row", "explain"]
@@ -797,6 +798,8 @@ def _evaluate_formula(
     """A formula's value with NumPy: `x`, `y`, `z` are the operands, `out` the output."""
     code = compile(formula, "<formula>", "eval")
     env = {name: getattr(np, name) for name in code.co_names if hasattr(np, name)}
+    special = FORMULA_FUNCTIONS  # special functions (digamma, ...) beyond NumPy's
+    env.update((name, special[name]) for name in code.co_names if name in special)
     env.update(params or {})
     env.update(zip(_OPERANDS, operands, strict=False))
     env["out"] = out

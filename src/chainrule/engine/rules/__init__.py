@@ -15,6 +15,8 @@ The families import one way: `registry` <- `shape` <- `elementwise` <-
 reductions, on `indexing` too). A new rule goes into the module of its
 family; `PRIMITIVES` (in `registry`) is the whole table, and
 `python -m chainrule.engine.rules` prints it by family.
+`indexing`, `reductions`, `linalg`, `special` <- `calls`. A new rule goes into the module
+of its family; `PRIMITIVES` (in `registry`) is the whole table.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403
@@ -32,3 +34,4 @@ from chainrule.engine.rules.registry import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403
 from chainrule.engine.rules.windows import *  # noqa: F403
 from chainrule.engine.rules.sorting import *  # noqa: F403
+from chainrule.engine.rules.special import *  # noqa: F403

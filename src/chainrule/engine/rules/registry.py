@@ -13,6 +13,11 @@ from jax import lax
 
 from chainrule.engine.core import PRIMITIVES, Primitive, raw, zeros_like  # noqa: F401 (re-exported)
 
+FORMULA_FUNCTIONS: dict[str, Callable] = {}
+"""Functions beyond NumPy's that formulas may name (`digamma`, `bessel_i1e`, ...),
+each from NumPy arrays to a NumPy array; filled by the rule modules whose
+formulas use them (see `defvjp`)."""
+
 
 def primitive(
     name: str,
@@ -54,7 +59,8 @@ def defvjp(
       - the primitive's parameters, by name (integer_pow's exponent `y`);
       - numbers, `+ - * / **`, comparisons, `&` and `|` on comparisons;
       - NumPy's functions and constants by their NumPy names (`where`, `abs`,
-        `sign`, `floor`, `sqrt`, `exp`, `log`, `sin`, `cos`, `pi`, ...).
+        `sign`, `floor`, `sqrt`, `exp`, `log`, `sin`, `cos`, `pi`, ...);
+      - the functions in `FORMULA_FUNCTIONS` (special functions: `digamma`, ...).
     Write what the rule computes, not the textbook: abs is
     `where(x >= 0, 1, -1)` (+1 at 0), max's first operand
     `where(x > y, 1, where(x == y, 0.5, 0))` (ties split ½-½).
