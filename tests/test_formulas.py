@@ -116,7 +116,6 @@ NOT_ELEMENTWISE = {
     "reduce_max", "reduce_min", "cumsum", "unstack", "ragged_dot_general", "name",
     "conv_general_dilated", "reduce_window_sum", "reduce_window_max", "reduce_window_min",
     "reduce_window", "select_and_scatter_add", "select_and_gather_add",
-    "reduce_max", "reduce_min", "cumsum",
     "sort", "top_k", "approx_top_k", "cumprod", "cummax", "cummin", "cumlogsumexp",
     "reduce_prod", "reduce", "scatter-sub", "scatter-mul", "scatter-min", "scatter-max",
     # call-like: a body of other primitives, or a user's rule (explain checks a

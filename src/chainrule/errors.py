@@ -58,11 +58,14 @@ class NonFiniteGradientError(ChainruleError, FloatingPointError):
 
 class TapError(ChainruleError, ValueError):
     """`cr.tap` was used wrongly (no name or hook, a name used twice, a bad hook)."""
+
+
 class NotDifferentiableError(NoVJPRuleError, ValueError):
     """An argument that JAX does not differentiate either (`jax.grad` raises ValueError there).
     E.g. polygamma's order `m`, or the shape parameters `a` and `b` of the
     regularized incomplete beta function.
     """
+
     def __init__(self, primitive: str, argument: str, where: str | None = None):
         ChainruleError.__init__(
             self,

@@ -10,20 +10,16 @@ The rules are written with the traced ops of these modules (`mul`, `neg`,
 is itself recorded and can be differentiated again (higher order).
 
 The families import one way: `registry` <- `shape` <- `elementwise` <-
-`indexing`, `reductions`, `linalg` <- `calls` <- `loops` (scan, while);
-`convolution` (convolutions, on `shape`) <- `windows` (pooling: windowed
-reductions, on `indexing` too). A new rule goes into the module of its
-family; `PRIMITIVES` (in `registry`) is the whole table, and
+`indexing`, `reductions`, `linalg`, `special` <- `calls` <- `loops` (scan,
+while); `sorting` (sort, top_k); `convolution` (convolutions, on `shape`) <-
+`windows` (pooling: windowed reductions, on `indexing` too);
+`decompositions` (matrix factorizations and solves). A new rule goes into the
+module of its family; `PRIMITIVES` (in `registry`) is the whole table, and
 `python -m chainrule.engine.rules` prints it by family.
-`indexing`, `reductions`, `linalg`, `special` <- `calls`. A new rule goes into the module
-of its family; `PRIMITIVES` (in `registry`) is the whole table.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403
 from chainrule.engine.rules.convolution import *  # noqa: F403
-`indexing`, `reductions`, `linalg` <- `calls`; `decompositions` (matrix
-factorizations and solves) imports `registry` only. A new rule goes into the module
-of its family; `PRIMITIVES` (in `registry`) is the whole table.
 from chainrule.engine.rules.decompositions import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403
@@ -32,6 +28,6 @@ from chainrule.engine.rules.loops import *  # noqa: F403
 from chainrule.engine.rules.reductions import *  # noqa: F403
 from chainrule.engine.rules.registry import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403
-from chainrule.engine.rules.windows import *  # noqa: F403
 from chainrule.engine.rules.sorting import *  # noqa: F403
 from chainrule.engine.rules.special import *  # noqa: F403
+from chainrule.engine.rules.windows import *  # noqa: F403
