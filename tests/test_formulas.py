@@ -105,6 +105,7 @@ NOT_ELEMENTWISE = {
     # complex parts (real, imag, x + iy, conj): linear maps between real and complex
     # numbers, whose local derivative is no real number
     "real", "imag", "complex", "conj",
+    "fft",
     # call-like: a body of other primitives, or a user's rule (explain checks a
     # custom_jvp formula against that rule before showing it)
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",
