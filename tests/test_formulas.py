@@ -118,6 +118,10 @@ NOT_ELEMENTWISE = {
     "reduce_window", "select_and_scatter_add", "select_and_gather_add",
     "sort", "top_k", "approx_top_k", "cumprod", "cummax", "cummin", "cumlogsumexp",
     "reduce_prod", "reduce", "scatter-sub", "scatter-mul", "scatter-min", "scatter-max",
+    # complex parts (real, imag, x + iy, conj): linear maps between real and complex
+    # numbers, whose local derivative is no real number
+    "real", "imag", "complex", "conj",
+    "fft",
     # call-like: a body of other primitives, or a user's rule (explain checks a
     # custom_jvp formula against that rule before showing it)
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",

@@ -103,10 +103,12 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
         dtype = jnp.result_type(dtype, float)
     if all(_is_weak(a) for a in args):  # as in JAX, the result stays weakly typed:
         # lax takes the Python numbers as they are and keeps the weak type.
-        # A Python int beside floats becomes a float, as lax wants one kind.
+        # A Python int beside floats becomes a float (beside complex numbers a
+        # complex), as lax wants one kind.
         inexact_result = jnp.issubdtype(dtype, jnp.inexact)
+        kind = complex if jnp.issubdtype(dtype, jnp.complexfloating) else float
         return [
-            (float(a) if inexact_result and not isinstance(a, bool) else a)
+            (kind(a) if inexact_result and not isinstance(a, bool) else a)
             if isinstance(a, _PYTHON_SCALARS)
             else _as_operand(a, dtype)
             for a in args

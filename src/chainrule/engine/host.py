@@ -99,6 +99,8 @@ def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     arrays a loss closes over) or Python numbers (given the first array's
     dtype, as lax does for weakly typed literals). A JAX tracer among the
     operands means JAX is tracing: the primitive then runs through JAX.
+    Complex values always run through JAX: NumPy's complex functions are not
+    XLA's to the last bit (and branch cuts), so they stay JAX's.
     """
     if not (_enabled and (_on_cpu if _on_cpu is not None else enabled())):
         return None
@@ -106,12 +108,16 @@ def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     needs_conversion = False
     for a in args:
         if isinstance(a, _HOST_TYPES):
+            if a.dtype.kind == "c":
+                return None
             seen_host = True
         elif isinstance(a, jax.core.Tracer):
             return None
         elif isinstance(a, (jax.Array, int, float)):
-            if isinstance(a, jax.Array) and not isinstance(a.dtype, np.dtype):
-                return None  # an extended dtype (PRNG keys): JAX's alone
+            if isinstance(a, jax.Array) and (
+                not isinstance(a.dtype, np.dtype) or a.dtype.kind == "c"
+            ):
+                return None  # an extended dtype (PRNG keys) or complex: JAX's alone
             needs_conversion = True
         else:
             return None

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,11 +82,18 @@ def _arg_name(fun: Callable, i: int) -> str:
     return f"argument {i}"
 
 
-def _box_leaf(x: Any, where: Callable[[], str], fun_name: str, trace: Trace) -> Tracer:
-    """Boxes one leaf; `where()` names it, and is only called to report an error."""
-    on_host = host.to_host(x)
-    if on_host is not None:  # a float32/float64 array: nothing to check
-        return trace.new_input(on_host)
+def _box_leaf(
+    x: Any, where: Callable[[], str], fun_name: str, trace: Trace, mode: _InputMode
+) -> Any:
+    """Boxes one leaf; `where()` names it, and is only called to report an error.
+
+    An integer or boolean leaf that `mode` allows (`allow_int`, or `cr.vjp`) is
+    returned unboxed: its cotangent is a float0 zero array, as in JAX.
+    """
+    if not mode.holomorphic:
+        on_host = host.to_host(x)
+        if on_host is not None:  # a float32/float64 array: nothing to check
+            return trace.new_input(on_host)
     if isinstance(x, (Tracer, jax.Array)) or isinstance(x, jax.core.Tracer):
         value = x
     elif isinstance(x, (float, int, complex, np.ndarray, np.generic)) and not isinstance(x, str):
@@ -94,30 +101,52 @@ def _box_leaf(x: Any, where: Callable[[], str], fun_name: str, trace: Trace) -> 
     else:
         raise InputTypeError(
             f"{fun_name}: {where()} is a {type(x).__name__}, which cannot be differentiated. "
-            "Differentiated arguments must be float arrays or pytrees (dicts, lists, "
-            "tuples) of them. Pass other values as non-differentiated arguments "
+            "Differentiated arguments must be float or complex arrays or pytrees (dicts, "
+            "lists, tuples) of them. Pass other values as non-differentiated arguments "
             "(outside argnums) or close over them."
         )
-    dtype = raw(value).dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-        kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else dtype.name
-        fix = (
-            "chainrule differentiates real floating-point inputs only"
-            if kind == "complex"
-            else "Convert it first, e.g. jnp.asarray(x, jnp.float32), or leave it out of argnums"
+    dtype = np.dtype(raw(value).dtype) if isinstance(raw(value).dtype, np.dtype) else None
+    if dtype is not None and mode.holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
+        raise InputTypeError(
+            f"{fun_name} with holomorphic=True requires inputs with complex dtype, but "
+            f"{where()} has dtype {dtype.name}. Convert it, e.g. "
+            "jnp.asarray(x, jnp.complex64), or drop holomorphic=True for a real input."
         )
+    if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+        return trace.new_input(value)
+    if dtype is not None and (jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
+        if mode.allow_int:
+            return value
         raise InputTypeError(
             f"{fun_name}: {where()} has dtype {dtype.name}; gradients are only defined for "
-            f"floating-point inputs (float16, bfloat16, float32, float64). {fix}."
+            "floating-point or complex inputs (float16, bfloat16, float32, float64, "
+            "complex64, complex128). Convert it first, e.g. jnp.asarray(x, jnp.float32), "
+            "leave it out of argnums, or pass allow_int=True to get a float0 zero "
+            "gradient for it (as jax.grad does)."
         )
-    return trace.new_input(value)
+    name = dtype.name if dtype is not None else str(raw(value).dtype)
+    raise InputTypeError(
+        f"{fun_name}: {where()} has dtype {name}, which has no gradient (inputs must be "
+        "floating-point or complex, or integer/boolean with allow_int=True). Leave it "
+        "out of argnums or close over it."
+    )
+
+
+class _InputMode(NamedTuple):
+    """What a transform accepts as differentiated inputs (JAX's flags)."""
+
+    holomorphic: bool = False
+    allow_int: bool = False
+
+
+_REAL_INPUTS = _InputMode()  # jax.grad's defaults: inexact inputs only
 
 
 def _leaf_name(fun: Callable, i: int, path: tuple) -> str:
     return _arg_name(fun, i) + (jax.tree_util.keystr(path) if path else "")
 
 
-def _box_args(fun, args, argnums, trace, fun_name):
+def _box_args(fun, args, argnums, trace, fun_name, mode):
     """Boxes the leaves of args[argnums]; returns (new args, tracers per argnum, trees)."""
     boxed_args = list(args)
     tracers, trees = [], []
@@ -126,7 +155,7 @@ def _box_args(fun, args, argnums, trace, fun_name):
         leaves = []
         for path, leaf in with_path:
             where = functools.partial(_leaf_name, fun, i, path)
-            leaves.append(_box_leaf(leaf, where, fun_name, trace))
+            leaves.append(_box_leaf(leaf, where, fun_name, trace, mode))
         boxed_args[i] = jax.tree_util.tree_unflatten(tree, leaves)
         tracers.append(leaves)
         trees.append(tree)
@@ -142,16 +171,18 @@ def trace_call(
     nums: tuple[int, ...],
     name: str,
     prepare: Callable[[Trace, list[Any]], None] | None = None,
+    mode: _InputMode = _REAL_INPUTS,
 ):
     """Runs `fun(*args)` once on a new trace, the leaves of `args[nums]` boxed.
 
     Returns (trace, output, boxed leaves per argnum, their tree structures).
     `prepare(trace, boxed_args)` may box more before the run (`cr.explain`
-    boxes constants). The trace is invalidated when `fun` returns, so a Tracer
-    that escapes the call raises JAX's `UnexpectedTracerError` when used.
+    boxes constants); `mode` says which input dtypes are accepted. The trace
+    is invalidated when `fun` returns, so a Tracer that escapes the call
+    raises JAX's `UnexpectedTracerError` when used.
     """
     trace = Trace(ArrayTracer)
-    boxed, tracers, trees = _box_args(fun, args, nums, trace, name)
+    boxed, tracers, trees = _box_args(fun, args, nums, trace, name, mode)
     if prepare is not None:
         prepare(trace, boxed)
     try:
@@ -202,7 +233,9 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
     _check_callable(fun, "cr.vjp")
     nums = tuple(range(len(primals)))
     with _quiet():
-        trace, out, tracers, trees = trace_call(fun, primals, nums, "cr.vjp")
+        # as jax.vjp: integer and boolean primals get float0 zero cotangents
+        mode = _InputMode(allow_int=True)
+        trace, out, tracers, trees = trace_call(fun, primals, nums, "cr.vjp", mode=mode)
     aux = None
     if has_aux:
         out, aux = _split_aux(out, "cr.vjp")
@@ -226,8 +259,11 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
     return primal_out, vjp_fn
 
 
-def _input_ct(t: Tracer, input_cts: dict) -> Any:
-    """The cotangent of input `t`, as a `jax.Array` (or a Tracer of an outer level)."""
+def _input_ct(t: Any, input_cts: dict) -> Any:
+    """The cotangent of input `t`, as a `jax.Array` (or a Tracer of an outer level);
+    for an integer or boolean input (not boxed), JAX's float0 zeros."""
+    if not isinstance(t, Tracer):
+        return np.zeros(np.shape(t), jax.dtypes.float0)
     ct = input_cts.get(t.node)
     if ct is None:  # the output does not depend on this input: its gradient is 0
         return host.to_jax(core.zeros_like(t))
@@ -259,7 +295,7 @@ def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
     checked = []
     for i, (ct, o) in enumerate(zip(ct_leaves, out_leaves, strict=True)):
         oshape, odtype = rules.shape_of(o), raw(o).dtype if hasattr(raw(o), "dtype") else None
-        if isinstance(ct, (float, int)) and not isinstance(ct, bool):
+        if isinstance(ct, (float, int, complex)) and not isinstance(ct, bool):
             ct = jnp.asarray(ct, dtype=odtype)
         cshape = rules.shape_of(ct)
         if cshape != oshape:
@@ -284,6 +320,8 @@ def value_and_grad(
     fun: Callable,
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
     *,
     taps: bool = False,
     check_finite: bool = False,
@@ -293,9 +331,14 @@ def value_and_grad(
     Args:
       fun: a function returning a real scalar (a loss), written with `jax.numpy`,
         `jax.nn`, `lax` or `chainrule.numpy`. Differentiated arguments are float
-        arrays or pytrees of them.
+        or complex arrays or pytrees of them.
       argnums: which positional argument(s) to differentiate.
       has_aux: `fun` returns `(loss, aux)`; `aux` is passed through.
+      holomorphic: `fun` is promised to be holomorphic; its inputs and output
+        must then be complex, and the gradient is `f'(z)` (the cotangent of
+        the output seeded with 1).
+      allow_int: integer and boolean inputs are accepted; their gradient is
+        an array of zeros of dtype `jax.dtypes.float0`, as in JAX.
       taps: also return the cotangents of the intermediates marked with
         `cr.tap(x, name)` inside `fun`, as a dict name -> cotangent.
       check_finite: watch the backward pass and raise `NonFiniteGradientError`
@@ -309,14 +352,21 @@ def value_and_grad(
       `taps=True`. `grad` has the structure of the differentiated argument (a
       tuple of them if `argnums` is a tuple).
 
+    For a real loss of complex inputs the gradient follows JAX's convention:
+    the conjugate of `df/dx + i df/dy` (so gradient descent steps along
+    `conj(grad)`), the same numbers `jax.grad` gives.
+
     Examples:
       >>> import chainrule as cr
       >>> loss, dw = cr.value_and_grad(lambda w, x, y: (w * x - y) ** 2)(1.0, 1.0, 2.0)
       >>> float(loss), float(dw)
       (1.0, -2.0)
+      >>> complex(cr.grad(lambda z: abs(z) ** 2)(3.0 + 4.0j))
+      (6-8j)
     """
     _check_callable(fun, "cr.value_and_grad")
-    return _value_and_grad(fun, argnums, has_aux, True, taps, check_finite)
+    mode = _InputMode(holomorphic, allow_int)
+    return _value_and_grad(fun, argnums, has_aux, True, mode, taps, check_finite)
 
 
 def _value_and_grad(
@@ -324,6 +374,7 @@ def _value_and_grad(
     argnums: Any,
     has_aux: bool,
     want_value: bool,
+    mode: Any,
     taps: bool = False,
     check_finite: bool = False,
 ):
@@ -341,7 +392,7 @@ def _value_and_grad(
         check = debugging.FiniteCheck() if check_finite else None
         with _quiet(), core.recording(check.record) if check else contextlib.nullcontext():
             trace, out, tracers, trees = trace_call(
-                call, args, nums, name, prepare=_collect_taps(sink) if taps else None
+                call, args, nums, name, prepare=_collect_taps(sink) if taps else None, mode=mode
             )
         with _quiet():
             aux = None
@@ -349,7 +400,7 @@ def _value_and_grad(
                 out, aux = _split_aux(out, name)
                 aux = jax.tree_util.tree_map(lambda x: _unbox(x, trace), aux)
                 aux = host.tree_to_jax(aux, copy=True)
-            _check_scalar(out, name)
+            _check_scalar(out, name, mode.holomorphic)
             # the backward pass runs on the trace outside (current again)
             if isinstance(out, Tracer) and out._trace is trace:
                 one = np.ones((), raw(out).dtype)
@@ -389,6 +440,8 @@ def grad(
     fun: Callable,
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
     *,
     taps: bool = False,
     check_finite: bool = False,
@@ -399,6 +452,9 @@ def grad(
       fun: a function returning a real scalar (a loss); see `value_and_grad`.
       argnums: which positional argument(s) to differentiate.
       has_aux: `fun` returns `(loss, aux)`; the result is then `(grad, aux)`.
+      holomorphic: `fun` is holomorphic (complex inputs and output); see
+        `value_and_grad`.
+      allow_int: integer and boolean inputs get float0 zero gradients.
       taps, check_finite: as in `value_and_grad`; with `taps=True` the taps dict
         comes last: `(grad, taps)` or `(grad, aux, taps)`.
 
@@ -407,12 +463,15 @@ def grad(
       of the differentiated argument, or a tuple of them).
 
     Examples:
-      >>> import chainrule as cr
+      >>> import chainrule as cr, jax.numpy as jnp
       >>> float(cr.grad(lambda w, x, y: (w * x - y) ** 2)(1.0, 1.0, 2.0))
       -2.0
+      >>> complex(cr.grad(lambda z: z**2, holomorphic=True)(1.0 + 1.0j))
+      (2+2j)
     """
     _check_callable(fun, "cr.grad")
-    value_and_grad_fun = _value_and_grad(fun, argnums, has_aux, False, taps, check_finite)
+    mode = _InputMode(holomorphic, allow_int)
+    value_and_grad_fun = _value_and_grad(fun, argnums, has_aux, False, mode, taps, check_finite)
 
     @functools.wraps(fun)
     def grad_fun(*args: Any, **kwargs: Any):
@@ -444,12 +503,12 @@ def _split_aux(out: Any, name: str) -> tuple[Any, Any]:
     return out[0], out[1]
 
 
-def _check_scalar(out: Any, name: str) -> None:
+def _check_scalar(out: Any, name: str, holomorphic: bool = False) -> None:
     value = raw(out)
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
     if shape is None or dtype is None:
-        if isinstance(out, (float, int)) and not isinstance(out, bool):
+        if isinstance(out, (float, int)) and not isinstance(out, bool) and not holomorphic:
             return
         raise NonScalarOutputError(
             f"{name} requires the function to return a real scalar (e.g. a loss), but it "
@@ -461,9 +520,23 @@ def _check_scalar(out: Any, name: str) -> None:
             f"{name} requires a scalar output; the function returned shape {tuple(shape)}. "
             "Reduce it (e.g. .mean() or .sum()) or use cr.vjp for non-scalar outputs."
         )
-    if not jnp.issubdtype(dtype, jnp.floating):
+    is_complex = jnp.issubdtype(dtype, jnp.complexfloating)
+    if holomorphic and not is_complex:
+        raise NonScalarOutputError(
+            f"{name} with holomorphic=True requires a complex output, but the function "
+            f"returned dtype {dtype.name}. Drop holomorphic=True for a real loss, or "
+            "return a complex value."
+        )
+    if is_complex and not holomorphic:
+        raise NonScalarOutputError(
+            f"{name} requires a real-valued output, but the function returned dtype "
+            f"{dtype.name}. For a holomorphic function pass holomorphic=True; for a "
+            "non-holomorphic function of complex outputs use cr.vjp directly, or return "
+            "a real loss such as jnp.sum(jnp.abs(z) ** 2)."
+        )
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise NonScalarOutputError(
             f"{name} requires a real floating-point output; the function returned dtype "
-            f"{dtype.name}. Gradients of integer, boolean or complex outputs are not defined; "
+            f"{dtype.name}. Gradients of integer or boolean outputs are not defined; "
             "compute the loss in floating point."
         )

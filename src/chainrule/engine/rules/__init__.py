@@ -13,8 +13,9 @@ The families import one way: `registry` <- `shape` <- `elementwise` <-
 `indexing`, `reductions`, `linalg`, `special` <- `calls` <- `loops` (scan,
 while); `sorting` (sort, top_k); `convolution` (convolutions, on `shape`) <-
 `windows` (pooling: windowed reductions, on `indexing` too);
-`decompositions` (matrix factorizations and solves). A new rule goes into the
-module of its family; `PRIMITIVES` (in `registry`) is the whole table, and
+`decompositions` (matrix factorizations and solves); `fft` (Fourier
+transforms, on `shape`, `elementwise` and `indexing`). A new rule goes into
+the module of its family; `PRIMITIVES` (in `registry`) is the whole table, and
 `python -m chainrule.engine.rules` prints it by family.
 """
 
@@ -22,6 +23,7 @@ from chainrule.engine.rules.calls import *  # noqa: F403
 from chainrule.engine.rules.convolution import *  # noqa: F403
 from chainrule.engine.rules.decompositions import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
+from chainrule.engine.rules.fft import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403
 from chainrule.engine.rules.linalg import *  # noqa: F403
 from chainrule.engine.rules.loops import *  # noqa: F403

@@ -25,7 +25,13 @@ from chainrule.engine.rules.registry import (
     shape_of,
     zeros_like,
 )
-from chainrule.engine.rules.shape import broadcast_in_dim, convert_element_type, unbroadcast
+from chainrule.engine.rules.shape import (
+    broadcast_in_dim,
+    conj,
+    convert_element_type,
+    is_complex,
+    unbroadcast,
+)
 
 # --- elementwise arithmetic ---------------------------------------------------
 
@@ -440,12 +446,20 @@ defvjp(
     lambda ans, x: lambda g: mul(g, mul(const(x, math.sqrt(math.pi) / 2), exp(mul(ans, ans)))),
     formulas=("sqrt(pi) * exp(out**2) / 2",),
 )
-# abs'(0) = +1, as in JAX 0.10 (PyTorch uses sign(0) = 0 here; chainrule agrees with jax.grad).
-defvjp(
-    abs_p,
-    lambda ans, x: lambda g: select_n(ge(x, const(x, 0)), neg(g), g),
-    formulas=("where(x >= 0, 1, -1)",),
-)
+
+
+def _abs_vjp(ans, x):
+    """abs'(0) = +1 for reals, as in JAX 0.10 (PyTorch uses sign(0) = 0 here;
+    chainrule agrees with jax.grad). For complex x (|x| is not holomorphic: see
+    `shape.real`), g * conj(x) / |x|, and 0 at 0, as JAX's."""
+    if not is_complex(x):
+        return lambda g: select_n(ge(x, const(x, 0)), neg(g), g)
+    dtype = dtype_of(x)
+    direction = div(conj(x), _replace_zero(convert_element_type(ans, dtype)))
+    return lambda g: mul(convert_element_type(g, dtype), direction)
+
+
+defvjp(abs_p, _abs_vjp, formulas=("where(x >= 0, 1, -1)",))
 
 rem_p = primitive("rem", lax.rem, host=np.fmod)
 defvjp(

@@ -1,4 +1,4 @@
-"""Structural primitives: type conversion and identities, broadcasting,
+"""Structural primitives: type conversion and identities, complex parts, broadcasting,
 reshaping, transposition and summation (with `unbroadcast`, the one helper
 that sums a broadcast cotangent back to its operand's shape).
 """
@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 from jax import lax
 
-from chainrule.engine.rules.registry import argsort, defvjp, dtype_of, primitive, shape_of
+from chainrule.engine.rules.registry import (
+    argsort,
+    defvjp,
+    dtype_of,
+    full_like,
+    primitive,
+    shape_of,
+)
 
 # --- identities and type conversion -------------------------------------------
 
@@ -35,11 +42,25 @@ defvjp(
     formulas=("1",),
 )
 
+
+def _convert(x: Any, new_dtype: Any) -> Any:
+    """lax's conversion; complex to real keeps the real part (as JAX's primitive
+    does), without the warning `lax.convert_element_type` gives users for it."""
+    if np.issubdtype(dtype_of(x), np.complexfloating) and not np.issubdtype(
+        new_dtype, np.complexfloating
+    ):
+        x = lax.real(x)
+    return lax.convert_element_type(x, new_dtype)
+
+
+def _host_convert(x: Any, new_dtype: Any) -> Any:
+    if np.dtype(new_dtype).kind == "c":  # complex values stay JAX's (see `host`)
+        return NotImplemented
+    return np.asarray(x).astype(new_dtype)
+
+
 convert_element_type_p = primitive(
-    "convert_element_type",
-    lambda x, new_dtype: lax.convert_element_type(x, new_dtype),
-    ("new_dtype",),
-    host=lambda x, new_dtype: np.asarray(x).astype(new_dtype),
+    "convert_element_type", _convert, ("new_dtype",), host=_host_convert
 )
 
 
@@ -53,6 +74,41 @@ defvjp(
     convert_element_type_p,
     lambda ans, x, new_dtype: lambda g: convert_element_type(g, dtype_of(x)),
     formulas=("1",),
+)
+
+# --- complex parts ----------------------------------------------------------------
+# JAX's convention: a cotangent ct pairs with a tangent t as Re(ct * t), with no
+# conjugate. So a holomorphic f has the VJP g -> g * f'(z) (the real rules, as
+# they are), and the gradient of a real loss L(z) is dL/dx - i dL/dy, the
+# numbers `jax.grad` gives. Only the maps that are not holomorphic (these four,
+# and abs) need rules of their own; each is linear over the reals, so its VJP
+# is its transpose under that pairing.
+
+real_p = primitive("real", lax.real)
+imag_p = primitive("imag", lax.imag)
+complex_p = primitive("complex", lax.complex)
+conj_p = primitive("conj", lambda x, input_dtype=None: lax.conj(x), ("input_dtype",))
+real, imag, complex_ = real_p.bind, imag_p.bind, complex_p.bind
+
+
+def is_complex(x: Any) -> bool:
+    return np.issubdtype(dtype_of(x), np.complexfloating)
+
+
+def conj(x: Any) -> Any:
+    return conj_p.bind(x, input_dtype=dtype_of(x))
+
+
+defvjp(real_p, lambda ans, x: lambda g: convert_element_type(g, dtype_of(x)))  # g + 0i
+defvjp(imag_p, lambda ans, x: lambda g: conj(complex_(full_like(g, 0), g)))  # -i g
+defvjp(
+    complex_p,  # x + i y
+    lambda ans, x, y: lambda g: unbroadcast(real(g), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(imag(conj(g)), shape_of(y)),  # -Im g
+)
+defvjp(
+    conj_p,  # conj of a real x is x + 0i, whose cotangent is the real part
+    lambda ans, x, input_dtype: lambda g: conj(g) if is_complex(x) else real(g),
 )
 
 iota_p = primitive(
