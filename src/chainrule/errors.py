@@ -49,3 +49,7 @@ class NoVJPRuleError(ChainruleError, NotImplementedError):
             "jax.custom_vjp with a bwd function written with supported operations; "
             "chainrule uses your bwd rule."
         )
+
+
+class NotLinearError(ChainruleError, NotImplementedError):
+    """`linear_transpose` was given a function that is not linear in its inputs."""
