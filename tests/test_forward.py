@@ -417,6 +417,20 @@ def test_jvp_runs_the_function_once_eagerly():
     assert len(calls) == 3
 
 
+def test_readme_section_runs_as_a_doctest():
+    """The README's Hessian-vector product, Newton step, per-example Jacobians and
+    Gauss-Newton product (each checked inside against a Hessian or Jacobian)."""
+    import doctest
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Forward mode, Jacobians and Hessians", 1)[1].split("\n## ", 1)[0]
+    test = doctest.DocTestParser().get_doctest(section, {}, "README", "README.md", 0)
+    runner = doctest.DocTestRunner()
+    runner.run(test)
+    assert runner.summarize(verbose=False) == (0, len(test.examples)) and test.examples
+
+
 # --- with JAX's differentiation patched to raise ---------------------------------------------
 
 SCRIPT = textwrap.dedent(
