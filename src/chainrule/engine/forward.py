@@ -359,29 +359,36 @@ def _check_linear_dtypes(leaves: Sequence[Any], what: str) -> None:
 
 def _std_basis(tree: Any) -> Any:
     """The standard basis of the space of `tree`: `tree`'s structure, each
-    leaf with a leading axis of the total size (rows of one identity matrix)."""
+    leaf with a leading axis of the total size (rows of one identity matrix).
+    Eagerly a NumPy identity; under a JAX transformation `jnp.eye`, so no
+    large constant is baked into a compiled program."""
     leaves, _ = _tree_flatten(tree)
     n = sum(int(np.size(x)) for x in leaves)
-    eye = jnp.eye(n, dtype=jnp.result_type(*leaves) if leaves else None)
-    return _unravel(tree, 1, eye)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return _unravel(tree, 1, jnp.eye(n, dtype=dtype))
+    return _unravel(tree, 1, np.eye(n, dtype=dtype))
 
 
 def _unravel(tree: Any, axis: int, arr: Any, dtype: Any = None) -> Any:
     """Splits `arr` along `axis` into `tree`'s leaves, that axis becoming each
-    leaf's shape; cast to `dtype` (or to each leaf's own dtype)."""
+    leaf's shape; cast to `dtype` (or to each leaf's own dtype). A concrete
+    CPU array is split with NumPy (no dispatch per piece) and handed back
+    as `jax.Array`s."""
     leaves, treedef = _tree_flatten(tree)
     axis %= arr.ndim
+    on_host = arr if isinstance(arr, np.ndarray) else transforms.host.to_host(arr)
+    xp = jnp if on_host is None else np
+    arr = arr if on_host is None else on_host
     bounds = np.cumsum([int(np.size(x)) for x in leaves])[:-1]
-    parts = jnp.split(arr, bounds, axis) if leaves else []
-    return _tree_unflatten(
-        treedef,
-        [
-            part.reshape(arr.shape[:axis] + np.shape(x) + arr.shape[axis + 1 :]).astype(
-                _dtype(x) if dtype is None else dtype
-            )
-            for part, x in zip(parts, leaves, strict=True)
-        ],
-    )
+    parts = xp.split(arr, bounds, axis) if leaves else []
+    out = []
+    for part, x in zip(parts, leaves, strict=True):
+        part = part.reshape(arr.shape[:axis] + np.shape(x) + arr.shape[axis + 1 :])
+        want = _dtype(x) if dtype is None else np.dtype(dtype)
+        part = part if part.dtype == want else part.astype(want)
+        out.append(part if on_host is None else transforms.host.to_jax(part))
+    return _tree_unflatten(treedef, out)
 
 
 def _split_argnums(fun: Callable, argnums: Any, name: str):
