@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from benchmarks import compile_time, deep_chain, eager, jit_step
+from benchmarks import compile_time, deep_chain, eager, forward, jit_step
 from benchmarks._util import cores, fmt_s, torch_threads
 
 SECTIONS = {
@@ -25,8 +25,9 @@ SECTIONS = {
     "compile_time": compile_time,
     "eager": eager,
     "deep_chain": deep_chain,
+    "forward": forward,
 }
-ALIASES = {"1": "jit_step", "2": "compile_time", "3": "eager", "4": "deep_chain"}
+ALIASES = {"1": "jit_step", "2": "compile_time", "3": "eager", "4": "deep_chain", "5": "forward"}
 
 
 def machine() -> dict:
@@ -127,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke run)")
     p.add_argument(
         "--sections",
-        default="jit_step,compile_time,eager,deep_chain",
-        help="comma-separated: jit_step,compile_time,eager,deep_chain (or 1,2,3,4)",
+        default="jit_step,compile_time,eager,deep_chain,forward",
+        help="comma-separated: jit_step,compile_time,eager,deep_chain,forward (or 1,...,5)",
     )
     p.add_argument("--repeats", type=int, default=None, help="override repeats per measurement")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")

@@ -76,3 +76,7 @@ class NotDifferentiableError(NoVJPRuleError, ValueError):
         )
         self.primitive = primitive
         self.where = where
+
+
+class NotLinearError(ChainruleError, NotImplementedError):
+    """`linear_transpose` was given a function that is not linear in its inputs."""

@@ -1,0 +1,552 @@
+"""Forward mode and Jacobians from the reverse-mode rules: `jvp`, `linearize`,
+`linear_transpose`, `jacrev`, `jacfwd`, `hessian`, with JAX's signatures.
+
+There is no second rule table. A VJP is linear in its cotangent:
+
+    pullback(u) = J^T u,
+
+and chainrule's backward pass is itself recorded by chainrule's rules (they
+are written in traced ops), so the reverse-mode derivative of `pullback` is
+available too. Its VJP with cotangent `t` is `(J^T)^T t = J t`: the JVP. So
+
+    _, pullback = vjp(f, x)            # one forward pass, recorded
+    _, pushforward = vjp(pullback, u0) # the backward pass, recorded (u0 = 0)
+    pushforward(t) == J t              # the backward pass of the backward pass
+
+and every primitive with a VJP rule (including those the coverage work
+adds) gets a JVP with nothing more to maintain. Because `pullback` is linear,
+the point `u0` does not matter; zeros are used. Under `jax.jit` the values of
+the recorded backward pass are never used, and JAX's DCE drops them before
+XLA sees the program; eagerly they are one NumPy backward pass at zero.
+
+The Jacobians follow JAX: `jacrev` maps the pullback over the standard basis
+of the output with `jax.vmap`, `jacfwd` maps the pushforward over the basis
+of the input, `hessian` is `jacfwd(jacrev(f))`. Each call is a fresh trace
+(a new level), so nesting them, with each other or with `cr.grad`, never
+confuses perturbations.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chainrule.engine import core, transforms
+from chainrule.engine.core import Tracer
+from chainrule.errors import NotLinearError
+
+_tree_flatten = jax.tree_util.tree_flatten
+_tree_unflatten = jax.tree_util.tree_unflatten
+_float0 = jax.dtypes.float0
+
+
+def _dtype(x: Any) -> np.dtype:
+    """The dtype JAX gives `x` (Python scalars canonicalized, as `jnp.asarray`)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return jax.dtypes.canonicalize_dtype(np.result_type(x))
+    return np.dtype(dtype)
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(_dtype(x), jnp.floating)
+
+
+def _tangent_dtype(x: Any) -> np.dtype:
+    """JAX's tangent dtype of a primal: its own if inexact, else float0."""
+    dtype = _dtype(x)
+    return dtype if jnp.issubdtype(dtype, jnp.inexact) else np.dtype(_float0)
+
+
+def _zero_tangent(x: Any) -> Any:
+    """The tangent of a value that does not depend on the inputs."""
+    if _is_float(x):
+        return transforms.host.to_jax(core.zeros_like(x))
+    return np.zeros(np.shape(x), _float0)
+
+
+def _merge(mask: Sequence[bool], chosen: Sequence[Any], items: Sequence[Any], fill=None) -> list:
+    """`items` with those where `mask` holds replaced, in order, by `chosen`
+    (and the others by `fill(item)` if given)."""
+    it = iter(chosen)
+    return [
+        next(it) if m else x if fill is None else fill(x) for m, x in zip(mask, items, strict=True)
+    ]
+
+
+# --- linearize and jvp --------------------------------------------------------------------
+
+
+def _linearize(fun: Callable, primals: tuple, has_aux: bool):
+    """(output, pushforward of flat tangent leaves -> output tangent tree, aux).
+
+    Float leaves of `primals` are differentiated; the others (integers,
+    booleans) are held fixed, as JAX does with their float0 tangents.
+    """
+    leaves, tree = _tree_flatten(primals)
+    floats = [_is_float(x) for x in leaves]
+
+    def on_floats(*xs):
+        return fun(*_tree_unflatten(tree, _merge(floats, xs, leaves)))
+
+    float_leaves = [x for x, f in zip(leaves, floats, strict=True) if f]
+    out, pullback, *aux = transforms.vjp(on_floats, *float_leaves, has_aux=has_aux)
+    out_leaves, out_tree = _tree_flatten(out)
+    out_floats = [_is_float(o) for o in out_leaves]
+
+    def pullback_flat(*us):  # linear in us: J^T u
+        cts = _merge(out_floats, us, out_leaves, _zero_tangent)
+        return pullback(_tree_unflatten(out_tree, cts))
+
+    zeros = [core.zeros_like(o) for o, f in zip(out_leaves, out_floats, strict=True) if f]
+    _, pushforward_flat = transforms.vjp(pullback_flat, *zeros)
+
+    def pushforward(tangent_leaves: Sequence[Any]) -> Any:
+        float_ts = tuple(t for t, f in zip(tangent_leaves, floats, strict=True) if f)
+        out_ts = _merge(out_floats, pushforward_flat(float_ts), out_leaves, _zero_tangent)
+        return _tree_unflatten(out_tree, out_ts)
+
+    return out, pushforward, aux
+
+
+def _check_tangents(primals: Any, tangents: Any, structure_error, aval_error) -> list[Any]:
+    """The tangent leaves, after JAX's checks: same tree, tangent dtypes, shapes."""
+    p_leaves, p_tree = _tree_flatten(primals)
+    t_leaves, t_tree = _tree_flatten(tangents)
+    if p_tree != t_tree:
+        raise TypeError(structure_error(p_tree, t_tree))
+    for p, t in zip(p_leaves, t_leaves, strict=True):
+        want, got = _tangent_dtype(p), _dtype(t)
+        if want != got or np.shape(p) != np.shape(t):
+            raise aval_error(p, t, want, got)
+    return t_leaves
+
+
+def _jvp_structure_error(p_tree, t_tree) -> str:
+    return (
+        "primal and tangent arguments to cr.jvp must have the same tree structure; "
+        f"primals have tree structure {p_tree} whereas tangents have tree structure "
+        f"{t_tree}. Pass one tangent per primal leaf, e.g. "
+        "jax.tree_util.tree_map(jnp.ones_like, primals)."
+    )
+
+
+def _jvp_aval_error(p, t, want, got) -> Exception:
+    if want != got:
+        return TypeError(
+            "primal and tangent arguments to cr.jvp do not match; dtypes must be equal, "
+            "or in case of int/bool primal dtype the tangent dtype must be float0. Got "
+            f"primal dtype {_dtype(p)} and so expected tangent dtype {want}, but got "
+            f"tangent dtype {got} instead. Cast the tangent, e.g. t.astype({want.name!r})."
+        )
+    return ValueError(
+        "cr.jvp called with different primal and tangent shapes; Got primal shape "
+        f"{np.shape(p)} and tangent shape as {np.shape(t)}. A tangent must have its "
+        "primal's shape."
+    )
+
+
+def jvp(fun: Callable, primals: Sequence[Any], tangents: Sequence[Any], has_aux: bool = False):
+    """Computes `fun(*primals)` and the Jacobian-vector product `J @ tangents`.
+
+    Same signature and semantics as `jax.jvp`, computed by chainrule's reverse
+    rules (the JVP is the transpose of the VJP; see this module's docstring).
+
+    Args:
+      fun: function of pytrees of arrays, written with `jax.numpy`, `jax.nn`,
+        `lax` or `chainrule.numpy`.
+      primals: tuple or list of arguments at which to differentiate.
+      tangents: tuple or list with `primals`' tree structure, shapes and
+        dtypes (float0 for integer or boolean primals).
+      has_aux: `fun` returns `(output, aux)`; `aux` is returned, not differentiated.
+
+    Returns:
+      `(primals_out, tangents_out)`, or `(primals_out, tangents_out, aux)`.
+
+    Examples:
+      >>> import jax.numpy as jnp, chainrule as cr
+      >>> y, y_dot = cr.jvp(jnp.sin, (0.0,), (2.0,))
+      >>> float(y), float(y_dot)
+      (0.0, 2.0)
+    """
+    transforms._check_callable(fun, "cr.jvp")
+    if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
+        raise TypeError(
+            "primal and tangent arguments to cr.jvp must be tuples or lists; found "
+            f"{type(primals).__name__} and {type(tangents).__name__}. "
+            "Example: cr.jvp(f, (x,), (t,))."
+        )
+    t_leaves = _check_tangents(primals, tangents, _jvp_structure_error, _jvp_aval_error)
+    out, pushforward, aux = _linearize(fun, tuple(primals), has_aux)
+    return (out, pushforward(t_leaves), *aux)
+
+
+def _linearized_aval_error(p, t, want, got) -> Exception:
+    return ValueError(
+        "linearized function called on tangent values inconsistent with the original "
+        f"primal values: got a tangent of shape {np.shape(t)} and dtype {got} for a "
+        f"primal of shape {np.shape(p)}, but expected dtype {want} and the primal's shape."
+    )
+
+
+def linearize(fun: Callable, *primals: Any, has_aux: bool = False):
+    """`fun(*primals)` and its linear approximation `f_jvp(*tangents) = J @ tangents`.
+
+    Same signature and semantics as `jax.linearize`. The forward pass and
+    its backward pass run once, here; each call of `f_jvp` is one pass over
+    the recorded backward pass.
+
+    Args:
+      fun: the function to linearize.
+      *primals: the point; every leaf of float dtype is differentiated.
+      has_aux: `fun` returns `(output, aux)`.
+
+    Returns:
+      `(primals_out, f_jvp)` or `(primals_out, f_jvp, aux)`. `f_jvp` takes one
+      tangent per primal (same structures, shapes and dtypes).
+
+    Examples:
+      >>> import jax.numpy as jnp, chainrule as cr
+      >>> y, f_jvp = cr.linearize(lambda x: x**3, 2.0)
+      >>> float(y), float(f_jvp(1.0))
+      (8.0, 12.0)
+    """
+    transforms._check_callable(fun, "cr.linearize")
+    out, pushforward, aux = _linearize(fun, primals, has_aux)
+
+    def structure_error(p_tree, t_tree) -> str:
+        return (
+            f"f_jvp from cr.linearize expected tangents with tree structure {p_tree}, got "
+            f"{t_tree}. Pass one tangent per primal, positionally: f_jvp(*tangents)."
+        )
+
+    def f_jvp(*tangents: Any) -> Any:
+        t_leaves = _check_tangents(primals, tangents, structure_error, _linearized_aval_error)
+        return pushforward(t_leaves)
+
+    return (out, f_jvp, *aux)
+
+
+# --- linear_transpose ------------------------------------------------------------------------
+
+# Primitives linear in all their traced operands together (add, reshape, ...),
+# and those linear in one traced operand at a time (bilinear: mul, dot_general)
+# or in one of them (div: its numerator). Anything else on the path from the
+# inputs to the outputs makes the function nonlinear (or unknown to be linear).
+_LINEAR = frozenset(
+    """add add_any sub neg reduce_sum reshape squeeze expand_dims broadcast_in_dim
+    transpose convert_element_type copy copy_p slice dynamic_slice dynamic_update_slice
+    concatenate stack split tile pad gather scatter-add scatter select_n rev cumsum
+    real imag conj complex reduce_precision projection""".split()
+)
+_BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
+_LINEAR_IN = {"div": (0,)}
+
+
+def _nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | None:
+    """The first recorded node (walking back from `outputs`) that is not linear
+    in the traced inputs, or None: a look at the tape, no second run."""
+    stack = [o.node for o in outputs if isinstance(o, Tracer) and o._trace is trace]
+    seen: set[core.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen or node.prim is None:
+            continue
+        seen.add(node)
+        name = node.prim.name
+        linear = (
+            name in _LINEAR
+            or (name in _BILINEAR and len(node.argnums) == 1)
+            or set(node.argnums) <= set(_LINEAR_IN.get(name, ()))
+        )
+        if not linear:
+            return node
+        stack.extend(node.parents)
+    return None
+
+
+def linear_transpose(fun: Callable, *primals: Any) -> Callable:
+    """The transpose of a linear function, like `jax.linear_transpose`.
+
+    `fun` is run once, at `primals` (arrays, or `jax.ShapeDtypeStruct`s, read
+    as zeros), and its recorded tape is checked to be linear in the inputs;
+    the transpose is then its VJP (for a linear map, the same at every point).
+
+    Args:
+      fun: a function linear in its (floating-point) arguments.
+      *primals: arrays or `jax.ShapeDtypeStruct`s giving the arguments' shapes
+        and dtypes.
+
+    Returns:
+      `fun_t(cotangent)`, returning a tuple with one cotangent per primal.
+
+    Raises:
+      NotLinearError: (a `NotImplementedError`, as JAX raises for a primitive
+        without a transpose rule) when `fun` applies a nonlinear operation to
+        its inputs, such as `sin(x)` or `x * x`.
+      TypeError: for non-float inputs or outputs.
+
+    Examples:
+      >>> import chainrule as cr
+      >>> f_t = cr.linear_transpose(lambda x, y: 0.5 * x - 0.5 * y, 1.0, 1.0)
+      >>> [float(c) for c in f_t(1.0)]
+      [0.5, -0.5]
+    """
+    transforms._check_callable(fun, "cr.linear_transpose")
+    leaves, tree = _tree_flatten(primals)
+    points = [
+        np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves
+    ]
+    _check_linear_dtypes(leaves, "input")
+    args = _tree_unflatten(tree, points)
+    with transforms._quiet():
+        trace, out, tracers, trees = transforms.trace_call(
+            fun, args, tuple(range(len(primals))), "cr.linear_transpose"
+        )
+    out_leaves, out_tree = _tree_flatten(out)
+    _check_linear_dtypes(out_leaves, "output")
+    node = _nonlinear_node(out_leaves, trace)
+    if node is not None:
+        raise NotLinearError(
+            f"cr.linear_transpose: {getattr(fun, '__name__', 'the function')} is not linear "
+            f"in its inputs: it applies '{node.prim.name}' to values computed from them "
+            f"(its operand(s) {list(node.argnums)}). Only linear functions (sums, scalings by "
+            "constants, matrix products with constant matrices, reshapes, indexing) can be "
+            "transposed; for a nonlinear function use cr.vjp at a point."
+        )
+
+    def fun_transpose(cotangent: Any) -> tuple[Any, ...]:
+        ct_leaves, ct_tree = _tree_flatten(cotangent)
+        if ct_tree != out_tree:
+            raise TypeError(
+                f"cotangent tree does not match function output, expected {out_tree} but "
+                f"got {ct_tree}. Pass one cotangent per output leaf."
+            )
+        for o, ct in zip(out_leaves, ct_leaves, strict=True):
+            if np.shape(o) != np.shape(ct) or _dtype(o) != _dtype(ct):
+                raise TypeError(
+                    "cotangent type does not match function output: expected shape "
+                    f"{np.shape(o)} and dtype {_dtype(o)}, got shape {np.shape(ct)} and "
+                    f"dtype {_dtype(ct)}."
+                )
+        seeds = [
+            (o.node, ct)
+            for o, ct in zip(out_leaves, ct_leaves, strict=True)
+            if isinstance(o, Tracer) and o._trace is trace
+        ]
+        with transforms._quiet():
+            return transforms.gradients(tracers, trees, core.backward(seeds, release=False))
+
+    return fun_transpose
+
+
+def _check_linear_dtypes(leaves: Sequence[Any], what: str) -> None:
+    for x in leaves:
+        if not jnp.issubdtype(_dtype(x), jnp.floating):
+            raise TypeError(
+                f"cr.linear_transpose supports float -> float functions only, but an "
+                f"{what} has dtype {_dtype(x)}. Cast it to a floating-point dtype."
+            )
+
+
+# --- Jacobians -------------------------------------------------------------------------------
+
+
+def _std_basis(tree: Any) -> Any:
+    """The standard basis of the space of `tree`: `tree`'s structure, each
+    leaf with a leading axis of the total size (rows of one identity matrix).
+    Eagerly a NumPy identity; under a JAX transformation `jnp.eye`, so no
+    large constant is baked into a compiled program."""
+    leaves, _ = _tree_flatten(tree)
+    n = sum(int(np.size(x)) for x in leaves)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return _unravel(tree, 1, jnp.eye(n, dtype=dtype))
+    return _unravel(tree, 1, np.eye(n, dtype=dtype))
+
+
+def _unravel(tree: Any, axis: int, arr: Any, dtype: Any = None) -> Any:
+    """Splits `arr` along `axis` into `tree`'s leaves, that axis becoming each
+    leaf's shape; cast to `dtype` (or to each leaf's own dtype). A concrete
+    CPU array is split with NumPy (no dispatch per piece) and handed back
+    as `jax.Array`s."""
+    leaves, treedef = _tree_flatten(tree)
+    axis %= arr.ndim
+    on_host = arr if isinstance(arr, np.ndarray) else transforms.host.to_host(arr)
+    xp = jnp if on_host is None else np
+    arr = arr if on_host is None else on_host
+    bounds = np.cumsum([int(np.size(x)) for x in leaves])[:-1]
+    parts = xp.split(arr, bounds, axis) if leaves else []
+    out = []
+    for part, x in zip(parts, leaves, strict=True):
+        part = part.reshape(arr.shape[:axis] + np.shape(x) + arr.shape[axis + 1 :])
+        want = _dtype(x) if dtype is None else np.dtype(dtype)
+        part = part if part.dtype == want else part.astype(want)
+        out.append(part if on_host is None else transforms.host.to_jax(part))
+    return _tree_unflatten(treedef, out)
+
+
+def _split_argnums(fun: Callable, argnums: Any, name: str):
+    """`argnums` checked; returns (normalized, single, fun and the call's dynamic args)."""
+    nums, single = transforms._normalize_argnums(argnums, name)
+
+    def dynamic(args: tuple, kwargs: dict):
+        resolved = transforms._resolve_argnums(nums, len(args), name)
+
+        def partial_fun(*dyn):
+            full = list(args)
+            for i, x in zip(resolved, dyn, strict=True):
+                full[i] = x
+            return fun(*full, **kwargs)
+
+        return partial_fun, tuple(args[i] for i in resolved)
+
+    return single, dynamic
+
+
+def _not_yet(name: str, what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{name}: {what} is not supported yet: chainrule's engine differentiates "
+        "real floating-point inputs only. Use real inputs (or leave integer inputs out "
+        "of argnums)."
+    )
+
+
+def _check_inputs(name: str, dyn: Any, holomorphic: bool, allow_int: bool) -> None:
+    """JAX's input checks of jacrev/jacfwd (same error types)."""
+    if holomorphic:
+        raise _not_yet(name, "holomorphic=True")
+    for x in jax.tree_util.tree_leaves(dyn):
+        dtype = _dtype(x)
+        if jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        if allow_int and (jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
+            raise _not_yet(name, f"allow_int=True with an input of dtype {dtype.name}")
+        raise TypeError(
+            f"{name} requires real-valued inputs (input dtype that is a sub-dtype of "
+            f"np.floating), but got {dtype.name}. Convert it, e.g. "
+            "jnp.asarray(x, jnp.float32), or leave it out of argnums."
+        )
+
+
+def _check_outputs(name: str, y: Any) -> None:
+    for x in jax.tree_util.tree_leaves(y):
+        dtype = _dtype(x)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} requires real-valued outputs (output dtype that is a sub-dtype of "
+                f"np.floating), but got {dtype.name}. Compute the output in floating point, "
+                "or return other values as aux (has_aux=True)."
+            )
+
+
+def jacrev(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+) -> Callable:
+    """The Jacobian of `fun`, row by row (one pullback per output element), like `jax.jacrev`.
+
+    Args:
+      fun: function of pytrees of float arrays returning a pytree of float arrays.
+      argnums: which positional argument(s) to differentiate.
+      has_aux: `fun` returns `(output, aux)`; the result is then `(jacobian, aux)`.
+      holomorphic: not supported yet (raises `NotImplementedError`).
+      allow_int: accepted; integer inputs are not supported yet (raise
+        `NotImplementedError`).
+
+    Returns:
+      A function with `fun`'s signature returning the Jacobian: for an output
+      leaf of shape `(o...)` and an input leaf of shape `(i...)`, an array of
+      shape `(o..., i...)`, arranged as a pytree of the output's structure
+      whose leaves are pytrees of the input's structure (JAX's layout).
+
+    Examples:
+      >>> import jax.numpy as jnp, chainrule as cr
+      >>> cr.jacrev(lambda x: x**2)(jnp.array([1.0, 2.0])).tolist()
+      [[2.0, 0.0], [0.0, 4.0]]
+    """
+    transforms._check_callable(fun, "cr.jacrev")
+    single, dynamic = _split_argnums(fun, argnums, "cr.jacrev")
+
+    @functools.wraps(fun)
+    def jacfun(*args: Any, **kwargs: Any):
+        partial_fun, dyn = dynamic(args, kwargs)
+        _check_inputs("cr.jacrev", dyn, holomorphic, allow_int)
+        y, pullback, *aux = transforms.vjp(partial_fun, *dyn, has_aux=has_aux)
+        _check_outputs("cr.jacrev", y)
+        jac = jax.vmap(pullback)(_std_basis(y))
+        example = dyn[0] if single else dyn
+        jac = jac[0] if single else jac
+        jac_tree = jax.tree_util.tree_map(lambda x, j: _unravel(y, 0, j, _dtype(x)), example, jac)
+        jac_tree = jax.tree_util.tree_transpose(
+            jax.tree_util.tree_structure(example), jax.tree_util.tree_structure(y), jac_tree
+        )
+        return (jac_tree, *aux) if has_aux else jac_tree
+
+    return jacfun
+
+
+def jacfwd(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+) -> Callable:
+    """The Jacobian of `fun`, column by column (one JVP per input element), like `jax.jacfwd`.
+
+    The function and its backward pass run once (`linearize`); the JVPs of
+    the basis vectors are one `jax.vmap` over the recorded backward pass.
+    Arguments and result layout as `jacrev`.
+
+    Examples:
+      >>> import jax.numpy as jnp, chainrule as cr
+      >>> cr.jacfwd(lambda x: x**2)(jnp.array([1.0, 2.0])).tolist()
+      [[2.0, 0.0], [0.0, 4.0]]
+    """
+    transforms._check_callable(fun, "cr.jacfwd")
+    single, dynamic = _split_argnums(fun, argnums, "cr.jacfwd")
+
+    @functools.wraps(fun)
+    def jacfun(*args: Any, **kwargs: Any):
+        partial_fun, dyn = dynamic(args, kwargs)
+        _check_inputs("cr.jacfwd", dyn, holomorphic, allow_int)
+        y, pushforward, aux = _linearize(partial_fun, dyn, has_aux)
+        _check_outputs("cr.jacfwd", y)
+        basis_leaves = jax.tree_util.tree_leaves(_std_basis(dyn))
+        jac = jax.vmap(pushforward, out_axes=-1)(basis_leaves)
+        example = dyn[0] if single else dyn
+        jac_tree = jax.tree_util.tree_map(lambda x, j: _unravel(example, -1, j, _dtype(x)), y, jac)
+        return (jac_tree, *aux) if has_aux else jac_tree
+
+    return jacfun
+
+
+def hessian(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+) -> Callable:
+    """The Hessian of `fun`: `jacfwd(jacrev(fun))`, as `jax.hessian`.
+
+    For an output leaf of shape `(o...)` and input leaves of shapes `(i...)`
+    and `(j...)`, the block has shape `(o..., i..., j...)`, in a pytree of
+    the output's structure of pytrees of pytrees of the input's.
+
+    Examples:
+      >>> import jax.numpy as jnp, chainrule as cr
+      >>> cr.hessian(lambda x: x[0] ** 3 - 2 * x[0] * x[1])(jnp.array([1.0, 2.0])).tolist()
+      [[6.0, -2.0], [-2.0, 0.0]]
+    """
+    transforms._check_callable(fun, "cr.hessian")
+    inner = jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic)
+    return jacfwd(inner, argnums, has_aux=has_aux, holomorphic=holomorphic)
