@@ -105,6 +105,8 @@ NOT_ELEMENTWISE = {
     # call-like: a body of other primitives, or a user's rule (explain checks a
     # custom_jvp formula against that rule before showing it)
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",
+    # identities with non-numeric parameters or several operands (placement, names)
+    "device_put", "optimization_barrier", "sharding_constraint", "name",
 }  # fmt: skip
 
 WITH_FORMULAS = sorted(n for n, p in PRIMITIVES.items() if getattr(p, "formulas", None))

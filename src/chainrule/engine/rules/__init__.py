@@ -10,14 +10,18 @@ The rules are written with the traced ops of these modules (`mul`, `neg`,
 is itself recorded and can be differentiated again (higher order).
 
 The families import one way: `registry` <- `shape` <- `elementwise` <-
-`indexing`, `reductions`, `linalg` <- `calls`. A new rule goes into the module
-of its family; `PRIMITIVES` (in `registry`) is the whole table.
+`indexing`, `reductions`, `linalg` <- `calls` <- `effects` (random numbers,
+bits, placement, printing and callbacks) <- `remat` (`jax.checkpoint`). A new
+rule goes into the module of its family; `PRIMITIVES` (in `registry`) is the
+whole table.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403
+from chainrule.engine.rules.effects import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403
 from chainrule.engine.rules.linalg import *  # noqa: F403
 from chainrule.engine.rules.reductions import *  # noqa: F403
 from chainrule.engine.rules.registry import *  # noqa: F403
+from chainrule.engine.rules.remat import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403

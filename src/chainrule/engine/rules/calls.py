@@ -1,9 +1,10 @@
-"""Call-like primitives: `jit` bodies, `checkpoint`, `cond`, and custom rules.
+"""Call-like primitives: `jit` bodies, `cond`, and custom rules (`checkpoint`
+is in `remat.py`).
 
 These carry a function (a jaxpr, or a Python function for `custom_jvp` /
 `custom_vjp`) rather than an array operation:
 
-* `jit` / `closed_call` / `checkpoint`: the body is evaluated inline on the
+* `jit` / `closed_call`: the body is evaluated inline on the
   current chainrule trace with JAX's own jaxpr interpreter, so each of its
   equations reaches `Trace.process_primitive` like any other primitive.
 * `cond` with a predicate known now (eager): the branch taken is evaluated
@@ -56,8 +57,7 @@ class _Inline(Primitive):
     apply_untraced = apply
 
 
-# (jax.checkpoint's primitive is named "remat2")
-for _name, _param in (("jit", "jaxpr"), ("closed_call", "call_jaxpr"), ("remat2", "jaxpr")):
+for _name, _param in (("jit", "jaxpr"), ("closed_call", "call_jaxpr")):
     PRIMITIVES[_name] = _Inline(_name, _param)
 
 
