@@ -11,12 +11,14 @@ is itself recorded and can be differentiated again (higher order).
 
 The families import one way: `registry` <- `shape` <- `elementwise` <-
 `indexing`, `reductions`, `linalg` <- `calls` <- `effects` (random numbers,
-bits, placement, printing and callbacks) <- `remat` (`jax.checkpoint`). A new
+bits, placement, printing and callbacks) <- `remat` (`jax.checkpoint`),
+`collectives` (`jax.shard_map` and its collectives). A new
 rule goes into the module of its family; `PRIMITIVES` (in `registry`) is the
 whole table.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403
+from chainrule.engine.rules.collectives import *  # noqa: F403
 from chainrule.engine.rules.effects import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403

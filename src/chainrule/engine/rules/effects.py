@@ -36,7 +36,7 @@ from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive, zeros
 from chainrule.errors import CallbackDifferentiationError
 
 
-def _bound(jax_prim: Any):
+def bound(jax_prim: Any):
     """The implementation that binds the JAX primitive itself."""
 
     def impl(*args: Any, **params: Any) -> Any:
@@ -46,11 +46,11 @@ def _bound(jax_prim: Any):
     return impl
 
 
-def _passthrough(jax_prim: Any, params: Sequence[str] = (), **kwargs: Any) -> Primitive:
+def passthrough(jax_prim: Any, params: Sequence[str] = (), **kwargs: Any) -> Primitive:
     """A table entry for `jax_prim`, bound as it is with the parameters `params`."""
     return primitive(
         jax_prim.name,
-        _bound(jax_prim),
+        bound(jax_prim),
         params,
         multiple_results=jax_prim.multiple_results,
         **kwargs,
@@ -78,7 +78,7 @@ _NON_DIFFERENTIABLE = (
     (jax_lax.clz_p, ()),
 )
 for _jax_prim, _params in _NON_DIFFERENTIABLE:
-    _passthrough(_jax_prim, _params, differentiable=False)
+    passthrough(_jax_prim, _params, differentiable=False)
 
 
 # --- placement: the cotangent passes through ---------------------------------------------
@@ -96,11 +96,11 @@ class _Identities(Primitive):
 
 # device_put's cotangent keeps the placement the backward pass gives it (JAX moves it
 # back to the source device; values are equal either way).
-device_put_p = _passthrough(
+device_put_p = passthrough(
     dispatch.device_put_p, ("devices", "srcs", "copy_semantics"), cls=_Identities
 )
 # lax.optimization_barrier: the cotangents pass through unfenced, as in JAX.
-optimization_barrier_p = _passthrough(jax_lax.optimization_barrier_p, cls=_Identities)
+optimization_barrier_p = passthrough(jax_lax.optimization_barrier_p, cls=_Identities)
 
 
 def optimization_barrier(values: Sequence[Any]) -> list[Any]:
@@ -109,7 +109,7 @@ def optimization_barrier(values: Sequence[Any]) -> list[Any]:
 
 
 _CONSTRAINT = ("sharding", "layout", "context_mesh", "unconstrained_dims")
-sharding_constraint_p = _passthrough(pjit.sharding_constraint_p, _CONSTRAINT)
+sharding_constraint_p = passthrough(pjit.sharding_constraint_p, _CONSTRAINT)
 defvjp(
     sharding_constraint_p,
     lambda ans, x, **params: lambda g: sharding_constraint_p.bind(g, **params),
@@ -124,7 +124,7 @@ class _Effect(Primitive):
     `jax.grad` prints) on the trace outside, records nothing, returns nothing."""
 
     def __init__(self, jax_prim: Any):
-        super().__init__(jax_prim.name, _bound(jax_prim), differentiable=False)
+        super().__init__(jax_prim.name, bound(jax_prim), differentiable=False)
         self.jax_prim = jax_prim
 
     def apply(self, trace, args, params):
@@ -143,7 +143,7 @@ class _Opaque(Primitive):
     the `ValueError` `jax.grad` raises, with the user's line and the fix."""
 
     def __init__(self, jax_prim: Any, what: str):
-        super().__init__(jax_prim.name, _bound(jax_prim), differentiable=False)
+        super().__init__(jax_prim.name, bound(jax_prim), differentiable=False)
         self.what = what
 
     def apply(self, trace, args, params):
