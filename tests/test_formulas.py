@@ -128,6 +128,8 @@ NOT_ELEMENTWISE = {
     "custom_vmap_call",
     "scan", "while",
     "random_gamma",  # a PRNG key and the shape parameter
+    # identities with non-numeric parameters or several operands (placement, names)
+    "device_put", "optimization_barrier", "sharding_constraint",
 }  # fmt: skip
 
 # Elementwise primitives JAX has no derivative for either: differentiating them

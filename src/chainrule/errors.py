@@ -80,3 +80,20 @@ class NotDifferentiableError(NoVJPRuleError, ValueError):
 
 class NotLinearError(ChainruleError, NotImplementedError):
     """`linear_transpose` was given a function that is not linear in its inputs."""
+
+
+class CallbackDifferentiationError(ChainruleError, ValueError):
+    """A `pure_callback` / `io_callback` was given values that need a gradient."""
+
+    def __init__(self, what: str, primitive: str, where: str | None = None):
+        self.primitive = primitive
+        self.where = where
+        at = f" (at {where})" if where else ""
+        super().__init__(
+            f"{what} do not support JVP: '{primitive}'{at} was given values that need "
+            "a gradient, and chainrule, like jax.grad, cannot differentiate Python code "
+            "run by a callback. Fixes: wrap the callback in jax.custom_vjp (or "
+            "jax.custom_jvp) with a rule written in jax.numpy; chainrule uses your rule. "
+            "Or, if no gradient should flow through it, pass "
+            "jax.lax.stop_gradient(x) to the callback."
+        )

@@ -507,6 +507,16 @@ class Trace(jcore.Trace):
             self.parent, tracers, None, dict(subfuns=subfuns, **params)
         )
 
+    def process_shard_map(self, primitive, fun, tracers, /, **params):
+        """`jax.shard_map`: one node of chainrule's rule for it when it meets this
+        trace's values (`rules/collectives.py`), else the trace outside's."""
+        if self._owns(tracers):
+            rule = PRIMITIVES.get(primitive.name)
+            if rule is None:
+                raise NoVJPRuleError(primitive.name, user_frame())
+            return rule.process_shard_map(self, primitive, fun, tracers, params)
+        return primitive.bind_with_trace(self.parent, tracers, None, dict(params, subfuns=(fun,)))
+
     def process_call(self, call_primitive, f, tracers, params, /):
         with self.active():
             return f.call_wrapped(*tracers)

@@ -14,14 +14,19 @@ The families import one way: `registry` <- `shape` <- `elementwise` <-
 while); `sorting` (sort, top_k); `convolution` (convolutions, on `shape`) <-
 `windows` (pooling: windowed reductions, on `indexing` too);
 `decompositions` (matrix factorizations and solves); `fft` (Fourier
-transforms, on `shape`, `elementwise` and `indexing`). A new rule goes into
+transforms, on `shape`, `elementwise` and `indexing`); `calls` <- `effects`
+(random numbers, bits, placement, printing and callbacks) <- `remat`
+(`jax.checkpoint`), `collectives` (`jax.shard_map` and its collectives). A
+new rule goes into
 the module of its family; `PRIMITIVES` (in `registry`) is the whole table, and
 `python -m chainrule.engine.rules` prints it by family.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403
+from chainrule.engine.rules.collectives import *  # noqa: F403
 from chainrule.engine.rules.convolution import *  # noqa: F403
 from chainrule.engine.rules.decompositions import *  # noqa: F403
+from chainrule.engine.rules.effects import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
 from chainrule.engine.rules.fft import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403
@@ -29,6 +34,7 @@ from chainrule.engine.rules.linalg import *  # noqa: F403
 from chainrule.engine.rules.loops import *  # noqa: F403
 from chainrule.engine.rules.reductions import *  # noqa: F403
 from chainrule.engine.rules.registry import *  # noqa: F403
+from chainrule.engine.rules.remat import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403
 from chainrule.engine.rules.sorting import *  # noqa: F403
 from chainrule.engine.rules.special import *  # noqa: F403

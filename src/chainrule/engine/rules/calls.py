@@ -1,9 +1,10 @@
-"""Call-like primitives: `jit` bodies, `checkpoint`, `cond`, and custom rules.
+"""Call-like primitives: `jit` bodies, `cond`, and custom rules (`checkpoint`
+is in `remat.py`).
 
 These carry a function (a jaxpr, or a Python function for `custom_jvp` /
 `custom_vjp`) rather than an array operation:
 
-* `jit` / `closed_call` / `checkpoint`: the body is evaluated inline on the
+* `jit` / `closed_call`: the body is evaluated inline on the
   current chainrule trace with JAX's own jaxpr interpreter, so each of its
   equations reaches `Trace.process_primitive` like any other primitive.
 * `cond` with a predicate known now (eager): the branch taken is evaluated
@@ -86,12 +87,11 @@ class _Inline(Primitive):
     apply_untraced = apply
 
 
-# (jax.checkpoint's primitive is named "remat2"; a `custom_vmap` function is
-# differentiated through its body, as in JAX)
+# (a `custom_vmap` function is differentiated through its body, as in JAX;
+# jax.checkpoint's "remat2" has its own rule in `remat`)
 for _name, _param in (
     ("jit", "jaxpr"),
     ("closed_call", "call_jaxpr"),
-    ("remat2", "jaxpr"),
     ("custom_vmap_call", "call"),
 ):
     PRIMITIVES[_name] = _Inline(_name, _param)
