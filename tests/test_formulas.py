@@ -125,7 +125,7 @@ NOT_ELEMENTWISE = {
     # call-like: a body of other primitives, or a user's rule (explain checks a
     # custom_jvp formula against that rule before showing it)
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",
-    "custom_vmap_call",
+    "custom_vmap_call", "linear_call",
     "scan", "while",
     "random_gamma",  # a PRNG key and the shape parameter
     # identities with non-numeric parameters or several operands (placement, names)

@@ -95,3 +95,46 @@ def test_ragged_dot_second_order_where_jax_has_it():
         by_lhs_of_rhs_grad(jax.grad)
     with pytest.raises(NotImplementedError, match="non-contracting"):
         by_lhs_of_rhs_grad(cr.grad)
+
+
+def _scale(r, x):
+    return x / r
+
+
+def _scale_transpose(r, ct):
+    return ct / r
+
+
+def test_linear_call_uses_the_users_transpose():
+    from jax.custom_derivatives import linear_call
+
+    def f(x, r):
+        return jnp.sin(linear_call(_scale, _scale_transpose, r, x) * x)
+
+    x, r = jnp.arange(1.0, 4.0), jnp.array(2.0)
+    assert "linear_call" in emitted(f, x, r)
+    # (JAX has no batching rule for linear_call: no vmap here or there)
+    check_against_jax(f, x, r, argnums=(0,), modes=("eager", "jit"))
+
+    def wrong(ct_r, ct):  # a "transpose" that is not one: chainrule uses it, as JAX does
+        return 3.0 * ct
+
+    g = lambda x: jnp.sum(linear_call(_scale, wrong, r, x))  # noqa: E731
+    np.testing.assert_allclose(cr.grad(g)(x), jax.grad(g)(x), rtol=1e-12)
+    with pytest.raises(ValueError, match="not differentiable"):
+        cr.grad(lambda r: jnp.sum(linear_call(_scale, _scale_transpose, r, x)))(r)
+
+
+def test_composite_is_refused_as_jax_refuses_it():
+    def f(x):
+        return jnp.sum(lax.composite(lambda v: jnp.sin(v), name="my.sin")(x))
+
+    x = jnp.arange(3.0)
+    assert "composite" in emitted(f, x)
+    with pytest.raises(ValueError, match="JVP rule for composite not implemented"):
+        jax.grad(f)(x)
+    with pytest.raises(ValueError, match="not differentiable, in JAX either"):
+        cr.grad(f)(x)
+    # where it needs no gradient it is evaluated
+    g = cr.grad(lambda y: jnp.sum(lax.composite(lambda v: jnp.sin(v), name="s")(x) * y))(x)
+    np.testing.assert_allclose(g, jnp.sin(x), rtol=1e-12)

@@ -17,9 +17,8 @@ while); `sorting` (sort, top_k); `convolution` (convolutions, on `shape`) <-
 transforms, on `shape`, `elementwise` and `indexing`); `calls` <- `effects`
 (random numbers, bits, placement, printing and callbacks) <- `remat`
 (`jax.checkpoint`), `collectives` (`jax.shard_map` and its collectives). A
-new rule goes into
-the module of its family; `PRIMITIVES` (in `registry`) is the whole table, and
-`python -m chainrule.engine.rules` prints it by family.
+new rule goes into the module of its family; `PRIMITIVES` (in `registry`) is
+the whole table, and `python -m chainrule.engine.rules` prints it by family.
 """
 
 from chainrule.engine.rules.calls import *  # noqa: F403

@@ -30,11 +30,13 @@ import numpy as np
 from jax import lax
 from jax._src import ad_checkpoint, ad_util
 from jax._src import core as jcore  # the Trace interface (JAX 0.10, pinned)
+from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
+from chainrule.errors import NotDifferentiableError
 
 
 def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
@@ -261,3 +263,68 @@ PRIMITIVES["custom_vjp_call"] = _CustomVJP(
 # As in JAX, an enclosing transform differentiates through fwd (its residuals
 # are then ordinary functions of the inputs) and through bwd (second order).
 PRIMITIVES["custom_vjp_call"].runs_outside = True
+
+
+# --- linear_call ------------------------------------------------------------------------
+
+
+class _LinearCall(Primitive):
+    """`jax.custom_derivatives.linear_call(fun, fun_transpose, residuals, linear)`:
+    linear in its last operands; the VJP is the user's transpose, bound as a
+    linear_call whose own transpose is `fun` again (so it differentiates again).
+    Residuals take no gradient, as in JAX."""
+
+    def vjp(self, g, node):
+        p = node.params
+        n_fixed = p["num_callee_consts"] + p["num_res"]
+        fixed = [i for i in node.argnums if i < n_fixed]
+        if fixed:
+            raise NotDifferentiableError(
+                "linear_call", f"{fixed[0]} (a constant or residual)", core.user_frame()
+            )
+        f_consts = node.primals[: p["num_callee_consts"]]
+        residuals = node.primals[p["num_callee_consts"] : n_fixed]
+        transpose, t_consts = p["transpose_thunk"]()
+        callee = p["callee"]
+        cts = _cotangents(g, node.ans)
+        cts_in = jax_linear_call_p.bind(
+            *t_consts,
+            *residuals,
+            *cts,
+            callee=transpose,
+            transpose_thunk=lambda: (callee, list(f_consts)),
+            num_callee_consts=len(t_consts),
+            num_res=len(residuals),
+        )
+        return [cts_in[i - n_fixed] for i in node.argnums]
+
+
+PRIMITIVES["linear_call"] = _LinearCall(
+    "linear_call",
+    lambda *args, **params: jax_linear_call_p.bind(*args, **params),
+    ("callee", "transpose_thunk", "num_callee_consts", "num_res"),
+    multiple_results=True,
+)
+
+
+# --- lax.composite -------------------------------------------------------------------------
+
+
+class _RefusedAsInJAX(Primitive):
+    """A primitive JAX evaluates but does not differentiate (`lax.composite`):
+    evaluated by JAX where nothing of chainrule's is involved, and refused with
+    JAX's error type where it would have to be differentiated."""
+
+    def apply(self, trace, args, params):
+        raise ValueError(
+            f"'{self.name}' is not differentiable, in JAX either (jax.grad raises "
+            f"'JVP rule for {self.name} not implemented') (used at {core.user_frame()}). "
+            "Differentiate its decomposition instead (call the function you passed to "
+            "lax.composite directly), or give it a rule with jax.custom_jvp/custom_vjp."
+        )
+
+    def apply_untraced(self, trace, args, params):
+        return NotImplemented  # JAX evaluates it on the trace outside
+
+
+PRIMITIVES["composite"] = _RefusedAsInJAX("composite", impl=None)
