@@ -686,3 +686,68 @@ def test_default_out_is_per_data_set_and_engine():
     assert str(config.default_out(None, "chainrule")) == os.path.join("runs", "teacher-chainrule")
     assert str(config.default_out("digits", "jax")) == os.path.join("runs", "digits-jax")
     assert str(config.default_out("data/x.v2.npz", "jax")) == os.path.join("runs", "x.v2-jax")
+
+
+# --- gradient flow and --check-finite (issue 18) ------------------------------------------------
+
+
+def test_the_summary_records_the_gradient_flow_per_epoch(tmp_path, capsys):
+    assert _train(tmp_path, "--steps", "30", "--quiet") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    flow = summary["gradient_flow"]
+    steps_per_epoch = round(summary["steps"] / summary["epochs"])
+    assert [f["step"] for f in flow] == sorted({*range(steps_per_epoch, 31, steps_per_epoch), 30})
+    layers = flow[-1]["layers"]
+    assert set(layers) == {"[0]['weight']", "[0]['bias']", "[1]['weight']", "[1]['bias']"}
+    for values in layers.values():
+        assert values["grad_norm"] > 0 and 0 < values["update_ratio"] < 1
+    assert (tmp_path / "grad_flow.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "grad flow" in capsys.readouterr().out
+
+
+def test_the_flow_metrics_are_the_norms_of_jax_grads_gradient():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from chainrule.train.step import make_train_step
+
+    params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.1, -0.2])}
+    batch = (jnp.ones((4, 2)), jnp.zeros((4, 2)))
+
+    def loss(p, batch):
+        return jnp.mean((batch[0] @ p["w"] + p["b"] - batch[1]) ** 2)
+
+    step = make_train_step(loss, optax.sgd(0.1), engine="chainrule", donate=False)
+    new, _, metrics = step(params, optax.sgd(0.1).init(params), batch)
+    grads = jax.grad(loss)(params, batch)
+    for k in params:
+        np.testing.assert_allclose(metrics["flow"]["grad_norm"][k], jnp.linalg.norm(grads[k]))
+        ratio = jnp.linalg.norm(0.1 * grads[k]) / jnp.linalg.norm(new[k])
+        np.testing.assert_allclose(metrics["flow"]["update_ratio"][k], ratio, rtol=1e-6)
+
+
+def test_check_finite_stops_at_the_first_nan_gradient_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys
+):
+    # huge features: the loss overflows, and the weights' cotangent (x^T g) with it
+    rows = ["x1,x2,target"] + [f"{i + 1}e29,{1 - i / 10},{i % 3}" for i in range(32)]
+    data = tmp_path / "extreme.csv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code = _train(
+        out, "--data", str(data), "--batch-size", "16", "--test-fraction", "0.5",
+        "--steps", "5", "--quiet", "--check-finite",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "--check-finite: a gradient became NaN or infinite at step 1" in err
+    assert "the backward pass produced a non-finite cotangent at" in err
+    assert "Likely cause:" in err and "nothing saved" in err
+    assert not list(out.glob("ckpt-*.npz"))  # no checkpoint of a diverged state
+    assert "jax.debug.callback failed" not in err  # the report is the error, logged once
+
+
+def test_check_finite_needs_the_chainrule_engine(tmp_path, capsys):
+    assert _train(tmp_path, "--engine", "jax", "--check-finite", "--quiet") == 2
+    assert "--check-finite watches chainrule's own backward pass" in capsys.readouterr().err

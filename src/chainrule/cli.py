@@ -158,6 +158,11 @@ def _parser() -> _Parser:
     )
     p.add_argument("--test-fraction", type=float, default=None, help="held-out share (0.2)")
     p.add_argument("--quiet", action="store_true", help="no progress output, summary only")
+    p.add_argument(
+        "--check-finite",
+        action="store_true",
+        help="stop at the first NaN/inf gradient with where it came from (chainrule engine)",
+    )
     return parser
 
 
@@ -214,6 +219,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         test_fraction=args.test_fraction,
         quiet=args.quiet,
+        check_finite=args.check_finite,
     )
     try:
         run(cfg)

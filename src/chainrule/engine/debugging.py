@@ -21,6 +21,7 @@ it can answer what JAX and PyTorch answer only partly:
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -344,6 +345,19 @@ def _raise_first(facts: list[dict], stats: np.ndarray) -> None:
             raise NonFiniteGradientError(_render(report))
 
 
+class _QuietReport(logging.Filter):
+    """JAX logs every exception a debug callback raises, with its traceback, before
+    re-raising it; the report raised under `jit` is the error itself, so that
+    log line is dropped (other callbacks' failures are still logged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, NonFiniteGradientError)
+
+
+logging.getLogger("jax._src.debugging").addFilter(_QuietReport())
+
+
 # --- the report ------------------------------------------------------------------------
 
 
@@ -368,12 +382,24 @@ _OVERFLOW = {"exp", "exp2", "expm1", "cosh", "sinh"}
 
 def _hint(report: dict) -> str:
     prim, up = report["prim"], report["upstream"]
+    if report["forward"]["nan"]:
+        return (
+            "the forward value is already NaN here: the problem is earlier, in the forward "
+            "pass (inputs or weights that are NaN or overflowed, e.g. after a too large "
+            "learning rate); run the forward pass alone to find where it starts."
+        )
     where_trap = (
         " If this value is computed inside jnp.where(cond, f(x), other), the branch "
         "not taken still sends a zero cotangent, and 0 × inf = NaN: make the input "
         "safe on that branch too (the double-where fix): x_safe = jnp.where(cond, x, 1.0); "
         "jnp.where(cond, f(x_safe), other)."
     )
+    if report["forward"]["inf"] and prim not in ("log", "log1p", "div"):
+        return (
+            f"the forward value of {prim} is already infinite here (an overflow): scale "
+            "the inputs down, lower the learning rate, or compute in a stabler form "
+            "(jax.nn.logsumexp, jax.nn.log_softmax)."
+        )
     if prim in ("sqrt", "rsqrt", "cbrt", "pow", "integer_pow"):
         return (
             f"{prim}'s derivative is infinite at 0 (e.g. jnp.linalg.norm or jnp.sqrt of "
@@ -396,11 +422,6 @@ def _hint(report: dict) -> str:
         return (
             f"{prim} overflowed to inf: subtract the maximum first (jax.nn.logsumexp, "
             "jax.nn.log_softmax), or clip its input."
-        )
-    if report["forward"]["nan"] or report["forward"]["inf"]:
-        return (
-            "the forward value is already non-finite here: the problem is in the "
-            "forward pass (look at this line's inputs)."
         )
     return "a derivative overflowed or was evaluated outside its domain here."
 

@@ -112,9 +112,15 @@ class TrainConfig:
     test_fraction: float | None = None  # default 0.2
     progress: bool | None = None  # None: a bar when stderr is a TTY and CI is not set
     quiet: bool = False
+    check_finite: bool = False  # stop at the first non-finite gradient, with its provenance
 
 
 def check_options(cfg: TrainConfig) -> None:
+    if cfg.check_finite and cfg.engine != "chainrule":
+        raise ConfigError(
+            "--check-finite watches chainrule's own backward pass: use it with "
+            "--engine chainrule (JAX's closest tool is JAX_DEBUG_NANS=1)."
+        )
     if cfg.engine not in ENGINES:
         raise ConfigError(
             f"Unknown engine {cfg.engine!r}. Use --engine chainrule (chainrule's own VJP rules) "

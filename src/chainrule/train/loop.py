@@ -2,7 +2,9 @@
 
 `run(TrainConfig(...))` trains an MLP or a small CNN (`chainrule.nn`) on a `Dataset` with the
 jitted step of `make_train_step`, writes `ckpt-<step>.npz` checkpoints, a
-`loss_curve.png` and a `summary.json` into the output folder (by default
+`loss_curve.png`, a `grad_flow.png` (per-layer gradient norms and update/weight
+ratios at the end of each epoch, also in the summary) and a `summary.json` into
+the output folder (by default
 `runs/<data set>-<engine>`), and returns the summary. A run resumed from a
 checkpoint (`resume=True`) ends with the same parameters as one that was never
 interrupted: the batch order is a pure function of `(seed, step)` and the
@@ -109,7 +111,7 @@ def _write_failed(out: Path, name: str, error: OSError, last_saved: Path | None)
 
 def _clear_earlier_run(out: Path) -> int:
     """`--overwrite`: deletes an earlier run's checkpoints and results (links, not targets)."""
-    names = ("summary.json", "loss_curve.png")
+    names = ("summary.json", "loss_curve.png", "grad_flow.png")
     old = [*ckpt_lib.list_checkpoints(out), *out.glob("ckpt-*.npz.corrupt")]
     old += [out / name for name in names if (out / name).is_symlink() or (out / name).exists()]
     for path in old:
@@ -197,6 +199,7 @@ class _Run:
     last_saved: Path | None
     completed: int = 0
     losses: list = dataclasses.field(default_factory=list)  # device losses not yet fetched
+    flow: list = dataclasses.field(default_factory=list)  # per-epoch gradient flow (host)
     t_start: float | None = None
     t_compiled: float | None = None  # end of the first (compiling) step
     t_end: float | None = None
@@ -364,7 +367,12 @@ def _set_up(cfg: TrainConfig, out: Path, stderr: TextIO) -> _Run:
     place = (lambda t: replicate(t, mesh)) if mesh is not None else jax.device_put
     optimizer = make_optimizer(resolved["optimizer"], resolved["lr"])
     step_fn = make_train_step(
-        _loss_fn(ds.task, resolved["model"]), optimizer, engine=cfg.engine, donate=True, mesh=mesh
+        _loss_fn(ds.task, resolved["model"]),
+        optimizer,
+        engine=cfg.engine,
+        donate=True,
+        mesh=mesh,
+        check_finite=cfg.check_finite,
     )
     return _Run(
         cfg=cfg,
@@ -404,16 +412,25 @@ def _train(r: _Run, sigint: dict, stderr: TextIO) -> bool:
             if r.mesh is not None:
                 batch = shard_batch(batch, r.mesh)
             r.params, r.opt_state, metrics = r.step_fn(r.params, r.opt_state, batch)
+            if r.cfg.check_finite:  # the step's own check raises now, before any later use
+                jax.block_until_ready(metrics)
             r.completed = step + 1
             r.losses.append(metrics["loss"])
             if r.t_compiled is None:
                 metrics["loss"].block_until_ready()
                 r.t_compiled = time.perf_counter()
             progress.update(r.completed, metrics["loss"])
+            epoch_end = r.completed % r.order.steps_per_epoch == 0
+            if epoch_end or r.completed == r.total:
+                r.flow.append(_flow_record(r, metrics["flow"]))
             if r.completed % r.every == 0 or r.completed == r.total:
                 r.save(r.completed)
             if sigint["stop"]:
                 break
+    except jax.errors.JaxRuntimeError as e:  # --check-finite's report, raised by the step
+        if "non-finite cotangent" not in str(e):
+            raise
+        raise _nonfinite_gradient(r, str(e)) from None
     except KeyboardInterrupt:
         sigint["stop"] = True
         if r.state_lost():  # the last good state is on disk (or nowhere)
@@ -430,6 +447,30 @@ def _train(r: _Run, sigint: dict, stderr: TextIO) -> bool:
     jax.block_until_ready(r.params)
     r.t_end = time.perf_counter()
     return cut_short
+
+
+def _flow_record(r: _Run, flow: dict) -> dict[str, Any]:
+    """The gradient flow of one step as plain numbers: per parameter leaf (named
+    like `[0]['weight']`), the gradient norm and the update/weight ratio."""
+    flow = jax.device_get(flow)
+    layers = {}
+    for (path, g), u in zip(
+        jax.tree_util.tree_flatten_with_path(flow["grad_norm"])[0],
+        jax.tree_util.tree_leaves(flow["update_ratio"]),
+        strict=True,
+    ):
+        layers[jax.tree_util.keystr(path)] = {"grad_norm": float(g), "update_ratio": float(u)}
+    return {"epoch": r.completed / r.order.steps_per_epoch, "step": r.completed, "layers": layers}
+
+
+def _nonfinite_gradient(r: _Run, message: str) -> TrainingDiverged:
+    report = message[message.index("the backward pass produced") :]
+    report = report.split("\n\n")[0].strip()
+    kept = f"the last good checkpoint is {r.last_saved}" if r.last_saved else "nothing saved"
+    return TrainingDiverged(
+        f"--check-finite: a gradient became NaN or infinite at step {r.completed + 1}; "
+        f"training stopped ({kept}).\n{report}"
+    )
 
 
 def _summary(r: _Run, history: np.ndarray, t_run: float, interrupted: bool) -> dict[str, Any]:
@@ -474,6 +515,9 @@ def _finish(r: _Run, t_run: float, stdout: TextIO, interrupted: bool) -> dict:
     title = f"{r.resolved['data']}: {r.cfg.engine}, {r.resolved['optimizer']} lr={r.resolved['lr']}"
     curve = _plot_loss(r, history, title) if len(history) else None
     summary["loss_curve"] = str(curve) if curve else None
+    summary["gradient_flow"] = r.flow
+    flow_plot = _plot_flow(r, title) if r.flow else None
+    summary["gradient_flow_plot"] = str(flow_plot) if flow_plot else None
     _write_json(r, "summary.json", summary)
     print(format_summary(summary), file=stdout)
     if curve is None and len(history):
@@ -606,6 +650,32 @@ def _plot_loss(r: _Run, history: np.ndarray, title: str) -> Path | None:
     return r.write("loss_curve.png", lambda f: fig.savefig(f, format="png"))
 
 
+def _plot_flow(r: _Run, title: str) -> Path | None:
+    """Writes `grad_flow.png`: per layer, the gradient norm and the update/weight
+    ratio at the end of each epoch (log scales); `None` without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    epochs = [f["epoch"] for f in r.flow]
+    for name in r.flow[0]["layers"]:
+        for ax, key in zip(axes, ("grad_norm", "update_ratio"), strict=True):
+            values = [max(f["layers"][name][key], 1e-30) for f in r.flow]
+            ax.plot(epochs, values, marker="o", ms=3, lw=1, label=name)
+    for ax, label in zip(axes, ("‖gradient‖", "‖update‖ / ‖weight‖"), strict=True):
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"gradient flow per layer: {title}", fontsize=9)
+    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.14, top=0.88, wspace=0.32)
+    return r.write("grad_flow.png", lambda f: fig.savefig(f, format="png"))
+
+
 def _write_json(r: _Run, name: str, data: dict) -> Path:
     finite = {
         k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()
@@ -649,4 +719,6 @@ def format_summary(s: dict) -> str:
     lines.append(f"  checkpoint   {s['checkpoint']}")
     if s.get("loss_curve"):
         lines.append(f"  loss curve   {s['loss_curve']}")
+    if s.get("gradient_flow_plot"):
+        lines.append(f"  grad flow    {s['gradient_flow_plot']}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -28,6 +29,7 @@ __all__ = [
     "ENGINES",
     "OPTIMIZERS",
     "data_mesh",
+    "gradient_flow",
     "make_optimizer",
     "make_train_step",
     "replicate",
@@ -39,10 +41,15 @@ OPTIMIZERS = ("sgd", "adam")
 DATA_AXIS = "data"
 
 
-def _value_and_grad(engine: str) -> Callable:
+def _value_and_grad(engine: str, check_finite: bool = False) -> Callable:
     if engine == "chainrule":
-        return cr.value_and_grad
+        return lambda f, **kw: cr.value_and_grad(f, check_finite=check_finite, **kw)
     if engine == "jax":
+        if check_finite:
+            raise ConfigError(
+                "check_finite (--check-finite) watches chainrule's own backward pass; "
+                "use engine='chainrule' (--engine chainrule), or JAX's jax_debug_nans."
+            )
         return jax.value_and_grad
     raise ConfigError(
         f"Unknown engine {engine!r}. Use engine='chainrule' (chainrule's own VJP rules) or "
@@ -127,6 +134,21 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 
+def gradient_flow(grads: Any, updates: Any, params: Any) -> dict[str, Any]:
+    """Per parameter leaf: the gradient's L2 norm and the update's norm relative to
+    the (updated) weight's, the two numbers that show a vanishing or exploding
+    layer (a few reductions per leaf, inside the jitted step)."""
+    tiny = 1e-30
+    return {
+        "grad_norm": jax.tree.map(lambda g: jnp.linalg.norm(g.ravel()), grads),
+        "update_ratio": jax.tree.map(
+            lambda u, p: jnp.linalg.norm(u.ravel()) / (jnp.linalg.norm(p.ravel()) + tiny),
+            updates,
+            params,
+        ),
+    }
+
+
 def make_train_step(
     loss_fn: Callable[[Any, Any], Any],
     optimizer: optax.GradientTransformation,
@@ -135,6 +157,7 @@ def make_train_step(
     *,
     has_aux: bool = False,
     mesh: Mesh | None = None,
+    check_finite: bool = False,
 ) -> Callable[[Any, Any, Any], tuple[Any, Any, dict[str, jax.Array]]]:
     """Builds a jitted step `(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
@@ -157,10 +180,15 @@ def make_train_step(
         the batch is sharded along its first axis, parameters and optimizer
         state are replicated. Pass batches through `shard_batch` and initial
         state through `replicate`. `None`: the default device.
+      check_finite: (chainrule engine) the step raises, when it runs, the
+        provenance report of the first node of the backward pass whose
+        cotangent became NaN or infinite (see `cr.value_and_grad`).
 
     Returns:
       The jitted step. `metrics` holds `loss` (the batch loss before the
-      update) and `grad_norm` (global L2 norm of the gradient), plus any aux.
+      update), `grad_norm` (global L2 norm of the gradient) and `flow`: per
+      parameter leaf, the gradient's norm and the update/weight norm ratio
+      (the gradient-flow report of `chainrule train`), plus any aux.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -172,7 +200,7 @@ def make_train_step(
       >>> float(metrics["loss"]), float(w)  # dloss/dw = -2, so w = 1 + 0.1 * 2
       (1.0, 1.2000000476837158)
     """
-    value_and_grad = _value_and_grad(engine)(loss_fn, has_aux=has_aux)
+    value_and_grad = _value_and_grad(engine, check_finite)(loss_fn, has_aux=has_aux)
 
     def train_step(params, opt_state, batch):
         if has_aux:
@@ -182,7 +210,12 @@ def make_train_step(
             aux = {}
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "flow": gradient_flow(grads, updates, params),
+            **aux,
+        }
         return params, opt_state, metrics
 
     train_step.__name__ = f"train_step_{engine}"
