@@ -12,17 +12,22 @@ numbers.
 
 from __future__ import annotations
 
+import os
 import re
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
 from jax import lax
 
 import chainrule as cr
 from chainrule.engine import core
+from chainrule.engine.rules import PRIMITIVES
+from chainrule.errors import NoVJPRuleError
 from tests.oracle import check_against_jax, emitted
 
 DTYPES = (jnp.float64, jnp.float32)
@@ -118,6 +123,10 @@ def scan_matrix(w, xs, c0):  # a vector carry, a matrix constant, a matrix outpu
     return lax.scan(step, c0 * jnp.ones_like(xs), xs)
 
 
+def scan_split_transpose(w, xs, c0):  # a hint for JAX's own transpose: same value
+    return lax.scan(lambda c, x: (_cell(c, x, w), c * x), c0, xs, _split_transpose=True)
+
+
 def scan_empty(w, xs, c0):  # length 0: the carry passes through
     return lax.scan(lambda c, x: (_cell(c, x, w), c * x), c0, xs[:0])
 
@@ -134,6 +143,7 @@ SCANS = [
     scan_nested,
     scan_checkpoint,
     scan_matrix,
+    scan_split_transpose,
     scan_empty,
 ]
 
@@ -188,6 +198,46 @@ def test_the_variants_emit_their_parameters():
     assert _scan_params(scan_empty, *args)[0]["length"] == 0
     nested = _scan_params(scan_nested, *args)[0]["jaxpr"].jaxpr.eqns
     assert any(e.primitive.name == "scan" for e in nested)
+
+
+def test_scan_parameters_are_honoured_or_refused():
+    params = _scan_params(scan_basic, 1.0, jnp.ones(5), 0.5)[0]
+    scan = PRIMITIVES["scan"]
+    assert set(scan.taken(params)) == set(params)
+    # Hints of older JAX versions that do not change the value are accepted...
+    hinted = dict(params, linear=(False, False, False), _split_transpose=True)
+    assert scan.taken(hinted) == scan.taken(params)
+    # ...a parameter chainrule does not know is refused, never ignored.
+    with pytest.raises(NoVJPRuleError, match="its parameter mystery=1"):
+        scan.taken(dict(params, mystery=1))
+
+
+@settings(max_examples=int(os.environ.get("CHAINRULE_FUZZ_EXAMPLES", 6)), deadline=None)
+@given(
+    length=st.integers(0, 7),
+    reverse=st.booleans(),
+    unroll=st.integers(1, 4),
+    f32=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_scan_parameters_property(length, reverse, unroll, f32, seed):
+    dtype = jnp.float32 if f32 else jnp.float64
+    w, xs, c0 = (
+        _randn(seed, dtype=dtype),
+        _randn(seed + 1, length, 2, dtype=dtype),
+        _randn(seed + 2, 2, dtype=dtype),
+    )
+
+    def loss(w, xs, c0):
+        step = lambda c, x: (jnp.tanh(c * w + x), jnp.sin(c) * x)  # noqa: E731
+        c, ys = lax.scan(step, c0, xs, reverse=reverse, unroll=unroll)
+        return jnp.sum(c**2) + jnp.sum(ys * jnp.arange(1.0, 3.0, dtype=dtype))
+
+    got = jax.jit(cr.grad(loss, argnums=(0, 1, 2)))(w, xs, c0)
+    want = jax.grad(loss, argnums=(0, 1, 2))(w, xs, c0)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == jnp.float64 else dict(rtol=2e-5, atol=2e-5)
+    for g, v in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, v, **tol)
 
 
 def test_scan_with_closed_over_constant_gets_its_gradient():
