@@ -64,6 +64,15 @@ def test_shortened_run_engines_agree_to_float32_rounding(tmp_path, capsys):
     assert summaries[0]["final_loss"] < np.log(10) / 2
 
 
+def test_resume_keeps_the_model(tmp_path, capsys):
+    assert _train(tmp_path, "--steps", "3", "--quiet") == 0
+    resumed = ["train", "--out", str(tmp_path), "--data", "digits", "--resume", "--quiet"]
+    assert cli.main([*resumed, "--steps", "4"]) == 0  # the checkpoint's model: the CNN
+    assert "CNN channels [16, 32]" in capsys.readouterr().out
+    assert cli.main([*resumed, "--steps", "5", "--model", "mlp"]) == 2
+    assert "--model 'mlp' but the checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
