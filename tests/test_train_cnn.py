@@ -32,7 +32,7 @@ def _arrays(path):
 
 def test_cnn_emits_convolutions_and_max_pooling_and_has_jax_gradients():
     params = nn.cnn_init(jax.random.key(0), 8)
-    x = jax.random.uniform(jax.random.key(1), (5, 64))
+    x = jax.random.uniform(jax.random.key(1), (5, 64), jnp.float32)
     labels = jnp.arange(5)
     loss = lambda p: nn.softmax_cross_entropy(nn.cnn_apply(p, x), labels)  # noqa: E731
     assert {"conv_general_dilated", "reduce_window_max"} <= emitted(loss, params)
@@ -54,7 +54,7 @@ def test_shortened_run_engines_agree_to_float32_rounding(tmp_path, capsys):
         _arrays(tmp_path / "cr" / "ckpt-00000060.npz"),
         _arrays(tmp_path / "jax" / "ckpt-00000060.npz"),
     )
-    assert sorted(a) == sorted(b) and any("conv1" in k for k in a)
+    assert sorted(a) == sorted(b) and any(v.shape == (16, 1, 3, 3) for v in a.values())
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
     summaries = [json.loads((tmp_path / e / "summary.json").read_text()) for e in ("cr", "jax")]
@@ -62,6 +62,15 @@ def test_shortened_run_engines_agree_to_float32_rounding(tmp_path, capsys):
     assert summaries[0]["test_accuracy"] == pytest.approx(summaries[1]["test_accuracy"], abs=0.01)
     # it learns: below half the loss of guessing (log 10) after 60 steps
     assert summaries[0]["final_loss"] < np.log(10) / 2
+
+
+def test_resume_keeps_the_model(tmp_path, capsys):
+    assert _train(tmp_path, "--steps", "3", "--quiet") == 0
+    resumed = ["train", "--out", str(tmp_path), "--data", "digits", "--resume", "--quiet"]
+    assert cli.main([*resumed, "--steps", "4"]) == 0  # the checkpoint's model: the CNN
+    assert "CNN channels [16, 32]" in capsys.readouterr().out
+    assert cli.main([*resumed, "--steps", "5", "--model", "mlp"]) == 2
+    assert "--model 'mlp' but the checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
