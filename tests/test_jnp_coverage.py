@@ -79,23 +79,15 @@ def test_matches_jax_eager_jit_vmap_and_second_order(name):
     np.testing.assert_allclose(second(cr.grad), second(jax.grad), rtol=1e-10, atol=1e-12)
 
 
-# A primitive no table will ever hold (reduce_prod and sort, once the examples
-# here, have rules now).
+# A primitive no table will ever hold (reduce_prod, sort and scan, once the
+# examples here, have rules now).
 _unknown_p = jex_core.Primitive("made_up_for_this_test")
-_unknown_p.def_impl(lambda x: x)
 _unknown_p.def_abstract_eval(lambda x: x)
 
 
-@pytest.mark.parametrize(
-    "f,primitive",
-    [
-        (lambda x: jnp.sum(_unknown_p.bind(x) * X), "made_up_for_this_test"),
-        (lambda x: jnp.sum(lax.fori_loop(0, 3, lambda i, v: v * 1.1, x)), "scan"),
-    ],
-)
-def test_unsupported_primitives_raise_a_clear_error_naming_the_users_line(f, primitive):
-    with pytest.raises(errors.NoVJPRuleError, match=rf"'{primitive}'.*test_jnp_coverage.py"):
-        cr.grad(f)(X)
+def test_unsupported_primitives_raise_a_clear_error_naming_the_users_line():
+    with pytest.raises(errors.NoVJPRuleError, match=r"'made_up_for_this_test'.*test_jnp_coverage"):
+        cr.grad(lambda x: jnp.sum(_unknown_p.bind(x) * X))(X)
 
 
 def test_unknown_tracer_attribute_is_an_attribute_error():
