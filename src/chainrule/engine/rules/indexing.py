@@ -455,7 +455,7 @@ def _scatter_mul_updates_vjp(ans, x, indices, updates, **params):
         raise NoVJPRuleError(
             "scatter-mul",
             detail="its gradient with respect to the updates (the factors of "
-            "x.at[i].multiply(y), the divisors of .divide, the exponents' base of .power) "
+            "x.at[i].multiply(y), the divisors of .divide, the exponents of .power) "
             "is defined only for unique indices, as in JAX. If your indices have no "
             "duplicates, say so: x.at[i].multiply(y, unique_indices=True)",
         )
@@ -487,17 +487,13 @@ class _ScatterExtremal(Primitive):
         def count(where):
             return read(lax.scatter_add(lax.full_like(x_, 0), indices_, where, dn))
 
-        def where(which, a, b):
-            return lax.select(which, lax.full_like(updates_, a), lax.full_like(updates_, b))
-
+        zeros, ones = lax.full_like(updates_, 0), lax.full_like(updates_, 1)
         target = read(ans_)
         won, kept = lax.eq(updates_, target), lax.eq(read(x_), target)
-        winners, references = count(where(won, 1, 0)), count(where(won, 1, 1))
-        share = lax.div(one, lax.add(winners, one))  # with the original value
-        updates_coef = lax.select(
-            won, lax.select(kept, share, lax.div(one, winners)), where(won, 0, 0)
-        )
-        operand_coef = lax.div(lax.sub(lax.select(kept, share, where(won, 0, 0)), one), references)
+        winners, references = count(lax.select(won, ones, zeros)), count(ones)
+        share = lax.div(one, lax.add(winners, one))  # shared with the original value
+        updates_coef = lax.select(won, lax.select(kept, share, lax.div(one, winners)), zeros)
+        operand_coef = lax.div(lax.sub(lax.select(kept, share, zeros), one), references)
         at_updates = gather_p.bind(
             g, indices, dimension_numbers=gather_dn, slice_sizes=slice_sizes,
             indices_are_sorted=node.params["indices_are_sorted"],

@@ -20,7 +20,7 @@ from jax import lax
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core
-from chainrule.engine.core import Primitive, zeros_like
+from chainrule.engine.core import Primitive, raw, zeros_like
 from chainrule.engine.rules.indexing import scatter_add_p
 from chainrule.engine.rules.registry import primitive, shape_of
 from chainrule.engine.rules.shape import iota_p, reshape
@@ -84,7 +84,15 @@ class _Sort(Primitive):
         params = self.taken(params)
         shape = shape_of(args[0])
         index_dtype = np.int32 if max(shape, default=0) < 2**31 else np.int64
-        iota = iota_p.bind(dtype=index_dtype, shape=shape, dimension=params["dimension"])
+        dimension = params["dimension"]
+        if isinstance(raw(args[0]), np.ndarray):  # eager, on the host: no XLA call
+            along = [1] * len(shape)
+            along[dimension] = shape[dimension]
+            iota = np.broadcast_to(
+                np.arange(shape[dimension], dtype=index_dtype).reshape(along), shape
+            )
+        else:
+            iota = iota_p.bind(dtype=index_dtype, shape=shape, dimension=dimension)
         *outs, _ = core.bind(self, *args, iota, **params)
         return outs
 
