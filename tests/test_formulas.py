@@ -122,6 +122,9 @@ NOT_ELEMENTWISE = {
     # numbers, whose local derivative is no real number
     "real", "imag", "complex", "conj",
     "fft",
+    # matrix decompositions and solves (rules/decompositions.py)
+    "cholesky", "triangular_solve", "lu", "qr", "eigh", "svd", "eig", "tridiagonal_solve",
+    "custom_linear_solve",
     # call-like: a body of other primitives, or a user's rule (explain checks a
     # custom_jvp formula against that rule before showing it)
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",

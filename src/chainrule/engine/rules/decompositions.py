@@ -116,7 +116,7 @@ def _register(jax_prim: Any, params: Sequence[str], rule: Callable | None, **kwa
     return primitive(jax_prim.name, impl, params, cls=_Decomposition, rule=rule, **kwargs)
 
 
-def _instantiate(g: Any, outs: Sequence[Any]) -> list[Any]:
+def _output_cotangents(g: Any, outs: Sequence[Any]) -> list[Any]:
     """Cotangents of a multiple-results node, `None` where none arrived."""
     return list(g) if isinstance(g, tuple) else [g] + [None] * (len(outs) - 1)
 
@@ -251,7 +251,7 @@ def _qr_rule(g: Any, node: Node) -> list[Any]:
     (a,) = node.primals
     _real_only("qr", a)
     q, r, *pivots = node.ans
-    q_bar, r_bar, *_ = _instantiate(g, node.ans)
+    q_bar, r_bar, *_ = _output_cotangents(g, node.ans)
     q_bar = zeros_like(q) if q_bar is None else q_bar
     r_bar = zeros_like(r) if r_bar is None else r_bar
     m, n = shape_of(a)[-2:]
@@ -308,7 +308,7 @@ def _eigh_rule(g: Any, node: Node) -> list[Any]:
             "eigh", detail=f"subset_by_index={subset}: the derivative of a partial "
             "eigendecomposition is not defined (JAX's neither); use the full one",
         )  # fmt: skip
-    v_bar, w_bar = _instantiate(g, node.ans)
+    v_bar, w_bar = _output_cotangents(g, node.ans)
     inner = 0
     if v_bar is not None:
         eye = _eye_like(v)
@@ -346,7 +346,7 @@ def _svd_rule(g: Any, node: Node) -> list[Any]:
             "svd", detail="full_matrices=True for a non-square matrix (JAX has no rule either); "
             "use full_matrices=False",
         )  # fmt: skip
-    cts = _instantiate(g, node.ans)
+    cts = _output_cotangents(g, node.ans)
     s_bar = cts[0]
     if params["compute_uv"]:
         s, u, vt = node.ans
@@ -497,7 +497,7 @@ class _LinearSolve(Primitive):
         x = node.ans[:n_b]
         x_bar = [
             zeros_like(o) if ct is None else ct
-            for ct, o in zip(_instantiate(g, node.ans)[:n_b], x, strict=True)
+            for ct, o in zip(_output_cotangents(g, node.ans)[:n_b], x, strict=True)
         ]
         transposed = jaxprs.transpose()
         b_bar = jax_solves.linear_solve_p.bind(
