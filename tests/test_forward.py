@@ -301,6 +301,14 @@ def test_integer_primals_take_float0_tangents_as_in_jax():
         cr.jvp(f, primals, (tangents[0], jnp.array([1.0, 1.0]), tangents[2]))
 
 
+def test_outputs_that_do_not_depend_on_the_inputs():
+    x = jnp.arange(3.0)
+    for f in (lambda x: 3.0, lambda x: jnp.ones(2), lambda x: (x, 2.0 * jnp.ones(()))):
+        assert_trees_match(cr.jvp(f, (x,), (x,)), jax.jvp(f, (x,), (x,)))
+        assert_trees_match(cr.jacfwd(f)(x), jax.jacfwd(f)(x))
+        assert_trees_match(cr.jacrev(f)(x), jax.jacrev(f)(x))
+
+
 @pytest.mark.parametrize(
     "primals,tangents,error",
     [

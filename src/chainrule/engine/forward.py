@@ -63,10 +63,15 @@ def _tangent_dtype(x: Any) -> np.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.inexact) else np.dtype(_float0)
 
 
+def _zeros_like(x: Any) -> Any:
+    """`core.zeros_like`, also for Python scalars."""
+    return core.zeros_like(x) if hasattr(x, "dtype") else np.zeros(np.shape(x), _dtype(x))
+
+
 def _zero_tangent(x: Any) -> Any:
     """The tangent of a value that does not depend on the inputs."""
     if _is_float(x):
-        return transforms.host.to_jax(core.zeros_like(x))
+        return transforms.host.to_jax(_zeros_like(x))
     return np.zeros(np.shape(x), _float0)
 
 
@@ -103,7 +108,7 @@ def _linearize(fun: Callable, primals: tuple, has_aux: bool):
         cts = _merge(out_floats, us, out_leaves, _zero_tangent)
         return pullback(_tree_unflatten(out_tree, cts))
 
-    zeros = [core.zeros_like(o) for o, f in zip(out_leaves, out_floats, strict=True) if f]
+    zeros = [_zeros_like(o) for o, f in zip(out_leaves, out_floats, strict=True) if f]
     _, pushforward_flat = transforms.vjp(pullback_flat, *zeros)
 
     def pushforward(tangent_leaves: Sequence[Any]) -> Any:
