@@ -12,7 +12,7 @@ import math
 import pytest
 
 from benchmarks import __main__ as bench
-from benchmarks import compile_time, deep_chain, eager, jit_step
+from benchmarks import compile_time, deep_chain, eager, forward, jit_step
 
 EXPECTED_TARGETS = {
     "jit_step": ["(1) jit step", "XLA flops", "(1) big MLP"],
@@ -23,6 +23,7 @@ EXPECTED_TARGETS = {
     ],
     "eager": ["/ jax.grad", "/ PyTorch"],
     "deep_chain": ["(4) chainrule linear in N", "chainrule time / PyTorch", "peak-memory"],
+    "forward": ["(5) HVP", "(5) jacfwd"],
 }
 
 
@@ -113,6 +114,19 @@ def test_tutorial_values_are_the_documented_ones():
         assert (float(dw1), float(dw2), float(dx)) == (-9.0, -3.0, -2.25)
 
 
+def test_forward_mode_rows_agree_and_compile_to_the_same_xla_work(report):
+    section = report["sections"]["forward"]
+    agreements = _agreements(section)
+    assert len(agreements) == 2  # the HVP and jacfwd
+    for label, per_mode in agreements.items():
+        for mode, a in per_mode.items():
+            assert a["allclose"], (label, mode, a)
+    for key, xla in section["info"].items():
+        if key.startswith("xla "):
+            assert xla["chainrule"]["flops"] == xla["jax"]["flops"], key
+            assert xla["chainrule"]["hlo_ops"] == xla["jax"]["hlo_ops"], key
+
+
 def test_sections_are_importable_modules():
-    for module in (jit_step, compile_time, eager, deep_chain):
+    for module in (jit_step, compile_time, eager, deep_chain, forward):
         assert callable(module.run)

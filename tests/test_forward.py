@@ -301,6 +301,27 @@ def test_integer_primals_take_float0_tangents_as_in_jax():
         cr.jvp(f, primals, (tangents[0], jnp.array([1.0, 1.0]), tangents[2]))
 
 
+def test_complex_primals_are_differentiated_or_refused_never_zero():
+    """Complex inputs go to the engine (which refuses them until complex support
+    lands, then must agree with JAX); they are never held fixed with a zero tangent."""
+    f = lambda z: z * (2.0 + 1.0j)  # noqa: E731
+    z = jnp.ones(2, jnp.complex128)
+    try:
+        got = cr.jvp(f, (z,), (z,))
+    except (TypeError, NotImplementedError) as e:
+        assert "complex" in str(e)
+    else:
+        assert_trees_match(got, jax.jvp(f, (z,), (z,)))
+
+
+def test_outputs_that_do_not_depend_on_the_inputs():
+    x = jnp.arange(3.0)
+    for f in (lambda x: 3.0, lambda x: jnp.ones(2), lambda x: (x, 2.0 * jnp.ones(()))):
+        assert_trees_match(cr.jvp(f, (x,), (x,)), jax.jvp(f, (x,), (x,)))
+        assert_trees_match(cr.jacfwd(f)(x), jax.jacfwd(f)(x))
+        assert_trees_match(cr.jacrev(f)(x), jax.jacrev(f)(x))
+
+
 @pytest.mark.parametrize(
     "primals,tangents,error",
     [

@@ -53,8 +53,10 @@ def _dtype(x: Any) -> np.dtype:
     return np.dtype(dtype)
 
 
-def _is_float(x: Any) -> bool:
-    return jnp.issubdtype(_dtype(x), jnp.floating)
+def _is_inexact(x: Any) -> bool:
+    """Differentiated (float or complex; chainrule's vjp says clearly what it
+    does not support), as opposed to held fixed with a float0 tangent."""
+    return jnp.issubdtype(_dtype(x), jnp.inexact)
 
 
 def _tangent_dtype(x: Any) -> np.dtype:
@@ -63,10 +65,15 @@ def _tangent_dtype(x: Any) -> np.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.inexact) else np.dtype(_float0)
 
 
+def _zeros_like(x: Any) -> Any:
+    """`core.zeros_like`, also for Python scalars."""
+    return core.zeros_like(x) if hasattr(x, "dtype") else np.zeros(np.shape(x), _dtype(x))
+
+
 def _zero_tangent(x: Any) -> Any:
     """The tangent of a value that does not depend on the inputs."""
-    if _is_float(x):
-        return transforms.host.to_jax(core.zeros_like(x))
+    if _is_inexact(x):
+        return transforms.host.to_jax(_zeros_like(x))
     return np.zeros(np.shape(x), _float0)
 
 
@@ -85,11 +92,11 @@ def _merge(mask: Sequence[bool], chosen: Sequence[Any], items: Sequence[Any], fi
 def _linearize(fun: Callable, primals: tuple, has_aux: bool):
     """(output, pushforward of flat tangent leaves -> output tangent tree, aux).
 
-    Float leaves of `primals` are differentiated; the others (integers,
+    Inexact leaves of `primals` are differentiated; the others (integers,
     booleans) are held fixed, as JAX does with their float0 tangents.
     """
     leaves, tree = _tree_flatten(primals)
-    floats = [_is_float(x) for x in leaves]
+    floats = [_is_inexact(x) for x in leaves]
 
     def on_floats(*xs):
         return fun(*_tree_unflatten(tree, _merge(floats, xs, leaves)))
@@ -97,13 +104,13 @@ def _linearize(fun: Callable, primals: tuple, has_aux: bool):
     float_leaves = [x for x, f in zip(leaves, floats, strict=True) if f]
     out, pullback, *aux = transforms.vjp(on_floats, *float_leaves, has_aux=has_aux)
     out_leaves, out_tree = _tree_flatten(out)
-    out_floats = [_is_float(o) for o in out_leaves]
+    out_floats = [_is_inexact(o) for o in out_leaves]
 
     def pullback_flat(*us):  # linear in us: J^T u
         cts = _merge(out_floats, us, out_leaves, _zero_tangent)
         return pullback(_tree_unflatten(out_tree, cts))
 
-    zeros = [core.zeros_like(o) for o, f in zip(out_leaves, out_floats, strict=True) if f]
+    zeros = [_zeros_like(o) for o, f in zip(out_leaves, out_floats, strict=True) if f]
     _, pushforward_flat = transforms.vjp(pullback_flat, *zeros)
 
     def pushforward(tangent_leaves: Sequence[Any]) -> Any:
@@ -392,7 +399,9 @@ def _unravel(tree: Any, axis: int, arr: Any, dtype: Any = None) -> Any:
 
 
 def _split_argnums(fun: Callable, argnums: Any, name: str):
-    """`argnums` checked; returns (normalized, single, fun and the call's dynamic args)."""
+    """`argnums` checked. Returns (whether it is a single int, `dynamic`), where
+    `dynamic(args, kwargs)` gives `fun` of the differentiated arguments only and
+    those arguments."""
     nums, single = transforms._normalize_argnums(argnums, name)
 
     def dynamic(args: tuple, kwargs: dict):
