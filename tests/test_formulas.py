@@ -107,33 +107,13 @@ CORNERS: dict[str, list[tuple[np.ndarray, ...]]] = {
 # explain describes them in `_formula` in words, not with a formula.
 JOINT = {"select_n"}
 
-# Differentiable primitives that are not elementwise: explain shows what their rule
-# does to the upstream gradient ("ḡ ↦ ..."), not a local derivative.
-NOT_ELEMENTWISE = {
-    "broadcast_in_dim", "reshape", "squeeze", "transpose", "rev", "reduce_sum",
-    "pad", "slice", "concatenate", "stack", "tile", "split", "dynamic_slice",
-    "dynamic_update_slice", "gather", "scatter-add", "scatter", "dot_general",
-    "reduce_max", "reduce_min", "cumsum", "unstack", "ragged_dot_general", "name",
-    "conv_general_dilated", "reduce_window_sum", "reduce_window_max", "reduce_window_min",
-    "reduce_window", "select_and_scatter_add", "select_and_gather_add",
-    "sort", "top_k", "approx_top_k", "cumprod", "cummax", "cummin", "cumlogsumexp",
-    "reduce_prod", "reduce", "scatter-sub", "scatter-mul", "scatter-min", "scatter-max",
-    # complex parts (real, imag, x + iy, conj): linear maps between real and complex
-    # numbers, whose local derivative is no real number
-    "real", "imag", "complex", "conj",
-    "fft",
-    # matrix decompositions and solves (rules/decompositions.py)
-    "cholesky", "triangular_solve", "lu", "qr", "eigh", "svd", "eig", "tridiagonal_solve",
-    "custom_linear_solve",
-    # call-like: a body of other primitives, or a user's rule (explain checks a
-    # custom_jvp formula against that rule before showing it)
-    "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",
-    "custom_vmap_call", "linear_call",
-    "scan", "while",
-    "random_gamma",  # a PRNG key and the shape parameter
-    # identities with non-numeric parameters or several operands (placement, names)
-    "device_put", "optimization_barrier", "sharding_constraint",
-}  # fmt: skip
+# Families of elementwise rules: each differentiable primitive in them carries its
+# local derivative as a formula. The other families (shape, indexing, reductions,
+# linalg, calls, loops, ...) are not elementwise: explain shows what their rule does
+# to the upstream gradient ("ḡ ↦ ..."), not a local derivative.
+ELEMENTWISE_FAMILIES = {"elementwise", "special"}
+# ... except these, whose rule is no local derivative of their operands
+NOT_ELEMENTWISE = {"random_gamma"}  # a sampler: its derivative is implicit (random_gamma_grad)
 
 # Elementwise primitives JAX has no derivative for either: differentiating them
 # raises NoVJPRuleError (a NotImplementedError, as jax.grad raises there).
@@ -213,13 +193,15 @@ def test_every_elementwise_rule_has_formulas():
         n
         for n, p in PRIMITIVES.items()
         if p.differentiable
-        and n not in JOINT | NOT_ELEMENTWISE | NO_RULE_IN_JAX
+        and p.family in ELEMENTWISE_FAMILIES
+        and n not in JOINT | NO_RULE_IN_JAX | NOT_ELEMENTWISE
         and not getattr(p, "formulas", None)
     )
     assert not unknown, (
-        f"{unknown} have a VJP rule but no formulas: give their defvjp formulas=(...) "
-        "if they are elementwise, else list them in NOT_ELEMENTWISE here"
+        f"{unknown} are elementwise rules without formulas: give their defvjp formulas=(...), "
+        "or define them in the module of their (non-elementwise) family"
     )
+    assert {p.family for p in PRIMITIVES.values()} >= ELEMENTWISE_FAMILIES
 
 
 def test_the_primitives_explain_showed_before_all_have_formulas():
