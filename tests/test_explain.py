@@ -345,3 +345,28 @@ def test_explain_reports_where_the_first_nan_came_from():
     with pytest.raises(cr.errors.NonFiniteGradientError) as info:
         cr.grad(trap, check_finite=True)(0.0)
     assert str(info.value) == e.nan_report  # the same report as check_finite's
+
+
+def test_explain_a_scan_and_a_two_output_custom_vjp():
+    from jax import lax
+
+    def f(x):
+        c, ys = lax.scan(lambda c, xi: (c * xi + 1.0, c), 1.0, x)
+        return c + jnp.sum(ys)
+
+    x = jnp.arange(1.0, 4.0)
+    e = cr.explain(f, x)
+    np.testing.assert_allclose(e.grads, jax.grad(f)(x), rtol=1e-6)
+    text = e.to_text()
+    assert "scan(1, x)" in text and "outputs)" in text and "no dependence" not in text
+
+    @jax.custom_vjp
+    def two(x):
+        return jnp.sin(x), jnp.cos(x)
+
+    two.defvjp(
+        lambda x: ((jnp.sin(x), jnp.cos(x)), x),
+        lambda x, g: (g[0] * jnp.cos(x) - g[1] * jnp.sin(x),),
+    )
+    e2 = cr.explain(lambda x: sum(two(x)), 0.5)
+    assert float(e2.grads) == pytest.approx(float(jax.grad(lambda x: sum(two(x)))(0.5)))

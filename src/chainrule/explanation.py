@@ -552,6 +552,8 @@ def _rows(tape, ops, key_of, proj_of, relevant, shown, name_of, upstream, sent):
         g = upstream.get(proj_of.get(n, n))
         value = n.ans[0] if n in proj_of else n.ans
         operands = [operand(n, i) for i in range(len(n.primals))]
+        if n.prim.name == "projection":  # one output of a node with several
+            operands = [name_of.get(key_of.get(n.parents[0], n.parents[0]), "?")]
         edges = []
         locals_ = _local_derivatives(n, value)
         for k, (i, parent) in enumerate(zip(n.argnums, n.parents, strict=True)):
@@ -645,9 +647,17 @@ def _is_float(x: Any) -> bool:
     return dtype is not None and np.issubdtype(dtype, np.floating)
 
 
+class _Outputs(tuple):
+    """The values (or cotangents) of a node with several outputs; each output has
+    its own row below it, so the node's cell only counts them."""
+
+
 def _np(x: Any) -> Any:
-    if isinstance(x, (tuple, list)):  # the cotangent of a multiple-results node
-        return _np(x[0]) if len(x) == 1 else None
+    if isinstance(x, (tuple, list)):  # the values or cotangents of a multiple-results node
+        present = [v for v in x if v is not None]
+        if len(x) == 1 or (isinstance(x, tuple) and len(present) == 1):
+            return _np(present[0]) if present else None  # one output's (a projection's)
+        return _Outputs(_np(v) for v in x)
     if x is None:
         return None
     return np.asarray(raw(x))
@@ -1001,6 +1011,8 @@ def _expr(node: Node, ops: list[str]) -> str:
     name, params = node.prim.name, node.params
     if name in _INFIX and len(ops) == 2:
         return f"{ops[0]} {_INFIX[name]} {ops[1]}"
+    if name == "projection":
+        return f"{ops[0]}[{node.prim.index}]"
     if name == "integer_pow":
         return f"{ops[0]}{str(params['y']).translate(_SUP)}"
     if name == "square":
@@ -1054,6 +1066,8 @@ def _formula(node: Node, i: int, ops: list[str], out: str) -> str:
         return f"{_G} ↦ {_G} at the {name.removeprefix('reduce_')}"
     if name == "select_n":
         return f"1[{ops[0]}={i - 1}]"
+    if name == "projection":
+        return f"{_G} ↦ cotangent of output {node.prim.index}"
     if name == "tap":
         return f"{_G} ↦ hook({_G})" if node.params["hook"] is not None else "1"
     if node.prim.name == "custom_jvp_call":
@@ -1065,6 +1079,8 @@ def _formula(node: Node, i: int, ops: list[str], out: str) -> str:
 
 def _local_derivatives(node: Node, value: Any) -> list[Any] | None:
     """d(out)/d(input) for scalar nodes: pull a cotangent of 1 back through the node."""
+    if isinstance(value, (list, tuple)) or any(i >= len(node.primals) for i in node.argnums):
+        return None  # a node with several outputs, or one of those outputs
     if np.ndim(raw(value)) != 0 or any(np.ndim(raw(node.primals[i])) for i in node.argnums):
         return None
     one = lax.full((), 1, raw(value).dtype)
@@ -1145,6 +1161,8 @@ def _short(x: Any, const: bool = False) -> str:
     """A scalar exactly, a small array in full, a large one as dtype[shape] and its norm."""
     if x is None:
         return "0"
+    if isinstance(x, _Outputs):
+        return f"({len(x)} outputs)"
     x = np.asarray(raw(x))
     if x.ndim == 0:
         return _num(x) if x.dtype.kind in "fc" else str(x)
@@ -1158,6 +1176,8 @@ def _cell(x: Any) -> list[str]:
     """A value as the lines of a table cell: scalars exactly, arrays summarised."""
     if x is None:
         return ["0"]
+    if isinstance(x, _Outputs):
+        return [_short(x)]
     x = np.asarray(raw(x))
     if x.ndim == 0 or x.size <= 4:
         return [_short(x)]
