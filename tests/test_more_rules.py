@@ -138,3 +138,39 @@ def test_composite_is_refused_as_jax_refuses_it():
     # where it needs no gradient it is evaluated
     g = cr.grad(lambda y: jnp.sum(lax.composite(lambda v: jnp.sin(v), name="s")(x) * y))(x)
     np.testing.assert_allclose(g, jnp.sin(x), rtol=1e-12)
+
+
+def test_reshard_layout_constraint_and_inspect_sharding_pass_gradients_through():
+    from jax.experimental.layout import Layout, with_layout_constraint
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x = jnp.arange(6.0).reshape(2, 3) / 5
+    mesh = jax.make_mesh((1,), ("d",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+
+        def resharded(x):
+            return jnp.sum(jnp.sin(jax.sharding.reshard(x, P())) * x)
+
+        assert "reshard" in emitted(resharded, xs)
+        for run in (cr.grad(resharded), jax.jit(cr.grad(resharded))):
+            np.testing.assert_allclose(run(xs), jax.grad(resharded)(xs), rtol=1e-12)
+
+    def laid_out(x):
+        return jnp.sum(jnp.sin(with_layout_constraint(x * 2.0, Layout(major_to_minor=(0, 1)))))
+
+    assert "layout_constraint" in emitted(jax.jit(laid_out), x)
+    np.testing.assert_allclose(
+        jax.jit(cr.grad(laid_out))(x), jax.jit(jax.grad(laid_out))(x), rtol=1e-12
+    )
+
+    seen = []
+
+    def inspected(x):
+        jax.debug.inspect_array_sharding(x, callback=seen.append)
+        return jnp.sum(jnp.sin(x))
+
+    assert "inspect_sharding" in emitted(inspected, x)
+    np.testing.assert_allclose(jax.jit(cr.grad(inspected))(x), jnp.cos(x), rtol=1e-12)
+    assert seen  # the sharding was shown

@@ -233,11 +233,12 @@ class Primitive:
 
 
 def _defining_family() -> str:
-    """The rule module (`rules/<family>.py`) whose code is creating a primitive."""
+    """The rule module (`rules/<family>.py`) whose top level is creating a primitive
+    (through whatever helpers of other rule modules it calls)."""
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if module.startswith("chainrule.engine.rules.") and not module.endswith(".registry"):
+        if module.startswith("chainrule.engine.rules.") and frame.f_code.co_name == "<module>":
             return module.rsplit(".", 1)[1]
         frame = frame.f_back
     return "other"

@@ -28,14 +28,14 @@ from typing import Any
 import jax
 import numpy as np
 from jax import lax
-from jax._src import ad_checkpoint, ad_util
+from jax._src import ad_util
 from jax._src import core as jcore  # the Trace interface (JAX 0.10, pinned)
 from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
-from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
+from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.errors import NotDifferentiableError
 
 
@@ -97,17 +97,6 @@ for _name, _param in (
     ("custom_vmap_call", "call"),
 ):
     PRIMITIVES[_name] = _Inline(_name, _param)
-
-
-# `jax.ad_checkpoint.checkpoint_name`: an identity that names a value for remat
-# policies; the name stays on the value for the trace outside.
-name_p = primitive(
-    "name",
-    lambda x, name: ad_checkpoint.name_p.bind(x, name=name),
-    ("name",),
-    host=lambda x, name: x,
-)
-defvjp(name_p, lambda ans, x, name: lambda g: g)
 
 
 def _cotangents(g: Any, outs: Sequence[Any]) -> list[Any]:

@@ -26,12 +26,13 @@ from typing import Any
 
 from jax._src import callback, debugging, dispatch, pjit
 from jax._src import core as jcore  # set_current_trace (JAX 0.10, pinned)
+from jax._src import mesh as mesh_lib
 from jax._src.lax import lax as jax_lax
 from jax._src.random import core as jax_random_core
 from jax._src.random import prng as jax_prng
 from jax._src.random import threefry2x32 as jax_threefry
 
-from chainrule.engine.core import Primitive, Tracer, user_frame
+from chainrule.engine.core import Primitive, Tracer, raw, user_frame
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive, zeros_like
 from chainrule.errors import CallbackDifferentiationError
 
@@ -152,3 +153,34 @@ class _Opaque(Primitive):
 
 PRIMITIVES["pure_callback"] = _Opaque(callback.pure_callback_p, "Pure callbacks")
 PRIMITIVES["io_callback"] = _Opaque(callback.io_callback_p, "IO callbacks")
+
+
+# --- more placement: reshard, layouts, and sharding inspection ------------------------------
+
+# jax.sharding.reshard: the value is the same, placed differently; its cotangent is
+# placed back as the operand was (as JAX's transpose does).
+reshard_p = passthrough(pjit.reshard_p, ("dst_sharding", "concrete_mesh"))
+
+
+def _reshard_vjp(ans, x, dst_sharding, concrete_mesh):
+    def vjp(g):
+        source = jcore.typeof(raw(x)).sharding
+        if source.mesh.empty:  # an operand with no mesh (host values): nothing to undo
+            return g
+        with mesh_lib.use_abstract_mesh(source.mesh):
+            return reshard_p.bind(g, dst_sharding=source, concrete_mesh=concrete_mesh)
+
+    return vjp
+
+
+defvjp(reshard_p, _reshard_vjp)
+
+# a layout constraint (memory layout only) applies to the cotangent too, as in JAX
+layout_constraint_p = passthrough(pjit.layout_constraint_p, ("layout",))
+defvjp(
+    layout_constraint_p,
+    lambda ans, x, layout: lambda g: layout_constraint_p.bind(g, layout=layout),
+)
+
+# jax.debug.inspect_array_sharding: shows the primal's sharding, records nothing
+PRIMITIVES["inspect_sharding"] = _Effect(debugging.inspect_sharding_p)

@@ -35,6 +35,8 @@ def primitive(
     `cls` is a `Primitive` subclass for the few primitives whose rule treats all
     operands at once (variadic operands, multiple results, integer indices).
     """
+    if name in PRIMITIVES:
+        raise ValueError(f"the primitive {name!r} already has a rule ({PRIMITIVES[name]})")
     prim = cls(name, impl, params, host_impl=host, **kwargs)
     PRIMITIVES[name] = prim
     return prim
