@@ -410,18 +410,44 @@ def test_jacobian_input_and_output_checks():
     f = lambda x: x * 2  # noqa: E731
     for jac in ("jacrev", "jacfwd"):
         for module in (jax, cr):
-            with pytest.raises(TypeError):
+            with pytest.raises(TypeError):  # integer input without allow_int
                 getattr(module, jac)(f)(jnp.arange(3))
-        with pytest.raises(NotImplementedError, match="holomorphic"):
-            getattr(cr, jac)(f, holomorphic=True)(jnp.ones(3))
+            with pytest.raises(TypeError):  # holomorphic=True with real inputs
+                getattr(module, jac)(f, holomorphic=True)(jnp.ones(3))
+    for module in (jax, cr):
+        with pytest.raises(TypeError):  # complex output without holomorphic (reverse mode)
+            module.jacrev(lambda x: x * 1j)(jnp.ones(3))
+    for jac in ("jacrev", "jacfwd"):
         with pytest.raises(TypeError):
             getattr(cr, jac)(lambda x: (x > 0).astype(jnp.int32))(jnp.ones(3))
-    with pytest.raises(NotImplementedError, match="allow_int"):
-        cr.jacrev(f, allow_int=True)(jnp.arange(3))
-    with pytest.raises(NotImplementedError, match="holomorphic"):
-        cr.hessian(f, holomorphic=True)(jnp.ones(3))
     with pytest.raises(ValueError):
         cr.jacrev(f, argnums=3)(jnp.ones(3))
+
+
+@pytest.mark.parametrize("jac", ["jacrev", "jacfwd", "hessian"])
+def test_holomorphic_jacobians_and_hessians_match_jax(jac):
+    z = jnp.array([1 + 2j, 0.5 - 1j, -0.3 + 0.1j])
+    f = (lambda z: jnp.sum(z**3 * jnp.sin(z))) if jac == "hessian" else (lambda z: jnp.sin(z) * z)
+    got = getattr(cr, jac)(f, holomorphic=True)(z)
+    want = getattr(jax, jac)(f, holomorphic=True)(z)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(getattr(cr, jac)(f, holomorphic=True))(z), want, rtol=1e-12)
+
+
+def test_jacfwd_of_a_real_to_complex_function_matches_jax():
+    f = lambda x: jnp.exp(x * 1j) * x  # noqa: E731
+    x = jnp.array([0.3, 1.2, -2.0])
+    np.testing.assert_allclose(cr.jacfwd(f)(x), jax.jacfwd(f)(x), rtol=1e-12)
+
+
+def test_jacrev_with_integer_inputs_and_allow_int_matches_jax():
+    g = lambda x, n: jnp.sin(x) * n  # noqa: E731
+    x, n = jnp.array([1.0, 2.0]), jnp.array([1, 2])
+    got = cr.jacrev(g, argnums=(0, 1), allow_int=True)(x, n)
+    want = jax.jacrev(g, argnums=(0, 1), allow_int=True)(x, n)
+    assert [a.dtype for a in got] == [a.dtype for a in want]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_jvp_runs_the_function_once_eagerly():

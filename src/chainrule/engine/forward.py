@@ -393,6 +393,8 @@ def _unravel(tree: Any, axis: int, arr: Any, dtype: Any = None) -> Any:
     for part, x in zip(parts, leaves, strict=True):
         part = part.reshape(arr.shape[:axis] + np.shape(x) + arr.shape[axis + 1 :])
         want = _dtype(x) if dtype is None else np.dtype(dtype)
+        if part.dtype == jax.dtypes.float0:  # an integer input's: zeros, as in JAX
+            part = xp.zeros(part.shape, want)
         part = part if part.dtype == want else part.astype(want)
         out.append(part if on_host is None else transforms.host.to_jax(part))
     return _tree_unflatten(treedef, out)
@@ -418,39 +420,46 @@ def _split_argnums(fun: Callable, argnums: Any, name: str):
     return single, dynamic
 
 
-def _not_yet(name: str, what: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"{name}: {what} is not supported yet: chainrule's engine differentiates "
-        "real floating-point inputs only. Use real inputs (or leave integer inputs out "
-        "of argnums)."
-    )
-
-
 def _check_inputs(name: str, dyn: Any, holomorphic: bool, allow_int: bool) -> None:
-    """JAX's input checks of jacrev/jacfwd (same error types)."""
-    if holomorphic:
-        raise _not_yet(name, "holomorphic=True")
+    """JAX's input checks of jacrev/jacfwd (same error types and conditions)."""
     for x in jax.tree_util.tree_leaves(dyn):
         dtype = _dtype(x)
-        if jnp.issubdtype(dtype, jnp.inexact):
+        if holomorphic:
+            if not jnp.issubdtype(dtype, jnp.complexfloating):
+                raise TypeError(
+                    f"{name} with holomorphic=True requires inputs with complex dtype, "
+                    f"but got {dtype.name}."
+                )
+            continue
+        if jnp.issubdtype(dtype, jnp.floating):
             continue
         if allow_int and (jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
-            raise _not_yet(name, f"allow_int=True with an input of dtype {dtype.name}")
+            continue
         raise TypeError(
             f"{name} requires real-valued inputs (input dtype that is a sub-dtype of "
-            f"np.floating), but got {dtype.name}. Convert it, e.g. "
+            f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
+            "holomorphic=True; for integer inputs allow_int=True; or convert it, e.g. "
             "jnp.asarray(x, jnp.float32), or leave it out of argnums."
         )
 
 
-def _check_outputs(name: str, y: Any) -> None:
+def _check_outputs(name: str, y: Any, holomorphic: bool = False) -> None:
+    forward = name.endswith("jacfwd")  # forward mode maps real tangents to complex ones
     for x in jax.tree_util.tree_leaves(y):
         dtype = _dtype(x)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if forward and not holomorphic and jnp.issubdtype(dtype, jnp.complexfloating):
+            continue
+        if holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"{name} with holomorphic=True requires outputs with complex dtype, "
+                f"but got {dtype.name}."
+            )
+        if not holomorphic and not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(
                 f"{name} requires real-valued outputs (output dtype that is a sub-dtype of "
-                f"np.floating), but got {dtype.name}. Compute the output in floating point, "
-                "or return other values as aux (has_aux=True)."
+                f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
+                "holomorphic=True; else compute the output in floating point, or return "
+                "other values as aux (has_aux=True)."
             )
 
 
@@ -490,7 +499,7 @@ def jacrev(
         partial_fun, dyn = dynamic(args, kwargs)
         _check_inputs("cr.jacrev", dyn, holomorphic, allow_int)
         y, pullback, *aux = transforms.vjp(partial_fun, *dyn, has_aux=has_aux)
-        _check_outputs("cr.jacrev", y)
+        _check_outputs("cr.jacrev", y, holomorphic)
         jac = jax.vmap(pullback)(_std_basis(y))
         example = dyn[0] if single else dyn
         jac = jac[0] if single else jac
@@ -529,7 +538,7 @@ def jacfwd(
         partial_fun, dyn = dynamic(args, kwargs)
         _check_inputs("cr.jacfwd", dyn, holomorphic, allow_int)
         y, pushforward, aux = _linearize(partial_fun, dyn, has_aux)
-        _check_outputs("cr.jacfwd", y)
+        _check_outputs("cr.jacfwd", y, holomorphic)
         basis_leaves = jax.tree_util.tree_leaves(_std_basis(dyn))
         jac = jax.vmap(pushforward, out_axes=-1)(basis_leaves)
         example = dyn[0] if single else dyn
