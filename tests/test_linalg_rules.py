@@ -502,3 +502,10 @@ def test_degenerate_singular_solves():
 def test_degenerate_qr_rank_deficient():
     a = np.array([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])  # R[1, 1] = 0
     _same_as_jax_vjp(jnp.linalg.qr, a, second_order=False)
+
+
+def test_det_above_three_by_three_and_expm_through_the_other_families():
+    """`det` (n > 3) goes through cumprod, `expm` through scan: rules of other families."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (5, 5)) + 5 * jnp.eye(5)
+    for f in (jnp.linalg.det, lambda a: jnp.sum(jax.scipy.linalg.expm(a * 0.1))):
+        np.testing.assert_allclose(cr.grad(f)(a), jax.grad(f)(a), rtol=1e-9)
