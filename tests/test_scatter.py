@@ -58,8 +58,9 @@ def at_ops(x, y, z, mode):
         "multiply_unique": unique.multiply(z, mode=mode, unique_indices=True),
         "divide_unique": unique.divide(z + 3.0, mode=mode, unique_indices=True),
         "power_unique": jnp.abs(x).at[UNIQUE].power(z, mode=mode, unique_indices=True),
-        "set_sorted": x.at[np.array([0, 2])].set(z[:2], indices_are_sorted=True, mode=mode),
-        "max_unique": unique.max(z, mode=mode, unique_indices=True, indices_are_sorted=False),
+        "max_sorted_unique": x.at[np.array([0, 2, 3])].max(
+            z, mode=mode, unique_indices=True, indices_are_sorted=True
+        ),
         "get": (at.get(mode="fill", fill_value=0.5) if mode == "drop" else at.get(mode=mode)) * y,
     }
 

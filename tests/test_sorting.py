@@ -56,11 +56,9 @@ def sorts(x, y):
     return {
         "last": jnp.sort(x),
         "first": jnp.sort(x, axis=0),
-        "middle": lax.sort(x, dimension=1),
-        "operands": lax.sort((x, y, x * y), dimension=2, num_keys=1),
+        "operands": lax.sort((x, y, x * y), dimension=1, num_keys=1),
         "two_keys": lax.sort((keys, x, y), dimension=0, num_keys=2),
         "unstable": lax.sort(x, dimension=2, is_stable=False),
-        "descending": -jnp.sort(-y, axis=1),
     }
 
 
@@ -145,8 +143,7 @@ def test_host_sort_gives_xla_order(data):
 def top_ks(x):
     values, indices = lax.top_k(x, 3)
     return {
-        "top_k": values,
-        "top_k_indices_used": jnp.take_along_axis(x, indices, axis=-1) ** 2,
+        "top_k": values * jnp.take_along_axis(x, indices, axis=-1),
         "approx_max_k": lax.approx_max_k(x, 2)[0],
         "approx_min_k_dim0": lax.approx_min_k(x, 2, reduction_dimension=0)[0],
         "approx_max_k_no_aggregate": lax.approx_max_k(
@@ -202,11 +199,9 @@ def test_integer_results_need_no_gradient():
 def test_median_and_quantile():
     def stats(x):
         return {
-            "median": jnp.median(x),
-            "median_axis": jnp.median(x, axis=0),
+            "median": jnp.median(x, axis=0),
             "quantile": jnp.quantile(x, jnp.array([0.1, 0.5, 0.9]), axis=1),
             "nearest": jnp.quantile(x, 0.3, method="nearest"),
-            "percentile": jnp.percentile(x, 75.0, axis=0),
         }
 
     x = normal((4, 5))
