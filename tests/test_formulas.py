@@ -107,9 +107,6 @@ NOT_ELEMENTWISE = {
     "jit", "closed_call", "remat2", "cond", "custom_jvp_call", "custom_vjp_call",
     # identities with non-numeric parameters or several operands (placement, names)
     "device_put", "optimization_barrier", "sharding_constraint", "name",
-    # collectives: across the shards of a shard_map
-    "shard_map", "psum", "psum_invariant", "pvary", "pmax", "pmin", "ppermute",
-    "all_to_all", "all_gather", "all_gather_invariant", "reduce_scatter", "pbroadcast",
 }  # fmt: skip
 
 WITH_FORMULAS = sorted(n for n, p in PRIMITIVES.items() if getattr(p, "formulas", None))
