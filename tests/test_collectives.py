@@ -3,11 +3,12 @@ on 1, 2 and 4 simulated CPU devices, against `jax.vjp` / `jax.grad`.
 
 The number of devices must be set before JAX starts, so each device count runs
 this file as a script in a subprocess (`jax_num_cpu_devices`, and
-`XLA_FLAGS=--xla_force_host_platform_device_count`); the script runs every case
-through the oracle under `jit` (values and first order; second order and eager
-too for the data-parallel loss and the ring, to keep compile time bounded),
-and prints one line per case, `ok <name> <primitives>` or
-`FAIL <name>: <error>`.
+`XLA_FLAGS=--xla_force_host_platform_device_count`): a few cases per count by
+default, together covering every collective, and every case on every count in
+the slow run. The script runs each case through the oracle under `jit` (values
+and first order; also eager and second order for the data-parallel loss on 4
+devices, and second order for the ring: compile time stays bounded) and prints
+one line per case, `ok <name> <primitives>` or `FAIL <name>: <error>`.
 
 Cases: data parallel (`pvary`, `psum_invariant`, `pmean`), tensor parallel
 (`all_gather` of a column-sharded layer, `reduce_scatter`), a ring (`ppermute`),
@@ -28,8 +29,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("devices", [1, 2, 4])
-def test_shard_map_losses_match_jax(devices):
+# Each device count runs a few cases by default (together they cover every
+# collective); the slow run runs every case on every device count.
+BOUNDED = {
+    1: ["data_parallel", "no_check_vma", "closed_over"],
+    2: ["data_parallel_float32", "tensor_parallel", "ring", "pmax_pmin"],
+    4: ["data_parallel", "reduce_scatter", "all_to_all", "all_gather_invariant", "mesh_2d"],
+}
+EVERY_COLLECTIVE = {
+    "shard_map", "pvary", "psum_invariant", "psum", "all_gather", "reduce_scatter",
+    "ppermute", "all_to_all", "all_gather_invariant", "pmax", "pmin",
+}  # fmt: skip
+
+
+def _run(devices: int, cases: list[str]) -> set[str]:
+    """Runs `cases` on `devices` CPU devices in a subprocess; the primitives they emit."""
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -37,26 +51,34 @@ def test_shard_map_losses_match_jax(devices):
         JAX_PLATFORMS="cpu",
     )
     run = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), str(devices)],
+        [sys.executable, os.path.abspath(__file__), str(devices), *cases],
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     lines = run.stdout.splitlines()
     failed = [line for line in lines if line.startswith("FAIL")]
     assert run.returncode == 0 and not failed, "\n".join(failed) + run.stderr[-3000:]
     passed = {line.split()[1] for line in lines if line.startswith("ok ")}
-    assert passed == set(_case_names()), (passed, run.stderr[-3000:])
-    emitted = set()
-    for line in lines:
-        if line.startswith("ok "):
-            emitted |= set(line.split()[2].split(","))
-    expected = {
-        "shard_map", "pvary", "psum_invariant", "psum", "all_gather", "reduce_scatter",
-        "ppermute", "all_to_all", "all_gather_invariant", "pmax", "pmin",
-    }  # fmt: skip
-    assert expected <= emitted, expected - emitted
+    assert passed == set(cases), (passed, run.stderr[-3000:])
+    return {p for line in lines if line.startswith("ok ") for p in line.split()[2].split(",")}
+
+
+def test_bounded_cases_cover_every_case_and_collective():
+    assert set(_case_names()) == {c for cases in BOUNDED.values() for c in cases}
+
+
+@pytest.mark.parametrize("devices", sorted(BOUNDED))
+def test_shard_map_losses_match_jax(devices):
+    _run(devices, BOUNDED[devices])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2, 4])
+def test_every_case_on_every_device_count(devices):
+    emitted = _run(devices, _case_names())
+    assert EVERY_COLLECTIVE <= emitted, EVERY_COLLECTIVE - emitted
 
 
 def _case_names():
@@ -219,7 +241,7 @@ def _main(n, only=()):  # pragma: no cover (runs in the subprocess)
         try:
             names = emitted(loss, *args)
             if reference is None:  # (all of it for one case: the rest is compile time)
-                full = name == "data_parallel"
+                full = name == "data_parallel" and n == 4
                 modes = ("eager", "jit") if full else ("jit",)
                 check_against_jax(loss, *args, modes=modes, second_order=full or name == "ring")
             else:  # JAX cannot differentiate it: compare with the reference's gradient

@@ -66,17 +66,20 @@ def vae_loss(w, x, key):
 
 @pytest.mark.parametrize("key_style", sorted(KEYS))
 def test_vae_reparameterisation_matches_jax(key_style):
-    """The oracle (values, first and second order, eager, jit and vmap)."""
+    """The oracle (values, first and second order, eager, jit; vmap for one style)."""
     w, x = _params(jnp.float64)
     key = KEYS[key_style](3)
     names = emitted(vae_loss, w, x, key)
     assert "random_bits" in names
     assert ("random_wrap" in names) == (key_style == "PRNGKey")
-    check_against_jax(vae_loss, w, x, key, argnums=(0, 1))
+    modes = ("eager", "jit", "vmap") if key_style == "key" else ("eager", "jit")
+    check_against_jax(vae_loss, w, x, key, argnums=(0, 1), modes=modes)
 
 
-@pytest.mark.parametrize("key_style", sorted(KEYS))
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize(
+    "key_style, dtype",
+    [("PRNGKey", jnp.float64), ("key", jnp.float64), ("key", jnp.float32)],
+)
 def test_dropout_and_noise_match_jax(key_style, dtype):
     w, x = _params(dtype)
     key = KEYS[key_style](5)
@@ -190,7 +193,7 @@ def test_placement_passes_the_cotangent_through(name):
 
     x = jnp.linspace(-1.0, 1.0, 4)
     assert prim in emitted(f, x)
-    modes = ("eager", "jit") if "named" in name else ("eager", "jit", "vmap")
+    modes = ("eager", "jit", "vmap") if name in ("device_put", "copy") else ("eager", "jit")
     check_against_jax(f, x, modes=modes)
     x32 = x.astype(jnp.float32)
     for wrap in (lambda f: f, jax.jit):
