@@ -209,3 +209,32 @@ def test_float_of_a_differentiated_value_raises_as_jax_does(jit):
         assert float(cr.grad(g)(2.0)) == float(jax.grad(g)(2.0)) == 2.0
     keep = cr.grad(lambda x: float(jax.lax.stop_gradient(x)) * x)(2.0)
     assert float(keep) == 2.0
+
+
+def test_in_place_operators_on_values_computed_eagerly_rebind_as_in_jax():
+    """`c *= 100` on a value computed on the host must not write into the tape's saved
+    copy (a silently wrong gradient, 100x here), nor into another name's array."""
+
+    def f(w):
+        c = jnp.sin(jnp.ones(3))  # a constant: computed with NumPy on the host
+        y = w * c  # c is saved for the backward pass
+        c *= 100.0
+        mask = c > 0
+        mask &= w < 10  # a non-differentiable result, updated in place
+        return jnp.sum(y) + jnp.sum(c) + jnp.sum(jnp.where(mask, w, 0.0))
+
+    @jax.custom_jvp
+    def g(x):  # eagerly, the body runs on the host too
+        x2 = jnp.square(x)
+        p = x2
+        for _ in range(2):
+            p *= x2
+        return p + x2
+
+    g.defjvp(lambda p, t: (g(p[0]), (6 * p[0] ** 5 + 2 * p[0]) * t[0]))
+    w = jnp.array([1.0, 2.0, 3.0])
+    for fun in (f, lambda x: jnp.sum(g(x))):
+        for run in (cr.value_and_grad(fun), jax.jit(cr.value_and_grad(fun))):
+            got, want = run(w), jax.value_and_grad(fun)(w)
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-12)

@@ -446,18 +446,20 @@ class Trace(jcore.Trace):
                 with jcore.set_current_trace(self if on_host else self.parent):
                     ans = prim.impl(*primals, **params)
         if not prim.differentiable:  # its output is never traced: no node
-            return [raw(a) for a in ans] if prim.multiple_results else raw(ans)
+            if prim.multiple_results:
+                return [host.immutable(raw(a)) for a in ans]
+            return host.immutable(raw(ans))
         node = Node(prim, primals, params, ans, tuple(argnums), tuple(parents))
         if _recorders:
             announce(node)
         box = self.tracer_type
         if not prim.multiple_results:
-            return box(ans, node, self) if is_differentiable(raw(ans)) else raw(ans)
+            return box(ans, node, self) if is_differentiable(raw(ans)) else host.immutable(raw(ans))
         n = len(ans)
         return [
             box(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), self)
             if is_differentiable(raw(a))
-            else raw(a)
+            else host.immutable(raw(a))
             for i, a in enumerate(ans)
         ]
 
@@ -481,7 +483,8 @@ class Trace(jcore.Trace):
             return outs if primitive.multiple_results else outs[0]
         if prim is not None:  # concrete host values: evaluated with NumPy where it can
             outs = prim.apply_untraced(self, tracers, params)
-            if outs is not NotImplemented:
+            if outs is not NotImplemented:  # (handed to user code: immutable, as JAX's)
+                outs = [host.immutable(o) for o in outs]
                 return outs if primitive.multiple_results else outs[0]
         with jcore.set_current_trace(self.parent):  # nothing of ours: the trace outside
             return primitive.bind(*tracers, **params)
@@ -503,7 +506,7 @@ class Trace(jcore.Trace):
                 return rule.apply(self, tracers, dict(zip(names, subfuns, strict=True), **params))
         if host.host_operands(tuple(tracers)):
             with self.active():  # the body, on the host with NumPy
-                return subfuns[0].call_wrapped(*tracers)
+                return subfuns[0].call_wrapped(*(host.immutable(t) for t in tracers))
         return primitive.bind_with_trace(
             self.parent, tracers, None, dict(subfuns=subfuns, **params)
         )

@@ -91,6 +91,61 @@ def to_host(x: Any) -> Any:
     return None
 
 
+class HostArray(np.ndarray):
+    """A NumPy array handed to user code as JAX hands a `jax.Array`: immutable.
+
+    Values computed on the host reach the user's function (a `jax.numpy` call on
+    constants, a custom_jvp body evaluated eagerly). With JAX, `x *= y` rebinds
+    `x` to a new array; on a plain NumPy array it would write into memory that
+    other names, or the tape's saved values, still hold: a silently wrong
+    gradient. Here the in-place operators compute a new array, as JAX's do.
+    """
+
+    def __iadd__(self, other):
+        return self + other
+
+    def __isub__(self, other):
+        return self - other
+
+    def __imul__(self, other):
+        return self * other
+
+    def __itruediv__(self, other):
+        return self / other
+
+    def __ifloordiv__(self, other):
+        return self // other
+
+    def __imod__(self, other):
+        return self % other
+
+    def __ipow__(self, other):
+        return self**other
+
+    def __imatmul__(self, other):
+        return self @ other
+
+    def __iand__(self, other):
+        return self & other
+
+    def __ior__(self, other):
+        return self | other
+
+    def __ixor__(self, other):
+        return self ^ other
+
+    def __ilshift__(self, other):
+        return self << other
+
+    def __irshift__(self, other):
+        return self >> other
+
+
+def immutable(x: Any) -> Any:
+    """`x` as a `HostArray` if it is a NumPy array (no copy), else unchanged."""
+    return x.view(HostArray) if type(x) is np.ndarray else x
+
+
 def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """`args` as NumPy values if a primitive may run on the host, else None.
 
