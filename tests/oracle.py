@@ -40,6 +40,11 @@ F32 = dict(rtol=2e-5, atol=2e-5)
 
 def emitted(fun: Callable, *args: Any) -> set[str]:
     """Every primitive name in `jax.make_jaxpr(fun)(*args)`, nested jaxprs included."""
+    return primitive_names(jax.make_jaxpr(fun)(*args))
+
+
+def primitive_names(closed_jaxpr: Any) -> set[str]:
+    """All primitive names in a jaxpr, including those of nested sub-jaxprs."""
     names: set[str] = set()
 
     def visit(jaxpr: Any) -> None:
@@ -52,7 +57,7 @@ def emitted(fun: Callable, *args: Any) -> set[str]:
                     elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
                         visit(sub.jaxpr)
 
-    visit(jax.make_jaxpr(fun)(*args).jaxpr)
+    visit(closed_jaxpr.jaxpr)
     return names
 
 

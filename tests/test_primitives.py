@@ -37,6 +37,7 @@ from jax import lax
 import chainrule as cr
 from chainrule.engine import core
 from chainrule.engine.rules import PRIMITIVES
+from tests.oracle import primitive_names
 
 jax.config.update("jax_enable_x64", True)
 
@@ -579,24 +580,6 @@ FLOAT32_CASE_NAMES = (
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def primitive_names(closed_jaxpr) -> set[str]:
-    """All primitive names in a jaxpr, including those of nested sub-jaxprs."""
-    names: set[str] = set()
-
-    def visit(jaxpr) -> None:
-        for eqn in jaxpr.eqns:
-            names.add(eqn.primitive.name)
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    if hasattr(sub, "eqns"):
-                        visit(sub)
-                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                        visit(sub.jaxpr)
-
-    visit(closed_jaxpr.jaxpr)
-    return names
 
 
 def draw_like(data: st.DataObject, like, elements, label: str) -> np.ndarray:
