@@ -222,6 +222,10 @@ class FiniteCheck:
                 *_traced_stats(upstream),
                 *_traced_stats(values),
                 *_traced_stats(local if local is not None else [jnp.full((), jnp.nan)]),
+                sum(
+                    (jnp.sum(jnp.isnan(x)) for x in _inexact_inputs(node, jnp)),
+                    jnp.zeros((), jnp.int32),
+                ).astype(_STAT_DTYPE()),
             ]
         )
         self.traced.append((_facts(node, self.where.get(node)), stats))
@@ -245,7 +249,14 @@ def nonfinite_report(node: Node, where: str | None, g: Any, cts: Any) -> str | N
     report = _facts(node, where)
     report.update(_summaries(node, upstream, values))
     report["local"] = _local_summary(node)
+    report["inputs_nan"] = int(sum(np.isnan(x).sum() for x in _inexact_inputs(node, np)))
     return _render(report)
+
+
+def _inexact_inputs(node: Node, xp: Any) -> list[Any]:
+    """The node's floating-point inputs (to tell a NaN it made from one it was given)."""
+    values = [raw(p) for p in node.primals]
+    return [v for v in values if hasattr(v, "dtype") and xp.issubdtype(v.dtype, xp.inexact)]
 
 
 def _flat(x: Any) -> list[Any]:
@@ -342,6 +353,7 @@ def _raise_first(facts: list[dict], stats: np.ndarray) -> None:
                 report[key] = dict(zip(_STATS, row[part * n : (part + 1) * n], strict=True))
             if report["local"]["nan"] == report["local"]["size"] == 1:
                 report["local"] = None  # (the placeholder of a node that is not elementwise)
+            report["inputs_nan"] = int(row[4 * n])
             raise NonFiniteGradientError(_render(report))
 
 
@@ -382,7 +394,7 @@ _OVERFLOW = {"exp", "exp2", "expm1", "cosh", "sinh"}
 
 def _hint(report: dict) -> str:
     prim, up = report["prim"], report["upstream"]
-    if report["forward"]["nan"]:
+    if report["forward"]["nan"] and report.get("inputs_nan"):
         return (
             "the forward value is already NaN here: the problem is earlier, in the forward "
             "pass (inputs or weights that are NaN or overflowed, e.g. after a too large "
