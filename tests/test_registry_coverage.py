@@ -40,6 +40,7 @@ JAX_RULE_MODULES = [
     "jax._src.hijax",
     "jax._src.state.discharge",
     "jax._src.lax.eval_jaxpr",
+    "jax.experimental.multihost_utils",
 ]
 
 _STATE = (
@@ -90,6 +91,10 @@ NOT_IN_USER_CODE: dict[str, str] = {
     "preduced": _SHARDING_INTERNAL,
     "all_gather_reduced": "not in JAX's public API (jax._src only): a collective of the "
     "experimental 'reduced' sharding types",
+    "host_local_array_to_global_array": "multi-process input plumbing "
+    "(jax.experimental.multihost_utils), applied to data before a loss, not inside one",
+    "global_array_to_host_local_array": "multi-process output plumbing "
+    "(jax.experimental.multihost_utils), applied to results after a loss, not inside one",
     # transformations of their own
     "check": "only exists inside jax.experimental.checkify's transformation",
     "ffi_call": "a foreign (C++/CUDA) function: JAX cannot differentiate it either "
