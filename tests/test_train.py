@@ -176,7 +176,7 @@ def test_has_aux_adds_metrics():
     x, labels = _problem()
     params = _params()
     _, _, metrics = step(params, opt.init(params), (x[:16], labels[:16]))
-    assert set(metrics) == {"loss", "grad_norm", "acc"}
+    assert set(metrics) == {"loss", "grad_norm", "flow", "acc"}
     assert 0.0 <= float(metrics["acc"]) <= 1.0
 
 

@@ -259,8 +259,10 @@ def conv2d(params: Params, x: jax.Array) -> jax.Array:
       >>> conv2d(p, jnp.ones((1, 1, 3, 3)))[0, 0].tolist()  # 3x3 box sums
       [[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]]
     """
+    w = params["weight"]
+    dtype = jnp.result_type(x, w)  # lax's convolution takes one dtype: promote as jnp does
     out = jax.lax.conv_general_dilated(
-        x, params["weight"], (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
+        x.astype(dtype), w.astype(dtype), (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
     )
     return out + params["bias"][:, None, None]
 

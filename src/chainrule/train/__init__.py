@@ -19,7 +19,7 @@ Examples:
   >>> batch = (jnp.ones((8, 3), jnp.float32), jnp.zeros((8, 1), jnp.float32))
   >>> params, state, metrics = step(params, opt.init(params), batch)
   >>> sorted(metrics)
-  ['grad_norm', 'loss']
+  ['flow', 'grad_norm', 'loss']
 """
 
 from chainrule.train.checkpoint import (
