@@ -443,8 +443,9 @@ def _check_inputs(name: str, dyn: Any, holomorphic: bool, allow_int: bool) -> No
         )
 
 
-def _check_outputs(name: str, y: Any, holomorphic: bool = False) -> None:
-    forward = name.endswith("jacfwd")  # forward mode maps real tangents to complex ones
+def _check_outputs(name: str, y: Any, holomorphic: bool, forward: bool) -> None:
+    """JAX's output checks: reverse mode needs real outputs (complex with
+    `holomorphic`); forward mode also maps real tangents to complex outputs."""
     for x in jax.tree_util.tree_leaves(y):
         dtype = _dtype(x)
         if forward and not holomorphic and jnp.issubdtype(dtype, jnp.complexfloating):
@@ -476,9 +477,9 @@ def jacrev(
       fun: function of pytrees of float arrays returning a pytree of float arrays.
       argnums: which positional argument(s) to differentiate.
       has_aux: `fun` returns `(output, aux)`; the result is then `(jacobian, aux)`.
-      holomorphic: not supported yet (raises `NotImplementedError`).
-      allow_int: accepted; integer inputs are not supported yet (raise
-        `NotImplementedError`).
+      holomorphic: `fun` is holomorphic: complex inputs and outputs, as in JAX.
+      allow_int: integer and boolean inputs are accepted; their Jacobian
+        blocks are zeros of the input's dtype, as JAX returns them.
 
     Returns:
       A function with `fun`'s signature returning the Jacobian: for an output
@@ -499,7 +500,7 @@ def jacrev(
         partial_fun, dyn = dynamic(args, kwargs)
         _check_inputs("cr.jacrev", dyn, holomorphic, allow_int)
         y, pullback, *aux = transforms.vjp(partial_fun, *dyn, has_aux=has_aux)
-        _check_outputs("cr.jacrev", y, holomorphic)
+        _check_outputs("cr.jacrev", y, holomorphic, forward=False)
         jac = jax.vmap(pullback)(_std_basis(y))
         example = dyn[0] if single else dyn
         jac = jac[0] if single else jac
@@ -538,7 +539,7 @@ def jacfwd(
         partial_fun, dyn = dynamic(args, kwargs)
         _check_inputs("cr.jacfwd", dyn, holomorphic, allow_int)
         y, pushforward, aux = _linearize(partial_fun, dyn, has_aux)
-        _check_outputs("cr.jacfwd", y, holomorphic)
+        _check_outputs("cr.jacfwd", y, holomorphic, forward=True)
         basis_leaves = jax.tree_util.tree_leaves(_std_basis(dyn))
         jac = jax.vmap(pushforward, out_axes=-1)(basis_leaves)
         example = dyn[0] if single else dyn
