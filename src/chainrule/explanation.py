@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from chainrule.engine import core, debugging, transforms
+from chainrule.engine import core, debugging, host, transforms
 from chainrule.engine.core import Node, Tracer, raw
 from chainrule.engine.rules.registry import FORMULA_FUNCTIONS
 from chainrule.errors import ChainruleError
@@ -413,7 +413,7 @@ def explain(
     transforms._check_callable(fun, "cr.explain")
     argnums_t, single = transforms._normalize_argnums(argnums, "cr.explain")
     nums = transforms._resolve_argnums(argnums_t, len(args), "cr.explain")
-    with np.errstate(all="ignore"):  # NaN/inf are shown (and explained), not warned about
+    with host.evaluating():  # NaN/inf are shown (and explained), not warned about
         return _explain(fun, args, nums, single, names)
 
 

@@ -207,7 +207,7 @@ class Primitive:
     def apply_untraced(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> Any:
         """As `apply`, on untraced host values: with NumPy, or `NotImplemented`
         where this primitive has no NumPy version (JAX evaluates it then)."""
-        operands = host.host_operands(tuple(args)) if self.host_impl is not None else None
+        operands = host.host_operands(tuple(args), check=True) if self.host_impl else None
         if operands is None:
             return NotImplemented
         out = self.host_impl(*operands, **self.taken(params))
@@ -427,7 +427,7 @@ class Trace(jcore.Trace):
         """
         if self._invalidated:
             raise escaped_tracer_error(prim, self)
-        primals, argnums, parents, nested = list(args), [], [], False
+        primals, argnums, parents, nested, subnormal = list(args), [], [], False, False
         for i, a in enumerate(args):
             if isinstance(a, Tracer):
                 if a._trace is self:
@@ -435,14 +435,18 @@ class Trace(jcore.Trace):
                     parents.append(a.node)
                     a = primals[i] = a.value
                 nested = nested or isinstance(a, Tracer)  # a lower level records too
+            elif type(a) is np.ndarray and host.has_subnormal(a):
+                subnormal = True  # a constant of the user's that XLA reads as zero: JAX's
         primals = tuple(primals)
         if nested and not prim.runs_outside:
             ans = bind(prim, *primals, **params)
         else:
-            ans = evaluate(prim, primals, params, on_host_only=True)
+            ans = NotImplemented
+            if not subnormal:
+                ans = evaluate(prim, primals, params, on_host_only=True)
             if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
                 # this one for host values (a call's body then runs with NumPy)
-                on_host = host.host_operands(primals) is not None
+                on_host = not subnormal and host.host_operands(primals) is not None
                 with jcore.set_current_trace(self if on_host else self.parent):
                     ans = prim.impl(*primals, **params)
         if not prim.differentiable:  # its output is never traced: no node
@@ -504,7 +508,7 @@ class Trace(jcore.Trace):
             with self.active():
                 rule = PRIMITIVES[primitive.name]
                 return rule.apply(self, tracers, dict(zip(names, subfuns, strict=True), **params))
-        if host.host_operands(tuple(tracers)):
+        if host.host_operands(tuple(tracers), check=True):
             with self.active():  # the body, on the host with NumPy
                 return subfuns[0].call_wrapped(*(host.immutable(t) for t in tracers))
         return primitive.bind_with_trace(

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import core as jcore  # the current trace (JAX 0.10, pinned)
 
-from chainrule.engine import core
+from chainrule.engine import core, host
 from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw
 from chainrule.errors import NonFiniteGradientError, TapError
 
@@ -329,7 +329,7 @@ def _local(node: Node, ones: Callable) -> list[Any] | None:
     cotangent of ones); None where the node is not elementwise."""
     if getattr(node.prim, "formulas", None) is None:
         return None
-    with np.errstate(all="ignore"):
+    with host.evaluating():
         one = ones(np.shape(raw(node.ans)), raw(node.ans).dtype)
         return [raw(c) for c in node.prim.vjp(one, node)]
 

@@ -14,6 +14,17 @@ called on concrete float32/float64 arrays and JAX's default backend is the CPU,
 * results are handed back as `jax.Array`s at the transform's boundary
   (`to_jax`), so callers see exactly what `jax.grad` returns.
 
+Subnormal numbers get XLA's treatment, so eager and jitted results agree to
+the last denormal. XLA's CPU kernels flush subnormals to zero (as inputs of
+arithmetic and as results); NumPy keeps them. So host evaluation runs inside
+`evaluating()`, which puts the thread's SSE unit in flush-to-zero /
+denormals-are-zero mode for the duration of a transform call, and a value
+holding a subnormal never enters a NumPy computation: differentiated inputs,
+constants and JAX results are checked where they become host values
+(`has_subnormal`), and one holding a subnormal is left to JAX. Where that
+mode cannot be set (not x86-64 Linux), host evaluation is off and JAX
+evaluates everything.
+
 Under `jax.jit`, `jax.vmap` or on a GPU the values are JAX tracers or device
 arrays, none of this applies, and the compiled program is unchanged.
 
@@ -30,7 +41,11 @@ Examples:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import platform
+import threading
 from typing import Any
 
 import jax
@@ -42,8 +57,104 @@ from jax._src.lib import xla_client as _xc
 
 _HOST_TYPES = (np.ndarray, np.generic)
 _HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Per dtype: its unsigned integer of the same width, the mask of the magnitude's
+# bits, and the bits of the smallest normal number, minus one.
+_BITS = {
+    np.dtype(np.float32): (np.uint32, np.uint32(0x7FFFFFFF), np.uint32(0x007FFFFF)),
+    np.dtype(np.float64): (
+        np.uint64,
+        np.uint64(0x7FFFFFFFFFFFFFFF),
+        np.uint64(0x000FFFFFFFFFFFFF),
+    ),
+}
 _enabled = os.environ.get("CHAINRULE_HOST_EAGER", "1").lower() not in ("0", "false", "no")
 _on_cpu: bool | None = None
+
+
+# --- XLA's handling of subnormals: the thread's floating-point mode -------------------
+
+
+class _FloatMode(ctypes.Structure):
+    """glibc's `femode_t` on x86-64: the x87 control word and the SSE control
+    register MXCSR (C2x `fegetmode`/`fesetmode`)."""
+
+    _fields_ = [("x87", ctypes.c_ushort), ("reserved", ctypes.c_ushort), ("mxcsr", ctypes.c_uint)]
+
+
+_FTZ_DAZ = 0x8040  # MXCSR bits: flush-to-zero (15), denormals-are-zero (6)
+
+
+def _libm() -> Any:
+    """glibc's libm with `fegetmode`/`fesetmode`, on x86-64 only; else None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        get, set_ = lib.fegetmode, lib.fesetmode
+    except (OSError, AttributeError):
+        return None
+    get.argtypes = set_.argtypes = [ctypes.POINTER(_FloatMode)]
+    return lib
+
+
+_LIBM = _libm()
+
+
+class _State(threading.local):
+    depth = 0  # how many `evaluating()` contexts are open in this thread
+
+
+_state = _State()
+
+
+class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
+    """Context manager around a transform's work on host values.
+
+    NumPy's floating-point warnings are off (like XLA, an overflow gives inf
+    and an invalid operation NaN, silently), and the thread's SSE unit
+    flushes subnormal results to zero and reads subnormal operands as zero,
+    as XLA's CPU kernels do. The previous mode is restored on exit. Host
+    evaluation happens only inside this context.
+    """
+
+    __slots__ = ("_errstate", "_saved")
+
+    def __enter__(self) -> evaluating:
+        self._errstate = np.errstate(all="ignore")
+        self._errstate.__enter__()
+        self._saved = None
+        if _LIBM is not None:
+            saved = _FloatMode()
+            _LIBM.fegetmode(ctypes.byref(saved))
+            if not saved.mxcsr & _FTZ_DAZ == _FTZ_DAZ:
+                mode = _FloatMode(saved.x87, saved.reserved, saved.mxcsr | _FTZ_DAZ)
+                _LIBM.fesetmode(ctypes.byref(mode))
+                self._saved = saved
+        _state.depth += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _state.depth -= 1
+        if self._saved is not None:
+            _LIBM.fesetmode(ctypes.byref(self._saved))
+        self._errstate.__exit__(*exc)
+
+
+def has_subnormal(x: Any) -> bool:
+    """Whether a float32/float64 NumPy value holds a subnormal number (which
+    XLA reads as zero and NumPy does not).
+
+    The test reads the bits, as integers: inside `evaluating()` a float
+    comparison would itself read the subnormal as zero.
+    """
+    bits = _BITS.get(x.dtype)
+    if bits is None:
+        return False
+    unsigned, magnitude, tiny = bits
+    # |x|'s bits minus one, wrapping zero round to the largest integer: below
+    # tiny's bits minus one exactly for the nonzero magnitudes below tiny.
+    m = (np.atleast_1d(x).view(unsigned) & magnitude) - unsigned(1)
+    return bool((m < tiny).any())
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -56,7 +167,7 @@ def set_enabled(enabled: bool) -> bool:
 def enabled() -> bool:
     """Whether transforms start on the host: switched on and JAX runs on the CPU."""
     global _on_cpu
-    if not _enabled:
+    if not _enabled or _LIBM is None:
         return False
     if _on_cpu is None:
         # One process on the CPU: every array's buffer is local (no addressability checks).
@@ -80,14 +191,15 @@ def to_host(x: Any) -> Any:
     if isinstance(x, jax.Array):
         if x.weak_type or x.dtype not in _HOST_DTYPES:
             return None
-        return np.asarray(x)  # a read-only view of the array's CPU buffer
+        out = np.asarray(x)  # a read-only view of the array's CPU buffer
+        return None if has_subnormal(out) else out
     if isinstance(x, np.ndarray):
         dtype = dtypes.canonicalize_dtype(x.dtype)
         if dtype not in _HOST_DTYPES:
             return None
         out = np.asarray(x, dtype=dtype).view()
         out.flags.writeable = False
-        return out
+        return None if has_subnormal(out) else out
     return None
 
 
@@ -146,7 +258,7 @@ def immutable(x: Any) -> Any:
     return x.view(HostArray) if type(x) is np.ndarray else x
 
 
-def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...] | None:
     """`args` as NumPy values if a primitive may run on the host, else None.
 
     A primitive runs on the host when at least one operand is a host value and
@@ -155,16 +267,24 @@ def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     dtype, as lax does for weakly typed literals). A JAX tracer among the
     operands means JAX is tracing: the primitive then runs through JAX.
     Complex values always run through JAX: NumPy's complex functions are not
-    XLA's to the last bit (and branch cuts), so they stay JAX's.
+    XLA's to the last bit (and branch cuts), so they stay JAX's. So does a
+    primitive with an operand holding a subnormal number that was not computed
+    here (a converted array, a number, a NumPy scalar; with `check`, also a
+    plain NumPy array, such as a constant of the user's): XLA reads it as zero.
+    Host evaluation happens only inside `evaluating()`.
     """
-    if not (_enabled and (_on_cpu if _on_cpu is not None else enabled())):
+    if not (_state.depth and _enabled and (_on_cpu if _on_cpu is not None else enabled())):
         return None
     seen_host = False
     needs_conversion = False
     for a in args:
         if isinstance(a, _HOST_TYPES):
-            if a.dtype.kind == "c":
+            kind = a.dtype.kind
+            if kind == "c":
                 return None
+            if kind == "f" and (check or type(a) is not np.ndarray) and type(a) is not HostArray:
+                if has_subnormal(a):
+                    return None
             seen_host = True
         elif isinstance(a, jax.core.Tracer):
             return None
@@ -189,6 +309,11 @@ def host_operands(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             if dtype is None:
                 return None
             a = np.asarray(a, dtype=dtype)
+        else:
+            out.append(a)
+            continue
+        if a.dtype.kind == "f" and has_subnormal(a):
+            return None
         out.append(a)
     return tuple(out)
 

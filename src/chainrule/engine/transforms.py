@@ -279,9 +279,10 @@ def _output(x: Any, trace: Trace) -> Any:
 
 
 def _quiet():
-    """NumPy's floating-point warnings off while chainrule evaluates on the host:
-    like XLA, an overflow gives inf and an invalid operation NaN, silently."""
-    return np.errstate(all="ignore")
+    """The context a transform's host evaluation runs in (`host.evaluating`):
+    NumPy's warnings off (an overflow gives inf, as in XLA) and subnormal
+    numbers flushed to zero, as XLA's CPU kernels flush them."""
+    return host.evaluating()
 
 
 def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
@@ -390,11 +391,11 @@ def _value_and_grad(
         call = functools.partial(fun, **kwargs) if kwargs else fun
         sink = debugging.TapSink() if taps else None
         check = debugging.FiniteCheck() if check_finite else None
-        with _quiet(), core.recording(check.record) if check else contextlib.nullcontext():
-            trace, out, tracers, trees = trace_call(
-                call, args, nums, name, prepare=_collect_taps(sink) if taps else None, mode=mode
-            )
         with _quiet():
+            with core.recording(check.record) if check else contextlib.nullcontext():
+                trace, out, tracers, trees = trace_call(
+                    call, args, nums, name, prepare=_collect_taps(sink) if taps else None, mode=mode
+                )
             aux = None
             if has_aux:
                 out, aux = _split_aux(out, name)

@@ -122,7 +122,9 @@ defvjp(
 defvjp(
     div_p,
     lambda ans, x, y: lambda g: unbroadcast(div(g, y), shape_of(x)),
-    lambda ans, x, y: lambda g: unbroadcast(mul(mul(neg(g), x), integer_pow(y, -2)), shape_of(y)),
+    # g / y**2 first, then x: as JAX orders it, so that where g * x underflows
+    # the answer is JAX's inf, not 0 * inf = NaN.
+    lambda ans, x, y: lambda g: unbroadcast(neg(mul(mul(g, integer_pow(y, -2)), x)), shape_of(y)),
     formulas=("1/y", "-x/y**2"),
 )
 defvjp(neg_p, lambda ans, x: lambda g: neg(g), formulas=("-1",))
@@ -365,7 +367,15 @@ defvjp(expm1_p, lambda ans, x: lambda g: mul(g, add(ans, const(ans, 1))), formul
 sin_p = primitive("sin", lax.sin, host=np.sin)
 cos_p = primitive("cos", lax.cos, host=np.cos)
 tan_p = primitive("tan", lax.tan, host=np.tan)
-asin_p = primitive("asin", lax.asin, host=np.arcsin)
+
+
+def _host_asin(x):
+    # XLA's formula, not np.arcsin: with subnormals flushed they differ in
+    # [tiny, 2 tiny), where x / (1 + sqrt(1 - x**2)) underflows (to 0 in XLA).
+    return 2 * np.arctan2(x, 1 + np.sqrt((1 - x) * (1 + x)))
+
+
+asin_p = primitive("asin", lax.asin, host=_host_asin)
 acos_p = primitive("acos", lax.acos, host=np.arccos)
 atan_p = primitive("atan", lax.atan, host=np.arctan)
 sinh_p = primitive("sinh", lax.sinh, host=np.sinh)

@@ -10,6 +10,7 @@ import numpy as np
 from jax import lax
 from jax._src.lax import lax as lax_internal  # ragged_dot_general_p (JAX 0.10, pinned)
 
+from chainrule.engine import host
 from chainrule.engine.rules.registry import argsort, defvjp, dtype_of, primitive, shape_of
 from chainrule.engine.rules.shape import convert_element_type, transpose
 
@@ -26,6 +27,33 @@ def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element
         if preferred_element_type is None or dtype not in _DOT_DTYPES:
             return NotImplemented
         x, y = np.asarray(x, dtype), np.asarray(y, dtype)
+    out = _host_matmul(x, y, dimension_numbers)
+    k = math.prod(x.shape[d] for d in dimension_numbers[0][0])
+    if out.size * k >= _BLAS_THREADED and (_may_underflow(x, y) or host.has_subnormal(out)):
+        # BLAS may have split the product over its own threads, which do not
+        # flush subnormals to zero (see `chainrule.engine.host`): XLA computes it
+        return NotImplemented
+    return out
+
+
+def _may_underflow(x, y) -> bool:
+    """Whether some product x_i * y_j of nonzero entries may be subnormal."""
+    smallest = []
+    for a in (x, y):
+        m = np.abs(a)
+        m = m[m > 0]
+        if not m.size:
+            return False
+        smallest.append(float(m.min()))
+    return smallest[0] * smallest[1] < 2 * np.finfo(x.dtype).tiny
+
+
+# From about this many multiply-adds (OpenBLAS's own threshold is m*n*k >= 65536 x 4),
+# BLAS may compute in its worker threads, whose floating-point mode is not this thread's.
+_BLAS_THREADED = 65536
+
+
+def _host_matmul(x, y, dimension_numbers):
     (xc, yc), (xb, yb) = dimension_numbers
     if not xb and len(xc) == 1 and x.ndim <= 2 and y.ndim <= 2:  # plain matrix products
         xm = x.T if x.ndim == 2 and xc[0] == 0 else x

@@ -1,0 +1,403 @@
+"""Eager and jitted answers agree at subnormal numbers (issue 12, item 9).
+
+XLA's CPU kernels flush subnormal numbers to zero, as operands and as results;
+NumPy keeps them. chainrule's eager path computes with NumPy where it can
+(`chainrule.engine.host`), so without care eager and `jit` disagree:
+`log(1e-45)` was -103 eagerly and -inf under `jit`. The behaviour chosen is
+XLA's, the one `jax.grad` gives eagerly too.
+
+Every primitive with a NumPy version is checked below (the table's coverage is
+itself checked), on float32 and float64 inputs that hold subnormals, and on
+normal inputs whose results underflow: chainrule's eager value and
+cotangents against the same under `jax.jit`, and against `jax.vjp`, class by
+class (zero, subnormal, normal, inf, NaN) and then in value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+import chainrule as cr
+from chainrule.engine import host
+from chainrule.engine.core import PRIMITIVES
+from tests.test_compositions import fuzz_settings
+
+jax.config.update("jax_enable_x64", True)
+
+DTYPES = (np.float32, np.float64)
+# DESIGN.md's tolerances for chainrule vs jax.grad; the classes (zero,
+# subnormal, normal, inf, NaN) are compared exactly, apart.
+TOL = {np.dtype(np.float32): (1e-5, 1e-6), np.dtype(np.float64): (1e-12, 0.0)}
+
+
+def specials(dtype, subnormals: bool) -> np.ndarray:
+    """Zeros, the extremes of the subnormal range (if asked), the smallest
+    normals, values whose products, exponentials or squares underflow, and
+    ordinary values."""
+    fi = np.finfo(dtype)
+    tiny = float(fi.tiny)
+    small = float(np.sqrt(tiny))  # small * small / 4 is subnormal
+    values = [0.0, -0.0, tiny, -tiny, 2 * tiny, small / 2, -small / 3, 0.5, -1.5, 3.0, -90.0]
+    values += [-800.0, 1e4] if dtype == np.float64 else [-100.0, 100.0]
+    if subnormals:
+        smallest = float(fi.smallest_subnormal)
+        values += [smallest, -smallest, tiny / 2, -tiny * 0.75]
+    return np.array(values, dtype)
+
+
+def pair(dtype, subnormals: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of special values, as two arrays of the same shape."""
+    v = specials(dtype, subnormals)
+    x, y = np.meshgrid(v, v, indexing="ij")
+    return x, y
+
+
+# --- the table: functions emitting every primitive that has a NumPy version ----------------
+
+UNARY: dict[str, Callable] = {
+    "abs": jnp.abs,
+    "acos": jnp.arccos,
+    "acosh": jnp.arccosh,
+    "asin": jnp.arcsin,
+    "asinh": jnp.arcsinh,
+    "atan": jnp.arctan,
+    "atanh": jnp.arctanh,
+    "cbrt": jnp.cbrt,
+    "ceil": lambda x: jnp.ceil(x) * x,
+    "floor": lambda x: jnp.floor(x) * x,
+    "cos": jnp.cos,
+    "cosh": jnp.cosh,
+    "exp": jnp.exp,
+    "exp2": jnp.exp2,
+    "expm1": jnp.expm1,
+    "log": jnp.log,
+    "log1p": jnp.log1p,
+    "logistic": jax.nn.sigmoid,
+    "softplus": jax.nn.softplus,
+    "neg": lambda x: -x,
+    "rsqrt": lax.rsqrt,
+    "sign": lambda x: jnp.sign(x) * 3.0,
+    "sin": jnp.sin,
+    "sinh": jnp.sinh,
+    "sqrt": jnp.sqrt,
+    "square": jnp.square,
+    "tan": jnp.tan,
+    "tanh": jnp.tanh,
+    "cube": lambda x: x**3,
+    "inverse-square": lambda x: x**-2,
+    "pow": lambda x: jnp.abs(x) ** 2.5,
+    "copy": jnp.copy,
+    "convert_element_type": lambda x: (x.astype(jnp.float32) * 2).astype(x.dtype),
+    "stop_gradient": lambda x: x * lax.stop_gradient(x),
+    "bitcast_convert_type": lambda x: jnp.where(jnp.signbit(x), x, 2 * x),
+    "is_finite": lambda x: jnp.where(jnp.isfinite(x * x), x * x, 1.0),
+    "name": lambda x: checkpoint_name(x * x, "squared"),
+    "not": lambda x: jnp.where(~(x > 0), x, -x),
+    "reduce_and": lambda x: jnp.where(jnp.all(x > -2), x, -x),
+    "reduce_or": lambda x: jnp.where(jnp.any(x > 1e3), x, -x),
+    "reduce_xor": lambda x: jnp.where(lax.reduce_xor_p.bind(x > 0, axes=(0,)), x, -x),
+    "argmax": lambda x: x * x[jnp.argmax(x)],
+    "argmin": lambda x: x * x[jnp.argmin(x)],
+    "reduce_sum": lambda x: jnp.sum(x * x) * x,
+    "reduce_max": lambda x: jnp.max(x, keepdims=True) * x,
+    "reduce_min": lambda x: jnp.min(x, keepdims=True) * x,
+    "cumsum": jnp.cumsum,
+    "sort": lambda x: jnp.sort(x) * x,
+    "broadcast_in_dim": lambda x: jnp.broadcast_to(x, (2, *x.shape)) * x,
+    "concatenate": lambda x: jnp.concatenate([x, x * x]),
+    "dynamic_slice": lambda x: lax.dynamic_slice(x, (2,), (5,)) * x[:5],
+    "dynamic_update_slice": lambda x: lax.dynamic_update_slice(x, x[:3] * x[3:6], (1,)),
+    "pad": lambda x: jnp.pad(x * x, 2),
+    "reshape": lambda x: jnp.reshape(x * x, (-1, 1)),
+    "rev": lambda x: x[::-1] * x,
+    "slice": lambda x: x[1:] * x[:-1],
+    "split": lambda x: jnp.split(x, [3])[1] * 2,
+    "squeeze": lambda x: jnp.squeeze(x[None] * x),
+    "stack": lambda x: jnp.stack([x, x * x]),
+    "unstack": lambda x: sum(jnp.unstack(x * x)),
+    "tile": lambda x: jnp.tile(x * x, 2),
+    "transpose": lambda x: jnp.transpose(jnp.outer(x, x)),
+    "clamp": lambda x: lax.clamp(x.dtype.type(-1.0), x * x, x.dtype.type(1e-3)),
+    "dot_general": lambda x: jnp.outer(x, x) @ x,
+}
+
+BINARY: dict[str, Callable] = {
+    "add": jnp.add,
+    "sub": jnp.subtract,
+    "mul": jnp.multiply,
+    "div": jnp.divide,
+    "max": jnp.maximum,
+    "min": jnp.minimum,
+    "pow": lambda x, y: jnp.abs(x) ** y,
+    "atan2": jnp.arctan2,
+    "rem": jnp.fmod,
+    "eq-select_n": lambda x, y: jnp.where(x == y, x * y, y),
+    "ne": lambda x, y: jnp.where(x != y, x * y, y),
+    "lt": lambda x, y: jnp.where(x < y, x * y, y),
+    "le": lambda x, y: jnp.where(x <= y, x * y, y),
+    "gt": lambda x, y: jnp.where(x > y, x * y, y),
+    "ge": lambda x, y: jnp.where(x >= y, x * y, y),
+    "and-or-xor": lambda x, y: jnp.where(((x > 0) & (y > 0)) | ((x < 0) ^ (y < 1)), x, y),
+    "dot_general": lambda x, y: x @ y,
+    "dot_general-batched": lambda x, y: jnp.einsum("ij,ij->i", x, y),
+}
+
+# Primitives no user function emits: they appear in chainrule's own rules.
+INTERNAL = {"add_any"}
+
+
+def _primitives(fun: Callable, *args) -> set[str]:
+    """The primitives `fun` emits, in called jaxprs too."""
+
+    def walk(jaxpr) -> set[str]:
+        names = set()
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        names |= walk(inner)
+        return names
+
+    return walk(jax.make_jaxpr(fun)(*args).jaxpr)
+
+
+def test_every_host_primitive_is_in_the_table():
+    x, y = pair(np.float64, False)
+    seen = set(INTERNAL)
+    for f in UNARY.values():
+        seen |= _primitives(f, x[0])
+    for f in BINARY.values():
+        seen |= _primitives(f, x, y)
+    host_primitives = {name for name, p in PRIMITIVES.items() if p.host_impl is not None}
+    assert host_primitives - seen == set(), "add these primitives to the table"
+
+
+def test_host_evaluation_is_on_here():
+    """The comparisons below test something only where eager chainrule uses NumPy."""
+    assert host.enabled()
+
+
+# --- the comparison ------------------------------------------------------------------------
+
+
+def _classes(a: np.ndarray) -> np.ndarray:
+    """Each entry's class: 0 zero, 1 subnormal, 2 normal, 3 inf, 4 NaN (signed)."""
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        return a
+    tiny = np.finfo(a.dtype).tiny
+    m = np.abs(a)
+    cls = np.select([np.isnan(a), np.isinf(a), m == 0, m < tiny], [4, 3, 0, 1], default=2).astype(
+        np.int8
+    )
+    return np.where(np.signbit(a) & (cls < 4) & (cls > 0), -cls, cls)
+
+
+def assert_same(got, want, what: str, where=None) -> None:
+    """Same dtypes, shapes, classes and (to TOL) values; only at the entries
+    `where` holds, if given (a list of masks, one per leaf)."""
+    got, want = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(got) == len(want), what
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.dtype == w.dtype and g.shape == w.shape, what
+        mask = np.ones(g.shape, bool) if where is None else where[i]
+        bad = (_classes(g) != _classes(w)) & mask
+        assert not bad.any(), f"{what}: {g[bad][:4]} where the oracle has {w[bad][:4]}"
+        if g.dtype.kind == "f":
+            close = np.isfinite(w) & mask
+            rtol, atol = TOL[g.dtype]
+            np.testing.assert_allclose(g[close], w[close], rtol=rtol, atol=atol, err_msg=what)
+
+
+def _agree(a, b) -> list[np.ndarray]:
+    """Per leaf, where `a` and `b` have the same class."""
+    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    return [_classes(np.asarray(x)) == _classes(np.asarray(y)) for x, y in leaves]
+
+
+def compare(eager, jitted, jax_eager, jax_jitted, what: str, classes_as_jax: bool = True) -> None:
+    """chainrule's eager answer against JAX's eager one, and against
+    chainrule's jitted one.
+
+    XLA's own eager and jitted answers differ at some subnormal entries: a
+    fused kernel simplifies `1 * y` to `y`, keeps `x`'s bits through
+    `select(p, x, -x)` or reassociates `g * x + g * x` as `2 * g * x`, where
+    the op-by-op kernels flush. At an entry where JAX's two answers differ,
+    chainrule's jitted answer may take JAX's jitted class instead of its own
+    eager one; everywhere else, eager and jit agree.
+
+    Without `classes_as_jax` (second derivatives, whose rules order their
+    products unlike JAX's), chainrule's eager answer is compared with JAX's
+    only where JAX's is a normal number; where a product of JAX's underflows
+    and chainrule's does not, chainrule's is the more accurate one.
+    """
+    normal = None
+    if not classes_as_jax:
+        leaves = jax.tree_util.tree_leaves(jax_eager)
+        normal = [np.abs(_classes(np.asarray(w))) == 2 for w in leaves]
+    assert_same(eager, jax_eager, f"{what}: eager vs JAX eager", normal)
+    exempt = [
+        ~xla & like_jax
+        for xla, like_jax in zip(
+            _agree(jax_eager, jax_jitted), _agree(jitted, jax_jitted), strict=True
+        )
+    ]
+    assert_same(jitted, eager, f"{what}: jit vs eager", [~e for e in exempt])
+
+
+def check(fun: Callable, *args) -> None:
+    """chainrule's eager value and cotangents (for two output cotangents, one
+    of them with underflowing entries) against `jax.jit` of the same, and
+    against `jax.vjp` eagerly and under `jit` (see `compare`)."""
+
+    def pulled(vjp, ct_scale):
+        def run(*a):
+            out, pull = vjp(fun, *a)
+            ct = jnp.ones_like(out) * ct_scale
+            return out, pull(ct)
+
+        return run
+
+    for scale in (1.0, float(np.sqrt(np.finfo(args[0].dtype).tiny))):
+        compare(
+            pulled(cr.vjp, scale)(*args),
+            jax.jit(pulled(cr.vjp, scale))(*args),
+            pulled(jax.vjp, scale)(*args),
+            jax.jit(pulled(jax.vjp, scale))(*args),
+            f"cotangent scale {scale}",
+        )
+
+
+@pytest.mark.parametrize("subnormals", [False, True], ids=["underflow", "subnormal-inputs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", sorted(UNARY))
+def test_unary_eager_matches_jit_at_subnormals(name, dtype, subnormals):
+    check(UNARY[name], specials(dtype, subnormals))
+
+
+@pytest.mark.parametrize("subnormals", [False, True], ids=["underflow", "subnormal-inputs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", sorted(BINARY))
+def test_binary_eager_matches_jit_at_subnormals(name, dtype, subnormals):
+    check(BINARY[name], *pair(dtype, subnormals))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_second_order_at_subnormals(dtype):
+    """Second derivatives run the first-order rules on host values too."""
+    x = specials(dtype, True)
+    for name in ("log", "softplus", "logistic", "tanh", "sqrt", "cube", "exp"):
+        f = lambda v, f=UNARY[name]: jnp.sum(f(v))  # noqa: E731
+
+        def second(grad, f=f):
+            return grad(lambda v: jnp.sum(grad(f)(v) * v))
+
+        compare(
+            second(cr.grad)(x),
+            jax.jit(second(cr.grad))(x),
+            second(jax.grad)(x),
+            jax.jit(second(jax.grad))(x),
+            f"grad of grad of {name}",
+            classes_as_jax=False,
+        )
+        compare(
+            cr.hessian(f)(x[:6]),
+            jax.jit(cr.hessian(f))(x[:6]),
+            jax.hessian(f)(x[:6]),
+            jax.jit(jax.hessian(f))(x[:6]),
+            f"hessian of {name}",
+            classes_as_jax=False,
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_under_vmap_at_subnormals(dtype):
+    x, y = pair(dtype, True)
+    f = lambda a, b: jnp.sum(jnp.log(jnp.abs(a)) * b + jax.nn.softplus(a * b))  # noqa: E731
+    assert_same(jax.vmap(cr.grad(f))(x, y), jax.vmap(jax.grad(f))(x, y), "vmap")
+
+
+# --- the issue's reproducers and other ways a subnormal gets in -----------------------------
+
+
+def test_the_issue_reproducers():
+    assert cr.grad(lambda x: jnp.log(x) + x)(jnp.float32(1e-45)) == jnp.inf  # 1/0 after DAZ
+    assert cr.value_and_grad(lambda x: jnp.log(x))(jnp.float32(1e-45))[0] == -jnp.inf
+    assert cr.value_and_grad(lambda x: jnp.sign(x) * x)(jnp.float32(1e-45))[0] == 0
+    assert cr.grad(lambda x: jax.nn.softplus(x))(jnp.float32(-100.0)) == 0
+    for f, x in (
+        (jnp.log, 1e-45),
+        (jnp.sign, 1e-45),
+        (jax.nn.softplus, -100.0),
+    ):
+        check(f, np.float32(x))
+
+
+@pytest.mark.parametrize(
+    "constant",
+    [np.float32(1e-45), np.array([1e-45, 1.0], np.float32), 1e-320, np.array(1e-310)],
+    ids=["numpy-scalar", "numpy-array", "python-float", "numpy-0d-f64"],
+)
+def test_subnormal_constants_of_the_users_are_read_as_xla_reads_them(constant):
+    def f(x):
+        return jnp.sum(jnp.log(x * constant + constant) * x)
+
+    x = np.array([1.0, 2.0], np.asarray(constant).dtype if np.ndim(constant) else np.float64)
+    check(f, x)
+
+
+def test_a_numpy_computation_inside_the_function_does_not_change_the_mode_outside():
+    """The flush-to-zero mode lasts exactly as long as the transform call."""
+    tiny = np.float64(np.finfo(np.float64).tiny)
+    assert tiny / 4 != 0  # NumPy keeps subnormals here
+    cr.grad(lambda x: jnp.sum(jnp.exp(x)))(np.array([-800.0]))
+    assert tiny / 4 != 0  # and still does afterwards
+
+    def fails(x):
+        raise ZeroDivisionError("the user's error")
+
+    with pytest.raises(ZeroDivisionError, match="the user's error"):
+        cr.grad(fails)(1.0)  # an error inside restores the mode too
+    assert tiny / 4 != 0
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_a_large_matrix_product_that_underflows(n):
+    """Large products run on BLAS's threads, which keep subnormals: such a
+    product, whose terms underflow, must still give XLA's zeros."""
+    rng = np.random.default_rng(n)
+    a = (rng.uniform(0.5, 1.0, (n, n)) * 1e-20).astype(np.float32)
+    b = (rng.uniform(0.5, 1.0, (n, n)) * 4e-19).astype(np.float32)  # terms ~1e-39 to 4e-39
+
+    def f(a, b):
+        return jnp.sum((a @ b) * 1e30)
+
+    want = jax.value_and_grad(f, argnums=(0, 1))(a, b)
+    assert want[0] == 0  # every term flushed
+    assert_same(cr.value_and_grad(f, argnums=(0, 1))(a, b), want, "eager")
+    assert_same(jax.jit(cr.value_and_grad(f, argnums=(0, 1)))(a, b), want, "jit")
+
+
+@fuzz_settings(30)
+@given(
+    exponent=st.integers(-330, -290) | st.integers(-48, -36),
+    mantissa=st.floats(0.5, 1.0),
+    op=st.sampled_from(["log", "sqrt", "sign", "exp", "softplus", "tanh", "cube"]),
+)
+def test_random_tiny_values(exponent, mantissa, op):
+    dtype = np.float64 if exponent < -100 else np.float32
+    value = mantissa * 10.0**exponent
+    x = np.array([value, -value, value * 1e10, 1.0], dtype)
+    check(UNARY[op], x)
