@@ -151,9 +151,12 @@ def has_subnormal(x: Any) -> bool:
     if bits is None:
         return False
     unsigned, magnitude, tiny = bits
+    if x.ndim == 0:  # a scalar: Python integers are faster than array operations
+        m = int(x.view(unsigned)) & int(magnitude)
+        return 0 < m <= int(tiny)
     # |x|'s bits minus one, wrapping zero round to the largest integer: below
     # tiny's bits minus one exactly for the nonzero magnitudes below tiny.
-    m = (np.atleast_1d(x).view(unsigned) & magnitude) - unsigned(1)
+    m = (x.view(unsigned) & magnitude) - unsigned(1)
     return bool((m < tiny).any())
 
 
