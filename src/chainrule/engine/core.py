@@ -435,7 +435,7 @@ class Trace(jcore.Trace):
                     parents.append(a.node)
                     a = primals[i] = a.value
                 nested = nested or isinstance(a, Tracer)  # a lower level records too
-            elif type(a) is np.ndarray and host.has_subnormal(a):
+            elif host.is_unchecked_constant(a) and host.has_subnormal(a):
                 subnormal = True  # a constant of the user's that XLA reads as zero: JAX's
         primals = tuple(primals)
         if nested and not prim.runs_outside:

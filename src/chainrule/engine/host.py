@@ -101,7 +101,16 @@ _LIBM = _libm()
 
 
 class _State(threading.local):
-    depth = 0  # how many `evaluating()` contexts are open in this thread
+    """Per thread: the open `evaluating()` contexts, and what the outermost
+    one restores on exit."""
+
+    def __init__(self) -> None:
+        self.depth = 0  # how many `evaluating()` contexts are open
+        self.converted: dict[int, tuple[jax.Array, np.ndarray | None]] = {}  # `_converted`
+        self.errstate: Any = None
+        self.saved, self.flushing = _FloatMode(), _FloatMode()  # the mode before; FTZ/DAZ on
+        self.saved_ref, self.flushing_ref = ctypes.byref(self.saved), ctypes.byref(self.flushing)
+        self.restore = False  # whether the outermost context changed the mode
 
 
 _state = _State()
@@ -113,31 +122,40 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
     NumPy's floating-point warnings are off (like XLA, an overflow gives inf
     and an invalid operation NaN, silently), and the thread's SSE unit
     flushes subnormal results to zero and reads subnormal operands as zero,
-    as XLA's CPU kernels do. The previous mode is restored on exit. Host
+    as XLA's CPU kernels do. The outermost context of a thread sets that up
+    and restores the previous mode on exit; inner ones only count. Host
     evaluation happens only inside this context.
     """
 
-    __slots__ = ("_errstate", "_saved")
+    __slots__ = ()
 
     def __enter__(self) -> evaluating:
-        self._errstate = np.errstate(all="ignore")
-        self._errstate.__enter__()
-        self._saved = None
-        if _LIBM is not None:
-            saved = _FloatMode()
-            _LIBM.fegetmode(ctypes.byref(saved))
-            if not saved.mxcsr & _FTZ_DAZ == _FTZ_DAZ:
-                mode = _FloatMode(saved.x87, saved.reserved, saved.mxcsr | _FTZ_DAZ)
-                _LIBM.fesetmode(ctypes.byref(mode))
-                self._saved = saved
-        _state.depth += 1
+        st = _state
+        if not st.depth:
+            st.errstate = np.errstate(all="ignore")
+            st.errstate.__enter__()
+            st.restore = False
+            if _LIBM is not None:
+                _LIBM.fegetmode(st.saved_ref)
+                saved = st.saved
+                if saved.mxcsr & _FTZ_DAZ != _FTZ_DAZ:
+                    flushing = st.flushing
+                    flushing.x87, flushing.reserved = saved.x87, saved.reserved
+                    flushing.mxcsr = saved.mxcsr | _FTZ_DAZ
+                    _LIBM.fesetmode(st.flushing_ref)
+                    st.restore = True
+        st.depth += 1
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _state.depth -= 1
-        if self._saved is not None:
-            _LIBM.fesetmode(ctypes.byref(self._saved))
-        self._errstate.__exit__(*exc)
+        st = _state
+        st.depth -= 1
+        if not st.depth:
+            st.converted.clear()
+            if st.restore:
+                _LIBM.fesetmode(st.saved_ref)
+            st.errstate.__exit__(*exc)
+            st.errstate = None
 
 
 def has_subnormal(x: Any) -> bool:
@@ -154,10 +172,39 @@ def has_subnormal(x: Any) -> bool:
     if x.ndim == 0:  # a scalar: Python integers are faster than array operations
         m = int(x.view(unsigned)) & int(magnitude)
         return 0 < m <= int(tiny)
+    if _COUNT_READS_FLUSHED and _state.depth:
+        # In `evaluating()` a float count of nonzeros reads subnormals as zero
+        # and a count of the bits (without the sign) does not: two fast calls.
+        return np.count_nonzero(x) != np.count_nonzero(x.view(unsigned) << unsigned(1))
     # |x|'s bits minus one, wrapping zero round to the largest integer: below
     # tiny's bits minus one exactly for the nonzero magnitudes below tiny.
     m = (x.view(unsigned) & magnitude) - unsigned(1)
     return bool((m < tiny).any())
+
+
+def _count_reads_flushed() -> bool:
+    """Whether `np.count_nonzero` of a float array reads subnormals as zero
+    inside `evaluating()` (it compares with float instructions, which obey
+    the mode); checked once, on arrays whose subnormals are made from bits."""
+    if _LIBM is None:
+        return False
+    ok = True
+    for dtype, one in ((np.float32, 0x3F800000), (np.float64, 0x3FF0000000000000)):
+        unsigned = _BITS[np.dtype(dtype)][0]
+        for n in (1, 40):  # past the vectorised loops' widths, and a tail
+            x = np.array([one, 1, one] * n, unsigned).view(dtype)  # 1, smallest subnormal, 1
+            with evaluating():
+                ok = ok and np.count_nonzero(x) == 2 * n
+    return ok
+
+
+def is_unchecked_constant(x: Any) -> bool:
+    """Whether `x` is a NumPy array or scalar not computed here (a constant of
+    the user's, say), whose subnormals `has_subnormal` must look for."""
+    return isinstance(x, _HOST_TYPES) and type(x) is not HostArray
+
+
+_COUNT_READS_FLUSHED = _count_reads_flushed()
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -272,8 +319,9 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     Complex values always run through JAX: NumPy's complex functions are not
     XLA's to the last bit (and branch cuts), so they stay JAX's. So does a
     primitive with an operand holding a subnormal number that was not computed
-    here (a converted array, a number, a NumPy scalar; with `check`, also a
-    plain NumPy array, such as a constant of the user's): XLA reads it as zero.
+    here: a converted array or number, and, with `check`, a NumPy array or
+    scalar (a constant of the user's; `Trace.record` checks those itself, and
+    values computed here under `evaluating()` are flushed already).
     Host evaluation happens only inside `evaluating()`.
     """
     if not (_state.depth and _enabled and (_on_cpu if _on_cpu is not None else enabled())):
@@ -285,9 +333,8 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             kind = a.dtype.kind
             if kind == "c":
                 return None
-            if kind == "f" and (check or type(a) is not np.ndarray) and type(a) is not HostArray:
-                if has_subnormal(a):
-                    return None
+            if check and kind == "f" and type(a) is not HostArray and has_subnormal(a):
+                return None
             seen_host = True
         elif isinstance(a, jax.core.Tracer):
             return None
@@ -306,8 +353,12 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     out = []
     for a in args:
         if isinstance(a, jax.Array):
-            a = np.asarray(a)
-        elif not isinstance(a, _HOST_TYPES):  # a Python number (np.float64 is a float too)
+            a = _converted(a)
+            if a is None:
+                return None
+            out.append(a)
+            continue
+        if not isinstance(a, _HOST_TYPES):  # a Python number (np.float64 is a float too)
             dtype = _literal_dtype(a, args)
             if dtype is None:
                 return None
@@ -319,6 +370,30 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             return None
         out.append(a)
     return tuple(out)
+
+
+def _converted(x: jax.Array) -> np.ndarray | None:
+    """A concrete CPU array as a NumPy view, or None if it holds a subnormal.
+
+    Remembered for the rest of the transform call (a loss reads its data
+    arrays at every layer, forward and backward): a `jax.Array` is immutable,
+    and the entry keeps it alive, so its `id` is not reused meanwhile. At
+    most `_CONVERTED_MAX` entries are kept.
+    """
+    cache = _state.converted
+    hit = cache.get(id(x))
+    if hit is not None and hit[0] is x:
+        return hit[1]
+    view = np.asarray(x)
+    if view.dtype.kind == "f" and has_subnormal(view):
+        view = None
+    if len(cache) >= _CONVERTED_MAX:
+        cache.clear()
+    cache[id(x)] = (x, view)
+    return view
+
+
+_CONVERTED_MAX = 16
 
 
 def _literal_dtype(x: int | float, args: tuple[Any, ...]):
