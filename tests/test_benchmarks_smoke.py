@@ -130,3 +130,16 @@ def test_forward_mode_rows_agree_and_compile_to_the_same_xla_work(report):
 def test_sections_are_importable_modules():
     for module in (jit_step, compile_time, eager, deep_chain, forward):
         assert callable(module.run)
+
+
+def test_the_eager_profile_splits_all_the_time_by_owner(capsys):
+    from benchmarks import profile_eager
+
+    per_call, shares = profile_eager.profile(
+        eager.contenders(eager.cases(quick=True)[1], torch=None)["chainrule jnp"], calls=3
+    )
+    assert per_call > 0 and math.isclose(sum(shares.values()), 1.0)
+    assert shares["chainrule"] > 0 and shares["JAX custom_jvp entry"] > 0  # relu's rule
+    profile_eager.main(["--calls", "2"])
+    table = capsys.readouterr().out
+    assert table.count("\n") == 5 and "tutorial x->w1->ReLU->w2" in table

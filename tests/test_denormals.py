@@ -347,8 +347,14 @@ def test_the_issue_reproducers():
 
 @pytest.mark.parametrize(
     "constant",
-    [np.float32(1e-45), np.array([1e-45, 1.0], np.float32), 1e-320, np.array(1e-310)],
-    ids=["numpy-scalar", "numpy-array", "python-float", "numpy-0d-f64"],
+    [
+        np.float32(1e-45),
+        np.array([1e-45, 1.0], np.float32),
+        1e-320,
+        np.array(1e-310),
+        jnp.array([1e-45, 1.0], jnp.float32),
+    ],
+    ids=["numpy-scalar", "numpy-array", "python-float", "numpy-0d-f64", "jax-array"],
 )
 def test_subnormal_constants_of_the_users_are_read_as_xla_reads_them(constant):
     def f(x):
@@ -401,3 +407,56 @@ def test_random_tiny_values(exponent, mantissa, op):
     value = mantissa * 10.0**exponent
     x = np.array([value, -value, value * 1e10, 1.0], dtype)
     check(UNARY[op], x)
+
+
+@fuzz_settings(200)
+@given(
+    bits=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=70),
+    wide=st.booleans(),
+    shape=st.sampled_from(["flat", "0-d", "strided", "scalar"]),
+)
+def test_has_subnormal_reads_the_bits_inside_and_outside_the_mode(bits, wide, shape):
+    """The check against an exact reference (the exponent field is zero and the
+    mantissa is not), on random bit patterns: NaNs, infinities, signed zeros,
+    subnormals, normals; arrays (its fast path counts nonzeros in the mode)
+    and scalars."""
+    dtype, unsigned, mantissa = (np.float64, np.uint64, 52) if wide else (np.float32, np.uint32, 23)
+    raw = np.array([b % (1 << (8 * np.dtype(unsigned).itemsize)) for b in bits], unsigned)
+    if shape in ("0-d", "scalar"):
+        raw = raw[:1]
+    exponent = (raw >> unsigned(mantissa)) & unsigned((1 << (63 - mantissa if wide else 8)) - 1)
+    fraction = raw & unsigned((1 << mantissa) - 1)
+    want = bool(((exponent == 0) & (fraction != 0)).any())
+    x = raw.view(dtype)
+    if shape == "0-d":
+        x = x.reshape(())
+    elif shape == "strided":
+        x = np.repeat(x, 2)[::2]
+    elif shape == "scalar":
+        x = x[0]
+    assert host.has_subnormal(x) == want
+    with host.evaluating():
+        assert host.has_subnormal(x) == want
+
+
+def test_the_mode_is_per_thread():
+    """A transform running in another thread leaves this thread's mode alone."""
+    import threading
+
+    tiny = np.float64(np.finfo(np.float64).tiny)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def worker():
+        with host.evaluating():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(10)
+    try:
+        assert tiny / 4 != 0  # this thread still keeps subnormals
+    finally:
+        release.set()
+        t.join()
