@@ -311,7 +311,7 @@ def linear_transpose(fun: Callable, *primals: Any) -> Callable:
     ]
     _check_linear_dtypes(leaves, "input")
     args = _tree_unflatten(tree, points)
-    with transforms._quiet():
+    with transforms.host.evaluating():
         trace, out, tracers, trees = transforms.trace_call(
             fun, args, tuple(range(len(primals))), "cr.linear_transpose"
         )
@@ -346,7 +346,7 @@ def linear_transpose(fun: Callable, *primals: Any) -> Callable:
             for o, ct in zip(out_leaves, ct_leaves, strict=True)
             if isinstance(o, Tracer) and o._trace is trace
         ]
-        with transforms._quiet():
+        with transforms.host.evaluating():
             return transforms.gradients(tracers, trees, core.backward(seeds, release=False))
 
     return fun_transpose

@@ -172,39 +172,16 @@ def has_subnormal(x: Any) -> bool:
     if x.ndim == 0:  # a scalar: Python integers are faster than array operations
         m = int(x.view(unsigned)) & int(magnitude)
         return 0 < m <= int(tiny)
-    if _COUNT_READS_FLUSHED and _state.depth:
-        # In `evaluating()` a float count of nonzeros reads subnormals as zero
-        # and a count of the bits (without the sign) does not: two fast calls.
-        return np.count_nonzero(x) != np.count_nonzero(x.view(unsigned) << unsigned(1))
     # |x|'s bits minus one, wrapping zero round to the largest integer: below
     # tiny's bits minus one exactly for the nonzero magnitudes below tiny.
     m = (x.view(unsigned) & magnitude) - unsigned(1)
-    return bool((m < tiny).any())
-
-
-def _count_reads_flushed() -> bool:
-    """Whether `np.count_nonzero` of a float array reads subnormals as zero
-    inside `evaluating()` (it compares with float instructions, which obey
-    the mode); checked once, on arrays whose subnormals are made from bits."""
-    if _LIBM is None:
-        return False
-    ok = True
-    for dtype, one in ((np.float32, 0x3F800000), (np.float64, 0x3FF0000000000000)):
-        unsigned = _BITS[np.dtype(dtype)][0]
-        for n in (1, 40):  # past the vectorised loops' widths, and a tail
-            x = np.array([one, 1, one] * n, unsigned).view(dtype)  # 1, smallest subnormal, 1
-            with evaluating():
-                ok = ok and np.count_nonzero(x) == 2 * n
-    return ok
+    return np.count_nonzero(m < tiny) != 0  # faster than .any()
 
 
 def is_unchecked_constant(x: Any) -> bool:
     """Whether `x` is a NumPy array or scalar not computed here (a constant of
     the user's, say), whose subnormals `has_subnormal` must look for."""
     return isinstance(x, _HOST_TYPES) and type(x) is not HostArray
-
-
-_COUNT_READS_FLUSHED = _count_reads_flushed()
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -333,7 +310,7 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             kind = a.dtype.kind
             if kind == "c":
                 return None
-            if check and kind == "f" and type(a) is not HostArray and has_subnormal(a):
+            if check and kind == "f" and is_unchecked_constant(a) and has_subnormal(a):
                 return None
             seen_host = True
         elif isinstance(a, jax.core.Tracer):
@@ -354,19 +331,14 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     for a in args:
         if isinstance(a, jax.Array):
             a = _converted(a)
-            if a is None:
-                return None
-            out.append(a)
-            continue
-        if not isinstance(a, _HOST_TYPES):  # a Python number (np.float64 is a float too)
+        elif not isinstance(a, _HOST_TYPES):  # a Python number (np.float64 is a float too)
             dtype = _literal_dtype(a, args)
             if dtype is None:
                 return None
             a = np.asarray(a, dtype=dtype)
-        else:
-            out.append(a)
-            continue
-        if a.dtype.kind == "f" and has_subnormal(a):
+            if a.dtype.kind == "f" and has_subnormal(a):
+                return None
+        if a is None:
             return None
         out.append(a)
     return tuple(out)

@@ -232,7 +232,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
     """
     _check_callable(fun, "cr.vjp")
     nums = tuple(range(len(primals)))
-    with _quiet():
+    with host.evaluating():
         # as jax.vjp: integer and boolean primals get float0 zero cotangents
         mode = _InputMode(allow_int=True)
         trace, out, tracers, trees = trace_call(fun, primals, nums, "cr.vjp", mode=mode)
@@ -251,7 +251,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
             if isinstance(o, Tracer) and o._trace is trace
         ]
         # on the caller's current trace (e.g. under jax.jit(vjp_fn)), as JAX's vjp_fn
-        with _quiet():
+        with host.evaluating():
             return gradients(tracers, trees, core.backward(seeds, release=False))
 
     if has_aux:
@@ -276,13 +276,6 @@ def _output(x: Any, trace: Trace) -> Any:
     if isinstance(x, Tracer) and x._trace is trace:
         return host.to_jax(x.value)
     return host.to_jax(x, copy=True)
-
-
-def _quiet():
-    """The context a transform's host evaluation runs in (`host.evaluating`):
-    NumPy's warnings off (an overflow gives inf, as in XLA) and subnormal
-    numbers flushed to zero, as XLA's CPU kernels flush them."""
-    return host.evaluating()
 
 
 def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
@@ -391,7 +384,7 @@ def _value_and_grad(
         call = functools.partial(fun, **kwargs) if kwargs else fun
         sink = debugging.TapSink() if taps else None
         check = debugging.FiniteCheck() if check_finite else None
-        with _quiet():
+        with host.evaluating():
             with core.recording(check.record) if check else contextlib.nullcontext():
                 trace, out, tracers, trees = trace_call(
                     call, args, nums, name, prepare=_collect_taps(sink) if taps else None, mode=mode
