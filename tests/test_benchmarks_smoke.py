@@ -143,3 +143,21 @@ def test_the_eager_profile_splits_all_the_time_by_owner(capsys):
     profile_eager.main(["--calls", "2"])
     table = capsys.readouterr().out
     assert table.count("\n") == 5 and "tutorial x->w1->ReLU->w2" in table
+
+
+def test_jax_floor_replays_the_jnp_loss_and_prints_its_table(capsys):
+    """The floor runs the loss on tracers whose hooks do no work: the same
+    calls as a real run, each returning an output of the right type."""
+    import jax.numpy as jnp
+
+    from benchmarks import jax_floor, models
+
+    p = models.init_mlp((4, 3, 1))
+    x, y = models.regression_data(5, 4, 1)
+    run = jax_floor.floor(models.mse_jnp, (p, jnp.asarray(x), jnp.asarray(y)), 0)
+    out = run()
+    assert isinstance(out, jax_floor.FloorTracer) and out.aval.shape == ()
+    assert run() is out  # replayed: the recorded output itself
+    jax_floor.main(["--number", "1", "--repeat", "1"])
+    printed = capsys.readouterr().out
+    assert "JAX floor (us)" in printed and printed.count("\n") >= 5

@@ -150,6 +150,10 @@ class Primitive:
       implied_params: the JAX primitive's parameters that this primitive fixes
         by what it is (scatter's combiner `update_jaxpr` is "set"), so they
         are accepted without being passed on.
+      exact_on_host: `host_impl` gives XLA's result to the bit (data movement,
+        comparisons, exact conversions), so it also folds constants eagerly
+        (`apply_untraced`); or a predicate `(operands, **params) -> bool`
+        saying for which operands it does.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class Primitive:
         multiple_results: bool = False,
         host_impl: Callable[..., Any] | None = None,
         implied_params: Sequence[str] = (),
+        exact_on_host: bool | Callable[..., bool] = False,
     ):
         self.name = name
         self.implied_params = frozenset(implied_params)
@@ -177,6 +182,7 @@ class Primitive:
         self.runs_outside = False
         self.formulas: tuple[str, ...] | None = None
         self.family = _defining_family()
+        self.exact_on_host = exact_on_host
 
     def bind(self, *args: Any, **params: Any) -> Any:
         return bind(self, *args, **params)
@@ -206,14 +212,37 @@ class Primitive:
 
     def apply_untraced(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> Any:
         """As `apply`, on untraced host values: with NumPy, or `NotImplemented`
-        where this primitive has no NumPy version (JAX evaluates it then)."""
-        operands = host.host_operands(tuple(args), check=True) if self.host_impl else None
+        where this primitive has no NumPy version (JAX evaluates it then).
+
+        An exact primitive (`exact_on_host`) on concrete constants only
+        (`jax.Array`s, typed literals such as the `0` of `jnp.maximum(x, 0)`)
+        is folded eagerly: computed with NumPy and handed back as a `jax.Array`,
+        the same array XLA's dispatch would give, in a tenth of the time. Under
+        `jit` constants are left to JAX, so no large literal enters the program.
+        """
+        if self.host_impl is None:
+            return NotImplemented
+        args = tuple(args)
+        operands = host.host_operands(args, check=True)
+        if operands is not None:
+            out = self.host_impl(*operands, **self.taken(params))
+            if out is NotImplemented:
+                return out
+            return list(out) if self.multiple_results else [out]
+        if not (self.exact_on_host and trace.eager):
+            return NotImplemented
+        # a conversion that names its result's weak type may take a weak literal
+        literals = self.name == "convert_element_type" and params.get("weak_type") is False
+        operands = host.constant_operands(args, literals=literals)
         if operands is None:
             return NotImplemented
-        out = self.host_impl(*operands, **self.taken(params))
+        params = self.taken(params)
+        if self.exact_on_host is not True and not self.exact_on_host(operands, **params):
+            return NotImplemented
+        out = self.host_impl(*operands, **params)
         if out is NotImplemented:
             return out
-        return list(out) if self.multiple_results else [out]
+        return host.constants_to_jax(list(out) if self.multiple_results else [out])
 
     def vjp(self, g: Any, node: Node) -> list[Any]:
         """Cotangents for the traced inputs of `node`. Override for joint rules."""
@@ -279,8 +308,8 @@ _AVALS: dict[tuple, Any] = {}  # (shape, dtype, weak) -> ShapedArray; bounded by
 def _aval(value: Any) -> Any:
     if isinstance(value, jcore.Tracer):
         return value.aval
-    weak = bool(getattr(value, "weak_type", False))
-    key = (np.shape(value), np.result_type(value.dtype), weak)
+    weak = getattr(value, "weak_type", False)  # (NumPy values have none: strong)
+    key = (value.shape, value.dtype, weak)
     aval = _AVALS.get(key)
     if aval is None:
         aval = _AVALS[key] = jcore.ShapedArray(key[0], key[1], weak_type=weak)
@@ -297,17 +326,21 @@ class Tracer(jcore.Tracer):
     by `chainrule.engine.arrays.ArrayTracer`.
     """
 
-    __slots__ = ("value", "node", "level")
+    __slots__ = ("value", "node", "level", "_aval")
 
     def __init__(self, value: Any, node: Node, trace: Trace):
         self._trace = trace
         self.value = value
         self.node = node
         self.level = trace.level
+        self._aval = None
 
     @property
-    def aval(self):  # computed when JAX asks: chainrule's own ops never need it
-        return _aval(self.value)
+    def aval(self):  # computed when JAX asks (chainrule's own ops never need it), once
+        aval = self._aval
+        if aval is None:
+            aval = self._aval = _aval(self.value)
+        return aval
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -388,7 +421,7 @@ class Trace(jcore.Trace):
     pass run there.
     """
 
-    __slots__ = ("level", "parent", "tracer_type", "taps")
+    __slots__ = ("level", "parent", "tracer_type", "taps", "eager")
 
     def __init__(self, tracer_type: type[Tracer] = Tracer):
         # jcore.Trace.__init__'s three fields, set here (once per transform call)
@@ -397,8 +430,10 @@ class Trace(jcore.Trace):
         self.requires_low = False
         self.level = next(_levels)
         self.tracer_type = tracer_type
-        self.parent = _current_trace.value  # the current trace, which this one nests in
+        self.parent = parent = _current_trace.value  # the current trace, which this one nests in
         self.taps = None  # a debugging.TapSink when the transform collects taps
+        # whether JAX evaluates eagerly underneath (no `jit`/`vmap` trace below)
+        self.eager = isinstance(parent, jcore.EvalTrace) or getattr(parent, "eager", False)
 
     def new_input(self, value: Any) -> Tracer:
         """Boxes an input of the transform."""
@@ -470,7 +505,10 @@ class Trace(jcore.Trace):
     # --- JAX's interpreter interface: JAX code running on this trace's values ---
 
     def _owns(self, values: Sequence[Any]) -> bool:
-        return any(isinstance(v, Tracer) and v._trace is self for v in values)
+        for v in values:
+            if isinstance(v, Tracer) and v._trace is self:
+                return True
+        return False
 
     def stage_value(self, val: Any) -> Any:
         if isinstance(val, Tracer) and val._trace is self:
@@ -478,17 +516,25 @@ class Trace(jcore.Trace):
         return self.parent.stage_value(val)
 
     def process_primitive(self, primitive, tracers, params, /):
+        return self.process(primitive, tracers, params, for_user=True)
+
+    def process(self, primitive, tracers, params, for_user: bool = False):
+        """`process_primitive`; without `for_user` (a jaxpr's equations, see
+        `rules.calls.eval_body`) untraced results stay host values."""
         prim = PRIMITIVES.get(primitive.name)
         if self._owns(tracers):  # values of this trace: chainrule's rule records them
             if prim is None:
                 raise NoVJPRuleError(primitive.name, user_frame())
-            with self.active():  # JAX's bind made the eval trace current meanwhile
-                outs = prim.apply(self, tracers, params)
+            # (JAX's bind made the eval trace current meanwhile: this one again)
+            outs = self.run(prim.apply, self, tracers, params)
             return outs if primitive.multiple_results else outs[0]
         if prim is not None:  # concrete host values: evaluated with NumPy where it can
             outs = prim.apply_untraced(self, tracers, params)
-            if outs is not NotImplemented:  # (handed to user code: immutable, as JAX's)
-                outs = [host.immutable(o) for o in outs]
+            if outs is not NotImplemented:  # (handed to user code as JAX hands them)
+                if for_user:
+                    outs = host.for_user(outs, tracers)
+                else:
+                    outs = [host.immutable(o) for o in outs]
                 return outs if primitive.multiple_results else outs[0]
         with jcore.set_current_trace(self.parent):  # nothing of ours: the trace outside
             return primitive.bind(*tracers, **params)
@@ -505,12 +551,12 @@ class Trace(jcore.Trace):
         (`rules/calls.py`) when it meets this trace's values; else its body, with
         NumPy on host values, or the trace outside's handling of it."""
         if self._owns(tracers):
-            with self.active():
-                rule = PRIMITIVES[primitive.name]
-                return rule.apply(self, tracers, dict(zip(names, subfuns, strict=True), **params))
-        if host.host_operands(tuple(tracers), check=True):
-            with self.active():  # the body, on the host with NumPy
-                return subfuns[0].call_wrapped(*(host.immutable(t) for t in tracers))
+            rule = PRIMITIVES[primitive.name]
+            params = dict(zip(names, subfuns, strict=True), **params)
+            return self.run(rule.apply, self, tracers, params)
+        if host.host_operands(tuple(tracers), check=True):  # the body, on the host with NumPy
+            outs = self.run(subfuns[0].call_wrapped, *(host.immutable(t) for t in tracers))
+            return host.for_user(outs, tracers)
         return primitive.bind_with_trace(
             self.parent, tracers, None, dict(subfuns=subfuns, **params)
         )

@@ -46,6 +46,7 @@ import ctypes.util
 import os
 import platform
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -344,6 +345,53 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     return tuple(out)
 
 
+def constant_operands(args: tuple[Any, ...], literals: bool) -> tuple[Any, ...] | None:
+    """`args` as NumPy values if every one is a concrete constant of a strong
+    real type: a CPU `jax.Array`, a NumPy value, or (with `literals`) a literal
+    that JAX typed (`jax.numpy`'s `TypedInt`/`TypedFloat`, the Python numbers
+    given to a `jit`-wrapped function), else None. A constant holding a
+    subnormal is JAX's (see `host_operands`). Inside `evaluating()` only."""
+    if not (_state.depth and _enabled and (_on_cpu if _on_cpu is not None else enabled())):
+        return None
+    out = []
+    for a in args:
+        if isinstance(a, _HOST_TYPES):
+            if a.dtype.kind == "c" or (a.dtype.kind == "f" and has_subnormal(a)):
+                return None
+        elif isinstance(a, jax.core.Tracer):
+            return None
+        elif isinstance(a, jax.Array):
+            if not isinstance(a.dtype, np.dtype) or a.dtype.kind == "c" or a.weak_type:
+                return None  # (an extended dtype, PRNG keys, first: they have no weak_type)
+            a = _converted(a)
+            if a is None:
+                return None
+        elif (
+            literals
+            and isinstance(a, (int, float))
+            and isinstance(getattr(a, "dtype", None), np.dtype)
+        ):
+            a = np.asarray(a, a.dtype)
+            if a.dtype.kind == "f" and has_subnormal(a):
+                return None
+        else:
+            return None
+        out.append(a)
+    return tuple(out)
+
+
+def constants_to_jax(values: list[Any]) -> list[Any] | Any:
+    """Folded constants as `jax.Array`s (`NotImplemented` if one has a dtype JAX
+    would not give it, e.g. int64 without x64: then JAX computes it)."""
+    out = []
+    for v in values:
+        v = np.asarray(v)
+        if v.dtype.kind not in "biuf" or v.dtype != dtypes.canonicalize_dtype(v.dtype):
+            return NotImplemented
+        out.append(to_jax(v))
+    return out
+
+
 def _converted(x: jax.Array) -> np.ndarray | None:
     """A concrete CPU array as a NumPy view, or None if it holds a subnormal.
 
@@ -400,6 +448,16 @@ def _device_put(x: np.ndarray) -> jax.Array:
     return _xc.batched_device_put(aval, sharding, [x], [device], False)
 
 
+def for_user(values: list[Any], operands: Sequence[Any]) -> list[Any]:
+    """Results of an operation the user's code (or JAX's) asked for on untraced
+    values, as that code gets them: `HostArray`s when an operand was one (a
+    computation on values computed here stays here), else `jax.Array`s, as
+    `jax.grad` gives (`jnp.zeros(3).at[0].set(1.0)` works in a loss)."""
+    if any(type(a) is HostArray for a in operands):
+        return [immutable(v) for v in values]
+    return [to_jax(v, copy=any(v is a for a in operands)) for v in values]
+
+
 def to_jax(x: Any, *, copy: bool = False) -> Any:
     """A host value as a `jax.Array`; anything else unchanged.
 
@@ -413,8 +471,8 @@ def to_jax(x: Any, *, copy: bool = False) -> Any:
         x = np.asarray(x)
     elif not isinstance(x, np.ndarray):
         return x
-    if x.dtype not in _HOST_DTYPES or x.dtype != dtypes.canonicalize_dtype(x.dtype):
-        return jnp.asarray(x)
+    if x.dtype.kind not in "biuf" or x.dtype != dtypes.canonicalize_dtype(x.dtype):
+        return jnp.asarray(x)  # (JAX's own conversion: int64 becomes int32 without x64)
     if copy or not (x.flags.owndata and x.flags.c_contiguous):
         x = np.array(x, order="C")
     return _device_put(x)

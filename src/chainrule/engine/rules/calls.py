@@ -22,6 +22,7 @@ None of this calls JAX's differentiation.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,10 +31,11 @@ import numpy as np
 from jax import lax
 from jax._src import ad_util
 from jax._src import core as jcore  # the Trace interface (JAX 0.10, pinned)
+from jax._src import linear_util as lu
 from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
 from jax.extend.core import primitives as jax_primitives
 
-from chainrule.engine import core
+from chainrule.engine import core, host
 from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.errors import NotDifferentiableError
@@ -47,30 +49,75 @@ def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
     sent it after finding that trace current (eager `jax.numpy` functions are
     `jit` bodies, so this is on the hot path). Equations JAX binds specially
     (calls with sub-functions, custom rules) and those traced under another
-    context (`compute_on`, metadata) are left to JAX's `bind`.
+    context (`compute_on`, metadata) are left to JAX's `bind`. The jaxpr is
+    read once into a `_Plan` (JAX caches a `jnp` function's jaxpr, so the plan
+    is reused on every call).
     """
     jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
-    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-
-    def read(v: Any) -> Any:
-        return v.val if type(v) is jcore.Literal else env[v]
-
+    plan = _PLANS.get(jaxpr)
+    if plan is None:
+        plan = _PLANS[jaxpr] = _Plan(jaxpr)
+    env = plan.template.copy()
+    env[: plan.n_consts] = consts
+    env[plan.n_consts : plan.n_inputs] = args
     here = jcore.JaxprEqnContext()  # interned: an equation traced in this context is it
+    process = trace.process
     with trace.active():
-        for eqn in jaxpr.eqns:
-            prim, invals = eqn.primitive, [read(v) for v in eqn.invars]
-            if type(prim).bind_with_trace is _PLAIN_BIND and eqn.ctx is here:
-                out = trace.process_primitive(prim, invals, eqn.params)
+        for prim, params, ins, outs, plain, eqn in plan.eqns:
+            invals = [env[i] for i in ins]
+            if plain and eqn.ctx is here:
+                out = process(prim, invals, params)
             else:
                 with jcore.source_info_util.user_context(eqn.source_info.traceback):
                     with eqn.ctx.manager:
-                        out = prim.bind(*invals, **prim.get_bind_params(eqn.params))
-            if prim.multiple_results:
-                env.update(zip(eqn.outvars, out, strict=True))
+                        out = prim.bind(*invals, **prim.get_bind_params(params))
+            if type(outs) is int:
+                env[outs] = out
             else:
-                env[eqn.outvars[0]] = out
-    return [read(v) for v in jaxpr.outvars]
+                for i, o in zip(outs, out, strict=True):
+                    env[i] = o
+    return [env[i] for i in plan.outs]
+
+
+class _Plan:
+    """A jaxpr read for `eval_body`: every variable numbered (constants, inputs,
+    then literals and equation outputs), literals' values filled in."""
+
+    __slots__ = ("template", "n_consts", "n_inputs", "eqns", "outs", "__weakref__")
+
+    def __init__(self, jaxpr: Any):
+        slots: dict[Any, int] = {}
+        template: list[Any] = []
+
+        def slot(v: Any) -> int:
+            if type(v) is jcore.Literal:
+                template.append(v.val)
+                return len(template) - 1
+            if v not in slots:
+                slots[v] = len(template)
+                template.append(None)
+            return slots[v]
+
+        for v in (*jaxpr.constvars, *jaxpr.invars):
+            slots[v] = len(template)  # (a variable listed twice gets one slot)
+            template.append(None)
+        self.n_consts = len(jaxpr.constvars)
+        self.n_inputs = self.n_consts + len(jaxpr.invars)
+        eqns = []
+        for eqn in jaxpr.eqns:
+            prim = eqn.primitive
+            ins = tuple(slot(v) for v in eqn.invars)
+            outs = tuple(slot(v) for v in eqn.outvars)
+            plain = type(prim).bind_with_trace is _PLAIN_BIND
+            eqns.append(
+                (prim, eqn.params, ins, outs if prim.multiple_results else outs[0], plain, eqn)
+            )
+        self.eqns = tuple(eqns)
+        self.outs = tuple(slot(v) for v in jaxpr.outvars)
+        self.template = template
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # jaxpr -> _Plan
 
 
 _PLAIN_BIND = jcore.Primitive.bind_with_trace
@@ -86,7 +133,11 @@ class _Inline(Primitive):
     def apply(self, trace, args, params):
         return eval_body(trace, params[self.param], args)
 
-    apply_untraced = apply
+    def apply_untraced(self, trace, args, params):
+        # on constants alone the call is JAX's: one compiled call, as in jax.grad
+        if host.host_operands(tuple(args), check=True) is None:
+            return NotImplemented
+        return eval_body(trace, params[self.param], args)
 
 
 # (a `custom_vmap` function is differentiated through its body, as in JAX;
@@ -179,6 +230,52 @@ def _custom_jvp_impl(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> li
     )
 
 
+def _probe_defjvps_code() -> Any:
+    """The code object of the JVP rule `custom_jvp.defjvps` builds (JAX 0.10, pinned)."""
+    probe = jax.custom_jvp(lambda x: x)
+    probe.defjvps(None)
+    return probe.jvp.__code__
+
+
+_DEFJVPS_CODE = _probe_defjvps_code()
+
+
+def _per_argument_rules(node: Node) -> tuple[Any, Any, Any] | None:
+    """For a function whose rule was given with `defjvps` (`jax.nn.relu`, ...): its
+    per-argument tangent functions and the input and output trees, else None.
+
+    `defjvps`' rule recomputes the output with a full call of the function (JAX's
+    whole `custom_jvp.__call__` entry) before it applies the per-argument
+    functions; the output is on the node already, so the VJP calls those
+    functions directly. Only JAX's own wrapping (flattening, no `vmap` or
+    other transform around the rule) is recognised; anything else takes the
+    general path.
+    """
+    jvp, fun = node.params["jvp"], node.params["fun"]
+    f = jvp.f
+    if getattr(f, "__code__", None) is not _DEFJVPS_CODE or len(jvp.transforms) != 1:
+        return None
+    if jvp.transforms[0][0].__name__ != "_flatten_jvp" or len(fun.stores) != 1:
+        return None
+    try:
+        out_tree = fun.stores[0].val[0]  # filled when the function ran, forward
+    except lu.StoreException:
+        return None
+    cells = dict(zip(f.__code__.co_freevars, f.__closure__, strict=True))
+    in_tree = jvp.transforms[0][1][2]
+    return cells["jvps"].cell_contents, in_tree, out_tree
+
+
+_HOST_TRACE = Trace()  # no value belongs to it: every operation on it is evaluated
+
+
+def _custom_jvp_host(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> list[Any]:
+    """The function's value on host values: its body, each operation with NumPy
+    (the body's results, handed back as its code returned them, read as NumPy)."""
+    outs = _HOST_TRACE.run(fun.call_wrapped, *map(host.immutable, args))
+    return [np.asarray(o) if isinstance(o, jax.Array) else o for o in outs]
+
+
 class _CustomJVP(Primitive):
     """Output: the function's. VJP: the transpose of the user's JVP rule."""
 
@@ -189,11 +286,14 @@ class _CustomJVP(Primitive):
         primals, outs, jvp = node.primals, node.ans, node.params["jvp"]
         n_out = len(outs)
         diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
+        per_argument = _per_argument_rules(node)
 
         def tangent_map(*diff_tangents: Any) -> list[Any]:
             tangents = [np.zeros(np.shape(raw(p)), jax.dtypes.float0) for p in primals]
             for i, t in zip(diff, diff_tangents, strict=True):
                 tangents[i] = t
+            if per_argument is not None:
+                return _summed_tangents(per_argument, primals, tangents, outs)
             for store in jvp.stores:  # the rule may run more than once (vjp_fn twice)
                 if store is not None:
                     store.reset()
@@ -207,8 +307,34 @@ class _CustomJVP(Primitive):
         return [by_primal[i] for i in node.argnums]
 
 
+def _summed_tangents(per_argument, primals, tangents, outs) -> list[Any]:
+    """The output tangents as `defjvps` defines them: for each argument with a
+    rule and a differentiable leaf, `rule(its tangent, output, *primals)`, summed."""
+    rules, in_tree, out_tree = per_argument
+    py_primals = jax.tree_util.tree_unflatten(in_tree, primals)
+    py_tangents = jax.tree_util.tree_unflatten(in_tree, tangents)
+    py_out = jax.tree_util.tree_unflatten(out_tree, outs)
+    total: list[Any] | None = None
+    for rule, arg, t in zip(rules, py_primals, py_tangents, strict=True):
+        if rule is None or not any(map(core.is_differentiable, jax.tree_util.tree_leaves(arg))):
+            continue  # its tangent is zero: it adds nothing
+        leaves, tree = jax.tree_util.tree_flatten(rule(t, py_out, *py_primals))
+        if tree != out_tree:
+            raise TypeError(
+                f"a defjvps rule returned a tangent of structure {tree}, where the "
+                f"function's output has structure {out_tree}"
+            )
+        leaves = [_instantiate(t, o) for t, o in zip(leaves, outs, strict=True)]
+        total = leaves if total is None else list(map(core.add_cotangents, total, leaves))
+    return [zeros_like(o) for o in outs] if total is None else total
+
+
 PRIMITIVES["custom_jvp_call"] = _CustomJVP(
-    "custom_jvp_call", _custom_jvp_impl, ("fun", "jvp", "symbolic_zeros"), multiple_results=True
+    "custom_jvp_call",
+    _custom_jvp_impl,
+    ("fun", "jvp", "symbolic_zeros"),
+    multiple_results=True,
+    host_impl=_custom_jvp_host,
 )
 
 

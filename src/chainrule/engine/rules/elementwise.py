@@ -129,16 +129,23 @@ defvjp(
 )
 defvjp(neg_p, lambda ans, x: lambda g: neg(g), formulas=("-1",))
 
-# Comparisons and logic: no gradient; their outputs are never traced.
-eq_p = primitive("eq", _broadcasting(lax.eq), host=np.equal, differentiable=False)
-ne_p = primitive("ne", _broadcasting(lax.ne), host=np.not_equal, differentiable=False)
-lt_p = primitive("lt", _broadcasting(lax.lt), host=np.less, differentiable=False)
-le_p = primitive("le", _broadcasting(lax.le), host=np.less_equal, differentiable=False)
-gt_p = primitive("gt", _broadcasting(lax.gt), host=np.greater, differentiable=False)
-ge_p = primitive("ge", _broadcasting(lax.ge), host=np.greater_equal, differentiable=False)
-and_p = primitive("and", lax.bitwise_and, host=np.bitwise_and, differentiable=False)
-or_p = primitive("or", lax.bitwise_or, host=np.bitwise_or, differentiable=False)
-not_p = primitive("not", lax.bitwise_not, host=np.invert, differentiable=False)
+# Comparisons and logic: no gradient; their outputs are never traced. NumPy's
+# give XLA's bits, so they also fold constants (`exact_on_host`).
+
+
+def _logic(name: str, impl: Any, host_impl: Any) -> Primitive:
+    return primitive(name, impl, host=host_impl, differentiable=False, exact_on_host=True)
+
+
+eq_p = _logic("eq", _broadcasting(lax.eq), np.equal)
+ne_p = _logic("ne", _broadcasting(lax.ne), np.not_equal)
+lt_p = _logic("lt", _broadcasting(lax.lt), np.less)
+le_p = _logic("le", _broadcasting(lax.le), np.less_equal)
+gt_p = _logic("gt", _broadcasting(lax.gt), np.greater)
+ge_p = _logic("ge", _broadcasting(lax.ge), np.greater_equal)
+and_p = _logic("and", lax.bitwise_and, np.bitwise_and)
+or_p = _logic("or", lax.bitwise_or, np.bitwise_or)
+not_p = _logic("not", lax.bitwise_not, np.invert)
 xor_p = primitive("xor", lax.bitwise_xor, host=np.bitwise_xor, differentiable=False)
 
 
@@ -189,7 +196,9 @@ def _host_select_n(which, *cases):
     return np.choose(which, cases)
 
 
-select_n_p = primitive("select_n", lax.select_n, host=_host_select_n, cls=_SelectN)
+select_n_p = primitive(
+    "select_n", lax.select_n, host=_host_select_n, cls=_SelectN, exact_on_host=True
+)
 
 
 def select_n(which: Any, *cases: Any) -> Any:

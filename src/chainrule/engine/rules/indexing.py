@@ -79,6 +79,7 @@ slice_p = primitive(
             for d, (lo, hi) in enumerate(zip(start_indices, limit_indices, strict=True))
         )
     ],
+    exact_on_host=True,
 )
 
 
@@ -142,6 +143,7 @@ concatenate_p = primitive(
     ("dimension",),
     host=lambda *xs, dimension: np.concatenate(xs, dimension),
     cls=_Concatenate,
+    exact_on_host=True,
 )
 
 

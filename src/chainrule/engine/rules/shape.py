@@ -26,7 +26,7 @@ stop_gradient_p = primitive(
     "stop_gradient", lax.stop_gradient, host=lambda x: x, differentiable=False
 )
 
-copy_p = primitive("copy", lambda x: x, host=lambda x: x)
+copy_p = primitive("copy", lambda x: x, host=lambda x: x, exact_on_host=True)
 defvjp(copy_p, lambda ans, x: lambda g: g, formulas=("1",))
 
 reduce_precision_p = primitive(
@@ -59,8 +59,18 @@ def _host_convert(x: Any, new_dtype: Any) -> Any:
     return np.asarray(x).astype(new_dtype)
 
 
+def _exact_convert(operands: tuple[Any, ...], new_dtype: Any, **_: Any) -> bool:
+    """Conversions NumPy and XLA do alike: all but float to integer (NaN and
+    out-of-range values differ)."""
+    return not (np.dtype(new_dtype).kind in "iu" and operands[0].dtype.kind == "f")
+
+
 convert_element_type_p = primitive(
-    "convert_element_type", _convert, ("new_dtype",), host=_host_convert
+    "convert_element_type",
+    _convert,
+    ("new_dtype",),
+    host=_host_convert,
+    exact_on_host=_exact_convert,
 )
 
 
@@ -133,6 +143,7 @@ broadcast_in_dim_p = primitive(
     lax.broadcast_in_dim,
     ("shape", "broadcast_dimensions"),
     host=_host_broadcast_in_dim,
+    exact_on_host=True,
 )
 
 
@@ -156,6 +167,7 @@ reshape_p = primitive(
     host=lambda x, new_sizes, dimensions=None: np.reshape(
         x if dimensions is None else np.transpose(x, dimensions), new_sizes
     ),
+    exact_on_host=True,
 )
 
 
@@ -179,6 +191,7 @@ squeeze_p = primitive(
     lax.squeeze,
     ("dimensions",),
     host=lambda x, dimensions: np.squeeze(x, tuple(dimensions)),
+    exact_on_host=True,
 )
 defvjp(squeeze_p, lambda ans, x, dimensions: lambda g: reshape(g, shape_of(x)))
 
@@ -187,6 +200,7 @@ transpose_p = primitive(
     lax.transpose,
     ("permutation",),
     host=lambda x, permutation: np.transpose(x, permutation),
+    exact_on_host=True,
 )
 
 
@@ -200,7 +214,11 @@ def transpose(x: Any, permutation: Sequence[int]) -> Any:
 defvjp(transpose_p, lambda ans, x, permutation: lambda g: transpose(g, argsort(permutation)))
 
 rev_p = primitive(
-    "rev", lax.rev, ("dimensions",), host=lambda x, dimensions: np.flip(x, tuple(dimensions))
+    "rev",
+    lax.rev,
+    ("dimensions",),
+    host=lambda x, dimensions: np.flip(x, tuple(dimensions)),
+    exact_on_host=True,
 )
 defvjp(rev_p, lambda ans, x, dimensions: lambda g: rev_p.bind(g, dimensions=dimensions))
 

@@ -1,0 +1,256 @@
+"""The eager fast paths for `jax.numpy` code, each against JAX as the oracle.
+
+* `defjvps` rules (`jax.nn.relu`, ...) are transposed without recomputing the
+  function's output (`rules/calls.py` `_per_argument_rules`): same numbers as
+  `jax.vjp` at first and second order, eagerly, under `jit` and `vmap`, for
+  JAX's functions and for users' own (several arguments, `None` rules,
+  integer arguments, pytree inputs and outputs), and the function's body runs
+  once per eager gradient.
+* Constants a loss computes (`jnp.zeros`, `lax.full`, `jnp.eye`, a `jit`-ted
+  helper on constants, ...) are `jax.Array`s, as under `jax.grad`, with JAX's
+  dtype and weak type and bits: exact primitives are folded with NumPy
+  (`Primitive.exact_on_host`), the rest left to JAX.
+* A `jit` body is read once into a plan (`rules/calls.py` `_Plan`) and reused.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+import chainrule as cr
+from chainrule.engine.core import PRIMITIVES
+from chainrule.engine.rules import calls
+from tests.oracle import check_against_jax
+
+# --- defjvps functions --------------------------------------------------------------------
+
+
+@jax.custom_jvp
+def scaled_product(x, y, n):
+    """Three arguments, the last an integer; a rule per differentiable one."""
+    return jnp.sin(x) * y * n
+
+
+scaled_product.defjvps(
+    lambda t, ans, x, y, n: jnp.cos(x) * t * y * n,
+    lambda t, ans, x, y, n: jnp.sin(x) * t * n,
+    None,
+)
+
+
+@jax.custom_jvp
+def only_first(x, y):
+    """The second argument has no rule (`None`): its tangent contributes nothing."""
+    return x * x + lax.stop_gradient(y)
+
+
+only_first.defjvps(lambda t, ans, x, y: 2.0 * x * t, None)
+
+
+@jax.custom_jvp
+def pair_out(p):
+    """A pytree input (dict) and a tuple output; the rule uses the output."""
+    e = jnp.exp(p["a"])
+    return e, e * p["b"]
+
+
+pair_out.defjvps(lambda t, ans, p: (ans[0] * t["a"], ans[1] * t["a"] + ans[0] * t["b"]))
+
+
+# JAX's own defjvps functions, each made a function of any real z (logit and
+# log1mexp have restricted domains)
+JAX_DEFJVPS = {
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "logit": lambda z: jax.scipy.special.logit(jax.nn.sigmoid(z)),
+    "log1mexp": lambda z: jax.nn.log1mexp(jax.nn.softplus(z) + 0.1),
+}
+
+
+def test_the_jax_functions_tested_use_defjvps():
+    """The fast path is what these tests exercise: each rule is a defjvps rule."""
+    for fn in (jax.nn.relu, jax.nn.relu6, jax.scipy.special.logit, jax.nn.log1mexp):
+        assert fn.jvp.__code__ is calls._DEFJVPS_CODE, fn
+    assert scaled_product.jvp.__code__ is calls._DEFJVPS_CODE
+
+
+@pytest.mark.parametrize("name", sorted(JAX_DEFJVPS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_jax_nn_defjvps_functions_against_jax(name, dtype):
+    fn = JAX_DEFJVPS[name]
+    x = jnp.linspace(-3.0, 7.0, 11, dtype=dtype)  # both sides of relu6's kinks, and 0
+    check_against_jax(lambda x: fn(x) * x, x)
+
+
+def test_user_defjvps_with_several_arguments_and_an_integer():
+    x, y = jnp.linspace(-1.0, 1.0, 5), jnp.linspace(0.5, 2.0, 5)
+    check_against_jax(lambda x, y: scaled_product(x, y, 3), x, y)
+    for argnums in (0, 1, (0, 1)):  # each argument alone: the other's rule is skipped
+        got = cr.grad(lambda x, y: jnp.sum(scaled_product(x, y, 3)), argnums)(x, y)
+        want = jax.grad(lambda x, y: jnp.sum(scaled_product(x, y, 3)), argnums)(x, y)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_user_defjvps_with_a_none_rule():
+    x, y = jnp.linspace(-1.0, 1.0, 4), jnp.linspace(1.0, 2.0, 4)
+    check_against_jax(only_first, x, y)
+    # y's gradient is zero, as in JAX (its rule is None)
+    got = cr.grad(lambda x, y: jnp.sum(only_first(x, y)), 1)(x, y)
+    np.testing.assert_array_equal(np.asarray(got), np.zeros(4))
+
+
+def test_user_defjvps_with_pytree_input_and_tuple_output():
+    p = {"a": jnp.linspace(-1.0, 1.0, 3), "b": jnp.linspace(2.0, 3.0, 3)}
+    ct = (jnp.asarray([0.3, -1.0, 2.0]), jnp.asarray([1.5, 0.5, -0.25]))
+
+    def pulled(vjp):
+        return lambda p: vjp(pair_out, p)[1](ct)[0]
+
+    want = pulled(jax.vjp)(p)
+    for got in (pulled(cr.vjp)(p), jax.jit(pulled(cr.vjp))(p)):
+        for k in p:
+            np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6)
+
+    def second(vjp, grad):  # gradient of <vjp(ct), p>: through the rule's own backward
+        return grad(lambda p: sum(jnp.vdot(v, p[k]) for k, v in pulled(vjp)(p).items()))
+
+    want2, got2 = second(jax.vjp, jax.grad)(p), second(cr.vjp, cr.grad)(p)
+    for k in p:
+        np.testing.assert_allclose(np.asarray(got2[k]), np.asarray(want2[k]), rtol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(st.floats(-5.0, 5.0, allow_nan=False, width=32), min_size=1, max_size=6),
+    st.sampled_from(sorted(JAX_DEFJVPS)),
+)
+def test_defjvps_in_a_composition_against_jax_grad(values, name):
+    fn = JAX_DEFJVPS[name]
+    x = jnp.asarray(values, jnp.float32)
+
+    def loss(w):
+        return jnp.sum(fn(w * x + 0.5) ** 2) + jnp.sum(fn(w) * x)
+
+    w = jnp.float32(0.7)
+    want = jax.grad(loss)(w)
+    for got in (cr.grad(loss)(w), jax.jit(cr.grad(loss))(w)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(cr.grad(cr.grad(loss))(w)), np.asarray(jax.grad(jax.grad(loss))(w)), rtol=1e-4
+    )
+
+
+def test_defjvps_body_runs_once_per_eager_gradient():
+    """The output is taken from the node, not recomputed by a second call."""
+    calls_ = []
+
+    @jax.custom_jvp
+    def counted(x):
+        calls_.append(1)
+        return jnp.tanh(x)
+
+    counted.defjvps(lambda t, ans, x: (1.0 - ans**2) * t)
+    x = jnp.linspace(-1.0, 1.0, 3)
+    g = cr.grad(lambda x: jnp.sum(counted(x)))(x)
+    assert len(calls_) == 1
+    np.testing.assert_allclose(np.asarray(g), 1.0 - np.tanh(np.asarray(x)) ** 2, rtol=1e-6)
+
+
+def test_defjvps_under_vmap_of_the_function_takes_the_general_path():
+    """Inside `jax.vmap` JAX wraps the rule in its batching transform: not the
+    plain defjvps closure, so the general path (the rule itself) runs."""
+    xs = jnp.linspace(-2.0, 2.0, 6).reshape(2, 3)
+    got = cr.grad(lambda xs: jnp.sum(jax.vmap(jax.nn.relu)(xs) * xs))(xs)
+    want = jax.grad(lambda xs: jnp.sum(jax.vmap(jax.nn.relu)(xs) * xs))(xs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want))
+
+
+# --- constants in a loss are jax.Arrays --------------------------------------------------
+
+CONSTANTS = {
+    "jnp.zeros": lambda: jnp.zeros((3,)),
+    "jnp.ones int": lambda: jnp.ones((2, 2), jnp.int32),
+    "jnp.full weak": lambda: jnp.full((3,), 2.5),
+    "lax.full f64": lambda: lax.full((2,), 1.5, jnp.float64),
+    "jnp.eye": lambda: jnp.eye(3),
+    "jnp.arange": lambda: jnp.arange(4.0),
+    "jnp.sum of numpy": lambda: jnp.sum(np.ones(3, np.float32)),
+    "reshape/transpose": lambda: jnp.ones((2, 3)).T.reshape(-1),
+    "comparison and select": lambda: jnp.where(jnp.arange(3) > 0, 1.0, -1.0),
+    "concatenate": lambda: jnp.concatenate([jnp.ones(2), jnp.zeros(1)]),
+    "nan to int": lambda: jnp.asarray([np.nan, 3e9, -1.5], jnp.float32).astype(jnp.int32),
+    "jitted helper": lambda: jax.jit(lambda a: jnp.cumsum(a) * 2)(jnp.ones(3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONSTANTS))
+def test_constants_a_loss_computes_are_jax_arrays_as_under_jax_grad(name):
+    make = CONSTANTS[name]
+    want = make()
+    seen = {}
+
+    def loss(w):
+        c = make()
+        seen["c"] = c
+        return jnp.sum(w * jnp.sum(jnp.asarray(c, jnp.float32)))
+
+    for grad in (cr.grad, jax.grad):
+        grad(loss)(jnp.float32(1.0))
+        c = seen["c"]
+        assert isinstance(c, jax.Array), (name, type(c))
+        assert c.dtype == want.dtype and c.shape == want.shape, name
+        assert c.weak_type == want.weak_type, name
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(want))
+
+
+def test_a_constant_can_be_updated_with_at():
+    """`jnp.zeros(...).at[i].set(v)` in a loss: the constant is a jax.Array."""
+
+    def loss(w):
+        z = jnp.zeros((3,)).at[0].set(1.0)
+        return jnp.sum(z * w)
+
+    w = jnp.ones(3)
+    np.testing.assert_array_equal(np.asarray(cr.grad(loss)(w)), [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(jax.jit(cr.grad(loss))(w)), [1.0, 0.0, 0.0])
+
+
+def test_exact_primitives_fold_and_others_do_not():
+    """Only primitives whose NumPy version gives XLA's bits fold constants."""
+    folded = {n for n, p in PRIMITIVES.items() if p.exact_on_host}
+    assert {"convert_element_type", "broadcast_in_dim", "select_n", "eq", "reshape"} <= folded
+    assert not folded & {"exp", "sin", "add", "mul", "reduce_sum", "dot_general", "cumsum"}
+    for name in folded:
+        assert PRIMITIVES[name].host_impl is not None, name
+
+
+# --- the plan of a jit body -------------------------------------------------------------
+
+
+def test_a_jit_body_is_planned_once_and_reused():
+    @jax.jit
+    def helper(a, b):
+        return a * b + 2.0, a  # a literal, an input returned as it is
+
+    x = jnp.linspace(0.0, 1.0, 3)
+    closed = jax.make_jaxpr(helper)(x, x)
+    inner = closed.eqns[0].params["jaxpr"].jaxpr
+    calls._PLANS.pop(inner, None)
+
+    def loss(x):
+        out, same = helper(x, x)
+        return jnp.sum(out * same)
+
+    g1 = cr.grad(loss)(x)
+    plan = calls._PLANS[inner]
+    g2 = cr.grad(loss)(x)
+    assert calls._PLANS[inner] is plan
+    want = jax.grad(loss)(x)
+    for g in (g1, g2):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6)
