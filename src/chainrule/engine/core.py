@@ -216,8 +216,9 @@ class Primitive:
 
         An exact primitive (`exact_on_host`) on concrete constants only
         (`jax.Array`s, typed literals such as the `0` of `jnp.maximum(x, 0)`)
-        is folded eagerly: computed with NumPy and handed back as a `jax.Array`,
-        the same array XLA's dispatch would give, in a tenth of the time. Under
+        is folded eagerly: computed with NumPy (`host.for_user` then hands the
+        user's code a `jax.Array`, the same array XLA's dispatch would give, in a
+        tenth of the time). Under
         `jit` constants are left to JAX, so no large literal enters the program.
         """
         if self.host_impl is None:
@@ -242,7 +243,7 @@ class Primitive:
         out = self.host_impl(*operands, **params)
         if out is NotImplemented:
             return out
-        return host.constants_to_jax(list(out) if self.multiple_results else [out])
+        return list(out) if self.multiple_results else [out]  # (`process` hands them on)
 
     def vjp(self, g: Any, node: Node) -> list[Any]:
         """Cotangents for the traced inputs of `node`. Override for joint rules."""

@@ -380,18 +380,6 @@ def constant_operands(args: tuple[Any, ...], literals: bool) -> tuple[Any, ...] 
     return tuple(out)
 
 
-def constants_to_jax(values: list[Any]) -> list[Any] | Any:
-    """Folded constants as `jax.Array`s (`NotImplemented` if one has a dtype JAX
-    would not give it, e.g. int64 without x64: then JAX computes it)."""
-    out = []
-    for v in values:
-        v = np.asarray(v)
-        if v.dtype.kind not in "biuf" or v.dtype != dtypes.canonicalize_dtype(v.dtype):
-            return NotImplemented
-        out.append(to_jax(v))
-    return out
-
-
 def _converted(x: jax.Array) -> np.ndarray | None:
     """A concrete CPU array as a NumPy view, or None if it holds a subnormal.
 
