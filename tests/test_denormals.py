@@ -396,6 +396,45 @@ def test_a_large_matrix_product_that_underflows(n):
     assert_same(jax.jit(cr.value_and_grad(f, argnums=(0, 1)))(a, b), want, "jit")
 
 
+def test_a_large_matrix_product_whose_partial_sums_cancel_into_subnormals():
+    """Every product is a normal number, but two of them cancel to a subnormal
+    (exactly, in a fused multiply-add): XLA flushes it to zero, BLAS's threads
+    keep it. The product is the function's output, so it is seen as it is."""
+    n = 128
+    a, b = np.zeros((n, n), np.float32), np.zeros((n, n), np.float32)
+    a[:, 0], b[0, :] = -(2.0**-51), 2.0**-51 * (1 + 2.0**-22)  # exact: -2^-102 (1 + 2^-22)
+    a[:, 1], b[1, :] = 2.0**-50 * (1 + 2.0**-23), 2.0**-52 * (1 + 2.0**-23)  # adds 2^-148
+    ct = np.ones((n, n), np.float32)
+    out, vjp_fn = jax.vjp(jnp.matmul, a, b)
+    want = (out, vjp_fn(ct))
+    out, vjp_fn = cr.vjp(jnp.matmul, a, b)
+    assert_same((out, vjp_fn(ct)), want, "eager")
+
+
+@fuzz_settings(100)
+@given(
+    bits=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=70),
+    wide=st.booleans(),
+    size=st.sampled_from([1, 5000]),
+)
+def test_smallest_magnitude_reads_the_bits(bits, wide, size):
+    """The smallest nonzero magnitude's bits (remembered for large read-only
+    arrays inside a call) against a reference on random bit patterns."""
+    unsigned = np.uint64 if wide else np.uint32
+    mask = (1 << (63 if wide else 31)) - 1
+    raw = np.array([b % (1 << (64 if wide else 32)) for b in bits], unsigned)
+    raw = np.resize(raw, max(size, len(raw)))
+    magnitudes = [int(r) & mask for r in raw]
+    want = min((m for m in magnitudes if m), default=0)
+    x = raw.view(np.float64 if wide else np.float32)
+    assert host.smallest_magnitude(x) == want
+    x.flags.writeable = False
+    with host.evaluating():
+        assert host.smallest_magnitude(x) == want
+        assert host.smallest_magnitude(x.T) == want  # remembered, as a view of the whole
+        assert host.smallest_magnitude(x[::-1]) == want
+
+
 @fuzz_settings(30)
 @given(
     exponent=st.integers(-330, -290) | st.integers(-48, -36),

@@ -108,6 +108,7 @@ class _State(threading.local):
     def __init__(self) -> None:
         self.depth = 0  # how many `evaluating()` contexts are open
         self.converted: dict[int, tuple[jax.Array, np.ndarray | None]] = {}  # `_converted`
+        self.smallest: dict[int, tuple[np.ndarray, int]] = {}  # `smallest_magnitude`
         self.errstate: Any = None
         self.saved, self.flushing = _FloatMode(), _FloatMode()  # the mode before; FTZ/DAZ on
         self.saved_ref, self.flushing_ref = ctypes.byref(self.saved), ctypes.byref(self.flushing)
@@ -153,6 +154,7 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
         st.depth -= 1
         if not st.depth:
             st.converted.clear()
+            st.smallest.clear()
             if st.restore:
                 _LIBM.fesetmode(st.saved_ref)
             st.errstate.__exit__(*exc)
@@ -173,10 +175,48 @@ def has_subnormal(x: Any) -> bool:
     if x.ndim == 0:  # a scalar: Python integers are faster than array operations
         m = int(x.view(unsigned)) & int(magnitude)
         return 0 < m <= int(tiny)
+    if x.size >= _REMEMBERED_SIZE:
+        return 0 < smallest_magnitude(x) <= int(tiny)
     # |x|'s bits minus one, wrapping zero round to the largest integer: below
     # tiny's bits minus one exactly for the nonzero magnitudes below tiny.
     m = (x.view(unsigned) & magnitude) - unsigned(1)
     return np.count_nonzero(m < tiny) != 0  # faster than .any()
+
+
+def smallest_magnitude(x: np.ndarray) -> int:
+    """The bits of the smallest nonzero |x| of a float32/float64 array, as an
+    integer (0 when every entry is zero): its exponent field is
+    `bits >> (mantissa width)`; below the smallest normal's bits it is subnormal.
+
+    Inside `evaluating()` the answer for a large read-only array (an input, a
+    converted `jax.Array`, or a view of the whole of one, such as its transpose)
+    is remembered for the rest of the call: a loss reads its weights in the
+    forward and again in the backward pass.
+    """
+    unsigned, magnitude, _ = _BITS[x.dtype]
+    key = None
+    if _state.depth and x.size >= _REMEMBERED_SIZE and not x.flags.writeable:
+        whole = x.base if isinstance(x.base, np.ndarray) and x.base.size == x.size else x
+        key = id(whole)
+        hit = _state.smallest.get(key)
+        if hit is not None and hit[0] is whole:
+            return hit[1]
+    # |x|'s bits minus one, wrapping zero round to the largest integer: the
+    # minimum is the smallest nonzero magnitude's bits minus one.
+    m = np.bitwise_and(x.view(unsigned), magnitude)
+    np.subtract(m, unsigned(1), out=m)
+    smallest = (int(m.min()) + 1) & int(magnitude) if m.size else 0
+    if key is not None:
+        if len(_state.smallest) >= _REMEMBERED_MAX:
+            _state.smallest.clear()
+        _state.smallest[key] = (whole, smallest)
+    return smallest
+
+
+# Arrays from this size have their smallest magnitude remembered (`smallest_magnitude`);
+# at most this many per call.
+_REMEMBERED_SIZE = 4096
+_REMEMBERED_MAX = 64
 
 
 def is_unchecked_constant(x: Any) -> bool:

@@ -27,25 +27,39 @@ def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element
         if preferred_element_type is None or dtype not in _DOT_DTYPES:
             return NotImplemented
         x, y = np.asarray(x, dtype), np.asarray(y, dtype)
-    out = _host_matmul(x, y, dimension_numbers)
-    k = math.prod(x.shape[d] for d in dimension_numbers[0][0])
-    if out.size * k >= _BLAS_THREADED and (_may_underflow(x, y) or host.has_subnormal(out)):
-        # BLAS may have split the product over its own threads, which do not
-        # flush subnormals to zero (see `chainrule.engine.host`): XLA computes it
+    (contracting, _), (batch, _) = dimension_numbers
+    inner = math.prod(x.shape[d] for d in contracting) * math.prod(x.shape[d] for d in batch)
+    multiply_adds = x.size * y.size // max(inner, 1)
+    if multiply_adds >= _BLAS_THREADED and _may_underflow(x, y):
+        # BLAS may split the product over its own threads, which do not flush
+        # subnormals to zero (see `chainrule.engine.host`): XLA computes it
         return NotImplemented
-    return out
+    return _host_matmul(x, y, dimension_numbers)
 
 
 def _may_underflow(x, y) -> bool:
-    """Whether some product x_i * y_j of nonzero entries may be subnormal."""
-    smallest = []
-    for a in (x, y):
-        m = np.abs(a)
-        m = m[m > 0]
-        if not m.size:
-            return False
-        smallest.append(float(m.min()))
-    return smallest[0] * smallest[1] < 2 * np.finfo(x.dtype).tiny
+    """Whether a partial sum of the products x_i * y_j may be subnormal.
+
+    It cannot when every nonzero product is a multiple of twice the smallest
+    normal number `tiny`: then so is every sum of them, and every rounding of
+    such a sum, so each partial sum is zero or a normal number. An exact
+    product (as a fused multiply-add takes it) of x in [2^ex, 2^(ex+1)) and y in
+    [2^ey, 2^(ey+1)) is a multiple of 2^(ex + ey - 2m), m the mantissa width:
+    so ex + ey >= log2(2 tiny) + 2m suffices, checked on the smallest nonzero
+    magnitudes (their exponent fields, read from the bits).
+    """
+    mantissa, bias = _FLOAT_LAYOUT[x.dtype]
+    sx, sy = host.smallest_magnitude(x), host.smallest_magnitude(y)
+    if not sx or not sy:  # an operand of zeros: every product is zero
+        return False
+    ex, ey = sx >> mantissa, sy >> mantissa  # biased exponents; 0 for a subnormal
+    if not ex or not ey:  # a subnormal operand, which XLA reads as zero
+        return True
+    return (ex - bias) + (ey - bias) < (2 - bias) + 2 * mantissa
+
+
+# dtype -> (mantissa width, exponent bias): log2(tiny) = 1 - bias.
+_FLOAT_LAYOUT = {np.dtype(np.float32): (23, 127), np.dtype(np.float64): (52, 1023)}
 
 
 # From about this many multiply-adds (OpenBLAS's own threshold is m*n*k >= 65536 x 4),
