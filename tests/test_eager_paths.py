@@ -254,3 +254,52 @@ def test_a_jit_body_is_planned_once_and_reused():
     want = jax.grad(loss)(x)
     for g in (g1, g2):
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6)
+
+
+# --- select_n on large host arrays: the bits, not np.where ----------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([np.float32, np.float64, np.int32]),
+    shape=st.sampled_from([(64, 64), (4096,), (3, 50, 40)]),
+    transposed=st.booleans(),
+)
+def test_large_select_n_on_the_host_gives_np_where_to_the_bit(seed, dtype, shape, transposed):
+    """ReLU's VJP selects with a mask without pattern; from `_SELECT_BY_BITS`
+    entries the host selects by masking bits. Same bits as `np.where` (NaN
+    payloads, signed zeros, infinities), on contiguous and transposed views."""
+    from chainrule.engine.rules import elementwise
+
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    assert size >= elementwise._SELECT_BY_BITS
+    bits = rng.integers(0, 2 ** (8 * np.dtype(dtype).itemsize), size, dtype=np.uint64)
+    pool = bits.astype({4: np.uint32, 8: np.uint64}[np.dtype(dtype).itemsize]).view(dtype)
+    on_true, on_false = pool.reshape(shape), rng.permutation(pool).reshape(shape)
+    which = rng.random(shape) < 0.5
+    if transposed:
+        which, on_true, on_false = which.T, on_true.T, on_false.T
+    got = elementwise._host_select_n(which, on_false, on_true)
+    want = np.where(which, on_true, on_false)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.array_equal(np.ascontiguousarray(got).view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
+
+
+def test_relu_gradient_of_a_large_layer_against_jax(monkeypatch):
+    """The path above inside a real gradient (jax.nn.relu's rule selects)."""
+    from chainrule.engine.rules import elementwise
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 80)).astype(np.float32)
+    x = rng.standard_normal((64, 80)).astype(np.float32)
+
+    def loss(w):
+        return jnp.sum(jax.nn.relu(x @ w.T) ** 2)
+
+    want = jax.grad(loss)(w)  # (float32 sums of 80 products: atol scaled to the values)
+    got = cr.grad(loss)(w)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+    monkeypatch.setattr(elementwise, "_SELECT_BY_BITS", 10**9)  # np.where: the same bits
+    assert np.array_equal(cr.grad(loss)(w), got)

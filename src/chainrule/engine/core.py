@@ -422,7 +422,7 @@ class Trace(jcore.Trace):
     pass run there.
     """
 
-    __slots__ = ("level", "parent", "tracer_type", "taps", "eager")
+    __slots__ = ("level", "parent", "tracer_type", "taps", "eager", "for_user")
 
     def __init__(self, tracer_type: type[Tracer] = Tracer):
         # jcore.Trace.__init__'s three fields, set here (once per transform call)
@@ -433,6 +433,9 @@ class Trace(jcore.Trace):
         self.tracer_type = tracer_type
         self.parent = parent = _current_trace.value  # the current trace, which this one nests in
         self.taps = None  # a debugging.TapSink when the transform collects taps
+        # untraced results go to code as JAX hands them (`host.for_user`); False
+        # for a trace that only evaluates internal code on host values
+        self.for_user = True
         # whether JAX evaluates eagerly underneath (no `jit`/`vmap` trace below)
         self.eager = isinstance(parent, jcore.EvalTrace) or getattr(parent, "eager", False)
 
@@ -478,12 +481,16 @@ class Trace(jcore.Trace):
             ans = bind(prim, *primals, **params)
         else:
             ans = NotImplemented
-            if not subnormal:
-                ans = evaluate(prim, primals, params, on_host_only=True)
+            operands = None if subnormal else host.host_operands(primals)
+            if operands is not None:
+                ans = evaluate(prim, operands, params, on_host_only=True)
+                if ans is not NotImplemented:
+                    # the node keeps the NumPy views of constants (jax.Arrays the
+                    # loss closes over): its VJP rule then needs no conversions
+                    primals = operands
             if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
                 # this one for host values (a call's body then runs with NumPy)
-                on_host = not subnormal and host.host_operands(primals) is not None
-                with jcore.set_current_trace(self if on_host else self.parent):
+                with jcore.set_current_trace(self if operands is not None else self.parent):
                     ans = prim.impl(*primals, **params)
         if not prim.differentiable:  # its output is never traced: no node
             if prim.multiple_results:
@@ -517,7 +524,7 @@ class Trace(jcore.Trace):
         return self.parent.stage_value(val)
 
     def process_primitive(self, primitive, tracers, params, /):
-        return self.process(primitive, tracers, params, for_user=True)
+        return self.process(primitive, tracers, params, for_user=self.for_user)
 
     def process(self, primitive, tracers, params, for_user: bool = False):
         """`process_primitive`; without `for_user` (a jaxpr's equations, see

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import dtypes
 from jax._src import core as _jax_core
+from jax._src.array import ArrayImpl as _ArrayImpl  # concrete jax.Arrays (JAX 0.10)
 from jax._src.lib import xla_client as _xc
 
 _HOST_TYPES = (np.ndarray, np.generic)
@@ -320,6 +321,13 @@ class HostArray(np.ndarray):
     def __irshift__(self, other):
         return self >> other
 
+    def __getattr__(self, name: str) -> Any:
+        # jax.Array's API beyond NumPy's (`.at[]`, `.block_until_ready()`, ...),
+        # on a jax.Array of the same value: code written for JAX keeps working.
+        if name.startswith("__") or not hasattr(jax.Array, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(to_jax(np.asarray(self), copy=True), name)
+
 
 def immutable(x: Any) -> Any:
     """`x` as a `HostArray` if it is a NumPy array (no copy), else unchanged."""
@@ -345,44 +353,43 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     if not (_state.depth and _enabled and (_on_cpu if _on_cpu is not None else enabled())):
         return None
     seen_host = False
-    needs_conversion = False
-    for a in args:
-        if isinstance(a, _HOST_TYPES):
-            kind = a.dtype.kind
-            if kind == "c":
+    out = None  # a copy of `args` once one needs converting
+    for i, a in enumerate(args):
+        kind = type(a)
+        if kind is np.ndarray or kind is HostArray or (
+            kind is not _ArrayImpl and isinstance(a, _HOST_TYPES)
+        ):
+            dtype_kind = a.dtype.kind
+            if dtype_kind == "c":
                 return None
-            if check and kind == "f" and is_unchecked_constant(a) and has_subnormal(a):
+            if check and dtype_kind == "f" and kind is not HostArray and has_subnormal(a):
                 return None
             seen_host = True
-        elif isinstance(a, jax.core.Tracer):
-            return None
-        elif isinstance(a, (jax.Array, int, float)):
-            if isinstance(a, jax.Array) and (
-                not isinstance(a.dtype, np.dtype) or a.dtype.kind == "c"
-            ):
+            continue
+        if kind is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer)
+            dtype = a.dtype
+            if not isinstance(dtype, np.dtype) or dtype.kind == "c":
                 return None  # an extended dtype (PRNG keys) or complex: JAX's alone
-            needs_conversion = True
-        else:
-            return None
-    if not seen_host:
-        return None
-    if not needs_conversion:
-        return args
-    out = []
-    for a in args:
-        if isinstance(a, jax.Array):
             a = _converted(a)
-        elif not isinstance(a, _HOST_TYPES):  # a Python number (np.float64 is a float too)
+        elif kind is int or kind is float or kind is bool or (
+            isinstance(a, (int, float)) and not isinstance(a, jax.core.Tracer)
+        ):
             dtype = _literal_dtype(a, args)
             if dtype is None:
                 return None
             a = np.asarray(a, dtype=dtype)
             if a.dtype.kind == "f" and has_subnormal(a):
                 return None
+        else:  # a JAX tracer (JAX is tracing: the primitive runs through JAX), or other
+            return None
         if a is None:
             return None
-        out.append(a)
-    return tuple(out)
+        if out is None:
+            out = list(args)
+        out[i] = a
+    if not seen_host:
+        return None
+    return args if out is None else tuple(out)
 
 
 def constant_operands(args: tuple[Any, ...], literals: bool) -> tuple[Any, ...] | None:

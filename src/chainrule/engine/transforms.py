@@ -51,6 +51,8 @@ def _normalize_argnums(argnums: Any, fun_name: str) -> tuple[tuple[int, ...], bo
 
 
 def _resolve_argnums(argnums: tuple[int, ...], n_args: int, fun_name: str) -> tuple[int, ...]:
+    if len(argnums) == 1 and 0 <= argnums[0] < n_args:  # the common case
+        return argnums
     out = []
     for a in argnums:
         if not -n_args <= a < n_args:
@@ -397,7 +399,7 @@ def _value_and_grad(
             _check_scalar(out, name, mode.holomorphic)
             # the backward pass runs on the trace outside (current again)
             if isinstance(out, Tracer) and out._trace is trace:
-                one = np.ones((), raw(out).dtype)
+                one = np.array(1, raw(out).dtype)
                 observe = check.observe if check else None
                 input_cts = core.backward([(out.node, one)], release=True, observe=observe)
             else:  # the output does not depend on the differentiated inputs
@@ -497,8 +499,16 @@ def _split_aux(out: Any, name: str) -> tuple[Any, Any]:
     return out[0], out[1]
 
 
+_REAL_SCALAR_DTYPES = frozenset(
+    np.dtype(d) for d in (np.float16, jnp.bfloat16, np.float32, np.float64)
+)
+
+
 def _check_scalar(out: Any, name: str, holomorphic: bool = False) -> None:
     value = raw(out)
+    if not holomorphic and type(value) is np.ndarray and value.ndim == 0:
+        if value.dtype in _REAL_SCALAR_DTYPES:  # a real scalar: the common case, at once
+            return
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
     if shape is None or dtype is None:

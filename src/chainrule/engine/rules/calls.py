@@ -267,6 +267,7 @@ def _per_argument_rules(node: Node) -> tuple[Any, Any, Any] | None:
 
 
 _HOST_TRACE = Trace()  # no value belongs to it: every operation on it is evaluated
+_HOST_TRACE.for_user = False  # and its results stay host values (no round trip to JAX)
 
 
 def _custom_jvp_host(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> list[Any]:
@@ -283,7 +284,9 @@ class _CustomJVP(Primitive):
         return list(core.bind(self, *args, **params))
 
     def vjp(self, g: Any, node: Node) -> list[Any]:
-        primals, outs, jvp = node.primals, node.ans, node.params["jvp"]
+        # the rule's operations on these stay on the host (`host.for_user`)
+        primals = [host.immutable(p) for p in node.primals]
+        outs, jvp = [host.immutable(o) for o in node.ans], node.params["jvp"]
         n_out = len(outs)
         diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
         per_argument = _per_argument_rules(node)

@@ -192,8 +192,32 @@ class _SelectN(Primitive):
 
 def _host_select_n(which, *cases):
     if len(cases) == 2 and which.dtype == np.bool_:
-        return np.where(which, cases[1], cases[0])
+        on_false, on_true = cases
+        if which.size >= _SELECT_BY_BITS and on_false.shape == on_true.shape == which.shape:
+            unsigned = _UNSIGNED.get((on_false.dtype, on_true.dtype))
+            if unsigned is not None:
+                return _select_bits(which, on_false, on_true, unsigned)
+        return np.where(which, on_true, on_false)
     return np.choose(which, cases)
+
+
+def _select_bits(which, on_false, on_true, unsigned):
+    """`np.where(which, on_true, on_false)` by masking the bits: the same values to
+    the bit (NaN payloads, signed zeros), without `np.where`'s branch per element,
+    which is several times slower on a mask without pattern (ReLU's)."""
+    mask = which.view(np.uint8).astype(unsigned)
+    np.negative(mask, out=mask)  # all ones where `which` holds
+    out = np.bitwise_and(on_true.view(unsigned), mask)
+    np.invert(mask, out=mask)
+    np.bitwise_or(out, np.bitwise_and(on_false.view(unsigned), mask), out=out)
+    return out.view(on_true.dtype)
+
+
+_SELECT_BY_BITS = 4096  # from this size, `_select_bits` is the faster one
+_UNSIGNED = {
+    (np.dtype(d), np.dtype(d)): u
+    for d, u in ((np.float32, np.uint32), (np.float64, np.uint64), (np.int32, np.uint32))
+}
 
 
 select_n_p = primitive(
