@@ -284,7 +284,8 @@ def test_large_select_n_on_the_host_gives_np_where_to_the_bit(seed, dtype, shape
     got = elementwise._host_select_n(which, on_false, on_true)
     want = np.where(which, on_true, on_false)
     assert got.dtype == want.dtype and got.shape == want.shape
-    assert np.array_equal(np.ascontiguousarray(got).view(np.uint8), np.ascontiguousarray(want).view(np.uint8))
+    got, want = np.ascontiguousarray(got), np.ascontiguousarray(want)
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
 def test_relu_gradient_of_a_large_layer_against_jax(monkeypatch):
