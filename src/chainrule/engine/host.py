@@ -356,8 +356,10 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     out = None  # a copy of `args` once one needs converting
     for i, a in enumerate(args):
         kind = type(a)
-        if kind is np.ndarray or kind is HostArray or (
-            kind is not _ArrayImpl and isinstance(a, _HOST_TYPES)
+        if (
+            kind is np.ndarray
+            or kind is HostArray
+            or (kind is not _ArrayImpl and isinstance(a, _HOST_TYPES))
         ):
             dtype_kind = a.dtype.kind
             if dtype_kind == "c":
@@ -371,8 +373,11 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             if not isinstance(dtype, np.dtype) or dtype.kind == "c":
                 return None  # an extended dtype (PRNG keys) or complex: JAX's alone
             a = _converted(a)
-        elif kind is int or kind is float or kind is bool or (
-            isinstance(a, (int, float)) and not isinstance(a, jax.core.Tracer)
+        elif (
+            kind is int
+            or kind is float
+            or kind is bool
+            or (isinstance(a, (int, float)) and not isinstance(a, jax.core.Tracer))
         ):
             dtype = _literal_dtype(a, args)
             if dtype is None:
