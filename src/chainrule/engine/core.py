@@ -484,10 +484,10 @@ class Trace(jcore.Trace):
             operands = None if subnormal else host.host_operands(primals)
             if operands is not None:
                 ans = evaluate(prim, operands, params, on_host_only=True)
-                if ans is not NotImplemented:
+                if ans is not NotImplemented and operands is not primals:
                     # the node keeps the NumPy views of constants (jax.Arrays the
                     # loss closes over): its VJP rule then needs no conversions
-                    primals = operands
+                    primals = host.with_views(primals, operands)
             if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
                 # this one for host values (a call's body then runs with NumPy)
                 with jcore.set_current_trace(self if operands is not None else self.parent):

@@ -397,6 +397,12 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     return args if out is None else tuple(out)
 
 
+def with_views(args: tuple[Any, ...], operands: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`args` with each concrete `jax.Array` replaced by its NumPy view from
+    `operands` (`host_operands(args)`); Python numbers stay as they were given."""
+    return tuple(o if type(a) is _ArrayImpl else a for a, o in zip(args, operands, strict=True))
+
+
 def constant_operands(args: tuple[Any, ...], literals: bool) -> tuple[Any, ...] | None:
     """`args` as NumPy values if every one is a concrete constant of a strong
     real type: a CPU `jax.Array`, a NumPy value, or (with `literals`) a literal
