@@ -304,3 +304,6 @@ def test_relu_gradient_of_a_large_layer_against_jax(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
     monkeypatch.setattr(elementwise, "_SELECT_BY_BITS", 10**9)  # np.where: the same bits
     assert np.array_equal(cr.grad(loss)(w), got)
+    monkeypatch.undo()
+    # first and second order against jax.vjp, eagerly (the bit path), under jit and vmap
+    check_against_jax(lambda w, x: jax.nn.relu(x @ w.T), w, x, argnums=(0, 1))

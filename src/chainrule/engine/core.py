@@ -416,6 +416,8 @@ class Trace(jcore.Trace):
 
     Args:
       tracer_type: the `Tracer` subclass its values are boxed in.
+      for_user: JAX code's results on untraced values are handed back as JAX
+        hands them (`host.for_user`); False keeps them host values.
 
     The trace outside (JAX's eager evaluation, a `jit` or `vmap` trace, or an
     enclosing chainrule trace) is `parent`: untraced work and the backward
@@ -424,7 +426,7 @@ class Trace(jcore.Trace):
 
     __slots__ = ("level", "parent", "tracer_type", "taps", "eager", "for_user")
 
-    def __init__(self, tracer_type: type[Tracer] = Tracer):
+    def __init__(self, tracer_type: type[Tracer] = Tracer, *, for_user: bool = True):
         # jcore.Trace.__init__'s three fields, set here (once per transform call)
         self._invalidated = False
         self._weakref = weakref.ref(self)
@@ -434,8 +436,8 @@ class Trace(jcore.Trace):
         self.parent = parent = _current_trace.value  # the current trace, which this one nests in
         self.taps = None  # a debugging.TapSink when the transform collects taps
         # untraced results go to code as JAX hands them (`host.for_user`); False
-        # for a trace that only evaluates internal code on host values
-        self.for_user = True
+        # for a trace that only evaluates chainrule's own calls on host values
+        self.for_user = for_user
         # whether JAX evaluates eagerly underneath (no `jit`/`vmap` trace below)
         self.eager = isinstance(parent, jcore.EvalTrace) or getattr(parent, "eager", False)
 
@@ -481,16 +483,12 @@ class Trace(jcore.Trace):
             ans = bind(prim, *primals, **params)
         else:
             ans = NotImplemented
-            operands = None if subnormal else host.host_operands(primals)
-            if operands is not None:
-                ans = evaluate(prim, operands, params, on_host_only=True)
-                if ans is not NotImplemented and operands is not primals:
-                    # the node keeps the NumPy views of constants (jax.Arrays the
-                    # loss closes over): its VJP rule then needs no conversions
-                    primals = host.with_views(primals, operands)
+            if not subnormal:
+                ans = evaluate(prim, primals, params, on_host_only=True)
             if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
                 # this one for host values (a call's body then runs with NumPy)
-                with jcore.set_current_trace(self if operands is not None else self.parent):
+                on_host = not subnormal and host.host_operands(primals) is not None
+                with jcore.set_current_trace(self if on_host else self.parent):
                     ans = prim.impl(*primals, **params)
         if not prim.differentiable:  # its output is never traced: no node
             if prim.multiple_results:

@@ -176,12 +176,7 @@ def has_subnormal(x: Any) -> bool:
     if x.ndim == 0:  # a scalar: Python integers are faster than array operations
         m = int(x.view(unsigned)) & int(magnitude)
         return 0 < m <= int(tiny)
-    if x.size >= _REMEMBERED_SIZE:
-        return 0 < smallest_magnitude(x) <= int(tiny)
-    # |x|'s bits minus one, wrapping zero round to the largest integer: below
-    # tiny's bits minus one exactly for the nonzero magnitudes below tiny.
-    m = (x.view(unsigned) & magnitude) - unsigned(1)
-    return np.count_nonzero(m < tiny) != 0  # faster than .any()
+    return 0 < smallest_magnitude(x) <= int(tiny)
 
 
 def smallest_magnitude(x: np.ndarray) -> int:
@@ -189,19 +184,20 @@ def smallest_magnitude(x: np.ndarray) -> int:
     integer (0 when every entry is zero): its exponent field is
     `bits >> (mantissa width)`; below the smallest normal's bits it is subnormal.
 
-    Inside `evaluating()` the answer for a large read-only array (an input, a
-    converted `jax.Array`, or a view of the whole of one, such as its transpose)
-    is remembered for the rest of the call: a loss reads its weights in the
+    Inside `evaluating()` the answer for a large read-only array (a converted
+    `jax.Array`, or a view of the whole of one, such as its transpose) is
+    remembered for the rest of the call: a loss reads its weights in the
     forward and again in the backward pass.
     """
     unsigned, magnitude, _ = _BITS[x.dtype]
     key = None
-    if _state.depth and x.size >= _REMEMBERED_SIZE and not x.flags.writeable:
+    if _state.depth and x.size >= _REMEMBERED_SIZE:
         whole = x.base if isinstance(x.base, np.ndarray) and x.base.size == x.size else x
-        key = id(whole)
-        hit = _state.smallest.get(key)
-        if hit is not None and hit[0] is whole:
-            return hit[1]
+        if not whole.flags.writeable:  # (nothing can change it during the call)
+            key = id(whole)
+            hit = _state.smallest.get(key)
+            if hit is not None and hit[0] is whole:
+                return hit[1]
     # |x|'s bits minus one, wrapping zero round to the largest integer: the
     # minimum is the smallest nonzero magnitude's bits minus one.
     m = np.bitwise_and(x.view(unsigned), magnitude)
@@ -355,30 +351,20 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     seen_host = False
     out = None  # a copy of `args` once one needs converting
     for i, a in enumerate(args):
-        kind = type(a)
-        if (
-            kind is np.ndarray
-            or kind is HostArray
-            or (kind is not _ArrayImpl and isinstance(a, _HOST_TYPES))
-        ):
-            dtype_kind = a.dtype.kind
-            if dtype_kind == "c":
+        if isinstance(a, _HOST_TYPES):
+            kind = a.dtype.kind
+            if kind == "c":
                 return None
-            if check and dtype_kind == "f" and kind is not HostArray and has_subnormal(a):
+            if check and kind == "f" and is_unchecked_constant(a) and has_subnormal(a):
                 return None
             seen_host = True
             continue
-        if kind is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer)
-            dtype = a.dtype
+        if type(a) is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer):
+            dtype = a.dtype  # tested by type, as `isinstance(a, jax.Array)` is slow
             if not isinstance(dtype, np.dtype) or dtype.kind == "c":
                 return None  # an extended dtype (PRNG keys) or complex: JAX's alone
             a = _converted(a)
-        elif (
-            kind is int
-            or kind is float
-            or kind is bool
-            or (isinstance(a, (int, float)) and not isinstance(a, jax.core.Tracer))
-        ):
+        elif isinstance(a, (int, float)):  # a Python number (np.float64 is a float too)
             dtype = _literal_dtype(a, args)
             if dtype is None:
                 return None
@@ -395,12 +381,6 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     if not seen_host:
         return None
     return args if out is None else tuple(out)
-
-
-def with_views(args: tuple[Any, ...], operands: tuple[Any, ...]) -> tuple[Any, ...]:
-    """`args` with each concrete `jax.Array` replaced by its NumPy view from
-    `operands` (`host_operands(args)`); Python numbers stay as they were given."""
-    return tuple(o if type(a) is _ArrayImpl else a for a, o in zip(args, operands, strict=True))
 
 
 def constant_operands(args: tuple[Any, ...], literals: bool) -> tuple[Any, ...] | None:

@@ -266,8 +266,9 @@ def _per_argument_rules(node: Node) -> tuple[Any, Any, Any] | None:
     return cells["jvps"].cell_contents, in_tree, out_tree
 
 
-_HOST_TRACE = Trace()  # no value belongs to it: every operation on it is evaluated
-_HOST_TRACE.for_user = False  # and its results stay host values (no round trip to JAX)
+# No value belongs to it: every operation on it is evaluated, and its results
+# stay host values (no round trip through a jax.Array).
+_HOST_TRACE = Trace(for_user=False)
 
 
 def _custom_jvp_host(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> list[Any]:

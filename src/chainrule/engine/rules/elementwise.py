@@ -193,10 +193,14 @@ class _SelectN(Primitive):
 def _host_select_n(which, *cases):
     if len(cases) == 2 and which.dtype == np.bool_:
         on_false, on_true = cases
-        if which.size >= _SELECT_BY_BITS and on_false.shape == on_true.shape == which.shape:
-            unsigned = _UNSIGNED.get((on_false.dtype, on_true.dtype))
-            if unsigned is not None:
-                return _select_bits(which, on_false, on_true, unsigned)
+        unsigned = _UNSIGNED.get(on_true.dtype)
+        if (
+            unsigned is not None
+            and which.size >= _SELECT_BY_BITS
+            and on_false.dtype == on_true.dtype
+            and on_false.shape == on_true.shape == which.shape
+        ):
+            return _select_bits(which, on_false, on_true, unsigned)
         return np.where(which, on_true, on_false)
     return np.choose(which, cases)
 
@@ -214,9 +218,10 @@ def _select_bits(which, on_false, on_true, unsigned):
 
 
 _SELECT_BY_BITS = 4096  # from this size, `_select_bits` is the faster one
-_UNSIGNED = {
-    (np.dtype(d), np.dtype(d)): u
-    for d, u in ((np.float32, np.uint32), (np.float64, np.uint64), (np.int32, np.uint32))
+_UNSIGNED = {  # a dtype -> the unsigned integer of its width
+    np.dtype(np.float32): np.uint32,
+    np.dtype(np.float64): np.uint64,
+    np.dtype(np.int32): np.uint32,
 }
 
 
