@@ -452,13 +452,13 @@ def test_random_tiny_values(exponent, mantissa, op):
 @given(
     bits=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=70),
     wide=st.booleans(),
-    shape=st.sampled_from(["flat", "0-d", "strided", "scalar"]),
+    shape=st.sampled_from(["flat", "0-d", "strided", "scalar", "2-d transposed", "large"]),
 )
 def test_has_subnormal_reads_the_bits_inside_and_outside_the_mode(bits, wide, shape):
     """The check against an exact reference (the exponent field is zero and the
     mantissa is not), on random bit patterns: NaNs, infinities, signed zeros,
-    subnormals, normals; arrays (its fast path counts nonzeros in the mode)
-    and scalars."""
+    subnormals, normals; small arrays (tested in one Python integer, lane by
+    lane), large ones (NumPy on the bits), views, 0-d arrays and scalars."""
     dtype, unsigned, mantissa = (np.float64, np.uint64, 52) if wide else (np.float32, np.uint32, 23)
     raw = np.array([b % (1 << (8 * np.dtype(unsigned).itemsize)) for b in bits], unsigned)
     if shape in ("0-d", "scalar"):
@@ -473,6 +473,10 @@ def test_has_subnormal_reads_the_bits_inside_and_outside_the_mode(bits, wide, sh
         x = np.repeat(x, 2)[::2]
     elif shape == "scalar":
         x = x[0]
+    elif shape == "2-d transposed":
+        x = np.stack([x, x]).T  # non-contiguous: its bytes are read in C order
+    elif shape == "large":
+        x = np.resize(x, host._SMALL_SIZE + 1 + 7 * len(bits))
     assert host.has_subnormal(x) == want
     with host.evaluating():
         assert host.has_subnormal(x) == want

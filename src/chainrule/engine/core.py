@@ -41,6 +41,7 @@ from jax._src import core as jcore  # the Trace/Tracer interface (JAX 0.10, pinn
 from jax.errors import ConcretizationTypeError
 
 from chainrule.engine import host
+from chainrule.engine.host import HOST_TYPES, HostArray
 from chainrule.errors import NoVJPRuleError
 
 PRIMITIVES: dict[str, Primitive] = {}
@@ -185,7 +186,35 @@ class Primitive:
         self.exact_on_host = exact_on_host
 
     def bind(self, *args: Any, **params: Any) -> Any:
-        return bind(self, *args, **params)
+        """Applies this primitive to `args`, recording a node at the highest
+        level present (`Trace.record`), or evaluating it when none is traced.
+
+        (The hot path of eager differentiation: one call per operation,
+        forward and backward; `core.bind` is this function.)
+        """
+        top = None
+        level = 0
+        for a in args:
+            if isinstance(a, Tracer) and a.level > level:
+                level, top = a.level, a
+        if top is None:
+            if self.host_impl is not None:  # untraced: with NumPy on host values, else JAX
+                operands = host.host_operands(args)
+                if operands is not None:
+                    out = self.host_impl(*operands, **params)
+                    if out is not NotImplemented:
+                        return out
+            return self.impl(*args, **params)
+        trace = top._trace
+        if _current_trace.value is not trace:
+            for a in args:
+                if isinstance(a, jcore.Tracer) and not isinstance(a, Tracer):
+                    # A value of another JAX transformation running inside this one
+                    # (e.g. jax.vmap or jax.grad in the differentiated function):
+                    # JAX's dispatch lets that trace act first, which hands our
+                    # values back to `Trace.process_primitive`.
+                    return self.impl(*args, **params)
+        return trace.record(self, args, params)
 
     def apply(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> list[Any]:
         """Applies this primitive as the JAX primitive of the same name was
@@ -476,15 +505,19 @@ class Trace(jcore.Trace):
                     parents.append(a.node)
                     a = primals[i] = a.value
                 nested = nested or isinstance(a, Tracer)  # a lower level records too
-            elif host.is_unchecked_constant(a) and host.has_subnormal(a):
+            elif (
+                isinstance(a, HOST_TYPES) and type(a) is not HostArray and host.has_subnormal(a)
+            ):  # (`host.is_unchecked_constant`, inline)
                 subnormal = True  # a constant of the user's that XLA reads as zero: JAX's
         primals = tuple(primals)
         if nested and not prim.runs_outside:
             ans = bind(prim, *primals, **params)
         else:
             ans = NotImplemented
-            if not subnormal:
-                ans = evaluate(prim, primals, params, on_host_only=True)
+            if not subnormal and prim.host_impl is not None:  # with NumPy on host values
+                operands = host.host_operands(primals)
+                if operands is not None:
+                    ans = prim.host_impl(*operands, **params)
             if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
                 # this one for host values (a call's body then runs with NumPy)
                 on_host = not subnormal and host.host_operands(primals) is not None
@@ -499,7 +532,8 @@ class Trace(jcore.Trace):
             announce(node)
         box = self.tracer_type
         if not prim.multiple_results:
-            return box(ans, node, self) if is_differentiable(raw(ans)) else host.immutable(raw(ans))
+            value = ans if type(ans) is np.ndarray else raw(ans)
+            return box(ans, node, self) if is_differentiable(value) else host.immutable(value)
         n = len(ans)
         return [
             box(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), self)
@@ -598,43 +632,8 @@ def escaped_tracer_error(prim: Any, trace: Trace) -> Exception:
 # --- applying a primitive ------------------------------------------------------------
 
 
-def bind(prim: Primitive, *args: Any, **params: Any) -> Any:
-    """Applies `prim` to `args`, recording a node at the highest level present.
-
-    (This is the hot path of eager differentiation: one call per operation.)
-    """
-    top = None
-    level = 0
-    for a in args:
-        if isinstance(a, Tracer) and a.level > level:
-            level, top = a.level, a
-    if top is None:
-        return evaluate(prim, args, params)
-    trace = top._trace
-    if _current_trace.value is not trace:
-        for a in args:
-            if isinstance(a, jcore.Tracer) and not isinstance(a, Tracer):
-                # A value of another JAX transformation running inside this one
-                # (e.g. jax.vmap or jax.grad in the differentiated function):
-                # JAX's dispatch lets that trace act first, which hands our
-                # values back to `Trace.process_primitive`.
-                return prim.impl(*args, **params)
-    return trace.record(prim, args, params)
-
-
-def evaluate(
-    prim: Primitive, args: tuple[Any, ...], params: dict[str, Any], on_host_only: bool = False
-) -> Any:
-    """Computes `prim` on untraced values: with NumPy when they live on the host
-    (see `chainrule.engine.host`), else with its JAX implementation on the
-    current trace (`NotImplemented` instead, with `on_host_only`)."""
-    if prim.host_impl is not None:
-        operands = host.host_operands(args)
-        if operands is not None:
-            out = prim.host_impl(*operands, **params)
-            if out is not NotImplemented:
-                return out
-    return NotImplemented if on_host_only else prim.impl(*args, **params)
+bind = Primitive.bind
+"""`bind(prim, *args, **params)`: applies `prim` (see `Primitive.bind`)."""
 
 
 # --- the backward pass ---------------------------------------------------------------
@@ -705,7 +704,7 @@ def backward(
             if observe is not None:
                 observe(node, g, None)
             continue
-        cts = node.vjp(g)
+        cts = node.prim.vjp(g, node)  # (`node.vjp`, without its call)
         if observe is not None:
             observe(node, g, cts)
         for parent, ct in zip(node.parents, cts, strict=True):

@@ -506,7 +506,7 @@ _REAL_SCALAR_DTYPES = frozenset(
 
 def _check_scalar(out: Any, name: str, holomorphic: bool = False) -> None:
     value = raw(out)
-    if not holomorphic and type(value) is np.ndarray and value.ndim == 0:
+    if not holomorphic and isinstance(value, host.HOST_TYPES) and value.ndim == 0:
         if value.dtype in _REAL_SCALAR_DTYPES:  # a real scalar: the common case, at once
             return
     shape = getattr(value, "shape", None)

@@ -86,13 +86,18 @@ def defvjp(
 
 
 def shape_of(x: Any) -> tuple[int, ...]:
+    if isinstance(x, np.ndarray):  # (the host values of eager rules: at once)
+        return x.shape
     x = raw(x)
     shape = getattr(x, "shape", None)
     return tuple(np.shape(x)) if shape is None else tuple(shape)
 
 
 def dtype_of(x: Any):
-    return raw(x).dtype if hasattr(raw(x), "dtype") else np.result_type(x)
+    if isinstance(x, np.ndarray):
+        return x.dtype
+    x = raw(x)
+    return x.dtype if hasattr(x, "dtype") else np.result_type(x)
 
 
 def full_like(x: Any, value: float):
