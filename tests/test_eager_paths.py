@@ -307,3 +307,35 @@ def test_relu_gradient_of_a_large_layer_against_jax(monkeypatch):
     monkeypatch.undo()
     # first and second order against jax.vjp, eagerly (the bit path), under jit and vmap
     check_against_jax(lambda w, x: jax.nn.relu(x @ w.T), w, x, argnums=(0, 1))
+
+
+# --- results handed to JAX ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 20000, 70000])
+@pytest.mark.parametrize("offset", [0, 1, 4, 8, 12])
+@pytest.mark.parametrize("kind", ["owned", "view", "copy", "transposed"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_to_jax_never_shares_memory_the_caller_can_write(n, offset, kind, dtype):
+    """`host.to_jax` at every alignment (XLA aliases a 64-byte-aligned buffer,
+    copies others): a view, or an array passed with `copy`, is never aliased;
+    the values and dtype are the array's, and writing into the array afterwards
+    leaves the `jax.Array` as it was."""
+    from chainrule.engine import host
+
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.zeros(n * itemsize + 64 + offset * 4, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset * 4
+    x = raw[start : start + n * itemsize].view(dtype)
+    x[...] = np.arange(n, dtype=dtype)
+    if kind == "owned":
+        x = x.copy()
+    elif kind == "transposed":
+        x = x[: n - n % 2].reshape(2, -1).T if n > 1 else x
+    want = np.array(x)
+    out = host.to_jax(x, copy=kind == "copy")
+    assert isinstance(out, jax.Array) and out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out), want)
+    if kind != "owned":  # (chainrule's own results may be aliased)
+        x[...] = -1
+        np.testing.assert_array_equal(np.asarray(out), want)

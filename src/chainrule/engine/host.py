@@ -547,6 +547,11 @@ def to_jax(x: Any, *, copy: bool = False) -> Any:
     are copied first, so a result never shares memory with anything the caller
     can modify. With `copy` (values the user's function returned, which the
     user may still hold) the array is always copied.
+
+    XLA aliases a C-contiguous buffer aligned to 64 bytes and copies any
+    other one; so a large C-contiguous array that must not be shared is
+    handed over first, and copied here only if XLA aliased it (one copy, not
+    two: a gradient is often a view of a result, at any alignment).
     """
     if isinstance(x, np.generic):
         x = np.asarray(x)
@@ -554,9 +559,20 @@ def to_jax(x: Any, *, copy: bool = False) -> Any:
         return x
     if x.dtype.kind not in "biuf" or x.dtype != dtypes.canonicalize_dtype(x.dtype):
         return jnp.asarray(x)  # (JAX's own conversion: int64 becomes int32 without x64)
-    if copy or not (x.flags.owndata and x.flags.c_contiguous):
-        x = np.array(x, order="C")
+    if not x.flags.c_contiguous:
+        return _device_put(np.ascontiguousarray(x))  # (a new array: it may be aliased)
+    if copy or not x.flags.owndata:
+        if x.nbytes >= _COPY_CHECKED_SIZE:
+            out = _device_put(x)
+            if out.unsafe_buffer_pointer() != x.ctypes.data:  # XLA copied it
+                return out
+        x = np.array(x)
     return _device_put(x)
+
+
+# From this many bytes `to_jax` lets XLA make the copy it must make (a small
+# array costs less to copy than to check).
+_COPY_CHECKED_SIZE = 1 << 16
 
 
 def tree_to_jax(tree: Any, *, copy: bool = False) -> Any:
