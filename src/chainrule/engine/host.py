@@ -306,9 +306,10 @@ def to_host(x: Any) -> Any:
     """
     if not enabled():
         return None
-    if isinstance(x, jax.core.Tracer):
+    # (a concrete jax.Array tested by type first: `isinstance(x, jax.Array)` is slow)
+    if type(x) is not _ArrayImpl and isinstance(x, jax.core.Tracer):
         return None
-    if isinstance(x, jax.Array):
+    if type(x) is _ArrayImpl or isinstance(x, jax.Array):
         if x.weak_type or x.dtype not in _HOST_DTYPES:
             return None
         out = np.asarray(x)  # a read-only view of the array's CPU buffer
