@@ -161,3 +161,18 @@ def test_jax_floor_replays_the_jnp_loss_and_prints_its_table(capsys):
     jax_floor.main(["--number", "1", "--repeat", "1"])
     printed = capsys.readouterr().out
     assert "JAX floor (us)" in printed and printed.count("\n") >= 5
+
+
+def test_big_mlp_parts_runs_and_its_hand_written_gradient_is_right():
+    """`python -m benchmarks.big_mlp_parts` at the small size: its hand-written
+    NumPy gradient is checked against jax.grad's inside `run`; every part is
+    timed, and wrapping the parts leaves the engine as it was."""
+    from benchmarks import big_mlp_parts
+    from chainrule.engine import core
+
+    backward = core.backward
+    out = big_mlp_parts.run(quick=True, rounds=1, calls=1)
+    assert core.backward is backward
+    assert set(out["times_ms"]) >= {"chainrule", "NumPy by hand"}
+    assert [label for label, _, _ in big_mlp_parts.PARTS] == list(out["parts_ms"])
+    assert out["parts_ms"]["backward pass"] > 0
