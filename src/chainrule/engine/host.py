@@ -45,6 +45,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -192,8 +193,8 @@ _LANE_MASKS: dict[tuple[np.dtype, int], tuple[int, int, int, int, int]] = {}
 
 def _has_subnormal_small(x: np.ndarray) -> bool:
     """`has_subnormal` for a small float32/float64 array, testing every element
-    at once in the bits of one Python integer (its bytes, little-endian as on
-    x86-64, the only platform with host evaluation).
+    at once in the bits of one Python integer (its bytes read in the
+    machine's byte order, as the masks are built).
 
     Each element is a lane of the integer. Per lane, masking keeps the mantissa
     M (or the exponent field E) and adding the mask again carries into the
@@ -207,7 +208,7 @@ def _has_subnormal_small(x: np.ndarray) -> bool:
     if masks is None:
         masks = _LANE_MASKS[key] = _lane_masks(x.dtype, x.size)
     mantissa, exponent, exponent_low, sign, shift = masks
-    v = int.from_bytes(x.tobytes(), "little")
+    v = int.from_bytes(x.tobytes(), sys.byteorder)
     mantissa_nonzero = ((v & mantissa) + mantissa) & exponent_low
     exponent_nonzero = ((v & exponent) + exponent) & sign
     return bool((mantissa_nonzero << shift) & ~exponent_nonzero & sign)
@@ -220,7 +221,7 @@ def _lane_masks(dtype: np.dtype, n: int) -> tuple[int, int, int, int, int]:
     mantissa_bits = int(tiny).bit_length()  # 23 or 52
 
     def lanes(value: int) -> int:
-        return int.from_bytes(np.full(n, value, unsigned).tobytes(), "little")
+        return int.from_bytes(np.full(n, value, unsigned).tobytes(), sys.byteorder)
 
     mantissa = (1 << mantissa_bits) - 1
     sign = 1 << (width - 1)
