@@ -518,6 +518,11 @@ class Trace(jcore.Trace):
                 operands = host.host_operands(primals)
                 if operands is not None:
                     ans = prim.host_impl(*operands, **params)
+                    if ans is not NotImplemented:
+                        # the node keeps the operands as NumPy values: its rule
+                        # then reads constants (a loss's data) without converting
+                        # them again in the backward pass
+                        primals = operands
             if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
                 # this one for host values (a call's body then runs with NumPy)
                 on_host = not subnormal and host.host_operands(primals) is not None
