@@ -537,7 +537,7 @@ class Trace(jcore.Trace):
             announce(node)
         box = self.tracer_type
         if not prim.multiple_results:
-            value = ans if type(ans) is np.ndarray else raw(ans)
+            value = ans if isinstance(ans, HOST_TYPES) else raw(ans)
             return box(ans, node, self) if is_differentiable(value) else host.immutable(value)
         n = len(ans)
         return [

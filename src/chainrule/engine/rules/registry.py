@@ -12,6 +12,7 @@ import numpy as np
 from jax import lax
 
 from chainrule.engine.core import PRIMITIVES, Primitive, raw, zeros_like  # noqa: F401 (re-exported)
+from chainrule.engine.host import HOST_TYPES
 
 FORMULA_FUNCTIONS: dict[str, Callable] = {}
 """Functions beyond NumPy's that formulas may name (`digamma`, `bessel_i1e`, ...),
@@ -86,7 +87,7 @@ def defvjp(
 
 
 def shape_of(x: Any) -> tuple[int, ...]:
-    if isinstance(x, np.ndarray):  # (the host values of eager rules: at once)
+    if isinstance(x, HOST_TYPES):  # (the host values of eager rules: at once)
         return x.shape
     x = raw(x)
     shape = getattr(x, "shape", None)
@@ -94,7 +95,7 @@ def shape_of(x: Any) -> tuple[int, ...]:
 
 
 def dtype_of(x: Any):
-    if isinstance(x, np.ndarray):
+    if isinstance(x, HOST_TYPES):
         return x.dtype
     x = raw(x)
     return x.dtype if hasattr(x, "dtype") else np.result_type(x)
