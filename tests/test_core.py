@@ -548,3 +548,38 @@ def test_calls_on_untraced_values_match_jax(inner, on_host):
     for g, e in zip(got, want, strict=True):
         assert isinstance(g, jax.Array) and g.dtype == e.dtype
         np.testing.assert_allclose(g, e, rtol=1e-12)
+
+
+# --- the matmul operator on chainrule's tracers -------------------------------------------
+
+MATMUL_SHAPES = [
+    ((4,), (4,)),
+    ((4,), (4, 3)),
+    ((3, 4), (4,)),
+    ((3, 4), (4, 5)),
+    ((2, 3, 4), (4,)),
+    ((4,), (2, 4, 3)),
+    ((2, 3, 4), (2, 4, 5)),
+    ((2, 3, 4), (4, 5)),
+]
+
+
+@pytest.mark.parametrize("x_shape, y_shape", MATMUL_SHAPES)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_operator_against_jax(x_shape, y_shape, transposed, dtype):
+    """`x @ y` and `x @ w.T` on chainrule's tracers (chainrule's own matmul,
+    whose vector-matrix products are one dot_general) against JAX's `@`, at
+    first and second order, eagerly, under jit and under vmap."""
+    from tests.oracle import check_against_jax
+
+    rng = np.random.default_rng(len(x_shape) * 10 + len(y_shape))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    y = rng.standard_normal(y_shape).astype(dtype)
+    if transposed and len(y_shape) >= 2:  # the same product, spelled x @ w.T
+        w = np.swapaxes(y, -1, -2).copy()
+        check_against_jax(lambda x, w: jnp.sin(x @ jnp.swapaxes(w, -1, -2)), x, w)
+        if len(y_shape) == 2:
+            check_against_jax(lambda x, w: jnp.sin(x @ w.T), x, w)
+    else:
+        check_against_jax(lambda x, y: jnp.sin(x @ y), x, y)

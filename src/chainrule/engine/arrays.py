@@ -433,6 +433,15 @@ def matmul(x: Any, y: Any) -> Any:
         raise TypeError(f"matmul: operands must be at least 1-D, got shapes {xs} and {ys}")
     if len(xs) == 1 and len(ys) == 1:
         return rules.dot_general(x, y, (((0,), (0,)), ((), ())))
+    # a vector and a matrix: one dot_general contracting the vector's only
+    # dimension, as jax.numpy emits it (no reshapes around it to record)
+    if len(xs) == 1 and len(ys) == 2 and xs[0] == ys[0]:
+        w = _transposed_from(y)
+        if w is not None:  # v @ w.T: contract with w directly
+            return rules.dot_general(x, w, (((0,), (1,)), ((), ())))
+        return rules.dot_general(x, y, (((0,), (0,)), ((), ())))
+    if len(xs) == 2 and len(ys) == 1 and xs[1] == ys[0]:
+        return rules.dot_general(x, y, (((1,), (0,)), ((), ())))
     x2 = reshape(x, (1, *xs)) if len(xs) == 1 else x
     y2 = reshape(y, (*ys, 1)) if len(ys) == 1 else y
     xs2, ys2 = rules.shape_of(x2), rules.shape_of(y2)
