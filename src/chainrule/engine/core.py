@@ -41,7 +41,6 @@ from jax._src import core as jcore  # the Trace/Tracer interface (JAX 0.10, pinn
 from jax.errors import ConcretizationTypeError
 
 from chainrule.engine import host
-from chainrule.engine.host import HOST_TYPES, HostArray
 from chainrule.errors import NoVJPRuleError
 
 PRIMITIVES: dict[str, Primitive] = {}
@@ -198,13 +197,8 @@ class Primitive:
             if isinstance(a, Tracer) and a.level > level:
                 level, top = a.level, a
         if top is None:
-            if self.host_impl is not None:  # untraced: with NumPy on host values, else JAX
-                operands = host.host_operands(args)
-                if operands is not None:
-                    out = self.host_impl(*operands, **params)
-                    if out is not NotImplemented:
-                        return out
-            return self.impl(*args, **params)
+            hosted = self.evaluate_on_host(args, params)  # untraced: NumPy, else JAX
+            return hosted[1] if hosted is not None else self.impl(*args, **params)
         trace = top._trace
         if _current_trace.value is not trace:
             for a in args:
@@ -215,6 +209,19 @@ class Primitive:
                     # values back to `Trace.process_primitive`.
                     return self.impl(*args, **params)
         return trace.record(self, args, params)
+
+    def evaluate_on_host(
+        self, args: Sequence[Any], params: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], Any] | None:
+        """`(operands as NumPy values, result)` when this primitive runs with its
+        NumPy version on `args` (see `chainrule.engine.host`), else None."""
+        if self.host_impl is None:
+            return None
+        operands = host.host_operands(args)
+        if operands is None:
+            return None
+        out = self.host_impl(*operands, **params)
+        return None if out is NotImplemented else (operands, out)
 
     def apply(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> list[Any]:
         """Applies this primitive as the JAX primitive of the same name was
@@ -505,24 +512,19 @@ class Trace(jcore.Trace):
                     parents.append(a.node)
                     a = primals[i] = a.value
                 nested = nested or isinstance(a, Tracer)  # a lower level records too
-            elif (
-                isinstance(a, HOST_TYPES) and type(a) is not HostArray and host.has_subnormal(a)
-            ):  # (`host.is_unchecked_constant`, inline)
+            elif host.is_unchecked_constant(a) and host.has_subnormal(a):
                 subnormal = True  # a constant of the user's that XLA reads as zero: JAX's
         primals = tuple(primals)
         if nested and not prim.runs_outside:
             ans = bind(prim, *primals, **params)
         else:
             ans = NotImplemented
-            if not subnormal and prim.host_impl is not None:  # with NumPy on host values
-                operands = host.host_operands(primals)
-                if operands is not None:
-                    ans = prim.host_impl(*operands, **params)
-                    if ans is not NotImplemented:
-                        # the node keeps the operands as NumPy values: its rule
-                        # then reads constants (a loss's data) without converting
-                        # them again in the backward pass
-                        primals = operands
+            hosted = None if subnormal else prim.evaluate_on_host(primals, params)
+            if hosted is not None:
+                # the node keeps the operands as NumPy values: its rule then
+                # reads constants (a loss's data) without converting them again
+                # in the backward pass
+                primals, ans = hosted
             if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
                 # this one for host values (a call's body then runs with NumPy)
                 on_host = not subnormal and host.host_operands(primals) is not None
@@ -537,8 +539,7 @@ class Trace(jcore.Trace):
             announce(node)
         box = self.tracer_type
         if not prim.multiple_results:
-            value = ans if isinstance(ans, HOST_TYPES) else raw(ans)
-            return box(ans, node, self) if is_differentiable(value) else host.immutable(value)
+            return box(ans, node, self) if is_differentiable(raw(ans)) else host.immutable(raw(ans))
         n = len(ans)
         return [
             box(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), self)

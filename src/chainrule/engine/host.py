@@ -307,10 +307,9 @@ def to_host(x: Any) -> Any:
     """
     if not enabled():
         return None
-    # (a concrete jax.Array tested by type first: `isinstance(x, jax.Array)` is slow)
-    if type(x) is not _ArrayImpl and isinstance(x, jax.core.Tracer):
-        return None
-    if type(x) is _ArrayImpl or isinstance(x, jax.Array):
+    # a concrete jax.Array (any other one is a tracer), tested by type as in
+    # `host_operands`: `isinstance(x, jax.Array)` is slow
+    if type(x) is _ArrayImpl:
         if x.weak_type or x.dtype not in _HOST_DTYPES:
             return None
         out = np.asarray(x)  # a read-only view of the array's CPU buffer
