@@ -571,8 +571,10 @@ class Trace(jcore.Trace):
         if self._owns(tracers):  # values of this trace: chainrule's rule records them
             if prim is None:
                 raise NoVJPRuleError(primitive.name, user_frame())
-            # (JAX's bind made the eval trace current meanwhile: this one again)
-            outs = self.run(prim.apply, self, tracers, params)
+            if _current_trace.value is self:  # (from `rules.calls.eval_body`)
+                outs = prim.apply(self, tracers, params)
+            else:  # JAX's bind made the eval trace current meanwhile: this one again
+                outs = self.run(prim.apply, self, tracers, params)
             return outs if primitive.multiple_results else outs[0]
         if prim is not None:  # concrete host values: evaluated with NumPy where it can
             outs = prim.apply_untraced(self, tracers, params)

@@ -60,23 +60,27 @@ def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
     env = plan.template.copy()
     env[: plan.n_consts] = consts
     env[plan.n_consts : plan.n_inputs] = args
+    trace.run(_eval_equations, trace, plan, env)
+    return [env[i] for i in plan.outs]
+
+
+def _eval_equations(trace: Trace, plan: _Plan, env: list[Any]) -> None:
+    """`eval_body`'s loop over the equations, `trace` current, filling `env`."""
     here = jcore.JaxprEqnContext()  # interned: an equation traced in this context is it
     process = trace.process
-    with trace.active():
-        for prim, params, ins, outs, plain, eqn in plan.eqns:
-            invals = [env[i] for i in ins]
-            if plain and eqn.ctx is here:
-                out = process(prim, invals, params)
-            else:
-                with jcore.source_info_util.user_context(eqn.source_info.traceback):
-                    with eqn.ctx.manager:
-                        out = prim.bind(*invals, **prim.get_bind_params(params))
-            if type(outs) is int:
-                env[outs] = out
-            else:
-                for i, o in zip(outs, out, strict=True):
-                    env[i] = o
-    return [env[i] for i in plan.outs]
+    for prim, params, ins, outs, plain, eqn in plan.eqns:
+        invals = [env[i] for i in ins]
+        if plain and eqn.ctx is here:
+            out = process(prim, invals, params)
+        else:
+            with jcore.source_info_util.user_context(eqn.source_info.traceback):
+                with eqn.ctx.manager:
+                    out = prim.bind(*invals, **prim.get_bind_params(params))
+        if type(outs) is int:
+            env[outs] = out
+        else:
+            for i, o in zip(outs, out, strict=True):
+                env[i] = o
 
 
 class _Plan:
