@@ -362,7 +362,9 @@ def value_and_grad(
     """
     _check_callable(fun, "cr.value_and_grad")
     mode = _InputMode(holomorphic, allow_int)
-    return _value_and_grad(fun, argnums, has_aux, True, mode, taps, check_finite)
+    return functools.wraps(fun)(
+        _value_and_grad(fun, argnums, has_aux, True, mode, taps, check_finite)
+    )
 
 
 def _value_and_grad(
@@ -374,13 +376,13 @@ def _value_and_grad(
     taps: bool = False,
     check_finite: bool = False,
 ):
-    """`value_and_grad`; without `want_value` the value is not handed back as a
-    `jax.Array` (`grad` drops it), which saves a host-to-JAX transfer."""
+    """`value_and_grad` (the function returned, not yet named after `fun`);
+    without `want_value` the value is not handed back as a `jax.Array` (`grad`
+    drops it), which saves a host-to-JAX transfer."""
     argnums_t, single = _normalize_argnums(argnums, "cr.value_and_grad")
 
     name = f"cr.grad of {getattr(fun, '__name__', 'function')}"
 
-    @functools.wraps(fun)
     def value_and_grad_fun(*args: Any, **kwargs: Any):
         nums = _resolve_argnums(argnums_t, len(args), name)
         call = functools.partial(fun, **kwargs) if kwargs else fun
