@@ -364,6 +364,29 @@ def test_subnormal_constants_of_the_users_are_read_as_xla_reads_them(constant):
     check(f, x)
 
 
+def test_a_jax_array_constant_is_checked_once_while_it_lives():
+    """A `jax.Array` found free of subnormals is remembered (it cannot change)
+    for as long as it lives, and forgotten with it; one holding a subnormal is
+    never remembered, so every call leaves it to JAX."""
+    x = np.array([1.0, 2.0], np.float32)
+
+    def remembered(constant) -> bool:
+        def f(x):
+            return jnp.sum(jnp.log(x * constant + constant) * x)
+
+        check(f, x)  # against jax.grad, to the bit
+        check(f, x)  # (the second call reads the remembered answer)
+        known = host._FREE_OF_SUBNORMALS.get(id(constant))
+        return known is not None and known() is constant
+
+    clean = jnp.array([0.5, 3.0], jnp.float32)
+    assert remembered(clean)
+    key = id(clean)
+    del clean  # (the only reference: the array dies here)
+    assert key not in host._FREE_OF_SUBNORMALS
+    assert not remembered(jnp.array([1e-45, 3.0], jnp.float32))
+
+
 def test_a_numpy_computation_inside_the_function_does_not_change_the_mode_outside():
     """The flush-to-zero mode lasts exactly as long as the transform call."""
     tiny = np.float64(np.finfo(np.float64).tiny)

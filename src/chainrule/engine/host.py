@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import sys
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,14 +79,10 @@ _on_cpu: bool | None = None
 # --- XLA's handling of subnormals: the thread's floating-point mode -------------------
 
 
-class _FloatMode(ctypes.Structure):
-    """glibc's `femode_t` on x86-64: the x87 control word and the SSE control
-    register MXCSR (C2x `fegetmode`/`fesetmode`)."""
-
-    _fields_ = [("x87", ctypes.c_ushort), ("reserved", ctypes.c_ushort), ("mxcsr", ctypes.c_uint)]
-
-
-_FTZ_DAZ = 0x8040  # MXCSR bits: flush-to-zero (15), denormals-are-zero (6)
+# glibc's `femode_t` on x86-64 (C2x `fegetmode`/`fesetmode`) is 8 bytes: the
+# x87 control word, 2 reserved bytes, then the SSE control register MXCSR. Read
+# as one little-endian 64-bit integer, MXCSR is its upper half.
+_FTZ_DAZ = 0x8040 << 32  # MXCSR bits: flush-to-zero (15), denormals-are-zero (6)
 
 
 def _libm() -> Any:
@@ -96,7 +94,7 @@ def _libm() -> Any:
         get, set_ = lib.fegetmode, lib.fesetmode
     except (OSError, AttributeError):
         return None
-    # Called with `ctypes.byref` of a `_FloatMode` only; without `argtypes` to
+    # Called with `ctypes.byref` of a `c_uint64` only; without `argtypes` to
     # check, a call costs half as much (and their int result is not read).
     get.restype = set_.restype = None
     return lib
@@ -114,7 +112,8 @@ class _State(threading.local):
         self.converted: dict[int, tuple[jax.Array, np.ndarray | None]] = {}  # `_converted`
         self.smallest: dict[int, tuple[np.ndarray, int]] = {}  # `smallest_magnitude`
         self.errstate: Any = None
-        self.saved, self.flushing = _FloatMode(), _FloatMode()  # the mode before; FTZ/DAZ on
+        # the mode before (a `femode_t`), and the same with FTZ/DAZ on
+        self.saved, self.flushing = ctypes.c_uint64(), ctypes.c_uint64()
         self.saved_ref, self.flushing_ref = ctypes.byref(self.saved), ctypes.byref(self.flushing)
         self.restore = False  # whether the outermost context changed the mode
 
@@ -136,27 +135,27 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
     __slots__ = ()
 
     def __enter__(self) -> evaluating:
-        st = _state
-        if not st.depth:
-            st.errstate = np.errstate(all="ignore")
-            st.errstate.__enter__()
-            st.restore = False
+        st = _state  # (a thread-local: its attributes are read once each)
+        depth = st.depth
+        if not depth:
+            errstate = st.errstate = np.errstate(all="ignore")
+            errstate.__enter__()
+            restore = False
             if _LIBM is not None:
                 _LIBM.fegetmode(st.saved_ref)
-                saved = st.saved
-                if saved.mxcsr & _FTZ_DAZ != _FTZ_DAZ:
-                    flushing = st.flushing
-                    flushing.x87, flushing.reserved = saved.x87, saved.reserved
-                    flushing.mxcsr = saved.mxcsr | _FTZ_DAZ
+                mode = st.saved.value
+                if mode & _FTZ_DAZ != _FTZ_DAZ:
+                    st.flushing.value = mode | _FTZ_DAZ
                     _LIBM.fesetmode(st.flushing_ref)
-                    st.restore = True
-        st.depth += 1
+                    restore = True
+            st.restore = restore
+        st.depth = depth + 1
         return self
 
     def __exit__(self, *exc: Any) -> None:
         st = _state
-        st.depth -= 1
-        if not st.depth:
+        depth = st.depth = st.depth - 1
+        if not depth:
             st.converted.clear()
             st.smallest.clear()
             if st.restore:
@@ -487,7 +486,7 @@ def _converted(x: jax.Array) -> np.ndarray | None:
     if hit is not None and hit[0] is x:
         return hit[1]
     view = np.asarray(x)
-    if view.dtype.kind == "f" and has_subnormal(view):
+    if view.dtype.kind == "f" and _holds_subnormal(x, view):
         view = None
     if len(cache) >= _CONVERTED_MAX:
         cache.clear()
@@ -496,6 +495,33 @@ def _converted(x: jax.Array) -> np.ndarray | None:
 
 
 _CONVERTED_MAX = 16
+
+
+def _holds_subnormal(x: jax.Array, view: np.ndarray) -> bool:
+    """`has_subnormal(view)` for the NumPy view of a concrete `jax.Array` `x`.
+
+    A `jax.Array` never changes, and a loss meets the same constants (its
+    data, masks, closed-over tables) call after call; so an array found free
+    of subnormals is remembered, by a weak reference, for as long as it lives.
+    (One made from NumPy memory without a copy, see `to_jax`, changes if that
+    memory is written afterwards; JAX leaves the result undefined, as here.)
+    """
+    key = id(x)
+    known = _FREE_OF_SUBNORMALS.get(key)
+    if known is not None and known() is x:
+        return False
+    if has_subnormal(view):
+        return True
+    _FREE_OF_SUBNORMALS[key] = weakref.ref(x, functools.partial(_forget, key))
+    return False
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _FREE_OF_SUBNORMALS.get(key) is ref:  # (not a newer array's entry)
+        del _FREE_OF_SUBNORMALS[key]
+
+
+_FREE_OF_SUBNORMALS: dict[int, weakref.ref] = {}  # id -> the array, while it lives
 
 
 def _literal_dtype(x: int | float, args: tuple[Any, ...]):
