@@ -518,7 +518,7 @@ def _holds_subnormal(x: jax.Array, view: np.ndarray) -> bool:
 
 def _forget(key: int, ref: weakref.ref) -> None:
     if _FREE_OF_SUBNORMALS.get(key) is ref:  # (not a newer array's entry)
-        del _FREE_OF_SUBNORMALS[key]
+        _FREE_OF_SUBNORMALS.pop(key, None)
 
 
 _FREE_OF_SUBNORMALS: dict[int, weakref.ref] = {}  # id -> the array, while it lives
