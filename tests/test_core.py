@@ -144,6 +144,21 @@ def test_per_example_gradients_through_vmap():
     np.testing.assert_allclose(got_jit, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("transform", [cr.grad, cr.value_and_grad, cr.jacfwd, cr.jacrev])
+def test_a_transformed_function_keeps_the_functions_name_and_docstring(transform):
+    """As JAX's transforms do (functools.wraps): tracebacks, logs and `help()`
+    show the user's function."""
+
+    def loss(w):
+        """The loss."""
+        return w * w
+
+    transformed = transform(loss)
+    assert transformed.__name__ == "loss"
+    assert transformed.__doc__ == "The loss."
+    assert transformed.__wrapped__ is loss
+
+
 def test_has_aux_and_argnums_tuple_match_jax():
     def f(a, b):
         return jnp.sum(a * b), {"sum_a": jnp.sum(a)}
