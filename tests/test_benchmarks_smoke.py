@@ -176,3 +176,37 @@ def test_big_mlp_parts_runs_and_its_hand_written_gradient_is_right():
     assert set(out["times_ms"]) >= {"chainrule", "NumPy by hand"}
     assert [label for label, _, _ in big_mlp_parts.PARTS] == list(out["parts_ms"])
     assert out["parts_ms"]["backward pass"] > 0
+
+
+def test_alternate_times_this_checkout_with_and_without_subnormal_handling():
+    """`python -m benchmarks.alternate . .:plain` at one call per case: a
+    timing process per entry, chainrule imported from the tree it names, a
+    table with a row per case; and the experiment's switch really turns the
+    subnormal handling off (inside a process of its own)."""
+    import subprocess
+    import sys
+
+    from benchmarks import alternate
+
+    times = alternate.run([".", ".:plain"], rounds=1, calls=1, repeats=1)
+    assert set(times) == {".", ".:plain"}
+    for per_case in times.values():
+        assert set(per_case) == set(alternate.CASES)
+        assert all(len(ts) == 1 and ts[0] > 0 for ts in per_case.values())
+    printed = alternate.table(times)
+    assert all(case in printed for case in alternate.CASES)
+    switched = "\n".join(
+        [
+            "import numpy as np",
+            "from benchmarks import alternate",
+            "from chainrule.engine import host",
+            "tiny = np.array([1e-45], np.float32)",
+            "with host.evaluating():",
+            "    assert host.has_subnormal(tiny) and (tiny * np.float32(1))[0] == 0",
+            "alternate.without_subnormal_handling()",
+            "assert not host.has_subnormal(tiny)",
+            "with host.evaluating():",
+            "    assert (tiny * np.float32(1))[0] != 0  # no flush-to-zero mode",
+        ]
+    )
+    subprocess.run([sys.executable, "-c", switched], cwd=alternate.REPO, check=True)
