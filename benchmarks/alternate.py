@@ -12,9 +12,8 @@ median of those over the rounds. On a shared machine the same code reads 10%
 apart from one process to the next; only differences beyond that spread mean
 anything.
 
-The cases and the library's entry points (`cr.grad`, `chainrule.numpy`) are
-those of this checkout's `benchmarks/models.py`, so old commits are timed on
-the same functions.
+The cases are those of this checkout's `benchmarks/eager.py` and
+`benchmarks/models.py`, so old commits are timed on the same functions.
 
 `.` names this checkout's own `src` (uncommitted changes included), so
 `python -m benchmarks.alternate HEAD .` times a change against its commit.
@@ -45,25 +44,24 @@ CASES = ("tutorial", "relu", "mlp_jax_data", "mlp_numpy_data")
 
 
 def cases() -> dict[str, Callable[[], object]]:
-    """The timed calls, by name (chainrule imported from wherever `sys.path` finds it)."""
-    import jax
-    import jax.numpy as jnp
+    """The timed calls, by name: section 3's three small cases in the operator
+    spelling (`eager.cases`), the MLP also with its data as NumPy arrays
+    (chainrule imported from wherever `sys.path` finds it)."""
     import numpy as np
 
     import chainrule as cr
-    from benchmarks import models
+    from benchmarks import eager
 
-    f32 = np.float32
-    tutorial = tuple(jnp.asarray(v, f32) for v in (1.0, 1.0, 2.0))
-    relu = tuple(jnp.asarray(v, f32) for v in (0.5, 1.5, 2.0, 3.0))
-    params = jax.tree_util.tree_map(jnp.asarray, models.init_mlp((10, 5, 1)))
-    x, y = models.regression_data(32, 10, 1)
-    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    def call(case: dict, args: tuple) -> Callable[[], object]:
+        return lambda: cr.grad(case["cnp"], case["argnums"])(*args)
+
+    tutorial, relu, mlp = eager.cases(quick=True)[:3]
+    params, x, y = mlp["args"]
     return {
-        "tutorial": lambda: cr.grad(models.linear_sq_cnp, 0)(*tutorial),
-        "relu": lambda: cr.grad(models.relu_net_cnp, (0, 1, 2))(*relu),
-        "mlp_jax_data": lambda: cr.grad(models.mse_cnp, 0)(params, xj, yj),
-        "mlp_numpy_data": lambda: cr.grad(models.mse_cnp, 0)(params, x, y),
+        "tutorial": call(tutorial, tutorial["args"]),
+        "relu": call(relu, relu["args"]),
+        "mlp_jax_data": call(mlp, mlp["args"]),
+        "mlp_numpy_data": call(mlp, (params, np.asarray(x), np.asarray(y))),
     }
 
 

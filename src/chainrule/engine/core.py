@@ -487,9 +487,12 @@ class Trace(jcore.Trace):
 
     def run(self, fun: Callable, *args: Any) -> Any:
         """`fun(*args)` with this trace current (`active`, without its overhead:
-        this is once per transform call)."""
-        ctx = jcore.trace_ctx
+        this runs once per transform call and once per `jit` equation); when it
+        already is current (`rules.calls.eval_body`'s equations), just the call."""
         previous = _current_trace.value
+        if previous is self:
+            return fun(*args)
+        ctx = jcore.trace_ctx
         ctx.set_trace(self)
         try:
             return fun(*args)
@@ -571,10 +574,8 @@ class Trace(jcore.Trace):
         if self._owns(tracers):  # values of this trace: chainrule's rule records them
             if prim is None:
                 raise NoVJPRuleError(primitive.name, user_frame())
-            if _current_trace.value is self:  # (from `rules.calls.eval_body`)
-                outs = prim.apply(self, tracers, params)
-            else:  # JAX's bind made the eval trace current meanwhile: this one again
-                outs = self.run(prim.apply, self, tracers, params)
+            # (JAX's bind made the eval trace current meanwhile: this one again)
+            outs = self.run(prim.apply, self, tracers, params)
             return outs if primitive.multiple_results else outs[0]
         if prim is not None:  # concrete host values: evaluated with NumPy where it can
             outs = prim.apply_untraced(self, tracers, params)

@@ -27,7 +27,7 @@ def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element
         if preferred_element_type is None or dtype not in _DOT_DTYPES:
             return NotImplemented
         x, y = np.asarray(x, dtype), np.asarray(y, dtype)
-    if x.size * y.size >= _BLAS_THREADED and _may_differ_from_xla(x, y, dimension_numbers):
+    if _may_differ_from_xla(x, y, dimension_numbers):
         # BLAS may split the product over its own threads, which do not flush
         # subnormals to zero (see `chainrule.engine.host`): XLA computes it
         return NotImplemented
@@ -37,8 +37,10 @@ def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element
 def _may_differ_from_xla(x, y, dimension_numbers) -> bool:
     """Whether BLAS may compute x . y in its worker threads and the result may
     then differ from XLA's (a partial sum may be subnormal): the product has
-    at least `_BLAS_THREADED` multiply-adds (never more than x.size * y.size,
-    which the caller tests first) and `_may_underflow`."""
+    at least `_BLAS_THREADED` multiply-adds and `_may_underflow`. (x.size *
+    y.size bounds the multiply-adds from above: small products stop there.)"""
+    if x.size * y.size < _BLAS_THREADED:
+        return False
     (contracting, _), (batch, _) = dimension_numbers
     inner = math.prod(x.shape[d] for d in contracting) * math.prod(x.shape[d] for d in batch)
     return x.size * y.size // max(inner, 1) >= _BLAS_THREADED and _may_underflow(x, y)
