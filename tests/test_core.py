@@ -458,14 +458,19 @@ def test_linear_layer_x_at_w_transpose_first_and_second_order():
     )
 
 
-# Operands a differentiated array meets in user code: Python numbers, NumPy and
-# JAX arrays (typed and weakly typed) of the same or a broadcastable shape.
+# Operands a differentiated array meets in user code: Python numbers, NumPy
+# scalars, NumPy and JAX arrays (typed and weakly typed) of the same or a
+# broadcastable shape.
 _OTHERS = {
     "float": lambda dt, shape: 1.5,
     "int": lambda dt, shape: 3,
     "numpy same": lambda dt, shape: np.full(shape, 0.75, dt),
     "numpy row": lambda dt, shape: np.linspace(-1.0, 1.0, shape[-1]).astype(dt),
     "numpy other dtype": lambda dt, shape: np.full(shape, 0.5, np.float32),
+    "numpy scalar": lambda dt, shape: dt(0.75),  # np.float32(0.75): strongly typed
+    "numpy scalar float32": lambda dt, shape: np.float32(0.5),
+    "numpy scalar float64": lambda dt, shape: np.float64(0.5),
+    "numpy scalar subnormal": lambda dt, shape: np.float32(1e-40),  # XLA reads it as 0
     "jax same": lambda dt, shape: jnp.full(shape, 0.25, dt),
     "jax row": lambda dt, shape: jnp.linspace(-2.0, 2.0, shape[-1], dtype=dt),
     "jax weak": lambda dt, shape: jnp.asarray(2.0),
@@ -483,7 +488,7 @@ _OPS = {  # (chainrule.numpy spelling, jax.numpy spelling: the oracle)
 }
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=90, deadline=None)
 @given(
     op=st.sampled_from(sorted(_OPS)),
     other=st.sampled_from(sorted(_OTHERS)),

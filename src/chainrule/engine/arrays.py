@@ -43,7 +43,11 @@ def _as_operand(x: Any, dtype) -> Any:
     return jnp.asarray(x, dtype=dtype)
 
 
-_PYTHON_SCALARS = (int, float)
+def _is_python_scalar(x: Any) -> bool:
+    """A Python number: weakly typed in JAX. `np.float64` subclasses `float`, but
+    a NumPy scalar is strongly typed (`f32_array + np.float64(1)` is float64 in
+    JAX with 64-bit types enabled), so it is not one."""
+    return isinstance(x, (int, float)) and not isinstance(x, np.generic)
 
 
 _FLOATS = frozenset(np.dtype(d) for d in (jnp.bfloat16, np.float16, np.float32, np.float64))
@@ -56,7 +60,7 @@ def _common_dtype(args: tuple[Any, ...]):
     float beside floating arrays). None otherwise."""
     dtype, traced, literal = None, False, None
     for a in args:
-        if isinstance(a, _PYTHON_SCALARS):
+        if _is_python_scalar(a):
             if isinstance(a, bool):
                 return None
             literal = float if isinstance(a, float) or literal is float else int
@@ -97,7 +101,7 @@ def _broadcast_to(x: Any, shape: tuple[int, ...]) -> Any:
 def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
     dtype = _common_dtype(args)
     if dtype is not None and (dtype in _FLOATS or not inexact):
-        return [np.asarray(a, dtype) if isinstance(a, _PYTHON_SCALARS) else a for a in args]
+        return [np.asarray(a, dtype) if _is_python_scalar(a) else a for a in args]
     dtype = _result_type(*args)
     if inexact and not jnp.issubdtype(dtype, jnp.inexact):
         dtype = jnp.result_type(dtype, float)
@@ -109,7 +113,7 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
         kind = complex if jnp.issubdtype(dtype, jnp.complexfloating) else float
         return [
             (kind(a) if inexact_result and not isinstance(a, bool) else a)
-            if isinstance(a, _PYTHON_SCALARS)
+            if _is_python_scalar(a)
             else _as_operand(a, dtype)
             for a in args
         ]
@@ -118,7 +122,7 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
 
 def _is_weak(x: Any) -> bool:
     """Weakly typed, as JAX means it: a Python number or a value made from one."""
-    return isinstance(x, _PYTHON_SCALARS) or bool(getattr(raw(x), "weak_type", False))
+    return _is_python_scalar(x) or bool(getattr(raw(x), "weak_type", False))
 
 
 def promote(*args: Any, inexact: bool = False) -> list[Any]:
@@ -159,6 +163,8 @@ def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
     kind = type(other)
     if kind is float or kind is int:
         return np.asarray(other, dtype)
+    if kind is np.float32 or kind is np.float64:  # a NumPy scalar: strongly typed
+        return np.asarray(other) if other.dtype == dtype else None
     if kind is ArrayTracer or kind is np.ndarray or (kind is _ArrayImpl and not other.weak_type):
         ov = other.value if kind is ArrayTracer else other
         if ov.dtype == dtype and (
