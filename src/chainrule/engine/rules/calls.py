@@ -67,11 +67,21 @@ def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
 def _eval_equations(trace: Trace, plan: _Plan, env: list[Any]) -> None:
     """`eval_body`'s loop over the equations, `trace` current, filling `env`."""
     here = jcore.JaxprEqnContext()  # interned: an equation traced in this context is it
-    process = trace.process
-    for prim, params, ins, outs, plain, eqn in plan.eqns:
+    process, owns = trace.process, trace._owns
+    for k, (prim, params, ins, outs, plain, eqn, rule) in enumerate(plan.eqns):
         invals = [env[i] for i in ins]
         if plain and eqn.ctx is here:
-            out = process(prim, invals, params)
+            if rule is None or not owns(invals):
+                out = process(prim, invals, params)
+            elif type(rule).apply is not _DEFAULT_APPLY:  # what `process` would do
+                out = rule.apply(trace, invals, params)
+                if not prim.multiple_results:
+                    out = out[0]
+            else:  # `Primitive.apply`, its parameters taken once per equation
+                taken = plan.taken[k]
+                if taken is None:
+                    taken = plan.taken[k] = rule.taken(params)
+                out = rule.bind(*invals, **taken)
         else:
             with jcore.source_info_util.user_context(eqn.source_info.traceback):
                 with eqn.ctx.manager:
@@ -87,7 +97,7 @@ class _Plan:
     """A jaxpr read for `eval_body`: every variable numbered (constants, inputs,
     then literals and equation outputs), literals' values filled in."""
 
-    __slots__ = ("template", "n_consts", "n_inputs", "eqns", "outs", "__weakref__")
+    __slots__ = ("template", "n_consts", "n_inputs", "eqns", "taken", "outs", "__weakref__")
 
     def __init__(self, jaxpr: Any):
         slots: dict[Any, int] = {}
@@ -113,10 +123,12 @@ class _Plan:
             ins = tuple(slot(v) for v in eqn.invars)
             outs = tuple(slot(v) for v in eqn.outvars)
             plain = type(prim).bind_with_trace is _PLAIN_BIND
-            eqns.append(
-                (prim, eqn.params, ins, outs if prim.multiple_results else outs[0], plain, eqn)
-            )
+            out = outs if prim.multiple_results else outs[0]
+            eqns.append((prim, eqn.params, ins, out, plain, eqn, PRIMITIVES.get(prim.name)))
         self.eqns = tuple(eqns)
+        # an equation's parameters as its chainrule primitive takes them
+        # (`Primitive.taken`), found when it first meets this trace's values
+        self.taken: list[dict[str, Any] | None] = [None] * len(eqns)
         self.outs = tuple(slot(v) for v in jaxpr.outvars)
         self.template = template
 
@@ -125,6 +137,7 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # jaxpr -> _Pla
 
 
 _PLAIN_BIND = jcore.Primitive.bind_with_trace
+_DEFAULT_APPLY = Primitive.apply
 
 
 class _Inline(Primitive):
