@@ -202,11 +202,17 @@ class Primitive:
         trace = top._trace
         if _current_trace.value is not trace:
             for a in args:
-                if isinstance(a, jcore.Tracer) and not isinstance(a, Tracer):
+                if (
+                    isinstance(a, jcore.Tracer)
+                    and not isinstance(a, Tracer)
+                    and not trace.encloses(a._trace)
+                ):
                     # A value of another JAX transformation running inside this one
                     # (e.g. jax.vmap or jax.grad in the differentiated function):
                     # JAX's dispatch lets that trace act first, which hands our
-                    # values back to `Trace.process_primitive`.
+                    # values back to `Trace.process_primitive`. (A value of a
+                    # trace this one runs inside, `jit`'s under `jit(grad(f))`,
+                    # is a constant here: recorded below.)
                     return self.impl(*args, **params)
         return trace.record(self, args, params)
 
@@ -476,6 +482,18 @@ class Trace(jcore.Trace):
         self.for_user = for_user
         # whether JAX evaluates eagerly underneath (no `jit`/`vmap` trace below)
         self.eager = isinstance(parent, jcore.EvalTrace) or getattr(parent, "eager", False)
+
+    def encloses(self, other: jcore.Trace) -> bool:
+        """`other` is a trace this one runs inside (its parent, or further out)."""
+        trace = self.parent
+        while trace is not None:
+            if trace is other:
+                return True
+            if isinstance(trace, Trace):
+                trace = trace.parent
+            else:  # JAX's `vmap` and `jvp` traces name theirs `parent_trace`
+                trace = getattr(trace, "parent_trace", None)
+        return False
 
     def new_input(self, value: Any) -> Tracer:
         """Boxes an input of the transform."""
