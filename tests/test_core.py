@@ -427,6 +427,50 @@ def test_python_number_inputs_keep_jax_weak_typing():
     assert got.dtype == want.dtype == jnp.float32
 
 
+_WEAK_PARAMS = {"a": 0.5, "b": jnp.float32(1.5), "c": jnp.asarray([1.0, 2.0]), "d": [0.25]}
+
+
+def _weak_loss(p, y):
+    return jnp.sum(p["a"] * p["b"] * p["c"] ** 2 + p["d"][0]) * y
+
+
+def _weak_map(p, y):
+    return p["a"] * p["c"], p["b"] * y, jnp.sin(p["d"][0])
+
+
+_WEAK_CASES = {  # transform -> result, given the namespace (jax or cr)
+    "grad": lambda m: m.grad(_weak_loss, argnums=(0, 1))(_WEAK_PARAMS, 2.0),
+    "value_and_grad": lambda m: m.value_and_grad(_weak_loss)(_WEAK_PARAMS, 2.0),
+    "vjp": lambda m: (lambda out, fn: fn(jax.tree_util.tree_map(jnp.ones_like, out)))(
+        *m.vjp(_weak_map, _WEAK_PARAMS, 2.0)
+    ),
+    "jvp": lambda m: m.jvp(
+        _weak_map, (_WEAK_PARAMS, 2.0), (jax.tree_util.tree_map(jnp.ones_like, _WEAK_PARAMS), 1.0)
+    ),
+    "jacrev": lambda m: m.jacrev(_weak_map, argnums=(0, 1))(_WEAK_PARAMS, 2.0),
+    "jacfwd": lambda m: m.jacfwd(_weak_map, argnums=(0, 1))(_WEAK_PARAMS, 2.0),
+    "hessian": lambda m: m.hessian(_weak_loss, argnums=(0, 1))(_WEAK_PARAMS, 2.0),
+    "jit(hessian)": lambda m: jax.jit(m.hessian(_weak_loss))(_WEAK_PARAMS, 2.0),
+    "vmap(grad)": lambda m: jax.vmap(m.grad(_weak_loss), (None, 0))(_WEAK_PARAMS, jnp.ones(2)),
+    "grad(grad)": lambda m: m.grad(m.grad(lambda x: x**3))(0.5),
+    "holomorphic": lambda m: m.grad(lambda z: z**2, holomorphic=True)(1.0 + 1.0j),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_WEAK_CASES))
+def test_derivatives_of_python_numbers_are_weakly_typed_as_in_jax(case):
+    """A derivative takes its primal's weak type, as JAX's do (cotangents their
+    input's, tangents their output's): `w - lr * grad` with a Python-number `w`
+    then promotes as under JAX (a bfloat16 array minus it stays bfloat16)."""
+    want = jax.tree_util.tree_leaves(_WEAK_CASES[case](jax))
+    got = jax.tree_util.tree_leaves(_WEAK_CASES[case](cr))
+    assert [(g.dtype, g.weak_type) for g in got] == [(w.dtype, w.weak_type) for w in want]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+    bf16 = jnp.ones(2, jnp.bfloat16)
+    assert (bf16 - cr.grad(lambda s: s * 2.0)(0.5)).dtype == jnp.bfloat16
+
+
 def test_numpy_warnings_stay_silent_like_xla():
     import warnings
 

@@ -116,6 +116,8 @@ def _linearize(fun: Callable, primals: tuple, has_aux: bool):
     def pushforward(tangent_leaves: Sequence[Any]) -> Any:
         float_ts = tuple(t for t, f in zip(tangent_leaves, floats, strict=True) if f)
         out_ts = _merge(out_floats, pushforward_flat(float_ts), out_leaves, _zero_tangent)
+        # a tangent is weakly typed where its output is, as JAX's are
+        out_ts = [transforms.weak_as(t, o) for t, o in zip(out_ts, out_leaves, strict=True)]
         return _tree_unflatten(out_tree, out_ts)
 
     return out, pushforward, aux
@@ -377,11 +379,11 @@ def _std_basis(tree: Any) -> Any:
     return _unravel(tree, 1, np.eye(n, dtype=dtype))
 
 
-def _unravel(tree: Any, axis: int, arr: Any, dtype: Any = None) -> Any:
+def _unravel(tree: Any, axis: int, arr: Any, dtype: Any = None, weak_as: Any = None) -> Any:
     """Splits `arr` along `axis` into `tree`'s leaves, that axis becoming each
-    leaf's shape; cast to `dtype` (or to each leaf's own dtype). A concrete
-    CPU array is split with NumPy (no dispatch per piece) and handed back
-    as `jax.Array`s."""
+    leaf's shape; cast to `dtype` (or to each leaf's own dtype), weakly typed
+    if `weak_as` is given and is. A concrete CPU array is split with NumPy (no
+    dispatch per piece) and handed back as `jax.Array`s."""
     leaves, treedef = _tree_flatten(tree)
     axis %= arr.ndim
     on_host = arr if isinstance(arr, np.ndarray) else transforms.host.to_host(arr)
@@ -396,7 +398,8 @@ def _unravel(tree: Any, axis: int, arr: Any, dtype: Any = None) -> Any:
         if part.dtype == jax.dtypes.float0:  # an integer input's: zeros, as in JAX
             part = xp.zeros(part.shape, want)
         part = part if part.dtype == want else part.astype(want)
-        out.append(part if on_host is None else transforms.host.to_jax(part))
+        part = part if on_host is None else transforms.host.to_jax(part)
+        out.append(part if weak_as is None else transforms.weak_as(part, weak_as))
     return _tree_unflatten(treedef, out)
 
 
@@ -504,7 +507,10 @@ def jacrev(
         jac = jax.vmap(pullback)(_std_basis(y))
         example = dyn[0] if single else dyn
         jac = jac[0] if single else jac
-        jac_tree = jax.tree_util.tree_map(lambda x, j: _unravel(y, 0, j, _dtype(x)), example, jac)
+        # (a block is weakly typed where its input is, as JAX's cotangents are)
+        jac_tree = jax.tree_util.tree_map(
+            lambda x, j: _unravel(y, 0, j, _dtype(x), weak_as=x), example, jac
+        )
         jac_tree = jax.tree_util.tree_transpose(
             jax.tree_util.tree_structure(example), jax.tree_util.tree_structure(y), jac_tree
         )
@@ -543,7 +549,9 @@ def jacfwd(
         basis_leaves = jax.tree_util.tree_leaves(_std_basis(dyn))
         jac = jax.vmap(pushforward, out_axes=-1)(basis_leaves)
         example = dyn[0] if single else dyn
-        jac_tree = jax.tree_util.tree_map(lambda x, j: _unravel(example, -1, j, _dtype(x)), y, jac)
+        jac_tree = jax.tree_util.tree_map(
+            lambda x, j: _unravel(example, -1, j, _dtype(x), weak_as=x), y, jac
+        )
         return (jac_tree, *aux) if has_aux else jac_tree
 
     return jacfun
@@ -568,4 +576,21 @@ def hessian(
     """
     transforms._check_callable(fun, "cr.hessian")
     inner = jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic)
-    return jacfwd(inner, argnums, has_aux=has_aux, holomorphic=holomorphic)
+    outer = jacfwd(inner, argnums, has_aux=has_aux, holomorphic=holomorphic)
+    _, dynamic = _split_argnums(fun, argnums, "cr.hessian")
+
+    @functools.wraps(fun)
+    def hessian_fun(*args: Any, **kwargs: Any):
+        out = outer(*args, **kwargs)
+        h, aux = (out[0], out[1:]) if has_aux else (out, ())
+        # JAX's jacrev blocks are weakly typed where their input is, and its
+        # jacfwd keeps that: a block (output, input i, input j) is weak where
+        # input i is. The leaves come in that order, input j fastest.
+        inputs = _tree_flatten(dynamic(args, kwargs)[1])[0]
+        leaves, tree = _tree_flatten(h)
+        n = len(inputs)
+        leaves = [transforms.weak_as(b, inputs[k // n % n]) for k, b in enumerate(leaves)]
+        h = _tree_unflatten(tree, leaves)
+        return (h, *aux) if has_aux else h
+
+    return hessian_fun

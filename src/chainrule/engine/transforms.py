@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.lax import lax as lax_internal  # weak typing of results (JAX 0.10, pinned)
 
 from chainrule.engine import core, debugging, host, rules
 from chainrule.engine.arrays import ArrayTracer
@@ -262,14 +263,32 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
 
 
 def _input_ct(t: Any, input_cts: dict) -> Any:
-    """The cotangent of input `t`, as a `jax.Array` (or a Tracer of an outer level);
-    for an integer or boolean input (not boxed), JAX's float0 zeros."""
+    """The cotangent of input `t`, as a `jax.Array` (or a Tracer of an outer level),
+    weakly typed if `t` is (as JAX's cotangents take their primal's type); for an
+    integer or boolean input (not boxed), JAX's float0 zeros."""
     if not isinstance(t, Tracer):
         return np.zeros(np.shape(t), jax.dtypes.float0)
     ct = input_cts.get(t.node)
     if ct is None:  # the output does not depend on this input: its gradient is 0
-        return host.to_jax(core.zeros_like(t))
-    return host.to_jax(rules.convert_element_type(ct, rules.dtype_of(t.value)))
+        ct = host.to_jax(core.zeros_like(t))
+    else:
+        ct = host.to_jax(rules.convert_element_type(ct, rules.dtype_of(t.value)))
+    return weak_as(ct, t.value)
+
+
+def weak_as(x: Any, like: Any) -> Any:
+    """`x` (a `jax.Array` or a JAX tracer) weakly typed if `like` is, as JAX
+    hands back a derivative: a Python number's gradient stays weakly typed, so
+    `params - lr * grad` promotes as under `jax.grad`. A chainrule Tracer (an
+    inner transform's result) is left as it is: the outer one types its own."""
+    python_number = isinstance(like, (int, float, complex)) and not isinstance(
+        like, (bool, np.generic)
+    )
+    if not (python_number or getattr(like, "weak_type", False)) or isinstance(x, Tracer):
+        return x
+    if getattr(x, "weak_type", True):  # (already weak, or not an array)
+        return x
+    return lax_internal._convert_element_type(x, x.dtype, weak_type=True)
 
 
 def _output(x: Any, trace: Trace) -> Any:
