@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
@@ -37,6 +38,26 @@ def test_non_scalar_output_gives_shape_and_fix():
 def test_integer_output_is_refused():
     with pytest.raises(errors.NonScalarOutputError, match="floating-point output"):
         cr.grad(lambda w: jnp.argmax(w))(jnp.ones(3))
+
+
+@pytest.mark.parametrize("out", [3, True, 1 + 2j])
+def test_python_number_outputs_jax_refuses_are_refused(out):
+    """As `jax.grad`: a Python int or bool loss has no gradient, a complex one
+    needs holomorphic=True (both raise TypeError there too)."""
+    with pytest.raises(TypeError):
+        jax.value_and_grad(lambda w: out)(jnp.ones(2))
+    with pytest.raises(errors.NonScalarOutputError, match="Python|complex"):
+        cr.value_and_grad(lambda w: out)(jnp.ones(2))
+
+
+@pytest.mark.parametrize("out, holomorphic", [(3.0, False), (1 + 2j, True)])
+def test_a_constant_python_number_loss_has_zero_gradient_as_in_jax(out, holomorphic):
+    x = jnp.ones(2, jnp.complex64 if holomorphic else jnp.float32)
+    want = jax.value_and_grad(lambda w: out, holomorphic=holomorphic)(x)
+    got = cr.value_and_grad(lambda w: out, holomorphic=holomorphic)(x)
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[1].dtype == want[1].dtype
 
 
 @pytest.mark.parametrize("argnums", [3, (0, 5), -4])

@@ -533,14 +533,25 @@ def _check_scalar(out: Any, name: str, holomorphic: bool = False) -> None:
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
     if shape is None or dtype is None:
-        if isinstance(out, (float, int)) and not isinstance(out, bool) and not holomorphic:
+        # a Python number: a constant loss (zero gradient) if JAX would take it
+        if isinstance(out, complex if holomorphic else float):
             return
-        raise NonScalarOutputError(
-            f"{name} requires the function to return a real scalar (e.g. a loss), but it "
-            f"returned a {type(out).__name__}. With several outputs use cr.vjp; to return "
-            "extra values use has_aux=True."
-        )
-    if tuple(shape) != ():
+        if isinstance(out, int):  # (bool too) an integer has no gradient, as in JAX
+            raise NonScalarOutputError(
+                f"{name} requires a real floating-point output; the function returned the "
+                f"Python {type(out).__name__} {out!r}. Gradients of integer or boolean "
+                f"outputs are not defined; return a float, e.g. {float(out)!r}, or compute "
+                "the loss in floating point."
+            )
+        if isinstance(out, (float, complex)):
+            dtype = np.dtype(type(out))  # (then checked below, as an array's)
+        else:
+            raise NonScalarOutputError(
+                f"{name} requires the function to return a real scalar (e.g. a loss), but "
+                f"it returned a {type(out).__name__}. With several outputs use cr.vjp; to "
+                "return extra values use has_aux=True."
+            )
+    if shape is not None and tuple(shape) != ():
         raise NonScalarOutputError(
             f"{name} requires a scalar output; the function returned shape {tuple(shape)}. "
             "Reduce it (e.g. .mean() or .sum()) or use cr.vjp for non-scalar outputs."
