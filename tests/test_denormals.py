@@ -526,3 +526,71 @@ def test_the_mode_is_per_thread():
     finally:
         release.set()
         t.join()
+
+
+# --- powers: XLA's bits on the host ------------------------------------------------------
+
+
+@fuzz_settings(40)
+@given(
+    bits=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=64),
+    wide=st.booleans(),
+    y=st.integers(-9, 9),
+)
+def test_integer_pow_on_the_host_is_xlas_to_the_bit(bits, wide, y):
+    """`integer_pow` is square-and-multiply in XLA (as JAX lowers it): the host
+    gives the same bits for every float (subnormals, infinities, NaN, products
+    that under- or overflow), where `np.power` differed in a third of them."""
+    dtype, utype = (np.float64, np.uint64) if wide else (np.float32, np.uint32)
+    x = np.array([b % (1 << (64 if wide else 32)) for b in bits], utype).view(dtype)
+    with host.evaluating():
+        got = PRIMITIVES["integer_pow"].host_impl(x, y=y)
+    want = np.asarray(lax.integer_pow(jnp.asarray(x), y))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(utype), want.view(utype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("y", [0.5, -0.5, 1.5, 2.0, 3, -2])
+def test_pow_on_the_host_at_zeros_and_infinities_is_xlas(dtype, y):
+    """NumPy takes a square root for the exponent 0.5 (-0 and -inf then give -0
+    and nan where XLA's pow gives +0 and +inf), and an integer exponent array
+    would make it promote float32 to float64: the host gives lax's dtype and,
+    at these values, its bits."""
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0], dtype)
+    y = np.asarray(y, np.int32 if isinstance(y, int) else dtype)
+    with host.evaluating():
+        got = PRIMITIVES["pow"].host_impl(x, y)
+    want = np.asarray(lax.pow(jnp.asarray(x), jnp.asarray(y)))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+@pytest.mark.parametrize(
+    "f, x",
+    [
+        (lambda x: jnp.sum(jnp.sinc(x)), np.array([-1.733346e-14], np.float32)),  # cancels
+        (lambda y: jnp.sum(1 / y), np.array([1e-19, -8e-20], np.float32)),  # y*y flushes
+        (lambda x: jnp.sum(x**1.5), np.array([-np.inf, np.inf, 0.0], np.float32)),
+        (lambda x: jnp.sum(x**0.5), np.array([-0.0, 4.0], np.float32)),
+        (lambda x: jnp.sum(x ** jnp.arange(3)), np.array(2.0, np.float32)),
+        (lambda x: jnp.sum(x**-3), np.array([0.7, 1.3, 3e-13], np.float32)),
+    ],
+)
+def test_power_gradients_are_jaxs_eagerly(f, x):
+    """The reproducers: eager values and gradients (and second derivatives) are
+    `jax.grad`'s exactly, in dtype too (x ** jnp.arange(3) stays float32)."""
+    x = jnp.asarray(x)
+    for g, w in zip(cr.value_and_grad(f)(x), jax.value_and_grad(f)(x), strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+
+
+def test_an_integer_exponent_array_keeps_the_bases_dtype():
+    x = jnp.float32(2.0)
+    for transform in (jax.jacfwd, jax.jacrev):
+        want = transform(lambda x: x ** jnp.arange(3))(x)
+        got = getattr(cr, transform.__name__)(lambda x: x ** jnp.arange(3))(x)
+        assert got.dtype == want.dtype == jnp.float32
+        np.testing.assert_array_equal(got, want)

@@ -299,11 +299,40 @@ defvjp(
 
 
 def _host_integer_pow(x, y):
+    """x**y as XLA computes it, to the bit: square-and-multiply (JAX lowers
+    `integer_pow` so), then one division for a negative power. (`np.power`
+    rounds differently in about a third of cases, and a product that XLA
+    flushes to zero stays finite in it: `1/y` differentiated at y = 1e-19 is
+    -inf in JAX.)"""
     if y < 0 and np.result_type(x).kind in "iu":
         return NotImplemented
-    if y == 2:
-        return np.multiply(x, x)
-    return np.power(x, np.asarray(y, np.result_type(x)))
+    x = np.asarray(x)
+    if y == 0:
+        return np.ones_like(x)
+    n, acc = abs(y), None
+    while n > 0:
+        if n & 1:
+            acc = x if acc is None else np.multiply(acc, x)
+        n >>= 1
+        if n > 0:
+            x = np.multiply(x, x)
+    if y < 0:
+        return np.divide(np.ones((), acc.dtype), acc)
+    return acc if acc is not x else np.array(acc)  # (y = 1: a new array, as any result)
+
+
+def _host_pow(x, y):
+    """`lax.pow` with NumPy: an integer exponent counts as x's dtype (as JAX
+    lowers it; `np.power(float32, int32)` would be float64), and NumPy's
+    shortcut for a scalar exponent 0.5 (a square root) gives C's `pow` at -0
+    and -inf, as XLA does: pow(-0, 0.5) = +0, pow(-inf, 0.5) = +inf."""
+    x, y = np.asarray(x), np.asarray(y)
+    if y.dtype != x.dtype:
+        y = y.astype(x.dtype)
+    out = np.power(x, y)
+    if y.ndim == 0 and y == 0.5 and x.dtype.kind == "f":
+        out = np.where((x == 0) | (x == -np.inf), np.abs(x), out)
+    return out
 
 
 integer_pow_p = primitive(
@@ -331,7 +360,7 @@ defvjp(integer_pow_p, _integer_pow_vjp, formulas=("where(y == 0, 0, y * x**(y - 
 square_p = primitive("square", lax.square, host=np.square)
 defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)), formulas=("2*x",))
 
-pow_p = primitive("pow", _broadcasting(lax.pow), host=np.power)
+pow_p = primitive("pow", _broadcasting(lax.pow), host=_host_pow)
 pow_ = pow_p.bind
 log_p = primitive("log", lax.log, host=np.log)
 log = log_p.bind
