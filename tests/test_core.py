@@ -191,6 +191,36 @@ def test_vjp_matches_jax_vjp_for_pytree_output():
         )
 
 
+@pytest.mark.parametrize(
+    "ct",
+    [np.ones(3), np.ones(3, np.float32), np.ones(3, np.float16), np.ones(3, np.int64), 1, 1.0],
+    ids=["np f64", "np f32", "np f16", "np i64", "int", "float"],
+)
+@pytest.mark.parametrize("x64", [False, True])
+def test_vjp_and_jvp_read_numpy_and_python_values_as_jax_does(ct, x64):
+    """A NumPy cotangent or tangent is what JAX makes of it: float64 is float32
+    without jax_enable_x64 (np.ones(3) is accepted there), a float16 or integer
+    one is refused, a Python int too; a Python float takes the output's dtype."""
+    with jax.enable_x64(x64):
+        v = jnp.arange(3.0)
+        fun = jnp.sum if np.ndim(ct) == 0 else jnp.sin
+        for name, call in (
+            ("vjp", lambda m: m.vjp(fun, v)[1](ct)[0]),
+            ("jvp", lambda m: m.jvp(jnp.sin, (np.ones(3),), (ct,))[1]),
+        ):
+            if name == "jvp" and np.ndim(ct) == 0:
+                continue  # (a tangent must have its primal's shape: both refuse it)
+            try:
+                want = call(jax)
+            except (TypeError, ValueError) as e:
+                with pytest.raises(type(e)):
+                    call(cr)
+                continue
+            got = call(cr)
+            assert got.dtype == want.dtype, name
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_output_independent_of_input_has_zero_gradient():
     g = cr.grad(lambda x, y: jnp.sum(y**2), argnums=(0, 1))(jnp.ones(3), jnp.ones(2))
     np.testing.assert_array_equal(g[0], jnp.zeros(3))

@@ -46,10 +46,13 @@ _float0 = jax.dtypes.float0
 
 
 def _dtype(x: Any) -> np.dtype:
-    """The dtype JAX gives `x` (Python scalars canonicalized, as `jnp.asarray`)."""
+    """The dtype JAX gives `x`: Python scalars and NumPy values canonicalized, as
+    `jnp.asarray` does (float64 is float32 without `jax_enable_x64`)."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         return jax.dtypes.canonicalize_dtype(np.result_type(x))
+    if isinstance(x, (np.ndarray, np.generic)):
+        return jax.dtypes.canonicalize_dtype(dtype)
     return np.dtype(dtype)
 
 
@@ -133,7 +136,10 @@ def _check_tangents(primals: Any, tangents: Any, structure_error, aval_error) ->
         want, got = _tangent_dtype(p), _dtype(t)
         if want != got or np.shape(p) != np.shape(t):
             raise aval_error(p, t, want, got)
-    return t_leaves
+    # a NumPy tangent as JAX reads it (float64 is float32 without x64)
+    return [
+        np.asarray(t, _dtype(t)) if isinstance(t, (np.ndarray, np.generic)) else t for t in t_leaves
+    ]
 
 
 def _jvp_structure_error(p_tree, t_tree) -> str:

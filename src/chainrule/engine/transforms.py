@@ -310,8 +310,14 @@ def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
     checked = []
     for i, (ct, o) in enumerate(zip(ct_leaves, out_leaves, strict=True)):
         oshape, odtype = rules.shape_of(o), raw(o).dtype if hasattr(raw(o), "dtype") else None
-        if isinstance(ct, (float, int, complex)) and not isinstance(ct, bool):
+        if isinstance(ct, (float, complex)):  # a Python number: weakly typed, it takes odtype
             ct = jnp.asarray(ct, dtype=odtype)
+        elif isinstance(ct, int):  # (an integer one is int32 to JAX, which refuses it too)
+            ct = np.asarray(ct, jax.dtypes.canonicalize_dtype(np.int64))
+        elif isinstance(ct, (np.ndarray, np.generic)):
+            # as JAX reads a NumPy array: float64 is float32 without jax_enable_x64
+            canonical = jax.dtypes.canonicalize_dtype(ct.dtype)
+            ct = ct if ct.dtype == canonical else np.asarray(ct, canonical)
         cshape = rules.shape_of(ct)
         if cshape != oshape:
             raise CotangentError(
