@@ -434,6 +434,24 @@ def test_holomorphic_jacobians_and_hessians_match_jax(jac):
     np.testing.assert_allclose(jax.jit(getattr(cr, jac)(f, holomorphic=True))(z), want, rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "f",
+    [jnp.abs, lambda z: jnp.real(z * z), lambda z: jnp.angle(z) * jnp.abs(z) ** 2],
+    ids=["abs", "real of square", "angle times |z|^2"],
+)
+def test_jacrev_of_a_real_function_of_complex_inputs_matches_jax(f):
+    """Reverse mode takes complex inputs without holomorphic (the cotangent of
+    a real output), forward mode refuses them: as JAX's jacrev and jacfwd."""
+    z = jnp.array([3.0 + 4.0j, 1.0 - 2.0j, -0.5 + 0.25j])
+    want = jax.jacrev(f)(z)
+    for got in (cr.jacrev(f)(z), jax.jit(cr.jacrev(f))(z)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    for module in (jax, cr):
+        with pytest.raises(TypeError, match="real-valued inputs"):
+            module.jacfwd(f)(z)
+
+
 def test_jacfwd_of_a_real_to_complex_function_matches_jax():
     f = lambda x: jnp.exp(x * 1j) * x  # noqa: E731
     x = jnp.array([0.3, 1.2, -2.0])

@@ -429,8 +429,10 @@ def _split_argnums(fun: Callable, argnums: Any, name: str):
     return single, dynamic
 
 
-def _check_inputs(name: str, dyn: Any, holomorphic: bool, allow_int: bool) -> None:
-    """JAX's input checks of jacrev/jacfwd (same error types and conditions)."""
+def _check_inputs(name: str, dyn: Any, holomorphic: bool, allow_int: bool, forward: bool) -> None:
+    """JAX's input checks of jacrev/jacfwd (same error types and conditions):
+    reverse mode also takes complex inputs (a real function of them, as
+    `jax.jacrev(jnp.abs)`), forward mode only with `holomorphic`."""
     for x in jax.tree_util.tree_leaves(dyn):
         dtype = _dtype(x)
         if holomorphic:
@@ -440,15 +442,17 @@ def _check_inputs(name: str, dyn: Any, holomorphic: bool, allow_int: bool) -> No
                     f"but got {dtype.name}."
                 )
             continue
-        if jnp.issubdtype(dtype, jnp.floating):
+        if jnp.issubdtype(dtype, jnp.floating if forward else jnp.inexact):
             continue
         if allow_int and (jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
             continue
+        kinds = "real-valued inputs (input dtype that is a sub-dtype of np.floating)"
+        if not forward:
+            kinds = "real- or complex-valued inputs (input dtype that is a sub-dtype of np.inexact)"
         raise TypeError(
-            f"{name} requires real-valued inputs (input dtype that is a sub-dtype of "
-            f"np.floating), but got {dtype.name}. For holomorphic differentiation, pass "
-            "holomorphic=True; for integer inputs allow_int=True; or convert it, e.g. "
-            "jnp.asarray(x, jnp.float32), or leave it out of argnums."
+            f"{name} requires {kinds}, but got {dtype.name}. For holomorphic "
+            "differentiation, pass holomorphic=True; for integer inputs allow_int=True; or "
+            "convert it, e.g. jnp.asarray(x, jnp.float32), or leave it out of argnums."
         )
 
 
@@ -507,7 +511,7 @@ def jacrev(
     @functools.wraps(fun)
     def jacfun(*args: Any, **kwargs: Any):
         partial_fun, dyn = dynamic(args, kwargs)
-        _check_inputs("cr.jacrev", dyn, holomorphic, allow_int)
+        _check_inputs("cr.jacrev", dyn, holomorphic, allow_int, forward=False)
         y, pullback, *aux = transforms.vjp(partial_fun, *dyn, has_aux=has_aux)
         _check_outputs("cr.jacrev", y, holomorphic, forward=False)
         jac = jax.vmap(pullback)(_std_basis(y))
@@ -549,7 +553,7 @@ def jacfwd(
     @functools.wraps(fun)
     def jacfun(*args: Any, **kwargs: Any):
         partial_fun, dyn = dynamic(args, kwargs)
-        _check_inputs("cr.jacfwd", dyn, holomorphic, allow_int)
+        _check_inputs("cr.jacfwd", dyn, holomorphic, allow_int, forward=True)
         y, pushforward, aux = _linearize(partial_fun, dyn, has_aux)
         _check_outputs("cr.jacfwd", y, holomorphic, forward=True)
         basis_leaves = jax.tree_util.tree_leaves(_std_basis(dyn))
