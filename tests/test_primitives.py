@@ -896,3 +896,90 @@ def test_host_evaluation_matches_lax(case: Case, data: st.DataObject) -> None:
     hosted = hostable & ran
     assert hosted <= checked, f"{case.name}: {sorted(hosted - checked)} did not run on the host"
     assert ran or not hostable, f"{case.name}: none of {sorted(hostable)} was evaluated"
+
+
+# --- derivatives at the edges of a function's domain -----------------------------------
+
+_EDGE_FUNCTIONS = {
+    name: getattr(jnp, name)
+    for name in (
+        "arctanh",
+        "arccosh",
+        "arcsinh",
+        "arcsin",
+        "arccos",
+        "arctan",
+        "sqrt",
+        "cbrt",
+        "log",
+        "log1p",
+        "tanh",
+        "reciprocal",
+        "square",
+    )
+}
+
+
+def _same_class(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """NaN, each infinity and each signed zero apart; finite values alike."""
+
+    def klass(a):
+        return np.where(np.isnan(a), 4, np.where(np.isinf(a), 2 + np.sign(a), 0)) + np.where(
+            a == 0, 10 * np.signbit(a), 0
+        )
+
+    return klass(got) == klass(want)
+
+
+@pytest.mark.parametrize("name", sorted(_EDGE_FUNCTIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_first_and_second_derivatives_at_domain_edges_match_jax(name, dtype):
+    """At ±1, ±0, ±inf, outside the domain and at the largest float, the
+    derivatives are JAX's: NaN, each infinity and each signed zero where JAX
+    has them (arccosh'(-1) is +inf as JAX writes x**2 - 1, not -inf), finite
+    values to the usual tolerance (arctanh near ±1 to it too: its rule is JAX's
+    factored 1/((1 + x)(1 - x)))."""
+    f = _EDGE_FUNCTIONS[name]
+    big = np.finfo(dtype).max
+    x = jnp.asarray(
+        [
+            -np.inf,
+            -big,
+            -2.0,
+            -1.0,
+            -0.9998526,
+            -0.5,
+            -0.0,
+            0.0,
+            0.5,
+            0.9998526,
+            1.0,
+            2.0,
+            big,
+            np.inf,
+        ],
+        dtype,
+    )
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    if dtype == np.float32 and name in ("arcsin", "arccos"):
+        # jax.grad runs jnp.arcsin's derivative as one compiled program, where
+        # XLA contracts 1 - x*x into a fused multiply-add; chainrule's eager
+        # rule rounds x*x first: 4e-5 apart at x = 0.99985, 1.1e-4 at second
+        # order (under jit chainrule's are JAX's to the bit)
+        tol = 2e-4
+    for order in (1, 2):
+
+        def d(grad, order=order):
+            g = grad(f)
+            return grad(g) if order == 2 else g
+
+        want = np.asarray([d(jax.grad)(v) for v in x])
+        for what in (
+            np.asarray([d(cr.grad)(v) for v in x]),  # eager, on the host
+            np.asarray(jax.vmap(d(cr.grad))(x)),  # under vmap, through XLA
+        ):
+            same = _same_class(what, want)
+            where = f"{name} order {order} at {np.asarray(x)[~same]}"
+            assert same.all(), f"{where}: {what[~same]} vs JAX {want[~same]}"
+            finite = np.isfinite(want)
+            np.testing.assert_allclose(what[finite], want[finite], rtol=tol, atol=0)

@@ -358,6 +358,7 @@ def _integer_pow_vjp(ans, x, y):
 defvjp(integer_pow_p, _integer_pow_vjp, formulas=("where(y == 0, 0, y * x**(y - 1))",))
 
 square_p = primitive("square", lax.square, host=np.square)
+square = square_p.bind
 defvjp(square_p, lambda ans, x: lambda g: mul(g, mul(const(x, 2), x)), formulas=("2*x",))
 
 pow_p = primitive("pow", _broadcasting(lax.pow), host=_host_pow)
@@ -422,7 +423,7 @@ defvjp(
 defvjp(exp_p, lambda ans, x: lambda g: mul(g, ans), formulas=("out",))
 defvjp(
     exp2_p,
-    lambda ans, x: lambda g: mul(g, mul(const(x, math.log(2)), ans)),
+    lambda ans, x: lambda g: mul(mul(const(x, math.log(2)), g), ans),
     formulas=("log(2) * out",),
 )
 defvjp(log_p, lambda ans, x: lambda g: div(g, x), formulas=("1/x",))
@@ -462,15 +463,21 @@ sin, cos, sinh, cosh = sin_p.bind, cos_p.bind, sinh_p.bind, cosh_p.bind
 tanh, logistic, abs_ = tanh_p.bind, logistic_p.bind, abs_p.bind
 
 
+# The derivatives below are JAX's, term for term (`square` where JAX writes it,
+# the factors in its order once transposed): the same rounding, and the same
+# NaN, infinity or signed zero where a term overflows or underflows (arctan''
+# at the largest float is NaN in JAX, as 0 * inf; x * x would give 0 there).
+
+
 def _one_minus_square(x: Any) -> Any:
-    return sub(const(x, 1), mul(x, x))
+    return sub(const(x, 1), square(x))
 
 
 defvjp(sin_p, lambda ans, x: lambda g: mul(g, cos(x)), formulas=("cos(x)",))
 defvjp(cos_p, lambda ans, x: lambda g: mul(g, neg(sin(x))), formulas=("-sin(x)",))
 defvjp(
     tan_p,
-    lambda ans, x: lambda g: mul(g, add(const(x, 1), mul(ans, ans))),
+    lambda ans, x: lambda g: mul(g, add(const(x, 1), square(ans))),
     formulas=("1 + out**2",),
 )
 defvjp(
@@ -484,27 +491,49 @@ defvjp(
     formulas=("-1/sqrt(1 - x**2)",),
 )
 defvjp(
-    atan_p, lambda ans, x: lambda g: div(g, add(const(x, 1), mul(x, x))), formulas=("1/(1 + x**2)",)
+    atan_p, lambda ans, x: lambda g: div(g, add(const(x, 1), square(x))), formulas=("1/(1 + x**2)",)
 )
 defvjp(sinh_p, lambda ans, x: lambda g: mul(g, cosh(x)), formulas=("cosh(x)",))
 defvjp(cosh_p, lambda ans, x: lambda g: mul(g, sinh(x)), formulas=("sinh(x)",))
-defvjp(tanh_p, lambda ans, x: lambda g: mul(g, _one_minus_square(ans)), formulas=("1 - out**2",))
+
+
+def _tanh_vjp(ans, x):
+    """JAX's (g + g * out) * (1 - out), transposed: t = g * (1 - out), t + t * out."""
+
+    def vjp(g):
+        t = mul(g, sub(const(ans, 1), ans))
+        return add(t, mul(t, ans))
+
+    return vjp
+
+
+defvjp(tanh_p, _tanh_vjp, formulas=("1 - out**2",))
 defvjp(
     asinh_p,
-    lambda ans, x: lambda g: mul(g, rsqrt(add(mul(x, x), const(x, 1)))),
+    lambda ans, x: lambda g: mul(g, rsqrt(add(square(x), const(x, 1)))),
     formulas=("1/sqrt(x**2 + 1)",),
 )
+# (as JAX's rules are written, so the rounding and the infinities agree: x**2 - 1
+# gives +inf at x = -1 where (x - 1)(x + 1) gives rsqrt(-0) = -inf, and the
+# factored 1/(1 + x) * 1/(1 - x) stays accurate near |x| = 1, where 1 - x**2
+# cancels)
 defvjp(
     acosh_p,
-    lambda ans, x: lambda g: mul(g, rsqrt(mul(sub(x, const(x, 1)), add(x, const(x, 1))))),
-    formulas=("1/sqrt((x - 1) * (x + 1))",),
+    lambda ans, x: lambda g: mul(g, rsqrt(sub(square(x), const(x, 1)))),
+    formulas=("1/sqrt(x**2 - 1)",),
 )
-defvjp(atanh_p, lambda ans, x: lambda g: div(g, _one_minus_square(x)), formulas=("1/(1 - x**2)",))
+defvjp(
+    atanh_p,
+    lambda ans, x: (
+        lambda g: mul(div(const(x, 1), add(const(x, 1), x)), div(g, sub(const(x, 1), x)))
+    ),
+    formulas=("1/((1 + x) * (1 - x))",),
+)
 defvjp(
     atan2_p,
-    lambda ans, x, y: lambda g: unbroadcast(mul(g, div(y, add(mul(x, x), mul(y, y)))), shape_of(x)),
+    lambda ans, x, y: lambda g: unbroadcast(mul(g, div(y, add(square(x), square(y)))), shape_of(x)),
     lambda ans, x, y: (
-        lambda g: unbroadcast(mul(g, div(neg(x), add(mul(x, x), mul(y, y)))), shape_of(y))
+        lambda g: unbroadcast(mul(g, div(neg(x), add(square(x), square(y)))), shape_of(y))
     ),
     formulas=("y/(x**2 + y**2)", "-x/(x**2 + y**2)"),
 )
@@ -515,12 +544,12 @@ defvjp(
 )
 defvjp(
     erf_p,
-    lambda ans, x: lambda g: mul(g, mul(const(x, 2 / math.sqrt(math.pi)), exp(neg(mul(x, x))))),
+    lambda ans, x: lambda g: mul(mul(const(x, 2 / math.sqrt(math.pi)), g), exp(neg(square(x)))),
     formulas=("2 * exp(-x**2) / sqrt(pi)",),
 )
 defvjp(
     erf_inv_p,
-    lambda ans, x: lambda g: mul(g, mul(const(x, math.sqrt(math.pi) / 2), exp(mul(ans, ans)))),
+    lambda ans, x: lambda g: mul(mul(const(x, math.sqrt(math.pi) / 2), g), exp(square(ans))),
     formulas=("sqrt(pi) * exp(out**2) / 2",),
 )
 
