@@ -467,6 +467,15 @@ def test_differentiating_through_while_raises_jax_error_naming_the_line():
         assert "Reverse-mode differentiation does not work for lax.while_loop" in message
         assert f"test_loops.py:{line}" in message and "lax.scan" in message
         assert "static" in message
+    # forward mode transposes the reverse pass: the same error, saying so
+    # (jax.jvp goes through the loop; chainrule's cannot)
+    for forward in (
+        lambda: cr.jvp(loss, (x,), (x,)),
+        lambda: cr.jacfwd(loss)(x),
+        lambda: cr.linearize(loss, x),
+    ):
+        with pytest.raises(ValueError, match=rf"test_loops.py:{line}(.|\n)*cr.jvp"):
+            forward()
     # forward only (the value) works
     assert float(cr.value_and_grad(lambda x: loss(lax.stop_gradient(x)) + x)(x)[0]) == float(
         loss(x) + x

@@ -289,7 +289,9 @@ class _While(Primitive):
             "lax.fori_loop with dynamic start/stop values: the loop at "
             f"{node.params['where'] or '(unknown line)'} carries a value that depends on "
             "a differentiated input. Use lax.scan, or lax.fori_loop with static (Python "
-            "int) start/stop values, which chainrule differentiates."
+            "int) start/stop values, which chainrule differentiates. (chainrule's forward "
+            "mode, cr.jvp, cr.linearize, cr.jacfwd and cr.hessian, transposes this reverse "
+            "pass, so it cannot go through such a loop either, where jax.jvp can.)"
         )
 
 
