@@ -306,9 +306,13 @@ def _host_integer_pow(x, y):
     -inf in JAX.)"""
     if y < 0 and np.result_type(x).kind in "iu":
         return NotImplemented
+    if y == 2:  # (the common case, at once)
+        return np.multiply(x, x)
     x = np.asarray(x)
     if y == 0:
         return np.ones_like(x)
+    if y == 1:
+        return np.array(x)  # a new array, as any result
     n, acc = abs(y), None
     while n > 0:
         if n & 1:
@@ -316,9 +320,7 @@ def _host_integer_pow(x, y):
         n >>= 1
         if n > 0:
             x = np.multiply(x, x)
-    if y < 0:
-        return np.divide(np.ones((), acc.dtype), acc)
-    return acc if acc is not x else np.array(acc)  # (y = 1: a new array, as any result)
+    return np.divide(np.ones((), acc.dtype), acc) if y < 0 else acc
 
 
 def _host_pow(x, y):
