@@ -10,8 +10,8 @@ under `jax.vmap`:
 * second order: the gradient of `<vjp(ct), v>` (a random direction `v`) taken
   by `cr.grad` over chainrule's own backward pass, against `jax.grad` of the
   same JAX quantity;
-* under `jax.vmap`: the first-order cotangents for a batch of two inputs (the
-  second one scaled by 1.01 so the two rows differ).
+* under `jax.vmap`: the first-order cotangents and the second order for a
+  batch of two inputs (the second one scaled by 1.01 so the two rows differ).
 
 `emitted(fun, *args)` lists the primitives `fun` emits (sub-jaxprs included),
 so each test can assert it exercises the primitive it claims to test.
@@ -171,6 +171,10 @@ def check_against_jax(
             want = jax.vmap(jax_run)(batch, cts)
             _assert_trees_close(got[0], want[0], "vmap: output", rtol, atol)
             _assert_trees_close(got[1], want[1], "vmap: cotangents", rtol, atol)
+            if second_order:  # (a rule's nested levels under vmap once failed alone)
+                got2 = jax.vmap(second(cr_run, cr.grad))(batch)
+                want2 = jax.vmap(second(jax_run, jax.grad))(batch)
+                _assert_trees_close(got2, want2, "vmap: second order", rtol, atol)
             continue
         wrap = jax.jit if mode == "jit" else (lambda f: f)
         got_out, got_cts = wrap(lambda d, c: cr_run(d, c))(diff, ct)

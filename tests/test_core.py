@@ -548,6 +548,9 @@ _OTHERS = {
     "jax same": lambda dt, shape: jnp.full(shape, 0.25, dt),
     "jax row": lambda dt, shape: jnp.linspace(-2.0, 2.0, shape[-1], dtype=dt),
     "jax weak": lambda dt, shape: jnp.asarray(2.0),
+    "numpy mask": lambda dt, shape: np.arange(np.prod(shape)).reshape(shape) % 3 == 0,
+    "jax mask": lambda dt, shape: jnp.arange(np.prod(shape)).reshape(shape) % 3 != 0,
+    "jax mask row": lambda dt, shape: jnp.arange(shape[-1]) % 2 == 0,
 }
 _OPS = {  # (chainrule.numpy spelling, jax.numpy spelling: the oracle)
     "add": (lambda a, b: a + b,) * 2,
@@ -624,6 +627,59 @@ def _scaled_tanh(x):
 def _scaled_tanh_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
     return _scaled_tanh(x), t * (1.0 - jnp.tanh(x) ** 2) * _SCALE
+
+
+_M = np.array([[True, False, True], [False, False, True]])
+
+
+def _log_masked(spelling):
+    """A masked log-likelihood, spelled several ways: log(0) = -inf where masked out."""
+    m = jnp.asarray(_M)
+    spellings = {
+        "mask * x": lambda p: m * jnp.log(p),
+        "x * mask": lambda p: jnp.log(p) * m,
+        "numpy mask": lambda p: jnp.log(p) * _M,
+        "jnp.multiply": lambda p: jnp.multiply(jnp.log(p), m),
+        "cnp.multiply": lambda p: cnp.multiply(_M, cnp.log(p)),
+        "jit helper": lambda p: jax.jit(lambda m, v: m.astype(v.dtype) * v)(m, jnp.log(p)),
+        "separate cast": lambda p: m.astype(p.dtype) * jnp.log(p),  # two programs: NaN
+        "broadcast mask": lambda p: m[:1] * jnp.log(p),  # XLA keeps the product: NaN
+    }
+    return lambda p: jnp.sum(spellings[spelling](p))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "mask * x",
+        "x * mask",
+        "numpy mask",
+        "jnp.multiply",
+        "cnp.multiply",
+        "jit helper",
+        "separate cast",
+        "broadcast mask",
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, jnp.bfloat16])
+def test_a_boolean_mask_times_nan_is_what_xla_makes_of_it(spelling, dtype):
+    """XLA compiles `convert(mask) * x` inside one program as `select(mask, x, 0)`,
+    so with jax.grad `jnp.sum(mask * jnp.log(p))` is finite where p = 0 is masked
+    out. chainrule's eager answers are the same: the value, the gradient's NaN
+    positions and signed zeros, and under jit and vmap; where XLA keeps the
+    product (a cast in a program of its own, a broadcast mask, bfloat16) NaN."""
+    p = jnp.asarray([[0.0, 0.0, 0.5], [2.0, 0.0, 1.5]], dtype)
+    loss = _log_masked(spelling)
+    want_value, want_grad = jax.value_and_grad(loss)(p)
+    for got_value, got_grad in (
+        cr.value_and_grad(loss)(p),
+        jax.jit(cr.value_and_grad(loss))(p),
+    ):
+        np.testing.assert_array_equal(got_value, want_value)
+        np.testing.assert_array_equal(got_grad, want_grad)
+        np.testing.assert_array_equal(np.signbit(got_grad), np.signbit(want_grad))
+    batch = jnp.stack([p, p * 2])
+    np.testing.assert_array_equal(jax.vmap(cr.grad(loss))(batch), jax.vmap(jax.grad(loss))(batch))
 
 
 @pytest.mark.parametrize("inner", [_scaled_sin, _scaled_tanh, jax.jit(jnp.sin)])

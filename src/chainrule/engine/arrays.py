@@ -102,10 +102,11 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
     dtype = _common_dtype(args)
     if dtype is not None and (dtype in _FLOATS or not inexact):
         return [np.asarray(a, dtype) if _is_python_scalar(a) else a for a in args]
-    dtype = _result_type(*args)
+    dtype, weak = jax.dtypes.result_type(*(raw(a) for a in args), return_weak_type_flag=True)
     if inexact and not jnp.issubdtype(dtype, jnp.inexact):
         dtype = jnp.result_type(dtype, float)
-    if all(_is_weak(a) for a in args):  # as in JAX, the result stays weakly typed:
+    if weak:  # as in JAX, the result stays weakly typed (also beside a boolean or
+        # integer array: a weakly typed float joins it as a weak float):
         # lax takes the Python numbers as they are and keeps the weak type.
         # A Python int beside floats becomes a float (beside complex numbers a
         # complex), as lax wants one kind.
@@ -115,9 +116,17 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
             (kind(a) if inexact_result and not isinstance(a, bool) else a)
             if _is_python_scalar(a)
             else _as_operand(a, dtype)
+            if _is_weak(a)
+            else _as_weak_operand(a, dtype)
             for a in args
         ]
     return [_as_operand(a, dtype) for a in args]
+
+
+def _as_weak_operand(x: Any, dtype: Any) -> Any:
+    """A strongly typed operand (a boolean or integer array) converted to the
+    weakly typed `dtype` of a result it joins, as `jax.numpy` converts it."""
+    return rules.convert_element_type_p.bind(x, new_dtype=np.dtype(dtype), weak_type=True)
 
 
 def _is_weak(x: Any) -> bool:
@@ -211,9 +220,38 @@ def _unary(name: str, op: Callable) -> Callable:
     return _named(f, name, "Elementwise")
 
 
+def _masked(x: Any, y: Any) -> tuple[Any, Any] | None:
+    """`(mask, other)` when `x * y` is a boolean mask (of the result's shape)
+    times a float or complex array (`jax.numpy` then computes it as a select:
+    see `rules.masked_product`), else None."""
+    for mask, other in ((x, y), (y, x)):
+        dtype = getattr(mask, "dtype", None)
+        if dtype is None or dtype != np.bool_ or isinstance(mask, Tracer):
+            continue
+        other_dtype = getattr(raw(other), "dtype", None)
+        if other_dtype is None or not rules.masks_as_xla_does(dtype, other_dtype):
+            return None
+        if np.shape(mask) == np.broadcast_shapes(np.shape(mask), rules.shape_of(other)):
+            return mask, other
+    return None
+
+
+def multiply(x: Any, y: Any) -> Any:
+    """x * y, as in jax.numpy (dtype promotion, broadcasting); a boolean mask
+    times an array is a select, as XLA computes `jnp.multiply` (a NaN where
+    the mask is False gives 0); records on chainrule's tape when given Tracers."""
+    if type(x) is not ArrayTracer or type(y) is not ArrayTracer:
+        masked = _masked(x, y)
+        if masked is not None:
+            mask, other = masked
+            (other,) = promote(other)
+            return rules.masked_product(mask, broadcast_to(other, np.shape(mask)))
+    return _multiply(x, y)
+
+
 add = _binary("add", rules.add)
 subtract = _binary("subtract", rules.sub)
-multiply = _binary("multiply", rules.mul)
+_multiply = _binary("multiply", rules.mul)
 true_divide = divide = _binary("divide", rules.div, inexact=True)
 maximum = _binary("maximum", rules.maximum)
 minimum = _binary("minimum", rules.minimum)

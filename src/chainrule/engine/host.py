@@ -398,26 +398,31 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     primitive with an operand holding a subnormal number that was not computed
     here: a converted array or number, and, with `check`, a NumPy array or
     scalar (a constant of the user's; `Trace.record` checks those itself, and
-    values computed here under `evaluating()` are flushed already).
+    values computed here under `evaluating()` are flushed already). And so do
+    weakly typed arrays beside no strong float (a NumPy mask selecting between
+    them): JAX's result is weakly typed there, which a NumPy result cannot be.
     Host evaluation happens only inside `evaluating()`.
     """
     if not (_state.depth and _enabled and (_on_cpu if _on_cpu is not None else enabled())):
         return None
-    seen_host = False
+    seen_host = seen_float = seen_weak = False
     out = None  # a copy of `args` once one needs converting
     for i, a in enumerate(args):
         if isinstance(a, HOST_TYPES):
             kind = a.dtype.kind
             if kind == "c":
                 return None
-            if check and kind == "f" and is_unchecked_constant(a) and has_subnormal(a):
-                return None
+            if kind == "f":
+                if check and is_unchecked_constant(a) and has_subnormal(a):
+                    return None
+                seen_float = True
             seen_host = True
             continue
         if type(a) is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer):
             dtype = a.dtype  # tested by type, as `isinstance(a, jax.Array)` is slow
             if not isinstance(dtype, np.dtype) or dtype.kind == "c":
                 return None  # an extended dtype (PRNG keys) or complex: JAX's alone
+            seen_weak = seen_weak or a.weak_type
             a = _converted(a)
         elif isinstance(a, (int, float)):  # a Python number (np.float64 is a float too)
             dtype = _literal_dtype(a, args)
@@ -433,7 +438,9 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
         if out is None:
             out = list(args)
         out[i] = a
-    if not seen_host:
+    if not seen_host or (seen_weak and not seen_float):
+        # (weakly typed floats beside no strong float, as a select of weak cases
+        # by a NumPy mask: JAX's result is weakly typed, which NumPy cannot say)
         return None
     return args if out is None else tuple(out)
 

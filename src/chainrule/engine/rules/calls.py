@@ -23,7 +23,7 @@ None of this calls JAX's differentiation.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -37,6 +37,7 @@ from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core, host
 from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
+from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.errors import NotDifferentiableError
 
@@ -68,10 +69,12 @@ def _eval_equations(trace: Trace, plan: _Plan, env: list[Any]) -> None:
     """`eval_body`'s loop over the equations, `trace` current, filling `env`."""
     here = jcore.JaxprEqnContext()  # interned: an equation traced in this context is it
     process, owns = trace.process, trace._owns
-    for k, (prim, params, ins, outs, plain, eqn, rule) in enumerate(plan.eqns):
+    for k, (prim, params, ins, outs, plain, eqn, rule, mask) in enumerate(plan.eqns):
         invals = [env[i] for i in ins]
         if plain and eqn.ctx is here:
-            if rule is None or not owns(invals):
+            if mask is not None:  # a product by a converted mask, as XLA computes it
+                out = masked_product(env[mask[0]], env[mask[1]])
+            elif rule is None or not owns(invals):
                 out = process(prim, invals, params)
             elif type(rule).apply is not _DEFAULT_APPLY:  # what `process` would do
                 out = rule.apply(trace, invals, params)
@@ -118,19 +121,39 @@ class _Plan:
         self.n_consts = len(jaxpr.constvars)
         self.n_inputs = self.n_consts + len(jaxpr.invars)
         eqns = []
+        masks: dict[Any, Any] = {}  # a boolean converted to a float -> the boolean
         for eqn in jaxpr.eqns:
             prim = eqn.primitive
             ins = tuple(slot(v) for v in eqn.invars)
             outs = tuple(slot(v) for v in eqn.outvars)
             plain = type(prim).bind_with_trace is _PLAIN_BIND
             out = outs if prim.multiple_results else outs[0]
-            eqns.append((prim, eqn.params, ins, out, plain, eqn, PRIMITIVES.get(prim.name)))
+            rule = PRIMITIVES.get(prim.name)
+            eqns.append((prim, eqn.params, ins, out, plain, eqn, rule, _mask(eqn, masks, slot)))
+            if prim.name == "convert_element_type" and masks_as_xla_does(
+                eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
+            ):
+                masks[eqn.outvars[0]] = eqn.invars[0]
         self.eqns = tuple(eqns)
         # an equation's parameters as its chainrule primitive takes them
         # (`Primitive.taken`), found when it first meets this trace's values
         self.taken: list[dict[str, Any] | None] = [None] * len(eqns)
         self.outs = tuple(slot(v) for v in jaxpr.outvars)
         self.template = template
+
+
+def _mask(eqn: Any, masks: dict[Any, Any], slot: Callable[[Any], int]) -> tuple | None:
+    """For `mul(convert(mask), x)` (either order) in a jaxpr, the slots of the
+    boolean mask and of x: XLA compiles that product as `select(mask, x, 0)`
+    (its algebraic simplifier), which `eval_body` then evaluates too. Only
+    where the converted mask has the product's shape, as the rewrite needs."""
+    if eqn.primitive.name != "mul" or eqn.params.get("out_dtype") is not None:
+        return None
+    shape = eqn.outvars[0].aval.shape
+    for a, b in (eqn.invars, eqn.invars[::-1]):
+        if type(a) is not jcore.Literal and a in masks and a.aval.shape == b.aval.shape == shape:
+            return slot(masks[a]), slot(b)
+    return None
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # jaxpr -> _Plan

@@ -29,6 +29,7 @@ from chainrule.engine.rules.shape import (
     broadcast_in_dim,
     conj,
     convert_element_type,
+    convert_element_type_p,
     is_complex,
     unbroadcast,
 )
@@ -232,6 +233,27 @@ select_n_p = primitive(
 
 def select_n(which: Any, *cases: Any) -> Any:
     return select_n_p.bind(which, *cases)
+
+
+def masked_product(mask: Any, x: Any) -> Any:
+    """`mask * x` for a boolean `mask` of `x`'s shape, as XLA computes it when
+    the conversion and the product are one program (a `jnp.multiply`, any
+    `jit` body): `select(mask, x, 0)`, so a NaN or infinity where the mask is
+    False gives 0, not NaN (`jnp.sum(mask * jnp.log(p))` with p = 0 there).
+    Its VJP is select's: no NaN in the gradient either."""
+    zeros = zeros_like(x)
+    value = raw(x)
+    if getattr(value, "weak_type", False):  # zeros of x's weak type, so the result has it
+        zeros = convert_element_type_p.bind(zeros, new_dtype=value.dtype, weak_type=True)
+    return select_n(mask, zeros, x)
+
+
+def masks_as_xla_does(mask_dtype: Any, out_dtype: Any) -> bool:
+    """Whether XLA's CPU compiler rewrites `convert(mask) * x` into a select for
+    these dtypes: a boolean mask and a float or complex product, except
+    bfloat16 (computed in float32 on the CPU, where the pattern is lost)."""
+    out = np.dtype(out_dtype)
+    return np.dtype(mask_dtype) == np.bool_ and out.kind in "fc" and out != jnp.bfloat16
 
 
 max_p = primitive("max", _broadcasting(lax.max), host=np.maximum)

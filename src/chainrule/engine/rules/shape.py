@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from jax import lax
+from jax._src.lax import lax as lax_internal  # weakly typed conversion (JAX 0.10, pinned)
 
 from chainrule.engine.rules.registry import (
     argsort,
@@ -43,32 +44,40 @@ defvjp(
 )
 
 
-def _convert(x: Any, new_dtype: Any) -> Any:
+def _convert(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
     """lax's conversion; complex to real keeps the real part (as JAX's primitive
-    does), without the warning `lax.convert_element_type` gives users for it."""
+    does), without the warning `lax.convert_element_type` gives users for it.
+    A weakly typed result (`jax.numpy` converts a boolean or integer array
+    joining a weak float so) is weakly typed here too: it steers promotion."""
     if np.issubdtype(dtype_of(x), np.complexfloating) and not np.issubdtype(
         new_dtype, np.complexfloating
     ):
         x = lax.real(x)
+    if weak_type:
+        return lax_internal._convert_element_type(x, new_dtype, weak_type=True)
     return lax.convert_element_type(x, new_dtype)
 
 
-def _host_convert(x: Any, new_dtype: Any) -> Any:
-    if np.dtype(new_dtype).kind == "c":  # complex values stay JAX's (see `host`)
-        return NotImplemented
+def _host_convert(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
+    if np.dtype(new_dtype).kind == "c" or weak_type:  # complex values and weakly
+        return NotImplemented  # typed ones stay JAX's (see `host`)
     return np.asarray(x).astype(new_dtype)
 
 
-def _exact_convert(operands: tuple[Any, ...], new_dtype: Any, **_: Any) -> bool:
+def _exact_convert(
+    operands: tuple[Any, ...], new_dtype: Any, weak_type: bool = False, **_: Any
+) -> bool:
     """Conversions NumPy and XLA do alike: all but float to integer (NaN and
-    out-of-range values differ)."""
-    return not (np.dtype(new_dtype).kind in "iu" and operands[0].dtype.kind == "f")
+    out-of-range values differ), to strong types (NumPy has no weak ones)."""
+    return not weak_type and not (
+        np.dtype(new_dtype).kind in "iu" and operands[0].dtype.kind == "f"
+    )
 
 
 convert_element_type_p = primitive(
     "convert_element_type",
     _convert,
-    ("new_dtype",),
+    ("new_dtype", "weak_type"),
     host=_host_convert,
     exact_on_host=_exact_convert,
 )
@@ -82,7 +91,7 @@ def convert_element_type(x: Any, new_dtype: Any) -> Any:
 
 defvjp(
     convert_element_type_p,
-    lambda ans, x, new_dtype: lambda g: convert_element_type(g, dtype_of(x)),
+    lambda ans, x, new_dtype, weak_type=False: lambda g: convert_element_type(g, dtype_of(x)),
     formulas=("1",),
 )
 
