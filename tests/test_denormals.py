@@ -594,3 +594,48 @@ def test_an_integer_exponent_array_keeps_the_bases_dtype():
         got = getattr(cr, transform.__name__)(lambda x: x ** jnp.arange(3))(x)
         assert got.dtype == want.dtype == jnp.float32
         np.testing.assert_array_equal(got, want)
+
+
+# --- float to integer: XLA's saturating conversion ------------------------------------------
+
+_INTEGERS = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
+
+
+@fuzz_settings(40)
+@given(
+    bits=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=64),
+    width=st.sampled_from([16, 32, 64]),
+    integer=st.sampled_from(_INTEGERS + [np.bool_]),
+    scale=st.sampled_from([1.0, 300.0, 7e4, 3e9, 1e19]),
+)
+def test_float_to_integer_on_the_host_is_xlas(bits, width, integer, scale):
+    """XLA converts toward zero and saturates at the integer type's limits
+    (infinities too), NaN to 0; NumPy's cast wraps (-1.0 to uint8 was 255) or
+    gives the minimum (NaN to int32). The host gives XLA's on any float."""
+    dtype = {16: np.float16, 32: np.float32, 64: np.float64}[width]
+    utype = {16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
+    raw_bits = np.array([b % (1 << width) for b in bits], utype).view(dtype)
+    with np.errstate(all="ignore"):  # (values around the integer type's limits too)
+        x = np.concatenate([raw_bits, (np.tanh(raw_bits.astype(np.float64)) * scale).astype(dtype)])
+    with host.evaluating():
+        got = PRIMITIVES["convert_element_type"].host_impl(x, new_dtype=np.dtype(integer))
+    want = np.asarray(lax.convert_element_type(jnp.asarray(x), integer))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_quantising_an_image_outside_its_range_is_jaxs():
+    """The reproducer: uint8 quantisation of values outside [0, 1] (and an int32
+    cast of NaN and out-of-range values) gives jax.grad's loss and gradient."""
+
+    def loss(w, img):
+        return jnp.mean((img * w * 255).astype(jnp.uint8).astype(jnp.float32) / 255.0 * w)
+
+    img = jnp.array([-0.01, 0.1, 0.5, 0.9, 1.02, 1.5], jnp.float32)
+    w = jnp.float32(1.0)
+    for got in (cr.value_and_grad(loss)(w, img), jax.jit(cr.value_and_grad(loss))(w, img)):
+        for g, e in zip(got, jax.value_and_grad(loss)(w, img), strict=True):
+            np.testing.assert_allclose(g, e, rtol=2e-7)  # (a mean: the summation order)
+    g = lambda x: jnp.sum(x * x.astype(jnp.int32))  # noqa: E731
+    x = jnp.array([1e10, -1e10, jnp.nan, 2.5, -2.5], jnp.float32)
+    np.testing.assert_array_equal(cr.grad(g)(x), jax.grad(g)(x))

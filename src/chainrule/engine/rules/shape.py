@@ -59,19 +59,36 @@ def _convert(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
 
 
 def _host_convert(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
-    if np.dtype(new_dtype).kind == "c" or weak_type:  # complex values and weakly
+    new_dtype = np.dtype(new_dtype)
+    if new_dtype.kind == "c" or weak_type:  # complex values and weakly
         return NotImplemented  # typed ones stay JAX's (see `host`)
-    return np.asarray(x).astype(new_dtype)
+    x = np.asarray(x)
+    if x.dtype.kind == "f" and new_dtype.kind in "iu":
+        return _float_to_integer(x, new_dtype)
+    return x.astype(new_dtype)
+
+
+def _float_to_integer(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """XLA's conversion: toward zero, saturating at the integer type's limits
+    (infinities too), NaN to 0. NumPy's cast is the processor's, which wraps
+    (-1.0 to uint8 is 255) or gives the minimum (NaN to int32)."""
+    info = np.iinfo(dtype)
+    whole = np.trunc(x)
+    # (the limits rounded to x's dtype: a whole number at or beyond one saturates)
+    high, low = whole >= info.max, whole <= info.min
+    keep = ~(high | low | np.isnan(x))
+    out = np.where(keep, whole, 0).astype(dtype)
+    out[high] = info.max
+    out[low] = info.min
+    return out
 
 
 def _exact_convert(
     operands: tuple[Any, ...], new_dtype: Any, weak_type: bool = False, **_: Any
 ) -> bool:
-    """Conversions NumPy and XLA do alike: all but float to integer (NaN and
-    out-of-range values differ), to strong types (NumPy has no weak ones)."""
-    return not weak_type and not (
-        np.dtype(new_dtype).kind in "iu" and operands[0].dtype.kind == "f"
-    )
+    """Conversions NumPy (with `_float_to_integer`) and XLA do alike: to strong
+    types (NumPy has no weak ones)."""
+    return not weak_type
 
 
 convert_element_type_p = primitive(
