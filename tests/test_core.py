@@ -501,6 +501,66 @@ def test_derivatives_of_python_numbers_are_weakly_typed_as_in_jax(case):
     assert (bf16 - cr.grad(lambda s: s * 2.0)(0.5)).dtype == jnp.bfloat16
 
 
+_CONSTANT_OUTPUTS = {
+    "cond": lambda x: lax.cond(x > 0, lambda x: 1.0, lambda x: x, x),
+    "cond, constant first": lambda x: lax.cond(x < 0, lambda x: 1.0, lambda x: 2.0 * x, x),
+    "switch": lambda x: lax.switch(0, [lambda x: 1.5, lambda x: x], x),
+    "jit": lambda x: jax.jit(lambda x: 1.0)(x),
+    "jit, added": lambda x: jax.jit(lambda x: 1.0)(x) + x,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CONSTANT_OUTPUTS))
+@pytest.mark.parametrize("x", [np.float32(0.8), 0.8], ids=["float32", "python float"])
+def test_a_constant_output_of_a_call_is_the_array_jax_returns(case, x):
+    """A `jit` body, cond branch or checkpoint that returns a literal hands back
+    the `jax.Array` JAX's call returns (dtype, weak type; a cond's outputs have
+    its first branch's types), not the Python number the literal holds."""
+    f = _CONSTANT_OUTPUTS[case]
+    with jax.enable_x64(False):  # (JAX's default: a Python float is float32)
+        x = jnp.asarray(x) if isinstance(x, np.floating) else x
+        for got, want in zip(cr.value_and_grad(f)(x), jax.value_and_grad(f)(x), strict=True):
+            assert isinstance(got, jax.Array)
+            assert (got.dtype, got.weak_type) == (want.dtype, want.weak_type)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_checkpoint_returning_a_constant_is_differentiated():
+    """(It raised "the function returned a ArrayTracer": the literal the body
+    returns was boxed as it was. JAX hands back the literal itself here.)"""
+    value, grad = cr.value_and_grad(lambda x: jax.checkpoint(lambda x: 2.0)(x))(jnp.float32(0.8))
+    assert isinstance(value, jax.Array) and float(value) == 2.0 and float(grad) == 0.0
+
+
+def test_a_tangent_is_strong_where_its_output_is_though_a_weak_carry_made_it():
+    s = lambda x: jnp.sum(lax.scan(lambda c, xi: (c * xi, c), 1.0, x)[1])  # noqa: E731
+    with jax.enable_x64(False):
+        x = jnp.array([0.5, 2.0, 3.0], jnp.float32)
+        t = jnp.ones(3, jnp.float32)
+        for transform in (lambda m: m.jvp(s, (x,), (t,))[1], lambda m: m.jacfwd(s)(x)):
+            got, want = transform(cr), transform(jax)
+            assert (got.dtype, got.weak_type) == (want.dtype, want.weak_type)
+
+
+def test_a_numpy_constant_output_takes_a_cotangent_as_jax_reads_it():
+    """An output that is a NumPy float64 constant is float32 to JAX without x64:
+    vjp_fn takes a float32 cotangent for it, jvp and the Jacobians work."""
+    h = lambda x: (jnp.sin(x), np.zeros(2))  # noqa: E731
+    with jax.enable_x64(False):
+        x = jnp.ones(3)
+        got = cr.vjp(h, x)[1]((x, jnp.zeros(2)))[0]
+        np.testing.assert_allclose(got, jax.vjp(h, x)[1]((x, jnp.zeros(2)))[0])
+        for name in ("jvp", "jacfwd", "jacrev"):
+            call = {
+                "jvp": lambda m: m.jvp(h, (x,), (x,))[1],
+                "jacfwd": lambda m: m.jacfwd(h)(x),
+                "jacrev": lambda m: m.jacrev(h)(x),
+            }[name]
+            for g, w in zip(call(cr), call(jax), strict=True):
+                assert g.dtype == w.dtype, name
+                np.testing.assert_allclose(g, w)
+
+
 def test_numpy_warnings_stay_silent_like_xla():
     import warnings
 

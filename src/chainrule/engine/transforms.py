@@ -277,18 +277,20 @@ def _input_ct(t: Any, input_cts: dict) -> Any:
 
 
 def weak_as(x: Any, like: Any) -> Any:
-    """`x` (a `jax.Array` or a JAX tracer) weakly typed if `like` is, as JAX
-    hands back a derivative: a Python number's gradient stays weakly typed, so
-    `params - lr * grad` promotes as under `jax.grad`. A chainrule Tracer (an
-    inner transform's result) is left as it is: the outer one types its own."""
-    python_number = isinstance(like, (int, float, complex)) and not isinstance(
-        like, (bool, np.generic)
+    """`x` (a `jax.Array` or a JAX tracer) weakly typed exactly where `like` is,
+    as JAX hands back a derivative: a Python number's gradient stays weakly
+    typed, so `params - lr * grad` promotes as under `jax.grad`, and a strong
+    input's is strong (even if a weak constant, a Python-number carry, made
+    it). A chainrule Tracer (an inner transform's result) is left as it is: the
+    outer one types its own."""
+    if isinstance(x, Tracer) or not hasattr(x, "weak_type"):
+        return x
+    weak = getattr(like, "weak_type", False) or (
+        isinstance(like, (int, float, complex)) and not isinstance(like, (bool, np.generic))
     )
-    if not (python_number or getattr(like, "weak_type", False)) or isinstance(x, Tracer):
+    if x.weak_type == weak:
         return x
-    if getattr(x, "weak_type", True):  # (already weak, or not an array)
-        return x
-    return lax_internal._convert_element_type(x, x.dtype, weak_type=True)
+    return lax_internal._convert_element_type(x, x.dtype, weak_type=weak)
 
 
 def _output(x: Any, trace: Trace) -> Any:
@@ -310,6 +312,8 @@ def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
     checked = []
     for i, (ct, o) in enumerate(zip(ct_leaves, out_leaves, strict=True)):
         oshape, odtype = rules.shape_of(o), raw(o).dtype if hasattr(raw(o), "dtype") else None
+        if isinstance(raw(o), (np.ndarray, np.generic)):  # handed back as JAX reads it
+            odtype = jax.dtypes.canonicalize_dtype(odtype)
         if isinstance(ct, (float, complex)):  # a Python number: weakly typed, it takes odtype
             ct = jnp.asarray(ct, dtype=odtype)
         elif isinstance(ct, int):  # (an integer one is int32 to JAX, which refuses it too)

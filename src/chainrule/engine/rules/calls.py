@@ -33,6 +33,7 @@ from jax._src import ad_util
 from jax._src import core as jcore  # the Trace interface (JAX 0.10, pinned)
 from jax._src import linear_util as lu
 from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
+from jax._src.lax import lax as lax_internal  # weakly typed constants (JAX 0.10, pinned)
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core, host
@@ -138,8 +139,40 @@ class _Plan:
         # an equation's parameters as its chainrule primitive takes them
         # (`Primitive.taken`), found when it first meets this trace's values
         self.taken: list[dict[str, Any] | None] = [None] * len(eqns)
-        self.outs = tuple(slot(v) for v in jaxpr.outvars)
+        outs = []
+        for v in jaxpr.outvars:
+            if type(v) is jcore.Literal:  # a constant output: the array `jit` returns
+                template.append(literal_output(v))
+                outs.append(len(template) - 1)
+            else:
+                outs.append(slot(v))
+        self.outs = tuple(outs)
         self.template = template
+
+
+def _typed_as(x: Any, aval: Any) -> Any:
+    """A concrete value (a `jax.Array`, or a host value) with the weak type of
+    `aval`, as JAX gives an output of that type; anything else as it is."""
+    if isinstance(x, jcore.Tracer):  # (chainrule's Tracers too)
+        return x
+    weak = getattr(x, "weak_type", False)  # (a host value is strongly typed)
+    if weak == aval.weak_type or not isinstance(aval.dtype, np.dtype):
+        return x
+    with jax.ensure_compile_time_eval():
+        return lax_internal._convert_element_type(x, aval.dtype, weak_type=aval.weak_type)
+
+
+def literal_output(v: Any) -> Any:
+    """A literal output of a jaxpr as the `jax.Array` JAX's `jit` hands back for
+    it: its dtype and weak type, not the Python number the literal holds (a
+    `jit`-ted constant function, a `cond` branch returning `1.0`)."""
+    aval = v.aval
+    if not isinstance(aval.dtype, np.dtype):
+        return v.val
+    with jax.ensure_compile_time_eval():  # (a concrete array, whatever traces run)
+        return lax_internal._convert_element_type(
+            np.asarray(v.val, aval.dtype), aval.dtype, weak_type=aval.weak_type
+        )
 
 
 def _mask(eqn: Any, masks: dict[Any, Any], slot: Callable[[Any], int]) -> tuple | None:
@@ -221,7 +254,10 @@ class _Cond(Primitive):
         if not isinstance(raw(index), jcore.Tracer):  # known now: evaluate that branch
             branches = params["branches"]
             branch = branches[int(np.clip(int(raw(index)), 0, len(branches) - 1))]
-            return eval_body(trace, branch, operands)
+            outs = eval_body(trace, branch, operands)
+            # a cond's outputs have the first branch's types (JAX's abstract
+            # evaluation): `lax.cond(p, lambda x: 1.0, lambda x: x, x)` is strong
+            return [_typed_as(o, a) for o, a in zip(outs, branches[0].out_avals, strict=True)]
         return list(core.bind(self, *args, **params))
 
     apply_untraced = apply  # a predicate known now picks the branch either way

@@ -36,7 +36,7 @@ from jax._src.interpreters import partial_eval as pe  # the policy's answer type
 
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, raw, vjp_flat
-from chainrule.engine.rules.calls import _cotangents, eval_body
+from chainrule.engine.rules.calls import _cotangents, eval_body, literal_output
 from chainrule.engine.rules.effects import optimization_barrier
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
 
@@ -90,7 +90,8 @@ def _evaluate(jaxpr: Any, args: Sequence[Any], policy: Any, reuse: Sequence[Any]
             if keep:
                 saved.extend(outs)
         env.update(zip(eqn.outvars, outs, strict=True))
-    return [read(v) for v in jaxpr.outvars] + saved
+    outs = [literal_output(v) if isinstance(v, jcore.Literal) else env[v] for v in jaxpr.outvars]
+    return outs + saved
 
 
 def _bind(eqn: Any, ins: Sequence[Any]) -> list[Any]:
