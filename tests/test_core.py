@@ -172,6 +172,25 @@ def test_has_aux_and_argnums_tuple_match_jax():
     assert float(aux["sum_a"]) == 3.0
 
 
+@pytest.mark.parametrize(
+    "argnums",
+    [True, np.array(1), np.array([0, 1]), np.int64(1), [0, 1], (np.int64(0),), -1],
+    ids=["True", "0-d array", "1-d array", "np.int64", "list", "tuple of np.int64", "-1"],
+)
+@pytest.mark.parametrize("transform", ["grad", "value_and_grad", "jacrev", "jacfwd", "hessian"])
+def test_argnums_are_read_as_jax_reads_them(argnums, transform):
+    """Any integer JAX takes (a bool, a NumPy integer or 0-d array, a 1-d
+    array, a list), with JAX's result structure: jax.jacrev (and hessian) give
+    a 1-tuple for an integer that is not a Python int, grad and jacfwd do not."""
+    f = lambda a, b: jnp.sum(jnp.sin(a) * b**2)  # noqa: E731
+    args = (jnp.array([0.5, 1.0]), jnp.array([2.0, -1.0]))
+    want = getattr(jax, transform)(f, argnums=argnums)(*args)
+    got = getattr(cr, transform)(f, argnums=argnums)(*args)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
 def test_vjp_matches_jax_vjp_for_pytree_output():
     def f(x, y):
         return {"a": jnp.sin(x) * y, "b": (x @ y, jnp.tanh(y))}

@@ -66,10 +66,29 @@ def test_bad_argnums_out_of_range(argnums):
         cr.grad(lambda a, b, c: a * b * c, argnums=argnums)(1.0, 2.0, 3.0)
 
 
-@pytest.mark.parametrize("argnums", ["0", 1.5, (), (0, 0), True])
+# (True is argument 1 to JAX, as to Python: tests/test_core.py checks it is taken)
+@pytest.mark.parametrize("argnums", ["0", 1.5, (), (0, 0), np.array(True), np.array([[0]])])
 def test_bad_argnums_type(argnums):
     with pytest.raises(errors.ArgnumsError):
         cr.grad(lambda a, b: a * b, argnums=argnums)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "hessian"])
+def test_a_numpy_masked_array_is_refused_as_jax_refuses_it(transform):
+    """Its mask would be ignored (the data under it differentiated): JAX raises
+    a ValueError for masked arrays, chainrule too, saying what to pass."""
+    ma = np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0])
+    f = lambda x: jnp.sum(x**2)  # noqa: E731
+    call = {
+        "grad": lambda m: m.grad(f)(ma),
+        "vjp": lambda m: m.vjp(f, ma),
+        "jacrev": lambda m: m.jacrev(f)(ma),
+        "hessian": lambda m: m.hessian(f)(ma),
+    }[transform]
+    with pytest.raises(ValueError):
+        call(jax)
+    with pytest.raises(ValueError, match="masked array.*filled"):
+        call(cr)
 
 
 def test_non_callable():

@@ -409,11 +409,11 @@ def _unravel(tree: Any, axis: int, arr: Any, dtype: Any = None, weak_as: Any = N
     return _tree_unflatten(treedef, out)
 
 
-def _split_argnums(fun: Callable, argnums: Any, name: str):
+def _split_argnums(fun: Callable, argnums: Any, name: str, python_int_single: bool = False):
     """`argnums` checked. Returns (whether it is a single int, `dynamic`), where
     `dynamic(args, kwargs)` gives `fun` of the differentiated arguments only and
-    those arguments."""
-    nums, single = transforms._normalize_argnums(argnums, name)
+    those arguments. (`python_int_single`: see `transforms._normalize_argnums`.)"""
+    nums, single = transforms._normalize_argnums(argnums, name, python_int_single)
 
     def dynamic(args: tuple, kwargs: dict):
         resolved = transforms._resolve_argnums(nums, len(args), name)
@@ -506,7 +506,7 @@ def jacrev(
       [[2.0, 0.0], [0.0, 4.0]]
     """
     transforms._check_callable(fun, "cr.jacrev")
-    single, dynamic = _split_argnums(fun, argnums, "cr.jacrev")
+    single, dynamic = _split_argnums(fun, argnums, "cr.jacrev", python_int_single=True)
 
     @functools.wraps(fun)
     def jacfun(*args: Any, **kwargs: Any):
@@ -587,7 +587,7 @@ def hessian(
     transforms._check_callable(fun, "cr.hessian")
     inner = jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic)
     outer = jacfwd(inner, argnums, has_aux=has_aux, holomorphic=holomorphic)
-    _, dynamic = _split_argnums(fun, argnums, "cr.hessian")
+    _, dynamic = _split_argnums(fun, argnums, "cr.hessian", python_int_single=True)
 
     @functools.wraps(fun)
     def hessian_fun(*args: Any, **kwargs: Any):

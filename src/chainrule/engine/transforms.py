@@ -33,14 +33,24 @@ from chainrule.errors import (
 # --- arguments ------------------------------------------------------------------
 
 
-def _normalize_argnums(argnums: Any, fun_name: str) -> tuple[tuple[int, ...], bool]:
-    """Returns (argnums as a tuple, whether the user passed a single int)."""
-    if isinstance(argnums, (int, np.integer)) and not isinstance(argnums, bool):
-        return (int(argnums),), True
+def _normalize_argnums(
+    argnums: Any, fun_name: str, python_int_single: bool = False
+) -> tuple[tuple[int, ...], bool]:
+    """Returns (argnums as a tuple, whether the user passed a single int).
+
+    As JAX reads them: an integer (a bool, a NumPy integer, a 0-d integer
+    array) is one argument number, a sequence or 1-d integer array several.
+    With `python_int_single` (`jax.jacrev`'s reading) only a Python int
+    counts as single: other integers give a 1-tuple of results, as in JAX."""
+    single = isinstance(argnums, int) or not python_int_single
+    if isinstance(argnums, np.ndarray) and argnums.dtype.kind in "iu" and argnums.ndim <= 1:
+        argnums = argnums.tolist()  # (a Python int, or a list of them)
+    if isinstance(argnums, (int, np.integer)):
+        return (int(argnums),), single
     if (
         isinstance(argnums, Sequence)
         and argnums
-        and all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in argnums)
+        and all(isinstance(a, (int, np.integer)) for a in argnums)
     ):
         if len(set(argnums)) != len(argnums):
             raise ArgnumsError(f"{fun_name}: argnums {tuple(argnums)} contains duplicates.")
@@ -93,6 +103,12 @@ def _box_leaf(
     An integer or boolean leaf that `mode` allows (`allow_int`, or `cr.vjp`) is
     returned unboxed: its cotangent is a float0 zero array, as in JAX.
     """
+    if isinstance(x, np.ma.MaskedArray):  # (an ndarray: its mask would be ignored)
+        raise ValueError(
+            f"{fun_name}: {where()} is a NumPy masked array; JAX does not support masked "
+            "arrays, and its data would be used with the mask ignored. Pass "
+            "x.filled(fill_value), or the data and the mask as separate arrays."
+        )
     if not mode.holomorphic:
         on_host = host.to_host(x)
         if on_host is not None:  # a float32/float64 array: nothing to check
@@ -408,7 +424,9 @@ def _value_and_grad(
     """`value_and_grad` (the function returned, not yet named after `fun`);
     without `want_value` the value is not handed back as a `jax.Array` (`grad`
     drops it), which saves a host-to-JAX transfer."""
-    argnums_t, single = _normalize_argnums(argnums, "cr.value_and_grad")
+    argnums_t, single = _normalize_argnums(
+        argnums, "cr.value_and_grad" if want_value else "cr.grad"
+    )
 
     name = f"cr.grad of {getattr(fun, '__name__', 'function')}"
 
@@ -511,11 +529,20 @@ def grad(
 # --- checks ------------------------------------------------------------------------
 
 
+_USAGE = {  # how each transform is called, for the error that names it
+    "cr.vjp": "cr.vjp(f, *primals)",
+    "cr.jvp": "cr.jvp(f, primals, tangents)",
+    "cr.linearize": "cr.linearize(f, *primals)",
+    "cr.linear_transpose": "cr.linear_transpose(f, *primals)",
+}
+
+
 def _check_callable(fun: Any, name: str) -> None:
     if not callable(fun):
+        usage = _USAGE.get(name, f"{name}(loss)(params, ...)")
         raise TypeError(
             f"{name} expects a function as its first argument, got {type(fun).__name__}. "
-            f"Usage: {name}(loss)(params, ...)."
+            f"Usage: {usage}."
         )
 
 
