@@ -240,18 +240,24 @@ def multiply(x: Any, y: Any) -> Any:
     """x * y, as in jax.numpy (dtype promotion, broadcasting); a boolean mask
     times an array is a select, as XLA computes `jnp.multiply` (a NaN where
     the mask is False gives 0); records on chainrule's tape when given Tracers."""
-    if type(x) is not ArrayTracer or type(y) is not ArrayTracer:
-        masked = _masked(x, y)
-        if masked is not None:
-            mask, other = masked
-            (other,) = promote(other)
-            return rules.masked_product(mask, broadcast_to(other, np.shape(mask)))
-    return _multiply(x, y)
+    if type(x) is ArrayTracer:  # (the fast paths first: a mask never takes one)
+        fast = _fast_operand(x, y, False)
+        if fast is not None:
+            return rules.mul(x, fast)
+    elif type(y) is ArrayTracer:
+        fast = _fast_operand(y, x, False)
+        if fast is not None:
+            return rules.mul(fast, y)
+    masked = _masked(x, y)
+    if masked is not None:
+        mask, other = masked
+        (other,) = promote(other)
+        return rules.masked_product(mask, broadcast_to(other, np.shape(mask)))
+    return rules.mul(*promote(x, y))
 
 
 add = _binary("add", rules.add)
 subtract = _binary("subtract", rules.sub)
-_multiply = _binary("multiply", rules.mul)
 true_divide = divide = _binary("divide", rules.div, inexact=True)
 maximum = _binary("maximum", rules.maximum)
 minimum = _binary("minimum", rules.minimum)

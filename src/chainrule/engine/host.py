@@ -405,7 +405,7 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     """
     if not (_state.depth and _enabled and (_on_cpu if _on_cpu is not None else enabled())):
         return None
-    seen_host = seen_float = seen_weak = False
+    seen_host = seen_float = False
     out = None  # a copy of `args` once one needs converting
     for i, a in enumerate(args):
         if isinstance(a, HOST_TYPES):
@@ -422,7 +422,6 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             dtype = a.dtype  # tested by type, as `isinstance(a, jax.Array)` is slow
             if not isinstance(dtype, np.dtype) or dtype.kind == "c":
                 return None  # an extended dtype (PRNG keys) or complex: JAX's alone
-            seen_weak = seen_weak or a.weak_type
             a = _converted(a)
         elif isinstance(a, (int, float)):  # a Python number (np.float64 is a float too)
             dtype = _literal_dtype(a, args)
@@ -438,7 +437,9 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
         if out is None:
             out = list(args)
         out[i] = a
-    if not seen_host or (seen_weak and not seen_float):
+    if not seen_host or (
+        not seen_float and any(type(a) is _ArrayImpl and a.weak_type for a in args)
+    ):
         # (weakly typed floats beside no strong float, as a select of weak cases
         # by a NumPy mask: JAX's result is weakly typed, which NumPy cannot say)
         return None

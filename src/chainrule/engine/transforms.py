@@ -103,16 +103,16 @@ def _box_leaf(
     An integer or boolean leaf that `mode` allows (`allow_int`, or `cr.vjp`) is
     returned unboxed: its cotangent is a float0 zero array, as in JAX.
     """
+    if not mode.holomorphic and type(x) is not np.ma.MaskedArray:
+        on_host = host.to_host(x)
+        if on_host is not None:  # a float32/float64 array: nothing to check
+            return trace.new_input(on_host)
     if isinstance(x, np.ma.MaskedArray):  # (an ndarray: its mask would be ignored)
         raise ValueError(
             f"{fun_name}: {where()} is a NumPy masked array; JAX does not support masked "
             "arrays, and its data would be used with the mask ignored. Pass "
             "x.filled(fill_value), or the data and the mask as separate arrays."
         )
-    if not mode.holomorphic:
-        on_host = host.to_host(x)
-        if on_host is not None:  # a float32/float64 array: nothing to check
-            return trace.new_input(on_host)
     if isinstance(x, (Tracer, jax.Array)) or isinstance(x, jax.core.Tracer):
         value = x
     elif isinstance(x, (float, int, complex, np.ndarray, np.generic)) and not isinstance(x, str):
@@ -299,12 +299,12 @@ def weak_as(x: Any, like: Any) -> Any:
     input's is strong (even if a weak constant, a Python-number carry, made
     it). A chainrule Tracer (an inner transform's result) is left as it is: the
     outer one types its own."""
-    if isinstance(x, Tracer) or not hasattr(x, "weak_type"):
+    if isinstance(x, Tracer):
         return x
-    weak = getattr(like, "weak_type", False) or (
-        isinstance(like, (int, float, complex)) and not isinstance(like, (bool, np.generic))
-    )
-    if x.weak_type == weak:
+    weak = getattr(like, "weak_type", None)
+    if weak is None:  # a NumPy value (strong), or a Python number (weak; not a bool,
+        weak = type(like) in (int, float, complex)  # and np.float64 is not one)
+    if getattr(x, "weak_type", weak) == weak:
         return x
     return lax_internal._convert_element_type(x, x.dtype, weak_type=weak)
 
