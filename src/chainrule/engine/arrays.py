@@ -126,7 +126,7 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
 def _as_weak_operand(x: Any, dtype: Any) -> Any:
     """A strongly typed operand (a boolean or integer array) converted to the
     weakly typed `dtype` of a result it joins, as `jax.numpy` converts it."""
-    return rules.convert_element_type_p.bind(x, new_dtype=np.dtype(dtype), weak_type=True)
+    return rules.convert_element_type(x, dtype, weak_type=True)
 
 
 def _is_weak(x: Any) -> bool:

@@ -29,7 +29,6 @@ from chainrule.engine.rules.shape import (
     broadcast_in_dim,
     conj,
     convert_element_type,
-    convert_element_type_p,
     is_complex,
     unbroadcast,
 )
@@ -244,7 +243,7 @@ def masked_product(mask: Any, x: Any) -> Any:
     zeros = zeros_like(x)
     value = raw(x)
     if getattr(value, "weak_type", False):  # zeros of x's weak type, so the result has it
-        zeros = convert_element_type_p.bind(zeros, new_dtype=value.dtype, weak_type=True)
+        zeros = convert_element_type(zeros, value.dtype, weak_type=True)
     return select_n(mask, zeros, x)
 
 

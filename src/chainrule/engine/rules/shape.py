@@ -100,7 +100,11 @@ convert_element_type_p = primitive(
 )
 
 
-def convert_element_type(x: Any, new_dtype: Any) -> Any:
+def convert_element_type(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
+    """`x` as `new_dtype` (weakly typed with `weak_type`, as `jax.numpy` converts
+    a boolean or integer array joining a weak float)."""
+    if weak_type:
+        return convert_element_type_p.bind(x, new_dtype=np.dtype(new_dtype), weak_type=True)
     if dtype_of(x) == np.dtype(new_dtype):
         return x
     return convert_element_type_p.bind(x, new_dtype=np.dtype(new_dtype))
