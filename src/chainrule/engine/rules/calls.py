@@ -158,21 +158,23 @@ def _typed_as(x: Any, aval: Any) -> Any:
     weak = getattr(x, "weak_type", False)  # (a host value is strongly typed)
     if weak == aval.weak_type or not isinstance(aval.dtype, np.dtype):
         return x
-    with jax.ensure_compile_time_eval():
-        return lax_internal._convert_element_type(x, aval.dtype, weak_type=aval.weak_type)
+    return _concrete_array(x, aval)
 
 
 def literal_output(v: Any) -> Any:
     """A literal output of a jaxpr as the `jax.Array` JAX's `jit` hands back for
     it: its dtype and weak type, not the Python number the literal holds (a
     `jit`-ted constant function, a `cond` branch returning `1.0`)."""
-    aval = v.aval
-    if not isinstance(aval.dtype, np.dtype):
+    if not isinstance(v.aval.dtype, np.dtype):
         return v.val
-    with jax.ensure_compile_time_eval():  # (a concrete array, whatever traces run)
-        return lax_internal._convert_element_type(
-            np.asarray(v.val, aval.dtype), aval.dtype, weak_type=aval.weak_type
-        )
+    return _concrete_array(np.asarray(v.val, v.aval.dtype), v.aval)
+
+
+def _concrete_array(x: Any, aval: Any) -> jax.Array:
+    """Concrete `x` as a `jax.Array` of `aval`'s dtype and weak type, computed
+    now whatever traces are running (so no tracer is kept in a plan)."""
+    with jax.ensure_compile_time_eval():
+        return lax_internal._convert_element_type(x, aval.dtype, weak_type=aval.weak_type)
 
 
 def _mask(eqn: Any, masks: dict[Any, Any], slot: Callable[[Any], int]) -> tuple | None:
