@@ -586,21 +586,4 @@ def hessian(
     """
     transforms._check_callable(fun, "cr.hessian")
     inner = jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic)
-    outer = jacfwd(inner, argnums, has_aux=has_aux, holomorphic=holomorphic)
-    _, dynamic = _split_argnums(fun, argnums, "cr.hessian", python_int_single=True)
-
-    @functools.wraps(fun)
-    def hessian_fun(*args: Any, **kwargs: Any):
-        out = outer(*args, **kwargs)
-        h, aux = (out[0], out[1:]) if has_aux else (out, ())
-        # JAX's jacrev blocks are weakly typed where their input is, and its
-        # jacfwd keeps that: a block (output, input i, input j) is weak where
-        # input i is. The leaves come in that order, input j fastest.
-        inputs = _tree_flatten(dynamic(args, kwargs)[1])[0]
-        leaves, tree = _tree_flatten(h)
-        n = len(inputs)
-        leaves = [transforms.weak_as(b, inputs[k // n % n]) for k, b in enumerate(leaves)]
-        h = _tree_unflatten(tree, leaves)
-        return (h, *aux) if has_aux else h
-
-    return hessian_fun
+    return jacfwd(inner, argnums, has_aux=has_aux, holomorphic=holomorphic)

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.lax import lax as lax_internal  # weak typing of results (JAX 0.10, pinned)
 
 from chainrule.engine import core, debugging, host, rules
 from chainrule.engine.arrays import ArrayTracer
@@ -297,16 +296,19 @@ def weak_as(x: Any, like: Any) -> Any:
     as JAX hands back a derivative: a Python number's gradient stays weakly
     typed, so `params - lr * grad` promotes as under `jax.grad`, and a strong
     input's is strong (even if a weak constant, a Python-number carry, made
-    it). A chainrule Tracer (an inner transform's result) is left as it is: the
-    outer one types its own."""
-    if isinstance(x, Tracer):
-        return x
+    it). A chainrule Tracer (an inner transform's result, inside an outer one:
+    `jacfwd(jacrev(f))`) is typed by a recorded conversion, so the outer
+    transform sees the weak type JAX's would."""
     weak = getattr(like, "weak_type", None)
     if weak is None:  # a NumPy value (strong), or a Python number (weak; not a bool,
         weak = type(like) in (int, float, complex)  # and np.float64 is not one)
+    if isinstance(x, Tracer):
+        if getattr(raw(x), "weak_type", False) == weak:
+            return x
+        return rules.convert_element_type_p.bind(x, new_dtype=x.dtype, weak_type=weak)
     if getattr(x, "weak_type", weak) == weak:
         return x
-    return lax_internal._convert_element_type(x, x.dtype, weak_type=weak)
+    return rules.retyped(x, x.dtype, weak_type=weak)
 
 
 def _output(x: Any, trace: Trace) -> Any:

@@ -33,13 +33,13 @@ from jax._src import ad_util
 from jax._src import core as jcore  # the Trace interface (JAX 0.10, pinned)
 from jax._src import linear_util as lu
 from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
-from jax._src.lax import lax as lax_internal  # weakly typed constants (JAX 0.10, pinned)
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core, host
 from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.registry import PRIMITIVES
+from chainrule.engine.rules.shape import retyped
 from chainrule.errors import NotDifferentiableError
 
 
@@ -174,7 +174,7 @@ def _concrete_array(x: Any, aval: Any) -> jax.Array:
     """Concrete `x` as a `jax.Array` of `aval`'s dtype and weak type, computed
     now whatever traces are running (so no tracer is kept in a plan)."""
     with jax.ensure_compile_time_eval():
-        return lax_internal._convert_element_type(x, aval.dtype, weak_type=aval.weak_type)
+        return retyped(x, aval.dtype, weak_type=aval.weak_type)
 
 
 def _mask(eqn: Any, masks: dict[Any, Any], slot: Callable[[Any], int]) -> tuple | None:

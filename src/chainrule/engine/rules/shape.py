@@ -44,6 +44,14 @@ defvjp(
 )
 
 
+def retyped(x: Any, new_dtype: Any, weak_type: bool) -> Any:
+    """`x` (a JAX value) as `new_dtype`, weakly typed or not as asked: JAX's own
+    conversion, the one that sets a weak type (`lax.convert_element_type`
+    always gives a strong one). chainrule's one way to type a result as JAX
+    does (a converted mask, a derivative, a constant output)."""
+    return lax_internal._convert_element_type(x, new_dtype, weak_type=weak_type)
+
+
 def _convert(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
     """lax's conversion; complex to real keeps the real part (as JAX's primitive
     does), without the warning `lax.convert_element_type` gives users for it.
@@ -54,7 +62,7 @@ def _convert(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
     ):
         x = lax.real(x)
     if weak_type:
-        return lax_internal._convert_element_type(x, new_dtype, weak_type=True)
+        return retyped(x, new_dtype, weak_type=True)
     return lax.convert_element_type(x, new_dtype)
 
 
