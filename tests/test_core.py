@@ -520,6 +520,34 @@ def test_derivatives_of_python_numbers_are_weakly_typed_as_in_jax(case):
     assert (bf16 - cr.grad(lambda s: s * 2.0)(0.5)).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["weak conversion", "strong conversion", "mask product", "mask product in jit"],
+)
+def test_this_sessions_rule_paths_against_jax_vjp(case):
+    """The weakly typed conversion (JAX's weak_type parameter) and the mask
+    product (XLA's select) at first and second order, eagerly, under jit and
+    under vmap, through the oracle."""
+    from jax._src.lax import lax as lax_internal
+
+    from tests.oracle import check_against_jax
+
+    m = jnp.asarray(np.arange(6).reshape(2, 3) % 4 != 0)
+    funs = {
+        "weak conversion": lambda x: (
+            lax_internal._convert_element_type(x, x.dtype, weak_type=True) * jnp.sin(x)
+        ),
+        "strong conversion": lambda x: (
+            lax_internal._convert_element_type(x * 2.0, x.dtype, weak_type=False) * x
+        ),
+        "mask product": lambda x: m * jnp.sin(x) * x,
+        "mask product in jit": lambda x: jax.jit(lambda m, v: m.astype(v.dtype) * v)(
+            m, jnp.cos(x) * x
+        ),
+    }
+    check_against_jax(funs[case], jnp.linspace(0.2, 1.4, 6).reshape(2, 3))
+
+
 _CONSTANT_OUTPUTS = {
     "cond": lambda x: lax.cond(x > 0, lambda x: 1.0, lambda x: x, x),
     "cond, constant first": lambda x: lax.cond(x < 0, lambda x: 1.0, lambda x: 2.0 * x, x),
