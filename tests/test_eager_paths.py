@@ -11,6 +11,9 @@
   dtype and weak type and bits: exact primitives are folded with NumPy
   (`Primitive.exact_on_host`), the rest left to JAX.
 * A `jit` body is read once into a plan (`rules/calls.py` `_Plan`) and reused.
+* The transposed rules of JAX's own functions (`jax.nn.relu`, `jnp.logaddexp`,
+  a rule inside a `jit` body) are read once per types and reused; a user's
+  rule outside `jit` runs on every gradient, as under `jax.grad`.
 """
 
 from __future__ import annotations
@@ -259,6 +262,112 @@ def test_a_jit_body_is_planned_once_and_reused():
     want = jax.grad(loss)(x)
     for g in (g1, g2):
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-6)
+
+
+# --- the transposed rules of JAX's functions, read once -------------------------------
+
+# JAX's functions with custom rules: defjvps rules at the top level (relu, logit,
+# ...) and rules inside a jit body (`jnp.logaddexp`, softplus, sinc, ...)
+JAX_RULES = {
+    **JAX_DEFJVPS,
+    "softplus": jax.nn.softplus,
+    "logaddexp": lambda z: jnp.logaddexp(z, 0.3 * z[::-1]),
+    "logaddexp2": lambda z: jnp.logaddexp2(z, 1.0),
+    "sinc": jnp.sinc,
+    "mish": jax.nn.mish,
+    "log_sigmoid": jax.nn.log_sigmoid,
+}
+EDGES = [0.0, -0.0, 1.0, np.inf, -np.inf, 1e-40, -1e-38, 40.0, -100.0]
+
+
+def _rule_loss(fn, dtype):
+    return lambda z: jnp.sum(fn(z) * jnp.arange(1, z.size + 1, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", sorted(JAX_RULES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_jax_functions_transposed_rule_is_read_once(monkeypatch, name, dtype):
+    """Read once per rule and types, then reused: the same numbers on every
+    call, those of the rule transposed anew (to rounding: the rule's operations
+    on the host, not one at a time on XLA) and of `jax.grad`."""
+    rng = np.random.default_rng(0)
+    loss = _rule_loss(JAX_RULES[name], dtype)
+    for values in (rng.normal(size=7) * 3, EDGES):
+        x = jnp.asarray(np.asarray(values, dtype))
+        calls._TRANSPOSED.clear()
+        first = cr.grad(loss)(x)
+        assert calls._TRANSPOSED, "the fast path was not taken"
+        entries = dict(calls._TRANSPOSED)
+        again = cr.grad(loss)(x)
+        assert calls._TRANSPOSED == entries  # reused, not read again
+        with monkeypatch.context() as m:
+            m.setattr(calls, "_transposed_rule_key", lambda *a: None)
+            anew = cr.grad(loss)(x)
+        want = jax.grad(loss)(x)
+        assert first.dtype == anew.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+        ulps = 64 * np.finfo(dtype).eps  # (libm against XLA, exp2 of -100: 16 ulp)
+        np.testing.assert_allclose(np.asarray(first), np.asarray(anew), rtol=ulps, atol=0)
+        np.testing.assert_allclose(np.asarray(first), np.asarray(want), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["softplus", "logaddexp", "sinc", "log_sigmoid"])
+def test_jax_functions_with_rules_in_a_jit_body_against_jax(name):
+    # (an exact 0, no value within rounding of it: sinc's derivatives there
+    # cancel catastrophically, to different noise in any two evaluations)
+    x = jnp.asarray([-2.75, -1.5, 0.0, 0.5, 1.25, 3.0, 6.5])
+    check_against_jax(JAX_RULES[name], x)
+
+
+RULE_SCALE = [1.0]  # read by the rule below when it runs
+
+
+@jax.custom_jvp
+def scaled_sin(x):
+    return jnp.sin(x)
+
+
+scaled_sin.defjvps(lambda t, ans, x: RULE_SCALE[0] * jnp.cos(x) * t)
+
+
+def test_a_users_rule_runs_on_every_gradient():
+    """A user's rule may read state that changes (as here, on purpose): it is
+    never read once, as `jax.grad` runs it on every eager gradient."""
+    calls._TRANSPOSED.clear()
+    x = jnp.float32(0.3)
+    for scale in (1.0, 3.0, -2.0):
+        RULE_SCALE[0] = scale
+        assert cr.grad(scaled_sin)(x) == jax.grad(scaled_sin)(x)
+    RULE_SCALE[0] = 1.0
+    assert not calls._TRANSPOSED
+
+
+def test_a_users_rule_inside_a_jit_body_against_jax():
+    """Inside a `jit` body JAX traces the rule once into a jaxpr (and reuses it
+    itself): that jaxpr's transpose is read once per types, here f32 and f64."""
+
+    @jax.jit
+    def body(x):
+        return scaled_product(x, 2.0 * x, 3) + only_first(x, x)
+
+    calls._TRANSPOSED.clear()
+    for dtype in (jnp.float32, jnp.float64):
+        x = jnp.linspace(-1.0, 1.0, 5, dtype=dtype)
+        check_against_jax(body, x)
+        got, want = cr.grad(lambda x: jnp.sum(body(x)))(x), jax.grad(lambda x: jnp.sum(body(x)))(x)
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    assert len(calls._TRANSPOSED) >= 2
+
+
+def test_the_transposed_rules_read_once_are_bounded(monkeypatch):
+    monkeypatch.setattr(calls, "_TRANSPOSED_LIMIT", 3)
+    calls._TRANSPOSED.clear()
+    for n in range(1, 8):  # a new shape: a new entry, the oldest goes
+        x = jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)
+        got = cr.grad(lambda x: jnp.sum(jax.nn.relu(x) * x))(x)
+        np.testing.assert_array_equal(np.asarray(got), np.where(np.asarray(x) > 0, 2 * x, 0))
+        assert len(calls._TRANSPOSED) == min(n, 3)
 
 
 # --- select_n on large host arrays: the bits, not np.where ----------------------------------

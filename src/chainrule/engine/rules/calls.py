@@ -13,7 +13,9 @@ These carry a function (a jaxpr, or a Python function for `custom_jvp` /
 * `custom_jvp_call` (`jax.nn.relu`, `softplus`, ... and users' own): one
   node whose VJP honours the user's JVP rule. The rule maps tangents to
   output tangents linearly (for fixed primals), so chainrule's reverse pass
-  over that map, at tangents = 0, gives its transpose: the VJP.
+  over that map, at tangents = 0, gives its transpose: the VJP. For JAX's own
+  rules (and rules JAX traced into a `jit` body) that transpose is read once
+  into a jaxpr per types and evaluated on later eager gradients.
 * `custom_vjp_call`: the user's `fwd` computes the outputs and residuals; the
   user's `bwd` is the rule.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from types import CodeType, FunctionType
 from typing import Any
 
 import jax
@@ -32,6 +35,8 @@ from jax import lax
 from jax._src import ad_util
 from jax._src import core as jcore  # the Trace interface (JAX 0.10, pinned)
 from jax._src import linear_util as lu
+from jax._src.config import trace_context
+from jax._src.custom_derivatives import lift_jvp
 from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
 from jax.extend.core import primitives as jax_primitives
 
@@ -59,6 +64,11 @@ def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
     plan = _PLANS.get(jaxpr)
     if plan is None:
         plan = _PLANS[jaxpr] = _Plan(jaxpr)
+    return _run_plan(trace, plan, consts, args)
+
+
+def _run_plan(trace: Trace, plan: _Plan, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """The outputs of `plan`'s jaxpr on `consts` and `args`, `trace` current."""
     env = plan.template.copy()
     env[: plan.n_consts] = consts
     env[plan.n_consts : plan.n_inputs] = args
@@ -99,11 +109,15 @@ def _eval_equations(trace: Trace, plan: _Plan, env: list[Any]) -> None:
 
 class _Plan:
     """A jaxpr read for `eval_body`: every variable numbered (constants, inputs,
-    then literals and equation outputs), literals' values filled in."""
+    then literals and equation outputs), literals' values filled in.
+
+    `xla_masks`: products by converted masks are evaluated as XLA compiles
+    them in one program (`_mask`); False for a jaxpr JAX would run one
+    operation at a time (an eager custom rule's operations)."""
 
     __slots__ = ("template", "n_consts", "n_inputs", "eqns", "taken", "outs", "__weakref__")
 
-    def __init__(self, jaxpr: Any):
+    def __init__(self, jaxpr: Any, *, xla_masks: bool = True):
         slots: dict[Any, int] = {}
         template: list[Any] = []
 
@@ -130,7 +144,8 @@ class _Plan:
             plain = type(prim).bind_with_trace is _PLAIN_BIND
             out = outs if prim.multiple_results else outs[0]
             rule = PRIMITIVES.get(prim.name)
-            eqns.append((prim, eqn.params, ins, out, plain, eqn, rule, _mask(eqn, masks, slot)))
+            mask = _mask(eqn, masks, slot) if xla_masks else None
+            eqns.append((prim, eqn.params, ins, out, plain, eqn, rule, mask))
             if prim.name == "convert_element_type" and masks_as_xla_does(
                 eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
             ):
@@ -365,28 +380,135 @@ class _CustomJVP(Primitive):
     def vjp(self, g: Any, node: Node) -> list[Any]:
         # the rule's operations on these stay on the host (`host.for_user`)
         primals = [host.immutable(p) for p in node.primals]
-        outs, jvp = [host.immutable(o) for o in node.ans], node.params["jvp"]
-        n_out = len(outs)
+        outs = [host.immutable(o) for o in node.ans]
+        cts = _cotangents(g, outs)
         diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
         per_argument = _per_argument_rules(node)
-
-        def tangent_map(*diff_tangents: Any) -> list[Any]:
-            tangents = [np.zeros(np.shape(raw(p)), jax.dtypes.float0) for p in primals]
-            for i, t in zip(diff, diff_tangents, strict=True):
-                tangents[i] = t
-            if per_argument is not None:
-                return _summed_tangents(per_argument, primals, tangents, outs)
-            for store in jvp.stores:  # the rule may run more than once (vjp_fn twice)
-                if store is not None:
-                    store.reset()
-            results = jvp.call_wrapped(*primals, *tangents)
-            return [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
-
-        tangent_cts = vjp_flat(
-            tangent_map, [zeros_like(primals[i]) for i in diff], _cotangents(g, outs)
-        )
+        key = _transposed_rule_key(node, per_argument, (*primals, *outs, *cts))
+        if key is None:
+            tangent_cts = _transposed_rule(node, per_argument, diff, primals, outs, cts)
+        else:
+            tangent_cts = _cached_transposed_rule(key, node, per_argument, diff, primals, outs, cts)
         by_primal = dict(zip(diff, tangent_cts, strict=True))
         return [by_primal[i] for i in node.argnums]
+
+
+def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
+    """The cotangents of the differentiable primals (`diff`): chainrule's reverse
+    pass over the rule's map from their tangents to the output tangents (linear,
+    for fixed primals), taken at tangents = 0."""
+    jvp, n_out = node.params["jvp"], len(outs)
+
+    def tangent_map(*diff_tangents: Any) -> list[Any]:
+        tangents = [np.zeros(np.shape(raw(p)), jax.dtypes.float0) for p in primals]
+        for i, t in zip(diff, diff_tangents, strict=True):
+            tangents[i] = t
+        if per_argument is not None:
+            return _summed_tangents(per_argument, primals, tangents, outs)
+        for store in jvp.stores:  # the rule may run more than once (vjp_fn twice)
+            if store is not None:
+                store.reset()
+        results = jvp.call_wrapped(*primals, *tangents)
+        return [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
+
+    return vjp_flat(tangent_map, [zeros_like(primals[i]) for i in diff], cts)
+
+
+# --- the transposed rules of JAX's functions, read once -------------------------------
+
+# (rule, JAX's tracing context, types of its values) -> (plan, consts). An eager
+# gradient through `jax.nn.relu` or `jnp.logaddexp` transposes the same rule on
+# values of the same types every step; tracing and transposing it each time
+# (JAX's `lax` Python, chainrule's trace and reverse pass) costs several times
+# evaluating the result. Bounded: the oldest entry goes first.
+_TRANSPOSED: dict[tuple, tuple[_Plan, Any]] = {}
+_TRANSPOSED_LIMIT = 256
+# the code of the rule JAX gives a `custom_jvp` inside a jaxpr (JAX 0.10, pinned)
+_LIFT_JVP_CODE = next(
+    c for c in lift_jvp.__code__.co_consts if isinstance(c, CodeType) and c.co_name == "jvp"
+)
+
+
+def _transposed_rule_key(node: Node, per_argument: Any, values: Sequence[Any]) -> tuple | None:
+    """A key naming what the rule's transpose computes on `values`, where it can
+    be read once and reused; None where the rule must run each time.
+
+    Reused: a rule JAX traced into a jaxpr already (a `custom_jvp` function
+    inside a `jit` body, `jnp.logaddexp`: JAX itself reuses that trace), and
+    `defjvps` rules that are JAX's own functions without closures (`jax.nn.relu`:
+    what they compute depends only on their code and arguments' types). A
+    user's rule runs each time, as under `jax.grad` (it may read state that
+    changes). Only eagerly, on concrete values: under a transform the values
+    are traced and the rule is read once anyway.
+    """
+    if per_argument is not None:
+        rules, in_tree, out_tree = per_argument
+        codes = []
+        for r in rules:
+            if r is None:
+                codes.append(None)
+                continue
+            if not _closed_jax_function(r):
+                return None
+            codes.append(r.__code__)
+        rule: Any = ("defjvps", tuple(codes), in_tree, out_tree)
+    else:
+        jvp = node.params["jvp"]
+        f = jvp.f
+        if getattr(f, "__code__", None) is not _LIFT_JVP_CODE or jvp.transforms:
+            return None
+        cells = dict(zip(f.__code__.co_freevars, f.__closure__, strict=True))
+        rule = ("jaxpr", cells["jvp_jaxpr_fun"].cell_contents, cells["num_consts"].cell_contents)
+    types = []
+    for v in values:
+        t = _concrete_type(v)
+        if t is None:
+            return None
+        types.append(t)
+    return (rule, trace_context(), tuple(types))
+
+
+def _closed_jax_function(f: Any) -> bool:
+    """A function of JAX's own modules that closes over nothing and has no
+    defaults: its code says all it computes."""
+    return (
+        type(f) is FunctionType
+        and f.__closure__ is None
+        and f.__defaults__ is None
+        and f.__kwdefaults__ is None
+        and (f.__module__ or "").startswith("jax.")
+    )
+
+
+def _concrete_type(v: Any) -> tuple | None:
+    """(shape, dtype, weak type) of a concrete array value; None for a traced one."""
+    if isinstance(v, (np.ndarray, np.generic)):  # (host values are strongly typed)
+        return (v.shape, v.dtype, False)
+    if isinstance(v, jax.Array) and not isinstance(v, jcore.Tracer):
+        return (v.shape, v.dtype, v.weak_type)
+    return None
+
+
+def _cached_transposed_rule(key, node, per_argument, diff, primals, outs, cts) -> list[Any]:
+    """`_transposed_rule`, from a jaxpr of it traced once per `key`, evaluated
+    on the host as chainrule evaluates the rule's operations eagerly."""
+    entry = _TRANSPOSED.get(key)
+    if entry is None:
+        n_p, n_o = len(primals), len(outs)
+
+        def transposed(*values: Any) -> list[Any]:
+            ps, os_, cs = values[:n_p], values[n_p : n_p + n_o], values[n_p + n_o :]
+            return _transposed_rule(node, per_argument, diff, list(ps), list(os_), list(cs))
+
+        closed = jax.make_jaxpr(transposed)(*primals, *outs, *cts)
+        # a `defjvps` rule runs eagerly one operation at a time under JAX too;
+        # a rule from a jaxpr is compiled with it
+        plan = _Plan(closed.jaxpr, xla_masks=per_argument is None)
+        if len(_TRANSPOSED) >= _TRANSPOSED_LIMIT:
+            del _TRANSPOSED[next(iter(_TRANSPOSED))]
+        entry = _TRANSPOSED[key] = (plan, closed.consts)
+    plan, consts = entry
+    return _run_plan(_HOST_TRACE, plan, consts, [*primals, *outs, *cts])
 
 
 def _summed_tangents(per_argument, primals, tangents, outs) -> list[Any]:
