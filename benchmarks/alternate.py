@@ -4,7 +4,8 @@
 temporary `git worktree`, then times, in a fresh process per commit and
 round, `cr.grad(f, argnums)(*args)` built per call (as section 3 does) for the
 operator spelling of the tutorial, the ReLU tutorial and the MLP 10-5-1
-(with its data as `jax.Array`s and as NumPy arrays). The commits take turns,
+(with its data as `jax.Array`s and as NumPy arrays), and for the `jax.numpy`
+spelling of the same three. The commits take turns,
 round after round, so that the machine's drift reaches them alike; each
 process reports the best of `--repeats` loops of `--calls` calls in CPU time
 (`time.process_time`), and the table gives, per commit, the smallest and the
@@ -40,20 +41,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = ("tutorial", "relu", "mlp_jax_data", "mlp_numpy_data")
+CASES = (
+    "tutorial",
+    "relu",
+    "mlp_jax_data",
+    "mlp_numpy_data",
+    "tutorial_jnp",
+    "relu_jnp",
+    "mlp_jnp",
+)
 
 
 def cases() -> dict[str, Callable[[], object]]:
     """The timed calls, by name: section 3's three small cases in the operator
-    spelling (`eager.cases`), the MLP also with its data as NumPy arrays
-    (chainrule imported from wherever `sys.path` finds it)."""
+    spelling (`eager.cases`), the MLP also with its data as NumPy arrays, and
+    the three in the `jax.numpy` spelling (chainrule imported from wherever
+    `sys.path` finds it)."""
     import numpy as np
 
     import chainrule as cr
     from benchmarks import eager
 
-    def call(case: dict, args: tuple) -> Callable[[], object]:
-        return lambda: cr.grad(case["cnp"], case["argnums"])(*args)
+    def call(case: dict, args: tuple, spelling: str = "cnp") -> Callable[[], object]:
+        return lambda: cr.grad(case[spelling], case["argnums"])(*args)
 
     tutorial, relu, mlp = eager.cases(quick=True)[:3]
     params, x, y = mlp["args"]
@@ -62,6 +72,9 @@ def cases() -> dict[str, Callable[[], object]]:
         "relu": call(relu, relu["args"]),
         "mlp_jax_data": call(mlp, mlp["args"]),
         "mlp_numpy_data": call(mlp, (params, np.asarray(x), np.asarray(y))),
+        "tutorial_jnp": call(tutorial, tutorial["args"], "jnp"),
+        "relu_jnp": call(relu, relu["args"], "jnp"),
+        "mlp_jnp": call(mlp, mlp["args"], "jnp"),
     }
 
 
