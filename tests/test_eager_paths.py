@@ -12,8 +12,9 @@
   (`Primitive.exact_on_host`), the rest left to JAX.
 * A `jit` body is read once into a plan (`rules/calls.py` `_Plan`) and reused.
 * The transposed rules of JAX's own functions (`jax.nn.relu`, `jnp.logaddexp`,
-  a rule inside a `jit` body) are read once per types and reused; a user's
-  rule outside `jit` runs on every gradient, as under `jax.grad`.
+  a rule inside a `jit` body) and the bodies of JAX's own functions are read
+  once per types and reused; a user's rule and body outside `jit` run on every
+  gradient, as under `jax.grad`.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ EDGES = [0.0, -0.0, 1.0, np.inf, -np.inf, 1e-40, -1e-38, 40.0, -100.0]
 
 
 def _rule_loss(fn, dtype):
-    return lambda z: jnp.sum(fn(z) * jnp.arange(1, z.size + 1, dtype=dtype))
+    return lambda z: jnp.sum(fn(z) * jnp.arange(1, z.size + 1, dtype=dtype).reshape(z.shape))
 
 
 @pytest.mark.parametrize("name", sorted(JAX_RULES))
@@ -358,6 +359,43 @@ def test_a_users_rule_inside_a_jit_body_against_jax():
         assert got.dtype == want.dtype
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
     assert len(calls._TRANSPOSED) >= 2
+
+
+def test_a_jax_functions_body_is_read_once_and_gives_its_numbers(monkeypatch):
+    """`jax.nn.relu`'s body (a `jit` function) and logit's (plain `jax.numpy`
+    code) are read into jaxprs once per types, on the host: the same bits as
+    running the body, and JAX's output structure reaches `custom_jvp.__call__`."""
+    rng = np.random.default_rng(1)
+    for fn in (jax.nn.relu, jax.scipy.special.logit):
+        for dtype in (np.float32, np.float64):
+            x = jnp.asarray(rng.uniform(0.05, 0.95, (3, 4)).astype(dtype))
+            loss = _rule_loss(fn, dtype)
+            calls._BODIES.clear()
+            first = cr.value_and_grad(loss)(x)
+            assert len(calls._BODIES) == 1
+            again = cr.value_and_grad(loss)(x)
+            assert len(calls._BODIES) == 1
+            with monkeypatch.context() as m:
+                m.setattr(calls, "_read_body", lambda *a: None)
+                ran = cr.value_and_grad(loss)(x)
+            for a, b, c in zip(first, again, ran, strict=True):
+                assert a.dtype == b.dtype == c.dtype
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+            want = jax.value_and_grad(loss)(x)
+            np.testing.assert_allclose(np.asarray(first[1]), np.asarray(want[1]), rtol=1e-5)
+
+
+def test_a_users_body_runs_on_every_call():
+    calls._BODIES.clear()
+    x = jnp.linspace(0.1, 1.0, 4)
+    for scale in (1.0, 2.0):
+        RULE_SCALE[0] = scale
+        got = cr.value_and_grad(lambda x: jnp.sum(scaled_sin(x)))(x)
+        want = jax.value_and_grad(lambda x: jnp.sum(scaled_sin(x)))(x)
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-6)
+    RULE_SCALE[0] = 1.0
+    assert not calls._BODIES
 
 
 def test_the_transposed_rules_read_once_are_bounded(monkeypatch):

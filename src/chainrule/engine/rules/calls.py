@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from functools import partial
 from types import CodeType, FunctionType
 from typing import Any
 
@@ -366,9 +367,63 @@ _HOST_TRACE = Trace(for_user=False)
 
 def _custom_jvp_host(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> list[Any]:
     """The function's value on host values: its body, each operation with NumPy
-    (the body's results, handed back as its code returned them, read as NumPy)."""
-    outs = _HOST_TRACE.run(fun.call_wrapped, *map(host.immutable, args))
+    (the body's results, handed back as its code returned them, read as NumPy).
+
+    A body that is a jaxpr (a `custom_jvp` inside a `jit` body) is evaluated as
+    one; a body of JAX's own (`jax.nn.relu`'s) is read into a jaxpr once per
+    types (its code says all it computes), skipping `jit`'s Python entry and
+    `jax.numpy`'s Python on later calls. A user's body runs each time."""
+    args = tuple(map(host.immutable, args))
+    f = fun.f
+    if type(f) is partial and f.func is jcore.jaxpr_as_fun and not fun.transforms:
+        outs = eval_body(_HOST_TRACE, f.args[0], args)
+    else:
+        read = _read_body(fun, args)
+        if read is None:
+            outs = _HOST_TRACE.run(fun.call_wrapped, *args)
+        else:
+            closed, out_tree = read
+            outs = eval_body(_HOST_TRACE, closed, args)
+            # what the flattening wrapper stores when the body runs: JAX's
+            # `custom_jvp.__call__` reads the output's structure from it
+            fun.stores[0].store((out_tree, [jcore.typeof(o) for o in outs], ()))
     return [np.asarray(o) if isinstance(o, jax.Array) else o for o in outs]
+
+
+# (body, its input structure, JAX's tracing context, the types of its
+# arguments) -> (its jaxpr, its output structure); bounded as `_TRANSPOSED`
+_BODIES: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _read_body(fun: Any, args: Sequence[Any]) -> tuple[Any, Any] | None:
+    """The jaxpr and output structure of a `custom_jvp` body of JAX's own on
+    arguments of these types, read once; None for any other body."""
+    f = fun.f
+    body = getattr(f, "__wrapped__", None) if type(f) is _PJIT_FUNCTION else f
+    if not _closed_jax_function(body) or len(fun.transforms) != 1:
+        return None
+    transform, params = fun.transforms[0]
+    if transform.__name__ != "_flatten_fun_nokwargs" or len(fun.stores) != 1:
+        return None
+    (in_tree,) = params
+    types = tuple(map(_concrete_type, args))
+    if None in types:
+        return None
+    key = (f, in_tree, trace_context(), types)
+    read = _BODIES.get(key)
+    if read is None:
+
+        def flat(*flat_args: Any) -> Any:
+            return f(*jax.tree_util.tree_unflatten(in_tree, flat_args))
+
+        closed, shapes = jax.make_jaxpr(flat, return_shape=True)(*args)
+        if len(_BODIES) >= _TRANSPOSED_LIMIT:
+            del _BODIES[next(iter(_BODIES))]
+        read = _BODIES[key] = (closed, jax.tree_util.tree_structure(shapes))
+    return read
+
+
+_PJIT_FUNCTION = type(jax.jit(lambda: None))
 
 
 class _CustomJVP(Primitive):
