@@ -386,14 +386,37 @@ def test_linear_transpose_matches_jax(name, mode):
 
 
 @pytest.mark.parametrize(
-    "fun", [jnp.sin, lambda x: x * x, lambda x: jnp.maximum(x, 0.0), lambda x: 1.0 / x]
+    "fun",
+    [
+        jnp.sin,
+        lambda x: x * x,
+        lambda x: jnp.maximum(x, 0.0),
+        lambda x: 1.0 / x,
+        # nonlinear through an operation whose result is not traced: the tape
+        # alone looks linear (a scaling by a "constant" computed from x)
+        lambda x: jax.lax.stop_gradient(x) + x,
+        lambda x: x * jnp.sign(x),
+        lambda x: jnp.where(x > 0, x, 0.0),
+        jnp.round,
+        lambda x: x[jnp.argmax(x)] * x,
+    ],
 )
 def test_linear_transpose_of_a_nonlinear_function_raises_not_implemented(fun):
-    x = jnp.ones(3)
+    x = jnp.asarray([-1.0, 2.0, 3.5])
     with pytest.raises((NotImplementedError, AssertionError)):  # JAX: by primitive
         jax.linear_transpose(fun, x)(x)
     with pytest.raises(NotImplementedError, match="not linear"):
         cr.linear_transpose(fun, x)
+
+
+def test_linear_transpose_refuses_a_cast_of_an_input_to_integers():
+    """JAX transposes `x + int(x)` as if the cast were 0 (its derivative), and
+    `x * int(x)` raises; chainrule cannot tell them apart from its tape (the
+    cast's result is a constant to it), so it refuses both."""
+    x = jnp.asarray([-1.0, 2.0, 3.5])
+    for fun in (lambda x: x.astype(jnp.int32) + x, lambda x: x * x.astype(jnp.int32)):
+        with pytest.raises(NotImplementedError, match="convert_element_type"):
+            cr.linear_transpose(fun, x)
 
 
 def test_linear_transpose_checks_cotangents_and_dtypes():

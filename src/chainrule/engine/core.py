@@ -466,7 +466,7 @@ class Trace(jcore.Trace):
     pass run there.
     """
 
-    __slots__ = ("level", "parent", "tracer_type", "taps", "eager", "for_user")
+    __slots__ = ("level", "parent", "tracer_type", "taps", "eager", "for_user", "untraced_uses")
 
     def __init__(self, tracer_type: type[Tracer] = Tracer, *, for_user: bool = True):
         # jcore.Trace.__init__'s three fields, set here (once per transform call)
@@ -477,6 +477,9 @@ class Trace(jcore.Trace):
         self.tracer_type = tracer_type
         self.parent = parent = _current_trace.value  # the current trace, which this one nests in
         self.taps = None  # a debugging.TapSink when the transform collects taps
+        # a list when a transform must know every operation on this trace's values
+        # whose output is not traced (`cr.linear_transpose`'s linearity check)
+        self.untraced_uses: list[str] | None = None
         # untraced results go to code as JAX hands them (`host.for_user`); False
         # for a trace that only evaluates chainrule's own calls on host values
         self.for_user = for_user
@@ -551,6 +554,8 @@ class Trace(jcore.Trace):
                 on_host = not subnormal and host.host_operands(primals) is not None
                 with jcore.set_current_trace(self if on_host else self.parent):
                     ans = prim.impl(*primals, **params)
+        if self.untraced_uses is not None and argnums:
+            self._note_untraced_outputs(prim, ans)
         if not prim.differentiable:  # its output is never traced: no node
             if prim.multiple_results:
                 return [host.immutable(raw(a)) for a in ans]
@@ -568,6 +573,14 @@ class Trace(jcore.Trace):
             else host.immutable(raw(a))
             for i, a in enumerate(ans)
         ]
+
+    def _note_untraced_outputs(self, prim: Primitive, ans: Any) -> None:
+        """Notes `prim` in `untraced_uses` when it computes, from this trace's
+        values, an output that is not traced (a comparison, `stop_gradient`, a
+        cast to an integer): what the tape cannot see depends on the inputs."""
+        outs = ans if prim.multiple_results else (ans,)
+        if not prim.differentiable or not all(is_differentiable(raw(a)) for a in outs):
+            self.untraced_uses.append(prim.name)
 
     # --- JAX's interpreter interface: JAX code running on this trace's values ---
 

@@ -303,7 +303,9 @@ def linear_transpose(fun: Callable, *primals: Any) -> Callable:
     Raises:
       NotLinearError: (a `NotImplementedError`, as JAX raises for a primitive
         without a transpose rule) when `fun` applies a nonlinear operation to
-        its inputs, such as `sin(x)` or `x * x`.
+        its inputs, such as `sin(x)` or `x * x`, or one whose result has no
+        derivative (`x > 0`, `jnp.sign(x)`, `stop_gradient(x)`, a cast to an
+        integer), even where the result is then used as a constant.
       TypeError: for non-float inputs or outputs.
 
     Examples:
@@ -319,12 +321,24 @@ def linear_transpose(fun: Callable, *primals: Any) -> Callable:
     ]
     _check_linear_dtypes(leaves, "input")
     args = _tree_unflatten(tree, points)
+
+    def watch(trace: core.Trace, boxed: list[Any]) -> None:
+        trace.untraced_uses = []
+
     with transforms.host.evaluating():
         trace, out, tracers, trees = transforms.trace_call(
-            fun, args, tuple(range(len(primals))), "cr.linear_transpose"
+            fun, args, tuple(range(len(primals))), "cr.linear_transpose", prepare=watch
         )
     out_leaves, out_tree = _tree_flatten(out)
     _check_linear_dtypes(out_leaves, "output")
+    if trace.untraced_uses:
+        raise NotLinearError(
+            f"cr.linear_transpose: {getattr(fun, '__name__', 'the function')} is not linear "
+            f"in its inputs: it applies '{trace.untraced_uses[0]}' to values computed from "
+            "them, which gives a result with no derivative (a comparison, a rounding, "
+            "stop_gradient, a cast to an integer). What depends on the inputs through it "
+            "cannot be transposed; for a nonlinear function use cr.vjp at a point."
+        )
     node = _nonlinear_node(out_leaves, trace)
     if node is not None:
         raise NotLinearError(
