@@ -381,8 +381,14 @@ class HostArray(np.ndarray):
 
 
 def immutable(x: Any) -> Any:
-    """`x` as a `HostArray` if it is a NumPy array (no copy), else unchanged."""
-    return x.view(HostArray) if type(x) is np.ndarray else x
+    """`x` as a `HostArray` if it is a NumPy array (no copy) or scalar (NumPy's
+    result on 0-d arrays: a value computed here, never the user's), else
+    unchanged."""
+    if type(x) is np.ndarray:
+        return x.view(HostArray)
+    if isinstance(x, np.generic):
+        return np.asarray(x).view(HostArray)
+    return x
 
 
 def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...] | None:
@@ -608,7 +614,3 @@ def to_jax(x: Any, *, copy: bool = False) -> Any:
 # From this many bytes `to_jax` lets XLA make the copy it must make (a small
 # array costs less to copy than to check).
 _COPY_CHECKED_SIZE = 1 << 16
-
-
-def tree_to_jax(tree: Any, *, copy: bool = False) -> Any:
-    return jax.tree_util.tree_map(lambda x: to_jax(x, copy=copy), tree)

@@ -257,7 +257,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
     aux = None
     if has_aux:
         out, aux = _split_aux(out, "cr.vjp")
-        aux = host.tree_to_jax(jax.tree_util.tree_map(lambda x: _unbox(x, trace), aux), copy=True)
+        aux = jax.tree_util.tree_map(lambda x: _output(x, trace), aux)
     out_leaves, out_tree = jax.tree_util.tree_flatten(out)
     primal_out = jax.tree_util.tree_unflatten(out_tree, [_output(o, trace) for o in out_leaves])
 
@@ -312,10 +312,15 @@ def weak_as(x: Any, like: Any) -> Any:
 
 
 def _output(x: Any, trace: Trace) -> Any:
-    """An output of the user's function, unboxed and handed back as JAX values:
-    computed values as they are, anything the function returned untouched copied."""
+    """A leaf of the user's function's output or aux, handed back as JAX hands
+    it back: a traced value, or a value chainrule computed on the host (a
+    `HostArray`, e.g. `stop_gradient(x)`), as a `jax.Array` (copied where the
+    function may still hold it); the function's own NumPy values and Python
+    numbers untouched (a NumPy int64 stays one, it is not cut to int32)."""
     if isinstance(x, Tracer) and x._trace is trace:
         return host.to_jax(x.value)
+    if isinstance(x, host.HOST_TYPES) and type(x) is not host.HostArray:
+        return x
     return host.to_jax(x, copy=True)
 
 
@@ -445,8 +450,7 @@ def _value_and_grad(
             aux = None
             if has_aux:
                 out, aux = _split_aux(out, name)
-                aux = jax.tree_util.tree_map(lambda x: _unbox(x, trace), aux)
-                aux = host.tree_to_jax(aux, copy=True)
+                aux = jax.tree_util.tree_map(lambda x: _output(x, trace), aux)
             _check_scalar(out, name, mode.holomorphic)
             # the backward pass runs on the trace outside (current again)
             if isinstance(out, Tracer) and out._trace is trace:
