@@ -700,6 +700,9 @@ _OTHERS = {
     "jax same": lambda dt, shape: jnp.full(shape, 0.25, dt),
     "jax row": lambda dt, shape: jnp.linspace(-2.0, 2.0, shape[-1], dtype=dt),
     "jax weak": lambda dt, shape: jnp.asarray(2.0),
+    "jax weak int": lambda dt, shape: jnp.asarray(3),
+    "jax int scalar": lambda dt, shape: jnp.int32(2),
+    "numpy int scalar": lambda dt, shape: np.int32(2),
     "numpy mask": lambda dt, shape: np.arange(np.prod(shape)).reshape(shape) % 3 == 0,
     "jax mask": lambda dt, shape: jnp.arange(np.prod(shape)).reshape(shape) % 3 != 0,
     "jax mask row": lambda dt, shape: jnp.arange(shape[-1]) % 2 == 0,
@@ -712,12 +715,13 @@ _OPS = {  # (chainrule.numpy spelling, jax.numpy spelling: the oracle)
     "maximum": (cnp.maximum, jnp.maximum),
     "tanh of mul": (lambda a, b: cnp.tanh(a * b), lambda a, b: jnp.tanh(a * b)),
     "pow": (lambda a, b: (a * b) ** 2,) * 2,
+    "power": (lambda a, b: a**b,) * 2,
     "mean": (lambda a, b: cnp.mean(a * b, axis=0), lambda a, b: jnp.mean(a * b, axis=0)),
     "matmul w.T": (lambda a, b: a @ (a * b).T,) * 2,
 }
 
 
-@settings(max_examples=90, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     op=st.sampled_from(sorted(_OPS)),
     other=st.sampled_from(sorted(_OTHERS)),
@@ -759,6 +763,24 @@ def test_operator_fast_paths_match_jax_dtype_weak_type_values_and_gradients(
         tol = 1e-5 if single else 1e-12
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         np.testing.assert_allclose(got_ct, want_ct, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("weak_input", [True, False])
+def test_operators_with_python_complex_numbers_match_jax(weak_input):
+    x = lax.full((3,), 1.25) if weak_input else jnp.asarray([0.5, 1.0, 1.5], jnp.float32)
+    for op in (
+        lambda a: a * 1j,
+        lambda a: a + (1 - 2j),
+        lambda a: 1j - a,
+        lambda a: a / 2j,
+        lambda a: a ** (0.5 + 1j),
+    ):
+        want, want_vjp = jax.vjp(op, x)
+        got, got_vjp = cr.vjp(op, x)
+        assert (got.dtype, got.weak_type) == (want.dtype, want.weak_type)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        ct = jnp.ones_like(want) * (1 - 1j)
+        np.testing.assert_allclose(got_vjp(ct)[0], want_vjp(ct)[0], rtol=1e-5)
 
 
 @jax.custom_vjp

@@ -110,13 +110,15 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
         # lax takes the Python numbers as they are and keeps the weak type.
         # A Python int beside floats becomes a float (beside complex numbers a
         # complex), as lax wants one kind.
+        # An array operand is weakly typed `dtype` after, as in `jax.numpy`: a
+        # weak int array beside a weak float is converted to a weak float.
         inexact_result = jnp.issubdtype(dtype, jnp.inexact)
         kind = complex if jnp.issubdtype(dtype, jnp.complexfloating) else float
         return [
             (kind(a) if inexact_result and not isinstance(a, bool) else a)
             if _is_python_scalar(a)
-            else _as_operand(a, dtype)
-            if _is_weak(a)
+            else a
+            if _is_weak(a) and rules.dtype_of(a) == dtype
             else _as_weak_operand(a, dtype)
             for a in args
         ]
@@ -292,11 +294,17 @@ sign = _unary("sign", rules.sign)
 
 
 def power(x: Any, y: Any) -> Any:
-    """x ** y; an integer exponent records `integer_pow`, as jax.numpy does."""
-    if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
-        if not _is_float_tracer(x):
-            (x,) = promote(x)
-        return rules.integer_pow(x, int(y))
+    """x ** y; a concrete integer exponent (a Python or NumPy integer, a 0-d
+    integer array) records `integer_pow`, as jax.numpy does."""
+    if not isinstance(y, jax.core.Tracer):
+        try:
+            n = operator.index(y)
+        except TypeError:
+            pass
+        else:
+            if not _is_float_tracer(x):
+                (x,) = promote(x)
+            return rules.integer_pow(x, n)
     if not isinstance(y, Tracer) and np.issubdtype(rules.dtype_of(y), np.integer):
         # an integer array exponent stays integer, as in jax.numpy (x**0 has
         # derivative 0 even at x = 0, where a float exponent 0 gives nan)
