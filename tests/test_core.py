@@ -6,6 +6,7 @@ differentiation, never by chainrule itself.
 """
 
 import gc
+import inspect
 import weakref
 
 import jax
@@ -219,8 +220,10 @@ def test_aux_and_constant_outputs_are_handed_back_as_jax_hands_them(x64):
 
 @pytest.mark.parametrize(
     "argnums",
-    [True, np.array(1), np.array([0, 1]), np.int64(1), [0, 1], (np.int64(0),), -1],
-    ids=["True", "0-d array", "1-d array", "np.int64", "list", "tuple of np.int64", "-1"],
+    [True, np.array(1), np.array([0, 1]), np.int64(1), [0, 1], (np.int64(0),), -1]
+    + [jnp.array(1), jnp.array([1, 0])],
+    ids=["True", "0-d array", "1-d array", "np.int64", "list", "tuple of np.int64", "-1"]
+    + ["0-d jax.Array", "1-d jax.Array"],
 )
 @pytest.mark.parametrize("transform", ["grad", "value_and_grad", "jacrev", "jacfwd", "hessian"])
 def test_argnums_are_read_as_jax_reads_them(argnums, transform):
@@ -907,3 +910,38 @@ def test_matmul_operator_against_jax(x_shape, y_shape, transposed, dtype):
             check_against_jax(lambda x, w: jnp.sin(x @ w.T), x, w)
     else:
         check_against_jax(lambda x, y: jnp.sin(x @ y), x, y)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["grad", "value_and_grad", "vjp", "jvp", "linearize", "linear_transpose", "jacfwd", "jacrev"]
+    + ["hessian"],
+)
+def test_every_parameter_of_the_jax_transform_is_taken_in_its_place(name):
+    """A call that works with `jax.<name>` works with `cr.<name>`: each of JAX's
+    parameters is there, of the same kind, positional ones in JAX's order."""
+    want = list(inspect.signature(getattr(jax, name)).parameters.values())
+    got = inspect.signature(getattr(cr, name)).parameters
+    for i, p in enumerate(want):
+        assert p.name in got, f"cr.{name} has no parameter {p.name}"
+        assert got[p.name].kind == p.kind, p.name
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            assert list(got)[i] == p.name, f"cr.{name}: {p.name} is not parameter {i}"
+        assert got[p.name].default == p.default, p.name
+
+
+def test_reduce_axes_is_taken_empty_and_refused_otherwise_as_in_jax():
+    f = lambda x: jnp.sum(x**2)  # noqa: E731
+    x = jnp.ones(3)
+    np.testing.assert_array_equal(cr.grad(f, reduce_axes=())(x), jax.grad(f, reduce_axes=())(x))
+    calls = [
+        lambda m: m.grad(f, reduce_axes=("i",))(x),
+        lambda m: m.value_and_grad(f, reduce_axes=("i",))(x),
+        lambda m: m.vjp(f, x, reduce_axes=("i",)),
+        lambda m: m.linear_transpose(lambda v: 2 * v, x, reduce_axes=("i",)),
+    ]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="deprecated"):
+            call(jax)
+        with pytest.raises(NotImplementedError, match="deprecated"):
+            call(cr)

@@ -64,6 +64,10 @@ def test_a_constant_python_number_loss_has_zero_gradient_as_in_jax(out, holomorp
 def test_bad_argnums_out_of_range(argnums):
     with pytest.raises(errors.ArgnumsError, match="positional argument"):
         cr.grad(lambda a, b, c: a * b * c, argnums=argnums)(1.0, 2.0, 3.0)
+    # caught as JAX's error is caught: grad's TypeError, jacrev's ValueError
+    for transform, caught in ((cr.grad, TypeError), (cr.jacrev, ValueError)):
+        with pytest.raises(caught):
+            transform(lambda a, b, c: a * b * c, argnums=argnums)(1.0, 2.0, 3.0)
 
 
 # (True is argument 1 to JAX, as to Python: tests/test_core.py checks it is taken)

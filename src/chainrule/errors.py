@@ -2,7 +2,8 @@
 
 Every error is a `ChainruleError`, and also the built-in exception type that
 JAX raises for the same mistake (`TypeError` for wrong dtypes and non-scalar
-outputs, `ValueError` for bad `argnums` or mismatched cotangents), so code that
+outputs, `ValueError` for mismatched cotangents, both for bad `argnums`: JAX's
+`grad` raises a `TypeError` there and its `jacrev` a `ValueError`), so code that
 catches JAX's errors keeps working when `jax.grad` is swapped for `cr.grad`.
 """
 
@@ -21,8 +22,9 @@ class NonScalarOutputError(ChainruleError, TypeError):
     """`grad` was given a function whose output is not a real scalar."""
 
 
-class ArgnumsError(ChainruleError, ValueError):
-    """`argnums` does not name positional arguments of the call."""
+class ArgnumsError(ChainruleError, TypeError, ValueError):
+    """`argnums` does not name positional arguments of the call (a `TypeError`
+    as from `jax.grad`, and a `ValueError` as from `jax.jacrev`)."""
 
 
 class CotangentError(ChainruleError, ValueError):

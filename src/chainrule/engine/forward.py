@@ -285,7 +285,7 @@ def _nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | No
     return None
 
 
-def linear_transpose(fun: Callable, *primals: Any) -> Callable:
+def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = ()) -> Callable:
     """The transpose of a linear function, like `jax.linear_transpose`.
 
     `fun` is run once, at `primals` (arrays, or `jax.ShapeDtypeStruct`s, read
@@ -296,6 +296,7 @@ def linear_transpose(fun: Callable, *primals: Any) -> Callable:
       fun: a function linear in its (floating-point) arguments.
       *primals: arrays or `jax.ShapeDtypeStruct`s giving the arguments' shapes
         and dtypes.
+      reduce_axes: only `()`, as in JAX, which deprecated it.
 
     Returns:
       `fun_t(cotangent)`, returning a tuple with one cotangent per primal.
@@ -315,6 +316,7 @@ def linear_transpose(fun: Callable, *primals: Any) -> Callable:
       [0.5, -0.5]
     """
     transforms._check_callable(fun, "cr.linear_transpose")
+    transforms.deprecated_reduce_axes(reduce_axes, "transpose")
     leaves, tree = _tree_flatten(primals)
     points = [
         np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves

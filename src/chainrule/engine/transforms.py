@@ -42,6 +42,8 @@ def _normalize_argnums(
     With `python_int_single` (`jax.jacrev`'s reading) only a Python int
     counts as single: other integers give a 1-tuple of results, as in JAX."""
     single = isinstance(argnums, int) or not python_int_single
+    if isinstance(argnums, jax.Array) and not isinstance(argnums, jax.core.Tracer):
+        argnums = np.asarray(argnums)  # a concrete integer array: as a NumPy one
     if isinstance(argnums, np.ndarray) and argnums.dtype.kind in "iu" and argnums.ndim <= 1:
         argnums = argnums.tolist()  # (a Python int, or a list of them)
     if isinstance(argnums, (int, np.integer)):
@@ -225,7 +227,7 @@ def gradients(tracers: list[list[Tracer]], trees: list[Any], input_cts: dict) ->
 # --- vjp ---------------------------------------------------------------------------
 
 
-def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
+def vjp(fun: Callable, *primals: Any, has_aux: bool = False, reduce_axes: Sequence[Any] = ()):
     """Computes `fun(*primals)` and a function that pulls cotangents back through it.
 
     Same signature and semantics as `jax.vjp`, computed by chainrule's own rules.
@@ -235,6 +237,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
         `jax.nn`, `lax` or `chainrule.numpy`.
       *primals: the point at which to differentiate; every leaf is differentiated.
       has_aux: `fun` returns `(output, aux)`; `aux` is returned, not differentiated.
+      reduce_axes: only `()`, as in JAX, which deprecated it.
 
     Returns:
       `(output, vjp_fn)` or `(output, vjp_fn, aux)`. `vjp_fn(cotangent)` takes a
@@ -249,6 +252,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False):
       2.0
     """
     _check_callable(fun, "cr.vjp")
+    deprecated_reduce_axes(reduce_axes, "vjp")
     nums = tuple(range(len(primals)))
     with host.evaluating():
         # as jax.vjp: integer and boolean primals get float0 zero cotangents
@@ -370,6 +374,7 @@ def value_and_grad(
     has_aux: bool = False,
     holomorphic: bool = False,
     allow_int: bool = False,
+    reduce_axes: Sequence[Any] = (),
     *,
     taps: bool = False,
     check_finite: bool = False,
@@ -387,6 +392,7 @@ def value_and_grad(
         the output seeded with 1).
       allow_int: integer and boolean inputs are accepted; their gradient is
         an array of zeros of dtype `jax.dtypes.float0`, as in JAX.
+      reduce_axes: only `()`, as in JAX, which deprecated it.
       taps: also return the cotangents of the intermediates marked with
         `cr.tap(x, name)` inside `fun`, as a dict name -> cotangent.
       check_finite: watch the backward pass and raise `NonFiniteGradientError`
@@ -413,6 +419,7 @@ def value_and_grad(
       (6-8j)
     """
     _check_callable(fun, "cr.value_and_grad")
+    deprecated_reduce_axes(reduce_axes, "grad")
     mode = _InputMode(holomorphic, allow_int)
     return functools.wraps(fun)(
         _value_and_grad(fun, argnums, has_aux, True, mode, taps, check_finite)
@@ -493,6 +500,7 @@ def grad(
     has_aux: bool = False,
     holomorphic: bool = False,
     allow_int: bool = False,
+    reduce_axes: Sequence[Any] = (),
     *,
     taps: bool = False,
     check_finite: bool = False,
@@ -506,6 +514,7 @@ def grad(
       holomorphic: `fun` is holomorphic (complex inputs and output); see
         `value_and_grad`.
       allow_int: integer and boolean inputs get float0 zero gradients.
+      reduce_axes: only `()`, as in JAX, which deprecated it.
       taps, check_finite: as in `value_and_grad`; with `taps=True` the taps dict
         comes last: `(grad, taps)` or `(grad, aux, taps)`.
 
@@ -521,6 +530,7 @@ def grad(
       (2+2j)
     """
     _check_callable(fun, "cr.grad")
+    deprecated_reduce_axes(reduce_axes, "grad")
     mode = _InputMode(holomorphic, allow_int)
     value_and_grad_fun = _value_and_grad(fun, argnums, has_aux, False, mode, taps, check_finite)
 
@@ -533,6 +543,12 @@ def grad(
 
 
 # --- checks ------------------------------------------------------------------------
+
+
+def deprecated_reduce_axes(reduce_axes: Sequence[Any], what: str) -> None:
+    """JAX still takes `reduce_axes=()` and refuses any other value."""
+    if reduce_axes:
+        raise NotImplementedError(f"reduce_axes argument to {what} is deprecated")
 
 
 _USAGE = {  # how each transform is called, for the error that names it
