@@ -440,11 +440,28 @@ def test_jacobian_input_and_output_checks():
     for module in (jax, cr):
         with pytest.raises(TypeError):  # complex output without holomorphic (reverse mode)
             module.jacrev(lambda x: x * 1j)(jnp.ones(3))
-    for jac in ("jacrev", "jacfwd"):
+    for module in (jax, cr):  # an integer output: jacrev refuses it, jacfwd does not
         with pytest.raises(TypeError):
-            getattr(cr, jac)(lambda x: (x > 0).astype(jnp.int32))(jnp.ones(3))
+            module.jacrev(lambda x: (x > 0).astype(jnp.int32))(jnp.ones(3))
     with pytest.raises(ValueError):
         cr.jacrev(f, argnums=3)(jnp.ones(3))
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit", "vmap"])
+def test_jacfwd_of_integer_outputs_gives_zero_blocks_as_jax(mode):
+    def f(x, y):
+        return {"f": x * y, "i": jnp.argmax(x), "i8": x.astype(jnp.int8).reshape(3, 1)}
+
+    x, y = jnp.array([1.0, 3.0, 2.0]), jnp.array([0.5, -1.0, 2.0])
+    if mode == "vmap":
+        x, y = jnp.stack([x, x + 1]), jnp.stack([y, -y])
+    for argnums in (0, (0, 1)):
+        want_fn, got_fn = jax.jacfwd(f, argnums), cr.jacfwd(f, argnums)
+        if mode == "jit":
+            want_fn, got_fn = jax.jit(want_fn), jax.jit(got_fn)
+        elif mode == "vmap":
+            want_fn, got_fn = jax.vmap(want_fn), jax.vmap(got_fn)
+        assert_trees_match(got_fn(x, y), want_fn(x, y))
 
 
 @pytest.mark.parametrize("jac", ["jacrev", "jacfwd", "hessian"])

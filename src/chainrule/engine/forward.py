@@ -474,10 +474,11 @@ def _check_inputs(name: str, dyn: Any, holomorphic: bool, allow_int: bool, forwa
 
 def _check_outputs(name: str, y: Any, holomorphic: bool, forward: bool) -> None:
     """JAX's output checks: reverse mode needs real outputs (complex with
-    `holomorphic`); forward mode also maps real tangents to complex outputs."""
+    `holomorphic`); forward mode takes any output without `holomorphic` (real
+    tangents map to complex outputs; an integer output's block is zeros)."""
     for x in jax.tree_util.tree_leaves(y):
         dtype = _dtype(x)
-        if forward and not holomorphic and jnp.issubdtype(dtype, jnp.complexfloating):
+        if forward and not holomorphic:
             continue
         if holomorphic and not jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(
