@@ -624,6 +624,49 @@ def test_float_to_integer_on_the_host_is_xlas(bits, width, integer, scale):
     np.testing.assert_array_equal(got, want)
 
 
+@fuzz_settings(40)
+@given(
+    bits=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=32),
+    divisors=st.lists(st.sampled_from([0, 1, -1, 2, -3, 7, 2**63]), min_size=1, max_size=32),
+    integer=st.sampled_from(_INTEGERS),
+    op=st.sampled_from(["div", "rem"]),
+)
+def test_integer_division_on_the_host_is_xlas(bits, divisors, integer, op):
+    """XLA's integer division rounds toward zero and gives -1 (all bits set)
+    for a zero divisor, its remainder the dividend there; NumPy gives 0 for
+    both. With the minimum over -1, on random bits and on edges."""
+    info = np.iinfo(integer)
+    width = info.bits
+    n = max(len(bits), len(divisors))
+    x = np.array([bits[i % len(bits)] % (1 << width) for i in range(n)], np.uint64)
+    x = x.astype(f"uint{width}").view(integer)
+    y = np.array([divisors[i % len(divisors)] % (1 << width) for i in range(n)], np.uint64)
+    y = y.astype(f"uint{width}").view(integer)
+    x[: n // 2] = np.where(np.arange(n // 2) % 2 == 0, info.min, info.max)[: n // 2]
+    with jax.enable_x64(True), host.evaluating():
+        got = PRIMITIVES[op].host_impl(x, y)
+        want = np.asarray(getattr(lax, op)(jnp.asarray(x), jnp.asarray(y)))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_integer_division_by_zero_in_a_loss_is_jaxs():
+    """The reproducer: integers computed from a differentiated value, divided
+    by a zero computed the same way, reported as aux."""
+
+    def f(x):
+        d = (x * 0).astype(jnp.int32)
+        n = jnp.arange(-3, 4, dtype=jnp.int32)
+        return jnp.sum(x), (lax.div(n, d), n // d, lax.rem(n, d), n % d)
+
+    x = jnp.float32(1.0)
+    want = jax.value_and_grad(f, has_aux=True)(x)[0][1]
+    vg = cr.value_and_grad(f, has_aux=True)
+    for got in (vg(x), jax.jit(vg)(x)):
+        for g, w in zip(got[0][1], want, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
 def test_quantising_an_image_outside_its_range_is_jaxs():
     """The reproducer: uint8 quantisation of values outside [0, 1] (and an int32
     cast of NaN and out-of-range values) gives jax.grad's loss and gradient."""

@@ -62,11 +62,27 @@ def _broadcasting(op: Callable) -> Callable:
 
 
 def _host_div(x, y):
-    """lax.div: true division for floats, rounding toward zero for integers."""
+    """lax.div: true division for floats; for integers XLA's: rounding toward
+    zero, -1 (all bits set) for a zero divisor, and the minimum over -1 is the
+    minimum (NumPy gives 0 for a zero divisor)."""
     if np.result_type(x).kind not in "iu":
         return np.true_divide(x, y)
-    q = np.floor_divide(x, y)
-    return q + ((q < 0) & (q * y != x)).astype(q.dtype)
+    with np.errstate(divide="ignore", over="ignore"):
+        q = np.floor_divide(x, y)
+        q = q + ((q < 0) & (q * y != x)).astype(q.dtype)
+    zero = np.equal(y, 0)
+    return np.where(zero, np.array(-1).astype(q.dtype), q) if zero.any() else q
+
+
+def _host_rem(x, y):
+    """lax.rem: C's fmod, the sign of the dividend; for integers XLA's: the
+    dividend for a zero divisor (NumPy gives 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.fmod(x, y)
+    if np.result_type(x).kind not in "iu":
+        return r
+    zero = np.equal(y, 0)
+    return np.where(zero, x, r).astype(r.dtype) if zero.any() else r
 
 
 add_p = primitive("add", _broadcasting(lax.add), host=np.add)
@@ -590,7 +606,7 @@ def _abs_vjp(ans, x):
 
 defvjp(abs_p, _abs_vjp, formulas=("where(x >= 0, 1, -1)",))
 
-rem_p = primitive("rem", lax.rem, host=np.fmod)
+rem_p = primitive("rem", lax.rem, host=_host_rem)
 defvjp(
     rem_p,
     lambda ans, x, y: lambda g: unbroadcast(g, shape_of(x)),
