@@ -180,3 +180,32 @@ def scatter_property(data):
 
 test_scatter_property = FUZZ(given(data=st.data())(scatter_property))
 test_scatter_property_long = pytest.mark.slow(SLOW_FUZZ(given(data=st.data())(scatter_property)))
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit", "vmap"])
+def test_scatter_apply_has_jaxs_value_and_no_gradient_as_in_jax(mode):
+    """`x.at[i].apply(fn)` is a scatter whose combiner is fn: its value is
+    JAX's (fn applied, not the dummy update written), and differentiating it
+    raises, as `jax.grad` does, instead of a gradient that ignores fn."""
+    x = jnp.arange(1.0, 5.0)
+    idx = jnp.array([1, 3, 1])
+
+    def f(x):
+        return x.at[idx].apply(jnp.sin) * 2.0
+
+    def value(run):
+        if mode == "jit":
+            return jax.jit(run)(x)
+        if mode == "vmap":
+            return jax.vmap(run)(jnp.stack([x, -x]))
+        return run(x)
+
+    # (jax.vjp refuses even the value: it linearizes first)
+    np.testing.assert_allclose(value(lambda x: cr.vjp(f, x)[0]), value(f), rtol=1e-6)
+    loss = lambda x: jnp.sum(f(x) ** 2)  # noqa: E731
+    with pytest.raises(NotImplementedError):
+        jax.grad(loss)(x)
+    with pytest.raises(NotImplementedError, match="apply"):
+        cr.grad(loss)(x)
+    with pytest.raises(NotImplementedError, match="apply"):
+        cr.jvp(loss, (x,), (x,))

@@ -380,6 +380,12 @@ class _Scatter(Primitive):
     each update gets the cotangent of the position it won (with duplicate
     indices only the update that was written counts, found by scattering ids)."""
 
+    def apply(self, trace, args, params):
+        if params.get("update_jaxpr") is not None:  # x.at[i].apply(fn): fn is the combiner
+            taken = {k: params[k] for k in _SCATTER_APPLY_PARAMS}
+            return [scatter_apply_p.bind(*args, **taken)]
+        return super().apply(trace, args, params)
+
     def vjp(self, g, node):
         x, indices, updates = node.primals
         dn, mode = node.params["dimension_numbers"], node.params["mode"]
@@ -414,6 +420,30 @@ scatter_p = primitive(
     ("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
     cls=_Scatter,
     implied_params=("update_jaxpr", "update_consts"),  # the combiner: replace
+)
+
+
+class _ScatterApply(Primitive):
+    """`x.at[i].apply(fn)` (`lax.scatter_apply`): JAX's scatter with `fn` as its
+    combiner. Its value is JAX's; like JAX, chainrule has no derivative for it."""
+
+    def vjp(self, g, node):
+        raise NoVJPRuleError(
+            "scatter",
+            detail="x.at[...].apply(fn) applies fn inside the scatter, which JAX does not "
+            "differentiate either ('scatter_apply JVP not implemented'); write "
+            "x.at[i].set(fn(x[i])) instead",
+        )
+
+
+_SCATTER_APPLY_PARAMS = (
+    *("dimension_numbers", "indices_are_sorted", "unique_indices", "mode"),
+    *("update_jaxpr", "update_consts"),
+)
+scatter_apply_p = _ScatterApply(
+    "scatter_apply",
+    lambda x, indices, updates, **p: jax_primitives.scatter_p.bind(x, indices, updates, **p),
+    _SCATTER_APPLY_PARAMS,
 )
 
 
