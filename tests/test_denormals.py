@@ -667,6 +667,46 @@ def test_integer_division_by_zero_in_a_loss_is_jaxs():
             np.testing.assert_array_equal(g, w)
 
 
+_SPECIALS = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 0.5, -2.5]  # (no subnormal:
+# the host never sees one it did not compute, see `host.host_operands`)
+
+
+@fuzz_settings(40)
+@given(
+    picks=st.lists(st.integers(0, len(_SPECIALS) - 1), min_size=2, max_size=48),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    prim=st.sampled_from(["max", "min", "clamp", "sign", "reduce_max", "reduce_min"]),
+    scalar=st.booleans(),
+)
+def test_signed_zeros_on_the_host_are_xlas(picks, dtype, prim, scalar):
+    """XLA orders -0 below +0 (max(+0, -0) is +0, min -0; a reduction too) and
+    keeps a zero's sign in sign(); NumPy answers whichever operand came second
+    or first. Bit-exact against lax (NaN payloads aside), with a scalar second
+    operand and with arrays."""
+    values = np.array([_SPECIALS[i] for i in picks], dtype)
+    n = len(values) // 2
+    x, y = values[:n], values[n : 2 * n]
+    if scalar:
+        y = y[:1].reshape(())
+    lo, hi = np.asarray(np.minimum(y, 0.0), dtype), np.asarray(dtype(1.0))
+    with host.evaluating():
+        if prim in ("max", "min"):
+            got, want = PRIMITIVES[prim].host_impl(x, y), getattr(lax, prim)(x, y)
+        elif prim == "clamp":
+            lo = lo.reshape(()) if scalar else lo
+            got, want = PRIMITIVES[prim].host_impl(lo, x, hi), lax.clamp(lo, x, hi)
+        elif prim == "sign":
+            got, want = PRIMITIVES[prim].host_impl(x), lax.sign(x)
+        else:
+            m = values[: 2 * n].reshape(2, n)
+            got = PRIMITIVES[prim].host_impl(m, axes=(0,))
+            want = getattr(lax, prim)(m, (0,))
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    same = (got.view(np.uint8) == want.view(np.uint8)).reshape(*got.shape, -1).all(-1)
+    assert (same | (np.isnan(got) & np.isnan(want))).all(), (x, y, got, want)
+
+
 def test_quantising_an_image_outside_its_range_is_jaxs():
     """The reproducer: uint8 quantisation of values outside [0, 1] (and an int32
     cast of NaN and out-of-range values) gives jax.grad's loss and gradient."""

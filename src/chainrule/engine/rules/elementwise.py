@@ -182,7 +182,15 @@ bitcast_convert_type_p = primitive(
     differentiable=False,
 )
 is_finite_p = primitive("is_finite", lax.is_finite, host=np.isfinite, differentiable=False)
-sign_p = primitive("sign", lax.sign, host=np.sign, differentiable=False)
+
+
+def _host_sign(x):
+    """lax.sign: XLA keeps a zero's sign (sign(-0) is -0; NumPy's is +0)."""
+    out = np.sign(x)
+    return np.copysign(out, x) if out.dtype.kind == "f" else out
+
+
+sign_p = primitive("sign", lax.sign, host=_host_sign, differentiable=False)
 floor_p = primitive("floor", lax.floor, host=np.floor, differentiable=False)
 ceil_p = primitive("ceil", lax.ceil, host=np.ceil, differentiable=False)
 round_p = primitive(
@@ -271,8 +279,35 @@ def masks_as_xla_does(mask_dtype: Any, out_dtype: Any) -> bool:
     return np.dtype(mask_dtype) == np.bool_ and out.kind in "fc" and out != jnp.bfloat16
 
 
-max_p = primitive("max", _broadcasting(lax.max), host=np.maximum)
-min_p = primitive("min", _broadcasting(lax.min), host=np.minimum)
+def _signed_zero_extremum(np_op: Any, negative_zero_loses: bool) -> Callable:
+    """XLA's max or min: -0 orders below +0 (max(+0, -0) is +0, min is -0).
+    NumPy answers `y` for equal operands, so only where `y` is the zero that
+    XLA would not choose (-0 for max: `negative_zero_loses`; +0 for min) and
+    `x` is a zero too does the answer become `x`. A scalar `y` (`maximum(x,
+    0.0)`) is one test in Python."""
+
+    def host(x, y):
+        out = np_op(x, y)
+        if out.dtype.kind != "f":
+            return out
+        if np.ndim(y) == 0:
+            value = float(y)
+            if value != 0.0 or (math.copysign(1.0, value) < 0) != negative_zero_loses:
+                return out
+            wrong: Any = True
+        else:
+            wrong = np.equal(y, 0) & (np.signbit(y) == negative_zero_loses)
+            if not wrong.any():
+                return out
+        return np.where(wrong & np.equal(x, 0), x, out).astype(out.dtype, copy=False)
+
+    return host
+
+
+_host_max = _signed_zero_extremum(np.maximum, negative_zero_loses=True)
+_host_min = _signed_zero_extremum(np.minimum, negative_zero_loses=False)
+max_p = primitive("max", _broadcasting(lax.max), host=_host_max)
+min_p = primitive("min", _broadcasting(lax.min), host=_host_min)
 maximum, minimum = max_p.bind, min_p.bind
 
 
@@ -312,7 +347,7 @@ defvjp(
     formulas=("where(x < y, 1, where(x == y, 0.5, 0))", "where(y < x, 1, where(x == y, 0.5, 0))"),
 )
 
-clamp_p = primitive("clamp", lax.clamp, host=lambda lo, x, hi: np.minimum(np.maximum(x, lo), hi))
+clamp_p = primitive("clamp", lax.clamp, host=lambda lo, x, hi: _host_min(_host_max(x, lo), hi))
 defvjp(
     clamp_p,
     lambda ans, lo, x, hi: (

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,21 +25,40 @@ from chainrule.engine.rules.shape import (
 )
 from chainrule.errors import NoVJPRuleError
 
+
+def _host_extremum(np_op: Any, sign_wins: bool) -> Callable:
+    """XLA's reduce_max (`sign_wins` False) or reduce_min (True): where the
+    answer is a zero, it is -0 if -0 wins and one of the zeros is -0 (min), or
+    if no zero is +0 (max); NumPy's reduction takes whichever zero came first."""
+
+    def host(x, axes, out_sharding=None):
+        if not np.size(x):
+            return NotImplemented
+        axes = tuple(axes)
+        out = np_op.reduce(x, axes)
+        if out.dtype.kind != "f" or not np.any(np.equal(out, 0)):
+            return out
+        zeros = np.equal(x, 0)
+        negative = np.any(zeros & np.signbit(x), axes)
+        if not sign_wins:  # max: -0 only where every zero is -0
+            negative = ~np.any(zeros & ~np.signbit(x), axes)
+        fixed = np.where(np.equal(out, 0), np.where(negative, -0.0, 0.0), out)
+        return fixed.astype(out.dtype, copy=False)
+
+    return host
+
+
 reduce_max_p = primitive(
     "reduce_max",
     lambda x, axes: lax.reduce_max(x, axes),
     ("axes",),
-    host=lambda x, axes, out_sharding=None: (
-        np.maximum.reduce(x, tuple(axes)) if np.size(x) else NotImplemented
-    ),
+    host=_host_extremum(np.maximum, sign_wins=False),
 )
 reduce_min_p = primitive(
     "reduce_min",
     lambda x, axes: lax.reduce_min(x, axes),
     ("axes",),
-    host=lambda x, axes, out_sharding=None: (
-        np.minimum.reduce(x, tuple(axes)) if np.size(x) else NotImplemented
-    ),
+    host=_host_extremum(np.minimum, sign_wins=True),
 )
 
 
