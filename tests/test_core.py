@@ -7,6 +7,7 @@ differentiation, never by chainrule itself.
 
 import gc
 import inspect
+import warnings
 import weakref
 
 import jax
@@ -945,3 +946,23 @@ def test_reduce_axes_is_taken_empty_and_refused_otherwise_as_in_jax():
             call(jax)
         with pytest.raises(NotImplementedError, match="deprecated"):
             call(cr)
+
+
+@pytest.mark.parametrize("transform", ["grad", "hessian", "jvp", "jacfwd", "grad of grad"])
+def test_python_numbers_raise_no_dtype_warning_without_x64(transform):
+    """Without x64 a Python number is float32 to JAX; chainrule's rules never
+    ask for float64 (JAX warns that it is not available: an error under
+    `-W error`), whatever the host computed a literal in."""
+    fns = [lambda x: x**2.0, lambda x: 2**x, lambda x: jnp.sin(x) ** 3.0 + x / 3.0]
+    run = {
+        "grad": lambda f: cr.grad(f)(1.5),
+        "hessian": lambda f: cr.hessian(f)(1.5),
+        "jvp": lambda f: cr.jvp(f, (1.5,), (1.0,))[1],
+        "jacfwd": lambda f: cr.jacfwd(f)(1.5),
+        "grad of grad": lambda f: cr.grad(cr.grad(f))(1.5),
+    }[transform]
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for f in fns:
+            got = run(f)
+            assert got.dtype == jnp.float32

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from jax import lax
+from jax import dtypes, lax
 from jax._src.lax import lax as lax_internal  # weakly typed conversion (JAX 0.10, pinned)
 
 from chainrule.engine.rules.registry import (
@@ -120,7 +120,11 @@ def convert_element_type(x: Any, new_dtype: Any, weak_type: bool = False) -> Any
 
 defvjp(
     convert_element_type_p,
-    lambda ans, x, new_dtype, weak_type=False: lambda g: convert_element_type(g, dtype_of(x)),
+    # (x's dtype as JAX types it: a Python number converted on the host is a
+    # NumPy float64 even without x64, where JAX's is float32)
+    lambda ans, x, new_dtype, weak_type=False: (
+        lambda g: convert_element_type(g, dtypes.canonicalize_dtype(dtype_of(x)))
+    ),
     formulas=("1",),
 )
 
