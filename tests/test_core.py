@@ -966,3 +966,25 @@ def test_python_numbers_raise_no_dtype_warning_without_x64(transform):
         for f in fns:
             got = run(f)
             assert got.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "name, f",
+    [
+        ("jit a*2", lambda x: jax.jit(lambda a: a * 2)(x)),
+        ("jit a+1", lambda x: jax.jit(lambda a: a + 1)(x)),
+        ("softplus", jax.nn.softplus),
+        ("log_sigmoid", jax.nn.log_sigmoid),
+        ("hypot", lambda x: jnp.hypot(x, 1)),
+        ("jit beside strong", lambda x: jax.jit(lambda a: a * 2)(x) + jnp.float32(1)),
+    ],
+)
+def test_jit_bodies_keep_a_weak_type_as_jax(name, f):
+    """A weak literal of a jit body (the `2` of `a * 2`) beside a weak value
+    leaves the result weak, as in JAX: the host (strong NumPy) does not take it."""
+    for x in (1.5, jnp.float32(1.5)):
+        want_p, want_t = jax.jvp(f, (x,), (jnp.ones_like(x),))
+        got_p, got_t = cr.jvp(f, (x,), (jnp.ones_like(x),))
+        assert (got_p.weak_type, got_t.weak_type) == (want_p.weak_type, want_t.weak_type), name
+        assert cr.vjp(f, x)[0].weak_type == jax.vjp(f, x)[0].weak_type
+        np.testing.assert_allclose(got_t, want_t, rtol=1e-6)

@@ -59,6 +59,7 @@ from jax import dtypes
 from jax._src import core as _jax_core
 from jax._src.array import ArrayImpl as _ArrayImpl  # concrete jax.Arrays (JAX 0.10)
 from jax._src.lib import xla_client as _xc
+from jax._src.literals import TypedNdArray as _TypedNdArray  # a jaxpr literal (JAX 0.10)
 
 HOST_TYPES = (np.ndarray, np.generic)  # host values: NumPy arrays and scalars
 _HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -421,7 +422,10 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             if kind == "f":
                 if check and is_unchecked_constant(a) and has_subnormal(a):
                     return None
-                seen_float = True
+                # (a weakly typed literal of a jaxpr, the `2.0` of `a * 2`
+                # under `jit`, is not a strong float: beside a weak array the
+                # result is weak, JAX's)
+                seen_float = seen_float or not (type(a) is _TypedNdArray and a.weak_type)
             seen_host = True
             continue
         if type(a) is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer):
