@@ -918,6 +918,7 @@ _EDGE_FUNCTIONS = {
         "square",
     )
 }
+_EDGE_FUNCTIONS.update(erfc=lax.erfc, erf=lax.erf)
 
 
 def _same_class(got: np.ndarray, want: np.ndarray) -> np.ndarray:
