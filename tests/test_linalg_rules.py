@@ -509,3 +509,29 @@ def test_det_above_three_by_three_and_expm_through_the_other_families():
     a = jax.random.normal(jax.random.PRNGKey(0), (5, 5)) + 5 * jnp.eye(5)
     for f in (jnp.linalg.det, lambda a: jnp.sum(jax.scipy.linalg.expm(a * 0.1))):
         np.testing.assert_allclose(cr.grad(f)(a), jax.grad(f)(a), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "operands, preferred",
+    [(np.float64, np.float32), (np.float32, np.float64), (np.float32, np.float32)],
+)
+def test_dot_general_with_a_preferred_element_type_on_the_host_is_xlas(operands, preferred):
+    """A narrower result type (float64 operands, float32 result) is XLA's
+    product rounded once: the operands are not rounded first. A wider one
+    converts the operands. Eagerly (on the host), under jit, and the VJP."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 7)), operands)
+    y = jnp.asarray(rng.normal(size=(7, 3)), operands)
+
+    def f(x, y):
+        return lax.dot_general(x, y, (((1,), (0,)), ((), ())), preferred_element_type=preferred)
+
+    want, want_vjp = jax.vjp(f, x, y)
+    ct = jnp.asarray(rng.normal(size=want.shape), want.dtype)
+    for got in (cr.vjp(f, x, y)[0], jax.jit(lambda x, y: cr.vjp(f, x, y)[0])(x, y)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=2e-7 if preferred == np.float32 else 1e-14)
+    got_cts = cr.vjp(f, x, y)[1](ct)
+    for g, w in zip(got_cts, want_vjp(ct), strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-6)

@@ -23,15 +23,20 @@ _DOT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def _host_dot_general(x, y, dimension_numbers, precision=None, preferred_element_type=None, **_):
     """lax.dot_general as one `np.matmul` of (batch, free, contracted) layouts."""
     dtype = x.dtype if preferred_element_type is None else np.dtype(preferred_element_type)
+    narrowed = None
     if dtype not in _DOT_DTYPES or x.dtype != dtype or y.dtype != dtype:
         if preferred_element_type is None or dtype not in _DOT_DTYPES:
             return NotImplemented
-        x, y = np.asarray(x, dtype), np.asarray(y, dtype)
+        if x.dtype == y.dtype and x.dtype in _DOT_DTYPES and x.dtype.itemsize > dtype.itemsize:
+            narrowed = dtype  # XLA multiplies in the operands' dtype, then rounds
+        else:
+            x, y = np.asarray(x, dtype), np.asarray(y, dtype)
     if _may_differ_from_xla(x, y, dimension_numbers):
         # BLAS may split the product over its own threads, which do not flush
         # subnormals to zero (see `chainrule.engine.host`): XLA computes it
         return NotImplemented
-    return _host_matmul(x, y, dimension_numbers)
+    out = _host_matmul(x, y, dimension_numbers)
+    return out if narrowed is None else out.astype(narrowed)
 
 
 def _may_differ_from_xla(x, y, dimension_numbers) -> bool:
