@@ -720,6 +720,9 @@ _OPS = {  # (chainrule.numpy spelling, jax.numpy spelling: the oracle)
     "tanh of mul": (lambda a, b: cnp.tanh(a * b), lambda a, b: jnp.tanh(a * b)),
     "pow": (lambda a, b: (a * b) ** 2,) * 2,
     "power": (lambda a, b: a**b,) * 2,
+    "sum method": (lambda a, b: (a * b).sum(axis=1),) * 2,
+    "max method": (lambda a, b: (a * b).max(),) * 2,
+    "astype method": (lambda a, b: (a * b).astype((a * b).dtype),) * 2,
     "mean": (lambda a, b: cnp.mean(a * b, axis=0), lambda a, b: jnp.mean(a * b, axis=0)),
     "matmul w.T": (lambda a, b: a @ (a * b).T,) * 2,
 }
@@ -988,3 +991,20 @@ def test_jit_bodies_keep_a_weak_type_as_jax(name, f):
         assert (got_p.weak_type, got_t.weak_type) == (want_p.weak_type, want_t.weak_type), name
         assert cr.vjp(f, x)[0].weak_type == jax.vjp(f, x)[0].weak_type
         np.testing.assert_allclose(got_t, want_t, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method", ["sum", "max", "min", "mean", "astype", "reshape", "ravel", "clip"]
+)
+def test_array_methods_of_a_weak_tracer_are_typed_as_jaxs(method):
+    """jax.Array's reductions and astype make a weak operand's result strong;
+    reshapes and clip keep it weak. The Tracer's fast paths do the same."""
+    call = {
+        "astype": lambda y: y.astype(y.dtype),
+        "reshape": lambda y: y.reshape(3, 1),
+        "clip": lambda y: y.clip(0.0, 1.0),
+    }.get(method, lambda y: getattr(y, method)())
+    f = lambda x: call(lax.full((3,), 1.0) * x)  # noqa: E731  (weak: a weak array times x)
+    want = jax.vjp(f, 1.5)[0]
+    got = cr.vjp(f, 1.5)[0]
+    assert (got.dtype, got.weak_type) == (want.dtype, want.weak_type)

@@ -342,6 +342,14 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(operator.index(a) % builtins.max(ndim, 1) for a in axis))
 
 
+def _strong(x: Any) -> Any:
+    """`x` strongly typed: `jax.numpy`'s reductions and `astype` give a strong
+    result for a weak operand (one made from a Python number)."""
+    if getattr(raw(x), "weak_type", False):
+        return rules.convert_element_type_p.bind(x, new_dtype=rules.dtype_of(x), weak_type=False)
+    return x
+
+
 def _reduction(name: str, op: Callable) -> Callable:
     def f(x, axis=None, keepdims=False):
         (x,) = promote(x)
@@ -350,7 +358,7 @@ def _reduction(name: str, op: Callable) -> Callable:
         out = op(x, axes)
         if keepdims:
             out = rules.reshape(out, tuple(1 if d in axes else n for d, n in enumerate(shape)))
-        return out
+        return _strong(out)
 
     return _named(f, name, "Reduction")
 
@@ -369,7 +377,7 @@ def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
     out = rules.div(total, rules.const(total, math.prod(shape[d] for d in axes)))
     if keepdims:
         out = rules.reshape(out, tuple(1 if d in axes else n for d, n in enumerate(shape)))
-    return out
+    return _strong(out)
 
 
 def argmax(x: Any, axis: Any = None) -> Any:
@@ -614,7 +622,7 @@ class ArrayTracer(Tracer):
     clip = _method("clip", clip, 2, frozenset({"min", "max"}))
 
     def astype(self, dtype: Any) -> Any:
-        return _as_operand(self, dtype)
+        return _strong(_as_operand(self, dtype))
 
     T = property(transpose)
     mT = property(_transpose_last_two)
