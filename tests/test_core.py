@@ -1008,3 +1008,33 @@ def test_array_methods_of_a_weak_tracer_are_typed_as_jaxs(method):
     want = jax.vjp(f, 1.5)[0]
     got = cr.vjp(f, 1.5)[0]
     assert (got.dtype, got.weak_type) == (want.dtype, want.weak_type)
+
+
+@pytest.mark.parametrize("pred", [True, False])
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_cond_branches_differing_in_weak_type_are_typed_as_jaxs(pred, mode):
+    """JAX types a cond's outputs by its first branch (index 0, the false
+    branch of `lax.cond`), whichever branch runs; so does chainrule, for a
+    traced output too (a recorded conversion: its derivative is unchanged)."""
+
+    def f(x):
+        strong = jnp.float32(2.0)
+        a = lax.cond(pred, lambda a: a * strong, lambda a: a, x)
+        b = lax.switch(int(pred), [lambda a: a * strong, lambda a: a + 1.0], x)
+        return a, b
+
+    with jax.enable_x64(False):  # (a Python number is float32, as the strong constant)
+        _check_cond_weak_types(f, mode)
+
+
+def _check_cond_weak_types(f, mode):
+    for x in (1.5, jnp.float32(1.5)):
+        want_p, want_t = jax.jvp(f, (x,), (jnp.ones_like(x),))
+        got_p, got_t = (
+            jax.jit(lambda x: cr.jvp(f, (x,), (jnp.ones_like(x),)))
+            if mode == "jit"
+            else lambda x: cr.jvp(f, (x,), (jnp.ones_like(x),))
+        )(x)
+        for g, w in zip((*got_p, *got_t), (*want_p, *want_t), strict=True):
+            assert (g.dtype, g.weak_type) == (w.dtype, w.weak_type)
+            np.testing.assert_allclose(g, w)
