@@ -1038,3 +1038,50 @@ def _check_cond_weak_types(f, mode):
         for g, w in zip((*got_p, *got_t), (*want_p, *want_t), strict=True):
             assert (g.dtype, g.weak_type) == (w.dtype, w.weak_type)
             np.testing.assert_allclose(g, w)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize(
+    "ct",
+    [1.0, np.float64(1), np.float32(1), 1, True, np.array(1.0), np.array(1.0, np.float32)],
+    ids=["float", "np.float64", "np.float32", "int", "bool", "ndarray f64", "ndarray f32"],
+)
+def test_a_cotangent_is_typed_and_refused_as_jax_types_and_refuses_it(x64, ct):
+    """A Python float is float64 with x64 (a float32 output refuses it, as in
+    JAX) and float32 without; NumPy values as JAX reads them."""
+    with jax.enable_x64(x64):
+        x = jnp.ones(3, jnp.float32)
+        f = lambda x: jnp.sum(x * 2)  # noqa: E731
+        try:
+            want = jax.vjp(f, x)[1](ct)
+        except (TypeError, ValueError):
+            with pytest.raises((TypeError, ValueError)):
+                cr.vjp(f, x)[1](ct)
+            return
+        got = cr.vjp(f, x)[1](ct)
+        assert got[0].dtype == want[0].dtype
+        np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_typed_prng_keys_are_held_fixed_as_jax_holds_them():
+    """A `jax.random.key` is an integer to differentiation: a float0 cotangent
+    or tangent (with `allow_int` for grad), a key output a float0 tangent."""
+    key = jax.random.key(0)
+    f0 = np.zeros((), jax.dtypes.float0)
+    cases = [
+        lambda m: m.vjp(lambda k: jax.random.normal(k) * 2.0, key)[1](1.0),
+        lambda m: m.grad(lambda k, a: jax.random.normal(k) * a, (0, 1), allow_int=True)(key, 2.0),
+        lambda m: m.jvp(lambda k, a: jax.random.normal(k) * a, (key, 2.0), (f0, 1.0)),
+        lambda m: m.jvp(lambda a: (a * 2, jax.random.key(1)), (2.0,), (1.0,))[1],
+        lambda m: m.linearize(lambda a: (a * 2, jax.random.key(1)), 2.0)[1](1.0),
+    ]
+    for case in cases:
+        got, want = case(cr), case(jax)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+        leaves = jax.tree_util.tree_leaves
+        for g, w in zip(leaves(got), leaves(want), strict=True):
+            assert g.dtype == w.dtype and np.shape(g) == np.shape(w)
+            if w.dtype != jax.dtypes.float0:
+                np.testing.assert_allclose(g, w, rtol=1e-6)
+    with pytest.raises(TypeError, match="allow_int"):
+        cr.grad(lambda k: jax.random.normal(k))(key)

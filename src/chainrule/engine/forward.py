@@ -53,6 +53,8 @@ def _dtype(x: Any) -> np.dtype:
         return jax.dtypes.canonicalize_dtype(np.result_type(x))
     if isinstance(x, (np.ndarray, np.generic)):
         return jax.dtypes.canonicalize_dtype(dtype)
+    if jnp.issubdtype(dtype, jax.dtypes.extended):
+        return dtype  # (a typed PRNG key's: held fixed, like an integer's)
     return np.dtype(dtype)
 
 

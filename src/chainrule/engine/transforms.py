@@ -144,6 +144,8 @@ def _box_leaf(
             "leave it out of argnums, or pass allow_int=True to get a float0 zero "
             "gradient for it (as jax.grad does)."
         )
+    if dtype is None and mode.allow_int and jnp.issubdtype(raw(value).dtype, jax.dtypes.prng_key):
+        return value  # a typed PRNG key: held fixed like an integer, as JAX does
     name = dtype.name if dtype is not None else str(raw(value).dtype)
     raise InputTypeError(
         f"{fun_name}: {where()} has dtype {name}, which has no gradient (inputs must be "
@@ -328,6 +330,9 @@ def _output(x: Any, trace: Trace) -> Any:
     return host.to_jax(x, copy=True)
 
 
+_PYTHON_KINDS = ((bool, np.bool_), (int, np.int64), (float, np.float64), (complex, np.complex128))
+
+
 def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
     ct_leaves, ct_tree = jax.tree_util.tree_flatten(cotangent)
     if ct_tree != out_tree:
@@ -341,10 +346,13 @@ def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
         oshape, odtype = rules.shape_of(o), raw(o).dtype if hasattr(raw(o), "dtype") else None
         if isinstance(raw(o), (np.ndarray, np.generic)):  # handed back as JAX reads it
             odtype = jax.dtypes.canonicalize_dtype(odtype)
-        if isinstance(ct, (float, complex)):  # a Python number: weakly typed, it takes odtype
-            ct = jnp.asarray(ct, dtype=odtype)
-        elif isinstance(ct, int):  # (an integer one is int32 to JAX, which refuses it too)
-            ct = np.asarray(ct, jax.dtypes.canonicalize_dtype(np.int64))
+        if isinstance(ct, (int, float, complex)) and not isinstance(ct, np.generic):
+            # a Python number as JAX types it: a float is float32 without x64
+            # and float64 with it (so a float32 output refuses it then, as JAX
+            # does); an int is an integer, which JAX refuses too
+            kind = next(k for t, k in _PYTHON_KINDS if isinstance(ct, t))
+            dtype = jax.dtypes.canonicalize_dtype(kind)
+            ct = jnp.asarray(ct, dtype=odtype) if dtype == odtype else np.asarray(ct, dtype)
         elif isinstance(ct, (np.ndarray, np.generic)):
             # as JAX reads a NumPy array: float64 is float32 without jax_enable_x64
             canonical = jax.dtypes.canonicalize_dtype(ct.dtype)
