@@ -249,6 +249,33 @@ def test_eigvalsh_and_lower_false():
     check_against_jax(fun, a, modes=("jit",), **F64)
 
 
+def test_eigh_of_a_complex_hermitian_matrix(dtype=np.complex128):
+    """The rule with V^H for T(V): its transpose has conj(V) where the real one
+    has V. Random cotangents on both outputs at first order; at second order
+    functions that do not depend on the eigenvectors' phases (which the
+    solver picks: derivatives along them are not defined), eagerly, under jit
+    and vmap."""
+    rng = np.random.default_rng(23)
+    m = rng.normal(size=(3, 3)) + 1j * rng.normal(size=(3, 3))
+    a = jnp.asarray(m + np.conj(np.swapaxes(m, -1, -2)), dtype)
+    kw = F64
+    check_against_jax(jnp.linalg.eigh, a, second_order=False, **kw)
+    check_against_jax(
+        lambda a: jnp.linalg.eigh(a, symmetrize_input=False)[1],
+        a,
+        second_order=False,
+        modes=("eager",),
+        **kw,
+    )
+
+    def phase_free(a):
+        w, v = jnp.linalg.eigh(a)
+        overlap = jnp.abs(jnp.einsum("...i,...i->...", v[..., :, 1], jnp.conj(v[..., :, 2])))
+        return w**2, jnp.abs(v[..., 0, :]) ** 2 * w, overlap
+
+    check_against_jax(phase_free, a, **kw)
+
+
 def test_eigh_float32():
     a = _spd(22, 4, 4, dtype=np.float32)
     w = np.linalg.eigvalsh(a.astype(np.float64))

@@ -293,14 +293,15 @@ qr_p = _register(
 
 
 # --- eigh ----------------------------------------------------------------------------
-# A = V diag(w) T(V). JVP with M = T(V) dA V: dw = diag(M), dV = V (F * M),
+# A = V diag(w) V^H. JVP with M = V^H dA V: dw = Re(diag(M)), dV = V (F * M),
 # F_ij = 1 / (w_j - w_i) off the diagonal (infinite for repeated eigenvalues,
-# as in JAX), 0 on it. Transposed: A_bar = V (F * T(V) V_bar + diag(w_bar)) T(V).
+# as in JAX), 0 on it. Transposed (a transpose, not an adjoint: V^H's
+# transpose is conj(V), Re's a real cotangent as it is):
+# A_bar = conj(V) (F * T(V) V_bar + diag(w_bar)) T(V); conj(V) = V when real.
 
 
 def _eigh_rule(g: Any, node: Node) -> list[Any]:
     (a,), (v, w) = node.primals, node.ans
-    _real_only("eigh", a)
     n = shape_of(a)[-1]
     subset = node.params["subset_by_index"]
     if subset is not None and tuple(subset) != (0, n):
@@ -316,7 +317,7 @@ def _eigh_rule(g: Any, node: Node) -> list[Any]:
         inner = f * _mm(_T(v), v_bar)
     if w_bar is not None:
         inner = inner + _diag_matrix(w_bar)
-    return [_mm(v, _mm(inner, _T(v)))]
+    return [_mm(_conj(v), _mm(inner, _T(v)))]
 
 
 eigh_p = _register(
