@@ -423,7 +423,7 @@ def _read_body(fun: Any, args: Sequence[Any]) -> tuple[Any, Any] | None:
 
         closed, shapes = jax.make_jaxpr(flat, return_shape=True)(*args)
         if len(_BODIES) >= _TRANSPOSED_LIMIT:
-            del _BODIES[next(iter(_BODIES))]
+            _BODIES.pop(next(iter(_BODIES), None), None)
         read = _BODIES[key] = (closed, jax.tree_util.tree_structure(shapes))
     return read
 
@@ -565,7 +565,7 @@ def _cached_transposed_rule(key, node, per_argument, diff, primals, outs, cts) -
         # a rule from a jaxpr is compiled with it
         plan = _Plan(closed.jaxpr, xla_masks=per_argument is None)
         if len(_TRANSPOSED) >= _TRANSPOSED_LIMIT:
-            del _TRANSPOSED[next(iter(_TRANSPOSED))]
+            _TRANSPOSED.pop(next(iter(_TRANSPOSED), None), None)  # (another thread may too)
         entry = _TRANSPOSED[key] = (plan, closed.consts)
     plan, consts = entry
     return _run_plan(_HOST_TRACE, plan, consts, [*primals, *outs, *cts])
