@@ -1085,3 +1085,42 @@ def test_typed_prng_keys_are_held_fixed_as_jax_holds_them():
                 np.testing.assert_allclose(g, w, rtol=1e-6)
     with pytest.raises(TypeError, match="allow_int"):
         cr.grad(lambda k: jax.random.normal(k))(key)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [((), (), (3,)), ((), (1,), (3,)), ((3,), (), ()), ((2, 1), (3,), (1,)), ((), (2, 3), ())],
+)
+@pytest.mark.parametrize("weak_input", [True, False])
+def test_cnp_where_broadcasts_all_three_operands_as_jnp(shapes, weak_input):
+    cshape, xshape, yshape = shapes
+    cond = np.arange(int(np.prod(cshape))).reshape(cshape) % 2 == 0
+    y = np.linspace(0.1, 0.3, int(np.prod(yshape))).reshape(yshape).astype(np.float32)
+
+    def f(mod, where):
+        def loss(w):
+            x = w * jnp.ones(xshape, jnp.float32) if not weak_input else w * lax.full(xshape, 1.0)
+            return mod.sum(where(cond, x, y) * 2.0)
+
+        return loss
+
+    w = 0.4 if weak_input else jnp.float32(0.4)
+    want = jax.value_and_grad(f(jnp, jnp.where))(w)
+    got = cr.value_and_grad(f(cnp, cnp.where))(w)
+    for g, e in zip(got, want, strict=True):
+        assert (g.dtype, g.shape) == (e.dtype, e.shape)
+        np.testing.assert_allclose(g, e, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["add", "subtract", "multiply", "divide", "maximum", "power"])
+@pytest.mark.parametrize("weak_input", [True, False])
+def test_cnp_binary_functions_take_python_bools_as_jnp(name, weak_input):
+    def f(mod):
+        return lambda x: getattr(mod, name)(x, True) * x + getattr(mod, name)(False, x)
+
+    x = 0.4 if weak_input else jnp.float32(0.4)
+    want = jax.value_and_grad(f(jnp))(x)
+    got = cr.value_and_grad(f(cnp))(x)
+    for g, e in zip(got, want, strict=True):
+        assert (g.dtype, g.weak_type) == (e.dtype, e.weak_type)
+        np.testing.assert_allclose(g, e, rtol=1e-6)

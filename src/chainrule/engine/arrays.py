@@ -115,7 +115,7 @@ def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
         inexact_result = jnp.issubdtype(dtype, jnp.inexact)
         kind = complex if jnp.issubdtype(dtype, jnp.complexfloating) else float
         return [
-            (kind(a) if inexact_result and not isinstance(a, bool) else a)
+            (kind(a) if inexact_result else a)  # (True is 1.0 beside a weak float)
             if _is_python_scalar(a)
             else a
             if _is_weak(a) and rules.dtype_of(a) == dtype
@@ -317,7 +317,7 @@ def where(condition: Any, x: Any, y: Any) -> Any:
     """Selects `x` where `condition` holds, else `y` (jax.numpy.where with 3 args)."""
     x, y = promote(x, y)
     cond = jnp.asarray(raw(condition), dtype=bool)
-    shape = tuple(np.broadcast_shapes(cond.shape, rules.shape_of(x)))
+    shape = tuple(np.broadcast_shapes(cond.shape, rules.shape_of(x), rules.shape_of(y)))
     x, y = broadcast_to(x, shape), broadcast_to(y, shape)
     cond = jnp.broadcast_to(cond, shape)
     return rules.select_n(cond, y, x)

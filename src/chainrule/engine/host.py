@@ -425,7 +425,8 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
                 # (a weakly typed literal of a jaxpr, the `2.0` of `a * 2`
                 # under `jit`, is not a strong float: beside a weak array the
                 # result is weak, JAX's)
-                seen_float = seen_float or not (type(a) is _TypedNdArray and a.weak_type)
+                if not seen_float:
+                    seen_float = type(a) is not _TypedNdArray or not a.weak_type
             seen_host = True
             continue
         if type(a) is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer):
