@@ -409,6 +409,23 @@ def test_linear_transpose_of_a_nonlinear_function_raises_not_implemented(fun):
         cr.linear_transpose(fun, x)
 
 
+@pytest.mark.parametrize(
+    "fun",
+    [
+        lambda x: (jnp.all(jnp.isfinite(x)), 2.0 * x)[1],  # a check, dropped
+        lambda x: x * (x > 0).shape[0],  # a comparison read only for its shape
+        lambda x: jnp.where(jnp.arange(3) > 0, x, 0.0) * 2.0,  # a mask of constants
+    ],
+)
+def test_linear_transpose_takes_untraced_values_that_do_not_reach_the_output(fun):
+    """What depends on the inputs without a derivative only matters where it
+    reaches the output (as a value, or an operand of what the output depends
+    on); JAX transposes these functions, and so does chainrule."""
+    x = jnp.asarray([-1.0, 2.0, 3.5])
+    ct = jnp.asarray([0.5, -1.0, 2.0])
+    assert_trees_match(cr.linear_transpose(fun, x)(ct), jax.linear_transpose(fun, x)(ct))
+
+
 def test_linear_transpose_refuses_a_cast_of_an_input_to_integers():
     """JAX transposes `x + int(x)` as if the cast were 0 (its derivative), and
     `x * int(x)` raises; chainrule cannot tell them apart from its tape (the

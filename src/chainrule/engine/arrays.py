@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src.array import ArrayImpl as _ArrayImpl  # concrete jax.Arrays (JAX 0.10)
 
-from chainrule.engine import host, rules
+from chainrule.engine import core, host, rules
 from chainrule.engine.core import Tracer, raw
 
 # --- dtype promotion and broadcasting, as jax.numpy does them -----------------
@@ -37,7 +37,10 @@ def _as_operand(x: Any, dtype) -> Any:
     if isinstance(x, Tracer):
         return rules.convert_element_type(x, dtype)
     if isinstance(x, (int, float, np.generic, np.ndarray)):
-        return np.asarray(x, dtype=dtype)  # lax takes NumPy operands; no XLA dispatch
+        out = np.asarray(x, dtype=dtype)  # lax takes NumPy operands; no XLA dispatch
+        if isinstance(x, np.ndarray) and out is not x:
+            core.carry_untraced(x, out)  # (a converted untraced value is still one)
+        return out
     if isinstance(x, jax.Array) and x.dtype == dtype:
         return x  # as it is: `jnp.asarray(x, dtype)` would drop a weak type
     return jnp.asarray(x, dtype=dtype)

@@ -453,6 +453,27 @@ def is_differentiable(x: Any) -> bool:
     return inexact
 
 
+def untraced_key(x: Any) -> Any:
+    """What identifies an untraced value for `Trace.untraced_uses`: a NumPy
+    array's memory (JAX hands a jit-wrapped function a view of it, not it),
+    anything else itself."""
+    if isinstance(x, np.ndarray) and x.size:
+        return ("memory", x.__array_interface__["data"][0], x.dtype.str, x.shape)
+    return id(x)
+
+
+def carry_untraced(source: Any, made: Any) -> None:
+    """`made` (computed from `source` outside any primitive, by a NumPy
+    conversion) is an untraced value of the current trace if `source` is one
+    (see `Trace.untraced_uses`)."""
+    trace = _current_trace.value
+    uses = getattr(trace, "untraced_uses", None) if isinstance(trace, Trace) else None
+    if uses:
+        key = untraced_key(source)
+        if key in uses:
+            trace.note_untraced(uses[key][0], made)
+
+
 class Trace(jcore.Trace):
     """One active differentiation: the tape's recording rule and JAX's interpreter hooks.
 
@@ -477,9 +498,10 @@ class Trace(jcore.Trace):
         self.tracer_type = tracer_type
         self.parent = parent = _current_trace.value  # the current trace, which this one nests in
         self.taps = None  # a debugging.TapSink when the transform collects taps
-        # a list when a transform must know every operation on this trace's values
-        # whose output is not traced (`cr.linear_transpose`'s linearity check)
-        self.untraced_uses: list[str] | None = None
+        # a dict (id -> (operation, value)) when a transform must know the values
+        # computed from this trace's values that are not traced
+        # (`cr.linear_transpose`'s linearity check)
+        self.untraced_uses: dict[int, tuple[str, Any]] | None = None
         # untraced results go to code as JAX hands them (`host.for_user`); False
         # for a trace that only evaluates chainrule's own calls on host values
         self.for_user = for_user
@@ -554,33 +576,39 @@ class Trace(jcore.Trace):
                 on_host = not subnormal and host.host_operands(primals) is not None
                 with jcore.set_current_trace(self if on_host else self.parent):
                     ans = prim.impl(*primals, **params)
-        if self.untraced_uses is not None and argnums:
-            self._note_untraced_outputs(prim, ans)
         if not prim.differentiable:  # its output is never traced: no node
             if prim.multiple_results:
-                return [host.immutable(raw(a)) for a in ans]
-            return host.immutable(raw(ans))
-        node = Node(prim, primals, params, ans, tuple(argnums), tuple(parents))
-        if _recorders:
-            announce(node)
-        box = self.tracer_type
-        if not prim.multiple_results:
-            return box(ans, node, self) if is_differentiable(raw(ans)) else host.immutable(raw(ans))
-        n = len(ans)
-        return [
-            box(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), self)
-            if is_differentiable(raw(a))
-            else host.immutable(raw(a))
-            for i, a in enumerate(ans)
-        ]
+                out: Any = [host.immutable(raw(a)) for a in ans]
+            else:
+                out = host.immutable(raw(ans))
+        else:
+            node = Node(prim, primals, params, ans, tuple(argnums), tuple(parents))
+            if _recorders:
+                announce(node)
+            box = self.tracer_type
+            if not prim.multiple_results:
+                diff = is_differentiable(raw(ans))
+                out = box(ans, node, self) if diff else host.immutable(raw(ans))
+            else:
+                n = len(ans)
+                out = [
+                    box(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), self)
+                    if is_differentiable(raw(a))
+                    else host.immutable(raw(a))
+                    for i, a in enumerate(ans)
+                ]
+        if self.untraced_uses is not None and argnums:
+            self.note_untraced(prim.name, out)
+        return out
 
-    def _note_untraced_outputs(self, prim: Primitive, ans: Any) -> None:
-        """Notes `prim` in `untraced_uses` when it computes, from this trace's
-        values, an output that is not traced (a comparison, `stop_gradient`, a
-        cast to an integer): what the tape cannot see depends on the inputs."""
-        outs = ans if prim.multiple_results else (ans,)
-        if not prim.differentiable or not all(is_differentiable(raw(a)) for a in outs):
-            self.untraced_uses.append(prim.name)
+    def note_untraced(self, name: str, out: Any) -> None:
+        """Notes in `untraced_uses` each untraced value of `out` (a value or a
+        list), computed by `name` from this trace's values: what the tape cannot
+        see depends on the inputs (a comparison, `stop_gradient`, a cast to an
+        integer, and what is computed from those)."""
+        for o in out if isinstance(out, list) else (out,):
+            if not isinstance(o, Tracer):
+                self.untraced_uses[untraced_key(o)] = (name, o)  # (kept: its key stays its)
 
     # --- JAX's interpreter interface: JAX code running on this trace's values ---
 
@@ -601,6 +629,16 @@ class Trace(jcore.Trace):
     def process(self, primitive, tracers, params, for_user: bool = False):
         """`process_primitive`; without `for_user` (a jaxpr's equations, see
         `rules.calls.eval_body`) untraced results stay host values."""
+        uses = self.untraced_uses
+        if uses:  # (a transform watching untraced values: they taint what they make)
+            names = [uses[k][0] for k in map(untraced_key, tracers) if k in uses]
+            if names and not self._owns(tracers):
+                out = self._process(primitive, tracers, params, for_user)
+                self.note_untraced(names[0], out)
+                return out
+        return self._process(primitive, tracers, params, for_user)
+
+    def _process(self, primitive, tracers, params, for_user: bool = False):
         prim = PRIMITIVES.get(primitive.name)
         if self._owns(tracers):  # values of this trace: chainrule's rule records them
             if prim is None:

@@ -29,7 +29,7 @@ confuses perturbations.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -265,9 +265,26 @@ _BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
 _LINEAR_IN = {"div": (0,)}
 
 
-def _nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | None:
-    """The first recorded node (walking back from `outputs`) that is not linear
-    in the traced inputs, or None: a look at the tape, no second run."""
+def _untraced_use(outputs: Sequence[Any], trace: core.Trace) -> str | None:
+    """The operation that made an untraced value from the inputs (`x > 0`,
+    `stop_gradient(x)`) which reaches the outputs: as an output itself, or as
+    a constant operand of a recorded node they depend on; None if none does
+    (a check whose result is dropped, or read only for its shape)."""
+    uses = trace.untraced_uses or {}
+    for o in outputs:
+        key = core.untraced_key(o)
+        if not (isinstance(o, Tracer) and o._trace is trace) and key in uses:
+            return uses[key][0]
+    for node in _tape(outputs, trace):
+        for i, p in enumerate(node.primals):
+            key = core.untraced_key(p)
+            if i not in node.argnums and key in uses:
+                return uses[key][0]
+    return None
+
+
+def _tape(outputs: Sequence[Any], trace: core.Trace) -> Iterator[core.Node]:
+    """The recorded nodes the outputs depend on, walking back from them."""
     stack = [o.node for o in outputs if isinstance(o, Tracer) and o._trace is trace]
     seen: set[core.Node] = set()
     while stack:
@@ -275,6 +292,14 @@ def _nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | No
         if node in seen or node.prim is None:
             continue
         seen.add(node)
+        yield node
+        stack.extend(node.parents)
+
+
+def _nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | None:
+    """The first recorded node (walking back from `outputs`) that is not linear
+    in the traced inputs, or None: a look at the tape, no second run."""
+    for node in _tape(outputs, trace):
         name = node.prim.name
         linear = (
             name in _LINEAR
@@ -283,7 +308,6 @@ def _nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | No
         )
         if not linear:
             return node
-        stack.extend(node.parents)
     return None
 
 
@@ -327,7 +351,7 @@ def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = 
     args = _tree_unflatten(tree, points)
 
     def watch(trace: core.Trace, boxed: list[Any]) -> None:
-        trace.untraced_uses = []
+        trace.untraced_uses = {}
 
     with transforms.host.evaluating():
         trace, out, tracers, trees = transforms.trace_call(
@@ -335,10 +359,11 @@ def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = 
         )
     out_leaves, out_tree = _tree_flatten(out)
     _check_linear_dtypes(out_leaves, "output")
-    if trace.untraced_uses:
+    untraced = _untraced_use(out_leaves, trace)
+    if untraced is not None:
         raise NotLinearError(
             f"cr.linear_transpose: {getattr(fun, '__name__', 'the function')} is not linear "
-            f"in its inputs: it applies '{trace.untraced_uses[0]}' to values computed from "
+            f"in its inputs: it applies '{untraced}' to values computed from "
             "them, which gives a result with no derivative (a comparison, a rounding, "
             "stop_gradient, a cast to an integer). What depends on the inputs through it "
             "cannot be transposed; for a nonlinear function use cr.vjp at a point."
