@@ -498,10 +498,10 @@ class Trace(jcore.Trace):
         self.tracer_type = tracer_type
         self.parent = parent = _current_trace.value  # the current trace, which this one nests in
         self.taps = None  # a debugging.TapSink when the transform collects taps
-        # a dict (id -> (operation, value)) when a transform must know the values
-        # computed from this trace's values that are not traced
+        # a dict (`untraced_key` -> (operation, value)) when a transform must
+        # know the values computed from this trace's values that are not traced
         # (`cr.linear_transpose`'s linearity check)
-        self.untraced_uses: dict[int, tuple[str, Any]] | None = None
+        self.untraced_uses: dict[Any, tuple[str, Any]] | None = None
         # untraced results go to code as JAX hands them (`host.for_user`); False
         # for a trace that only evaluates chainrule's own calls on host values
         self.for_user = for_user
