@@ -222,9 +222,9 @@ def test_aux_and_constant_outputs_are_handed_back_as_jax_hands_them(x64):
 @pytest.mark.parametrize(
     "argnums",
     [True, np.array(1), np.array([0, 1]), np.int64(1), [0, 1], (np.int64(0),), -1]
-    + [jnp.array(1), jnp.array([1, 0])],
+    + [jnp.array(1), jnp.array([1, 0]), (jnp.array(0),), [jnp.array(1), 0]],
     ids=["True", "0-d array", "1-d array", "np.int64", "list", "tuple of np.int64", "-1"]
-    + ["0-d jax.Array", "1-d jax.Array"],
+    + ["0-d jax.Array", "1-d jax.Array", "tuple of a jax.Array", "list of mixed"],
 )
 @pytest.mark.parametrize("transform", ["grad", "value_and_grad", "jacrev", "jacfwd", "hessian"])
 def test_argnums_are_read_as_jax_reads_them(argnums, transform):

@@ -48,6 +48,8 @@ def _normalize_argnums(
         argnums = argnums.tolist()  # (a Python int, or a list of them)
     if isinstance(argnums, (int, np.integer)):
         return (int(argnums),), single
+    if isinstance(argnums, Sequence) and argnums:  # entries as JAX reads them: any
+        argnums = [_index_or_none(a) for a in argnums]  # integer scalar (a 0-d array too)
     if (
         isinstance(argnums, Sequence)
         and argnums
@@ -60,6 +62,17 @@ def _normalize_argnums(
         f"{fun_name}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}. "
         "Example: cr.grad(loss, argnums=(0, 1))."
     )
+
+
+def _index_or_none(a: Any) -> Any:
+    """An argnums entry as an int if it is an integer scalar (a NumPy or
+    concrete 0-d JAX integer array too, as `operator.index` reads it); else
+    as it is, for the error below to name it."""
+    if isinstance(a, (bool, int, np.integer)) or isinstance(a, jax.core.Tracer):
+        return a
+    if isinstance(a, (np.ndarray, jax.Array)) and a.ndim == 0 and a.dtype.kind in "iu":
+        return int(a)
+    return a
 
 
 def _resolve_argnums(argnums: tuple[int, ...], n_args: int, fun_name: str) -> tuple[int, ...]:
