@@ -348,9 +348,7 @@ def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
 def _strong(x: Any) -> Any:
     """`x` strongly typed: `jax.numpy`'s reductions and `astype` give a strong
     result for a weak operand (one made from a Python number)."""
-    if getattr(raw(x), "weak_type", False):
-        return rules.convert_element_type_p.bind(x, new_dtype=rules.dtype_of(x), weak_type=False)
-    return x
+    return rules.weakly_typed(x, False)
 
 
 def _reduction(name: str, op: Callable) -> Callable:

@@ -321,13 +321,7 @@ def weak_as(x: Any, like: Any) -> Any:
     weak = getattr(like, "weak_type", None)
     if weak is None:  # a NumPy value (strong), or a Python number (weak; not a bool,
         weak = type(like) in (int, float, complex)  # and np.float64 is not one)
-    if isinstance(x, Tracer):
-        if getattr(raw(x), "weak_type", False) == weak:
-            return x
-        return rules.convert_element_type_p.bind(x, new_dtype=x.dtype, weak_type=weak)
-    if getattr(x, "weak_type", weak) == weak:
-        return x
-    return rules.retyped(x, x.dtype, weak_type=weak)
+    return rules.weakly_typed(x, weak)
 
 
 def _output(x: Any, trace: Trace) -> Any:

@@ -42,10 +42,10 @@ from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core, host
-from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw, vjp_flat, zeros_like
+from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.registry import PRIMITIVES
-from chainrule.engine.rules.shape import convert_element_type_p, retyped
+from chainrule.engine.rules.shape import retyped, weakly_typed
 from chainrule.errors import NotDifferentiableError
 
 
@@ -172,13 +172,10 @@ def _typed_as(x: Any, aval: Any) -> Any:
     by JAX's, a concrete value (a `jax.Array`, or a host value) as an array."""
     if not isinstance(aval.dtype, np.dtype):
         return x
-    value = raw(x)
-    if getattr(value, "weak_type", False) == aval.weak_type:  # (host values are strong)
+    if isinstance(x, jcore.Tracer):  # (chainrule's too)
+        return weakly_typed(x, aval.weak_type)
+    if getattr(x, "weak_type", False) == aval.weak_type:  # (host values are strong)
         return x
-    if isinstance(x, Tracer):
-        return convert_element_type_p.bind(x, new_dtype=aval.dtype, weak_type=aval.weak_type)
-    if isinstance(x, jcore.Tracer):
-        return retyped(x, aval.dtype, weak_type=aval.weak_type)
     return _concrete_array(x, aval)
 
 

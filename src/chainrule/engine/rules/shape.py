@@ -12,6 +12,7 @@ import numpy as np
 from jax import dtypes, lax
 from jax._src.lax import lax as lax_internal  # weakly typed conversion (JAX 0.10, pinned)
 
+from chainrule.engine.core import Tracer, raw
 from chainrule.engine.rules.registry import (
     argsort,
     defvjp,
@@ -106,6 +107,20 @@ convert_element_type_p = primitive(
     host=_host_convert,
     exact_on_host=_exact_convert,
 )
+
+
+def weakly_typed(x: Any, weak: bool) -> Any:
+    """`x` of the same dtype, weakly typed or not as asked (unchanged if it
+    already is): a chainrule Tracer by a recorded conversion (differentiable,
+    and an enclosing transform sees the type), a JAX value by JAX's own
+    conversion; a NumPy value (strong, no weak type to set) as it is."""
+    if isinstance(x, Tracer):
+        if getattr(raw(x), "weak_type", False) == weak:
+            return x
+        return convert_element_type_p.bind(x, new_dtype=dtype_of(x), weak_type=weak)
+    if getattr(x, "weak_type", weak) == weak:
+        return x
+    return retyped(x, dtype_of(x), weak_type=weak)
 
 
 def convert_element_type(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
