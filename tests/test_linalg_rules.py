@@ -54,7 +54,7 @@ def _spd(seed: int, *shape: int, dtype=np.float64) -> np.ndarray:
 def _f32_tolerance(*matrices: np.ndarray) -> dict[str, float]:
     """float32 tolerance from the inputs' conditioning: second-order terms carry
     the condition number squared times float32's epsilon (with a margin of 100)."""
-    kappa = max(float(np.max(np.linalg.cond(np.asarray(m, np.float64)))) for m in matrices)
+    kappa = max(float(np.max(np.linalg.cond(np.asarray(m, np.complex128)))) for m in matrices)
     tol = 100 * np.finfo(np.float32).eps * kappa**2
     return dict(rtol=tol, atol=tol)
 
@@ -223,6 +223,61 @@ def test_qr_all_modes_and_float32():
     check_against_jax(jnp.linalg.qr, a, **F64)
     a32 = a.astype(np.float32)
     check_against_jax(jnp.linalg.qr, a32, modes=("jit",), **_f32_tolerance(a32))
+
+
+def _complex(seed: int, *shape: int, dtype=np.complex128) -> np.ndarray:
+    return (_random(seed, *shape) + 1j * _random(seed + 100, *shape)).astype(dtype)
+
+
+SHAPES = {"tall": (2, 5, 3), "wide": (2, 3, 5), "square": (2, 4, 4)}
+
+
+@FULL
+def test_qr_of_complex_matrices(full):
+    """Q^H for T(Q), and the i Im(diag) correction of JAX's dO: tall, wide and
+    square, every mode and flag (complete, pivoted, r only), both orders,
+    complex128 (first order under jit in the default run); complex64 under jit."""
+    args = [_complex(40 + i, *shape) for i, shape in enumerate(SHAPES.values())]
+
+    def fun(*mats):
+        out = []
+        for a in mats:
+            out += [jnp.linalg.qr(a), jnp.linalg.qr(a, mode="r"), jsl.qr(a[0], pivoting=True)[:2]]
+        return out, jnp.linalg.qr(mats[0], mode="complete")
+
+    _assert_emits("qr", fun, *args)
+    _check_group(fun, *args, full=full)
+    a64 = args[0].astype(np.complex64)
+    check_against_jax(jnp.linalg.qr, a64, modes=("jit",), **_f32_tolerance(a64))
+
+
+@FULL
+def test_svd_of_complex_matrices(full):
+    """The transposed JVP with U^H, V^H and the (S - S^H)/2 diag(1/s) term that
+    is zero for real matrices: tall, wide and square, random cotangents on s,
+    U and Vt (both read the same primal outputs, so the solver's phases are
+    the same for both), both orders, every mode (first order under jit in
+    the default run); complex64 under jit."""
+    args = [_complex(50 + i, *shape) for i, shape in enumerate(SHAPES.values())]
+
+    def fun(*mats):
+        return [
+            (
+                jnp.linalg.svd(a, full_matrices=False),
+                jnp.linalg.svd(a, compute_uv=False),
+                jnp.linalg.pinv(a),
+                jnp.linalg.norm(a, "nuc", axis=(-2, -1)),
+            )
+            for a in mats
+        ]
+
+    _assert_emits("svd", fun, *args)
+    _check_group(fun, *args, full=full)
+    a64 = args[0].astype(np.complex64)
+    s = np.linalg.svd(args[0], compute_uv=False)
+    tol = 100 * np.finfo(np.float32).eps * (s[..., 0] / np.min(np.diff(-s, axis=-1))).max() ** 2
+    fun = lambda a: jnp.linalg.svd(a, full_matrices=False)  # noqa: E731
+    check_against_jax(fun, a64, modes=("jit",), rtol=tol, atol=tol)
 
 
 def test_householder_product_is_refused_as_by_jax():

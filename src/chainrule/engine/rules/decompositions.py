@@ -42,6 +42,11 @@ def _T(x: Any) -> Any:
     return jnp.swapaxes(x, -1, -2)
 
 
+def _H(x: Any) -> Any:
+    """The conjugate transpose of the last two axes (`_T` for a real matrix)."""
+    return _conj(_T(x))
+
+
 def _is_complex(x: Any) -> bool:
     return jnp.issubdtype(dtype_of(x), jnp.complexfloating)
 
@@ -74,17 +79,6 @@ def _diag_matrix(v: Any) -> Any:
 
 def _tri_solve(a: Any, b: Any, **flags: bool) -> Any:
     return jax_linalg.triangular_solve(a, b, **flags)
-
-
-def _real_only(name: str, x: Any) -> None:
-    if _is_complex(x):
-        raise NoVJPRuleError(
-            name,
-            core.user_frame(),
-            detail=f"its rule covers real inputs only (got {dtype_of(x)}); "
-            "split the matrix into real and imaginary parts or use jax.grad for complex "
-            "decompositions",
-        )
 
 
 class _Decomposition(Primitive):
@@ -239,28 +233,35 @@ lu_pivots_to_permutation_p = _register(
 
 
 def _thin_qr_vjp(q: Any, r: Any, q_bar: Any, r_bar: Any) -> Any:
-    """The cotangent of A for the thin QR A = Q R (m >= n), real."""
+    """The cotangent of A for the thin QR A = Q R (m >= n), real or complex.
+
+    With Y = dA R^-1 and C = Q^H Y, JAX's JVP is dO = L - L^H + i Im(diag C)
+    (L the strict lower triangle of C), dQ = Q (dO - C) + Y, dR = (C - dO) R;
+    each step transposed (conj's transpose is conj, Re's a real part's).
+    """
     c_direct = _mm(r_bar, _T(r)) - _mm(_T(q), q_bar)  # C's cotangent, C used directly
     o_bar = -c_direct  # the cotangent of dO
-    c_bar = c_direct + jnp.tril(o_bar - _T(o_bar), -1)
-    dx_rinv_bar = q_bar + _mm(q, c_bar)
+    c_bar = c_direct + jnp.tril(o_bar - _H(o_bar), -1)
+    if _is_complex(q):  # dO's diagonal is i Im(diag C): its transpose keeps i Im
+        c_bar = c_bar + _diag_matrix(_diag(o_bar) - jnp.real(_diag(o_bar)).astype(dtype_of(q)))
+    dx_rinv_bar = q_bar + _mm(_conj(q), c_bar)
     return _tri_solve(r, dx_rinv_bar, left_side=False, lower=False, transpose_a=True)
 
 
 def _qr_rule(g: Any, node: Node) -> list[Any]:
     (a,) = node.primals
-    _real_only("qr", a)
     q, r, *pivots = node.ans
     q_bar, r_bar, *_ = _output_cotangents(g, node.ans)
     q_bar = zeros_like(q) if q_bar is None else q_bar
     r_bar = zeros_like(r) if r_bar is None else r_bar
     m, n = shape_of(a)[-2:]
     if m < n:
-        # R2 = T(Q) A2: A2 gets Q R2_bar, and Q gets A2 T(R2_bar) on top of its own
+        # R2 = Q^H A2, so dR2 = dQ^H A2 + Q^H dA2: A2 gets conj(Q) R2_bar, and Q
+        # gets conj(A2) R2_bar^H on top of its own
         a2, r2_bar = a[..., :, m:], r_bar[..., :, m:]
-        q_bar = q_bar + _mm(a2, _T(r2_bar))
+        q_bar = q_bar + _mm(_conj(a2), _H(r2_bar))
         a1_bar = _thin_qr_vjp(q, r[..., :, :m], q_bar, r_bar[..., :, :m])
-        a_bar = jnp.concatenate([a1_bar, _mm(q, r2_bar)], axis=-1)
+        a_bar = jnp.concatenate([a1_bar, _mm(_conj(q), r2_bar)], axis=-1)
     elif node.params["full_matrices"] and m > n:
         q_bar_mn = _full_q_to_thin(q, q_bar, n)
         a_bar = _thin_qr_vjp(q[..., :, :n], r[..., :n, :n], q_bar_mn, r_bar[..., :n, :n])
@@ -275,16 +276,17 @@ def _qr_rule(g: Any, node: Node) -> list[Any]:
 def _full_q_to_thin(q: Any, q_bar: Any, n: int) -> Any:
     """The cotangent of the thin Q's first n columns, given the full Q's.
 
-    The extra columns vary as dQ_mp = dQ_mn T(Z) - (Q_mn + Q_mp Z) T(dQ_pn - Z dQ_nn)
+    The extra columns vary as dQ_mp = dQ_mn Z^H - (Q_mn + Q_mp Z) (dQ_pn - Z dQ_nn)^H
     with Z = Q_pn (Q_nn - I)^-1; this is its transpose.
     """
     q_mn, q_mp = q[..., :, :n], q[..., :, n:]
     q_nn, q_pn = q_mn[..., :n, :], q_mn[..., n:, :]
-    z = _T(jnp.linalg.solve(_T(q_nn - _eye_like(q_nn)), _T(q_pn)))
+    z = _H(jnp.linalg.solve(_H(q_nn - _eye_like(q_nn)), _H(q_pn)))
     bar_mn, bar_mp = q_bar[..., :, :n], q_bar[..., :, n:]
-    d_bar = -_mm(_T(bar_mp), q_mn + _mm(q_mp, z))  # the cotangent of dQ_pn - Z dQ_nn
+    # the cotangent of D = dQ_pn - Z dQ_nn, which enters as D^H
+    d_bar = -_mm(_H(bar_mp), _conj(q_mn + _mm(q_mp, z)))
     top = -_mm(_T(z), d_bar)
-    return bar_mn + _mm(bar_mp, z) + jnp.concatenate([top, d_bar], axis=-2)
+    return bar_mn + _mm(bar_mp, _conj(z)) + jnp.concatenate([top, d_bar], axis=-2)
 
 
 qr_p = _register(
@@ -337,7 +339,6 @@ eigh_p = _register(
 
 def _svd_rule(g: Any, node: Node) -> list[Any]:
     (a,) = node.primals
-    _real_only("svd", a)
     params = node.params
     m, n = shape_of(a)[-2:]
     if params["subset_by_index"] is not None and tuple(params["subset_by_index"]) != (0, min(m, n)):
@@ -362,35 +363,35 @@ def _svd_rule(g: Any, node: Node) -> list[Any]:
             algorithm=params["algorithm"],
         )
         u_bar = vt_bar = None
-    v = _T(vt)
     s_j = s[..., None, :]
     s_i = s[..., :, None]
     dtype = dtype_of(a)
-    s_bar_matrix = 0 if s_bar is None else _diag_matrix(s_bar.astype(dtype))
+    # S = U^H dA V enters every output; its cotangent is gathered in big_s_bar,
+    # and A gets conj(U) big_s_bar conj(Vt) (U^H's transpose is conj(U))
+    big_s_bar = 0 if s_bar is None else _diag_matrix(s_bar.astype(dtype))  # ds = Re diag(S)
     if u_bar is None and vt_bar is None:
-        return [_mm(u, _mm(s_bar_matrix, vt))]
+        return [_mm(_conj(u), _mm(big_s_bar, _conj(vt)))]
     eye = _eye_like(u[..., :1, :])
     f = 1 / ((s_j + s_i) * (s_j - s_i) + eye) - eye
     zero = (s == 0).astype(s.dtype)
     s_inv = 1 / (s + zero) - zero
-    big_s_bar = s_bar_matrix
-    if u_bar is not None:
+    if u_bar is not None:  # dU = U (F * (S s_j + (S s_j)^H) + (S - S^H) / 2 * diag(1/s))
         inner = _mm(_T(u), u_bar)
         p_bar = f * inner
-        big_s_bar = big_s_bar + s_j * (p_bar + _T(p_bar))
+        big_s_bar = big_s_bar + s_j * (p_bar + _H(p_bar))
         y = 0.5 * inner * _diag_matrix(s_inv)
-        big_s_bar = big_s_bar + y - _T(y)
-    if vt_bar is not None:
-        v_bar = _T(vt_bar)
-        q_bar = f * _mm(vt, v_bar)
-        big_s_bar = big_s_bar + s_i * (q_bar + _T(q_bar))
-    a_bar = _mm(u, _mm(big_s_bar, vt))
-    if m > n and u_bar is not None:  # dA V outside U's span
+        big_s_bar = big_s_bar + y - _H(y)
+    if vt_bar is not None:  # Vt's tangent is dV^H, dV = V (F * (s_i S + (s_i S)^H))
+        v_bar = _H(vt_bar)
+        q_bar = f * _mm(_conj(vt), v_bar)
+        big_s_bar = big_s_bar + s_i * (q_bar + _H(q_bar))
+    a_bar = _mm(_conj(u), _mm(big_s_bar, _conj(vt)))
+    if m > n and u_bar is not None:  # dU's part dA V outside U's span, over s
         r_bar = u_bar / s_j
-        a_bar = a_bar + _mm(r_bar - _mm(u, _mm(_T(u), r_bar)), vt)
-    if n > m and vt_bar is not None:  # T(dA) U outside V's span
-        r_bar = _T(vt_bar) / s_j
-        a_bar = a_bar + _mm(u, _T(r_bar - _mm(v, _mm(vt, r_bar))))
+        a_bar = a_bar + _mm(r_bar - _mm(_conj(u), _mm(_T(u), r_bar)), _conj(vt))
+    if n > m and vt_bar is not None:  # dV's part dA^H U outside V's span, over s
+        r_bar = v_bar / s_j
+        a_bar = a_bar + _mm(_conj(u), _H(r_bar - _mm(_T(vt), _mm(_conj(vt), r_bar))))
     return [a_bar]
 
 
