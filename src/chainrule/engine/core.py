@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -741,11 +742,23 @@ def _by_seq(node: Node) -> int:
     return node.seq
 
 
+_pass = threading.local()  # the backward pass now running: `at_zero` (see `backward`)
+
+
+def backward_at_zero() -> bool:
+    """Whether the backward pass now running is forward mode's pass at a zero
+    cotangent (`backward(at_zero=True)`): recorded only to be transposed, its
+    values never read. A rule without a reverse-mode derivative (a while loop)
+    may then return a linear node whose transpose it knows instead of raising."""
+    return getattr(_pass, "at_zero", False)
+
+
 def backward(
     seeds: Iterable[tuple[Node, Any]],
     *,
     release: bool,
     observe: Callable[[Node, Any, Sequence[Any] | None], None] | None = None,
+    at_zero: bool = False,
 ) -> dict[Node, Any]:
     """The backward pass: propagates cotangents from `seeds` to the input nodes.
 
@@ -757,10 +770,23 @@ def backward(
       observe: called as `observe(node, g, cts)` for every node reached, in
         the order visited (`cts` None for inputs and unreached uses), e.g. by
         `cr.explain` to show each step.
+      at_zero: the seeds are zeros and the pass is recorded by an enclosing
+        trace only to be transposed (forward mode, `jvp_flat` and
+        `forward._linearize`); `backward_at_zero()` says so to the rules of
+        this pass, not to a pass a rule starts itself.
 
     Returns:
       The cotangent of every reached node without parents (the inputs).
     """
+    previous = backward_at_zero()
+    _pass.at_zero = at_zero
+    try:
+        return _backward(seeds, release, observe)
+    finally:
+        _pass.at_zero = previous
+
+
+def _backward(seeds, release, observe) -> dict[Node, Any]:
     cotangents: dict[Node, Any] = {}
     for node, g in seeds:
         cotangents[node] = add_cotangents(cotangents[node], g) if node in cotangents else g
@@ -821,3 +847,30 @@ def vjp_flat(
     ]
     input_cts = backward(seeds, release=True)
     return [input_cts.get(t.node) if t.node in input_cts else zeros_like(t) for t in tracers]
+
+
+def jvp_flat(
+    fun: Callable[..., Sequence[Any]], primals: Sequence[Any], tangents: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    """`(fun(*primals), J @ tangents)` for a function of flat arrays returning a
+    flat list, by transposing its VJP (see `chainrule.engine.forward`): the
+    backward pass at zero cotangents is recorded, and its VJP with cotangent
+    `tangents` is the JVP. Every primal is differentiated (pass only floats).
+    Used by rules that need a derivative going forward (a while loop's)."""
+    trace = Trace()
+    tracers = [trace.new_input(p) for p in primals]
+    try:
+        with trace.active():
+            outs = list(fun(*tracers))
+    finally:
+        trace.invalidate()
+    traced = [isinstance(o, Tracer) and o._trace is trace for o in outs]
+
+    def pullback(*us: Any) -> list[Any]:  # linear in us: J^T u
+        seeds = [(o.node, u) for o, u, t in zip(outs, us, traced, strict=True) if t]
+        cts = backward(seeds, release=False, at_zero=True)
+        return [cts.get(t.node) if t.node in cts else zeros_like(t) for t in tracers]
+
+    values = [o.value if t else o for o, t in zip(outs, traced, strict=True)]
+    zeros = [zeros_like(v) for v in values]
+    return values, vjp_flat(pullback, zeros, tangents)

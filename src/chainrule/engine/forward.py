@@ -107,13 +107,14 @@ def _linearize(fun: Callable, primals: tuple, has_aux: bool):
         return fun(*_tree_unflatten(tree, _merge(floats, xs, leaves)))
 
     float_leaves = [x for x, f in zip(leaves, floats, strict=True) if f]
-    out, pullback, *aux = transforms.vjp(on_floats, *float_leaves, has_aux=has_aux)
+    out, pull, aux = transforms.vjp_parts(on_floats, float_leaves, has_aux)
+    aux = [aux] if has_aux else []
     out_leaves, out_tree = _tree_flatten(out)
     out_floats = [_is_inexact(o) for o in out_leaves]
 
-    def pullback_flat(*us):  # linear in us: J^T u
+    def pullback_flat(*us):  # linear in us: J^T u, recorded at us = 0 only
         cts = _merge(out_floats, us, out_leaves, _zero_tangent)
-        return pullback(_tree_unflatten(out_tree, cts))
+        return pull(_tree_unflatten(out_tree, cts), at_zero=True)
 
     zeros = [_zeros_like(o) for o, f in zip(out_leaves, out_floats, strict=True) if f]
     _, pushforward_flat = transforms.vjp(pullback_flat, *zeros)

@@ -268,6 +268,20 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False, reduce_axes: Sequen
     """
     _check_callable(fun, "cr.vjp")
     deprecated_reduce_axes(reduce_axes, "vjp")
+    primal_out, pull, aux = vjp_parts(fun, primals, has_aux)
+
+    def vjp_fn(cotangent: Any) -> tuple[Any, ...]:
+        return pull(cotangent)
+
+    if has_aux:
+        return primal_out, vjp_fn, aux
+    return primal_out, vjp_fn
+
+
+def vjp_parts(fun: Callable, primals: Sequence[Any], has_aux: bool):
+    """`vjp`'s work: `(output, pull, aux)`, where `pull(cotangent, at_zero=False)`
+    is the vjp function; `at_zero=True` for forward mode's pass at zero
+    cotangents (`core.backward`), which `forward._linearize` records."""
     nums = tuple(range(len(primals)))
     with host.evaluating():
         # as jax.vjp: integer and boolean primals get float0 zero cotangents
@@ -280,7 +294,7 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False, reduce_axes: Sequen
     out_leaves, out_tree = jax.tree_util.tree_flatten(out)
     primal_out = jax.tree_util.tree_unflatten(out_tree, [_output(o, trace) for o in out_leaves])
 
-    def vjp_fn(cotangent: Any) -> tuple[Any, ...]:
+    def pull(cotangent: Any, at_zero: bool = False) -> tuple[Any, ...]:
         ct_leaves = _check_cotangent(cotangent, out_tree, out_leaves)
         seeds = [
             (o.node, ct)
@@ -289,11 +303,10 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False, reduce_axes: Sequen
         ]
         # on the caller's current trace (e.g. under jax.jit(vjp_fn)), as JAX's vjp_fn
         with host.evaluating():
-            return gradients(tracers, trees, core.backward(seeds, release=False))
+            input_cts = core.backward(seeds, release=False, at_zero=at_zero)
+            return gradients(tracers, trees, input_cts)
 
-    if has_aux:
-        return primal_out, vjp_fn, aux
-    return primal_out, vjp_fn
+    return primal_out, pull, aux
 
 
 def _input_ct(t: Any, input_cts: dict) -> Any:

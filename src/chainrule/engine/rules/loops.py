@@ -261,9 +261,11 @@ def _while_impl(*args, where, **params):
 
 
 class _While(Primitive):
-    """`lax.while_loop`: forward only. A carry that depends on a differentiated
-    value is one node whose VJP raises JAX's error for reverse mode through a
-    while loop."""
+    """`lax.while_loop`. A carry that depends on a differentiated value makes
+    one node. Reverse mode cannot go through it (JAX's error); forward mode
+    can: in its backward pass at zero (`core.backward_at_zero`) the node's VJP
+    is a `_WhileTransposed` node, whose transpose runs the loop forward with
+    its tangents."""
 
     def apply(self, trace, args, params):
         params = self.taken(params)
@@ -284,15 +286,92 @@ class _While(Primitive):
         ]
 
     def vjp(self, g, node):
-        raise ValueError(
-            "Reverse-mode differentiation does not work for lax.while_loop or "
-            "lax.fori_loop with dynamic start/stop values: the loop at "
-            f"{node.params['where'] or '(unknown line)'} carries a value that depends on "
-            "a differentiated input. Use lax.scan, or lax.fori_loop with static (Python "
-            "int) start/stop values, which chainrule differentiates. (chainrule's forward "
-            "mode, cr.jvp, cr.linearize, cr.jacfwd and cr.hessian, transposes this reverse "
-            "pass, so it cannot go through such a loop either, where jax.jvp can.)"
-        )
+        if not core.backward_at_zero():
+            raise ValueError(
+                "Reverse-mode differentiation does not work for lax.while_loop or "
+                "lax.fori_loop with dynamic start/stop values: the loop at "
+                f"{node.params['where'] or '(unknown line)'} carries a value that depends "
+                "on a differentiated input. Use lax.scan, or lax.fori_loop with static "
+                "(Python int) start/stop values, which chainrule differentiates; forward "
+                "mode (cr.jvp, cr.linearize, cr.jacfwd) goes through while loops, as "
+                "jax.jvp does."
+            )
+        cts = list(g) if isinstance(g, tuple) else [g]
+        reached = tuple(j for j, ct in enumerate(cts) if ct is not None)
+        loop = (tuple(node.primals), node.argnums, node.params)
+        return core.bind(_WHILE_TRANSPOSED, *[cts[j] for j in reached], loop=loop, reached=reached)
+
+
+def _while_transposed_impl(*cts, loop, reached):
+    """The VJP of a while loop at zero cotangents `cts`: zeros (the value of
+    forward mode's recorded backward pass is never read, only its transpose)."""
+    primals, argnums, _ = loop
+    return [zeros_like(primals[i]) for i in argnums]
+
+
+class _WhileTransposed(Primitive):
+    """A while loop's VJP as forward mode records it (`_While.vjp`): linear in the
+    cotangents of the loop's outputs (`reached` of them), its value at zero is
+    zeros and its transpose is the loop's JVP, which `_while_jvp` computes."""
+
+    def vjp(self, g, node):
+        primals, argnums, params = node.params["loop"]
+        ts = list(g) if isinstance(g, tuple) else [g]
+        tangents: list[Any] = [None] * len(primals)
+        for i, t in zip(argnums, ts, strict=True):
+            tangents[i] = t
+        out_tangents = _while_jvp(primals, tangents, params)
+        reached = node.params["reached"]
+        return [out_tangents[reached[k]] for k in node.argnums]
+
+
+def _while_jvp(primals: Sequence[Any], tangents: Sequence[Any], params: dict) -> list[Any]:
+    """The tangents of a while loop's outputs (None for a non-float carry): the
+    loop run again, carrying each float carry's tangent beside it, one step's
+    tangent the JVP of the body (`core.jvp_flat`, chainrule's own rules).
+    `tangents` has one entry per operand, None where it is zero."""
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    cond, body = params["cond_jaxpr"], params["body_jaxpr"]
+    cond_consts = primals[:n_cond]
+    consts, init = primals[n_cond : n_cond + n_body], primals[n_cond + n_body :]
+    const_floats = [_inexact(v.aval) for v in body.jaxpr.invars[:n_body]]
+    carry_avals = [v.aval for v in body.jaxpr.invars[n_body:]]
+    carry_floats = [_inexact(a) for a in carry_avals]
+    const_ts = [
+        t if t is not None else zeros_like(c)
+        for c, t, f in zip(consts, tangents[n_cond : n_cond + n_body], const_floats, strict=True)
+        if f
+    ]
+    init_tangents = tangents[n_cond + n_body :]
+    init_ts = [
+        _as(t if t is not None else zeros_like(c), a)
+        for c, t, a, f in zip(init, init_tangents, carry_avals, carry_floats, strict=True)
+        if f
+    ]
+
+    def cond_fn(state):
+        carry, _ = state
+        return jcore.eval_jaxpr(cond.jaxpr, cond.consts, *cond_consts, *carry)[0]
+
+    def body_fn(state):
+        carry, carry_ts = state
+
+        def step(*floats):
+            it = iter(floats)
+            b = [next(it) if f else c for c, f in zip(consts, const_floats, strict=True)]
+            k = [next(it) if f else c for c, f in zip(carry, carry_floats, strict=True)]
+            return jcore.eval_jaxpr(body.jaxpr, body.consts, *b, *k)
+
+        floats = [c for c, f in zip(consts, const_floats, strict=True) if f]
+        floats += [c for c, f in zip(carry, carry_floats, strict=True) if f]
+        outs, out_ts = core.jvp_flat(step, floats, [*const_ts, *carry_ts])
+        new_ts = [_as(t, a) for t, a, f in zip(out_ts, carry_avals, carry_floats, strict=True) if f]
+        return [_as(o, a) for o, a in zip(outs, carry_avals, strict=True)], new_ts
+
+    init = [_as(c, a) for c, a in zip(init, carry_avals, strict=True)]
+    _, out_ts = lax.while_loop(cond_fn, body_fn, (init, init_ts))
+    it = iter(out_ts)
+    return [next(it) if f else None for f in carry_floats]
 
 
 PRIMITIVES["while"] = _While(
@@ -300,4 +379,7 @@ PRIMITIVES["while"] = _While(
     _while_impl,
     ("cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts"),
     multiple_results=True,
+)
+_WHILE_TRANSPOSED = _WhileTransposed(
+    "while_transposed", _while_transposed_impl, ("loop", "reached"), multiple_results=True
 )
