@@ -611,7 +611,8 @@ _INTEGERS = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int
 def test_float_to_integer_on_the_host_is_xlas(bits, width, integer, scale):
     """XLA converts toward zero and saturates at the integer type's limits
     (infinities too), NaN to 0; NumPy's cast wraps (-1.0 to uint8 was 255) or
-    gives the minimum (NaN to int32). The host gives XLA's on any float."""
+    gives the minimum (NaN to int32). The host gives XLA's on float32 and
+    float64 and leaves float16 to JAX."""
     dtype = {16: np.float16, 32: np.float32, 64: np.float64}[width]
     utype = {16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
     raw_bits = np.array([b % (1 << width) for b in bits], utype).view(dtype)
@@ -619,6 +620,9 @@ def test_float_to_integer_on_the_host_is_xlas(bits, width, integer, scale):
         x = np.concatenate([raw_bits, (np.tanh(raw_bits.astype(np.float64)) * scale).astype(dtype)])
     with host.evaluating():
         got = PRIMITIVES["convert_element_type"].host_impl(x, new_dtype=np.dtype(integer))
+    if dtype is np.float16:  # half precision is never converted on the host: JAX's
+        assert got is NotImplemented  # (see tests/test_half_precision.py)
+        return
     want = np.asarray(lax.convert_element_type(jnp.asarray(x), integer))
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)

@@ -644,7 +644,7 @@ def _is_float(x: Any) -> bool:
     if isinstance(x, float):
         return True
     dtype = getattr(x, "dtype", None)
-    return dtype is not None and np.issubdtype(dtype, np.floating)
+    return dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating)
 
 
 class _Outputs(tuple):

@@ -270,7 +270,7 @@ def _all_finite(values: list[Any]) -> bool:
     return all(
         bool(np.all(np.isfinite(np.asarray(v))))
         for v in values
-        if np.issubdtype(np.asarray(v).dtype, np.inexact)
+        if jnp.issubdtype(np.asarray(v).dtype, jnp.inexact)  # (bfloat16 too)
     )
 
 

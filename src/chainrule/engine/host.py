@@ -63,6 +63,20 @@ from jax._src.literals import TypedNdArray as _TypedNdArray  # a jaxpr literal (
 
 HOST_TYPES = (np.ndarray, np.generic)  # host values: NumPy arrays and scalars
 _HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def host_dtype(dtype: Any) -> bool:
+    """Whether NumPy computes in `dtype` as XLA does on the CPU: float32, float64,
+    integers and booleans. float16, bfloat16 and the float8s stay JAX's (XLA
+    computes them in float32 and accumulates sums in float32; NumPy's float16
+    and ml_dtypes' types round every step, and ml_dtypes' are not even NumPy
+    floats to `dtype.kind`); complex values too (see `host_operands`)."""
+    return dtype in _HOST_OK
+
+
+_HOST_OK = frozenset(
+    [*_HOST_DTYPES, np.dtype(np.bool_)] + [np.dtype(f"{k}{n}") for k in "iu" for n in (1, 2, 4, 8)]
+)
 # Per dtype: its unsigned integer of the same width, the mask of the magnitude's
 # bits, and the bits of the smallest normal number, minus one.
 _BITS = {
@@ -416,10 +430,9 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     out = None  # a copy of `args` once one needs converting
     for i, a in enumerate(args):
         if isinstance(a, HOST_TYPES):
-            kind = a.dtype.kind
-            if kind == "c":
+            if not host_dtype(a.dtype):
                 return None
-            if kind == "f":
+            if a.dtype.kind == "f":
                 if check and is_unchecked_constant(a) and has_subnormal(a):
                     return None
                 # (a weakly typed literal of a jaxpr, the `2.0` of `a * 2`
@@ -430,9 +443,9 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             seen_host = True
             continue
         if type(a) is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer):
-            dtype = a.dtype  # tested by type, as `isinstance(a, jax.Array)` is slow
-            if not isinstance(dtype, np.dtype) or dtype.kind == "c":
-                return None  # an extended dtype (PRNG keys) or complex: JAX's alone
+            # (tested by type, as `isinstance(a, jax.Array)` is slow)
+            if not host_dtype(a.dtype):
+                return None  # complex, half precision, an extended dtype (PRNG keys): JAX's
             a = _converted(a)
         elif isinstance(a, (int, float)):  # a Python number (np.float64 is a float too)
             dtype = _literal_dtype(a, args)
@@ -468,12 +481,12 @@ def constant_operands(args: tuple[Any, ...], literals: bool) -> tuple[Any, ...] 
     out = []
     for a in args:
         if isinstance(a, HOST_TYPES):
-            if a.dtype.kind == "c" or (a.dtype.kind == "f" and has_subnormal(a)):
+            if not host_dtype(a.dtype) or (a.dtype.kind == "f" and has_subnormal(a)):
                 return None
         elif isinstance(a, jax.core.Tracer):
             return None
         elif isinstance(a, jax.Array):
-            if not isinstance(a.dtype, np.dtype) or a.dtype.kind == "c" or a.weak_type:
+            if not host_dtype(a.dtype) or a.weak_type:
                 return None  # (an extended dtype, PRNG keys, first: they have no weak_type)
             a = _converted(a)
             if a is None:

@@ -449,7 +449,7 @@ def _pow_base_vjp(ans, x, y):
     """d/dx x**y = y * x**(y-1). As in JAX, an integer exponent (jnp.power with
     an int array) counts as x's dtype and gives exactly 0 where it is 0 (x = 0
     included); a float exponent 0 at x = 0 gives 0 * inf = nan, as JAX's does."""
-    if np.issubdtype(dtype_of(y), np.inexact):
+    if jnp.issubdtype(dtype_of(y), jnp.inexact):  # (bfloat16 is not NumPy's inexact)
         return lambda g: unbroadcast(mul(g, mul(y, pow_(x, sub(y, const(y, 1))))), shape_of(x))
     y = convert_element_type(y, dtype_of(x))
 

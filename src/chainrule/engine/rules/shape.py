@@ -12,6 +12,7 @@ import numpy as np
 from jax import dtypes, lax
 from jax._src.lax import lax as lax_internal  # weakly typed conversion (JAX 0.10, pinned)
 
+from chainrule.engine import host
 from chainrule.engine.core import Tracer, raw
 from chainrule.engine.rules.registry import (
     argsort,
@@ -72,6 +73,8 @@ def _host_convert(x: Any, new_dtype: Any, weak_type: bool = False) -> Any:
     if new_dtype.kind == "c" or weak_type:  # complex values and weakly
         return NotImplemented  # typed ones stay JAX's (see `host`)
     x = np.asarray(x)
+    if not (host.host_dtype(x.dtype) and host.host_dtype(new_dtype)):
+        return NotImplemented  # (half precision: XLA's conversions, see `host.host_dtype`)
     if x.dtype.kind == "f" and new_dtype.kind in "iu":
         return _float_to_integer(x, new_dtype)
     return x.astype(new_dtype)

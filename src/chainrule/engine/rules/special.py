@@ -89,7 +89,7 @@ def _on_host(fun: Callable) -> Callable:
 
     def on_host(*args: Any) -> np.ndarray:
         dtype = np.result_type(*args)
-        dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+        dtype = dtype if jax.numpy.issubdtype(dtype, jax.numpy.floating) else np.dtype(np.float64)
         return np.asarray(fun(*(np.asarray(a, dtype) for a in args)))
 
     return on_host
