@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import chainrule as cr
 from chainrule.engine import host
@@ -85,6 +86,84 @@ def test_custom_vjp_uses_the_users_bwd(where):
         second = lambda g: lambda w: jnp.sum(g(loss)(w) ** 2)  # noqa: E731
         got, want = cr.grad(second(cr.grad))(w), jax.grad(second(jax.grad))(w)
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+_C = jnp.array([1.0, 2.0, 3.0])
+
+
+@jax.custom_vjp
+def _scale(x):
+    return x * _C  # closes over a jax.Array: a jit body hoists it as a constant
+
+
+_scale.defvjp(lambda x: (x * _C, None), lambda _, g: (g * _C * 10.0,))  # 10x: bwd is used
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_custom_vjp_closing_over_a_constant_inside_jit(mode):
+    """JAX marks only traced arguments as perturbed; the constant a jit body
+    hoisted into the call is not (JAX refuses a perturbed closed-over value)."""
+    loss = lambda x: jnp.sum(jax.jit(_scale)(x))  # noqa: E731
+    grad = cr.grad(loss) if mode == "eager" else jax.jit(cr.grad(loss))
+    x = jnp.ones(3)
+    np.testing.assert_allclose(grad(x), jax.grad(loss)(x), rtol=1e-12)
+    np.testing.assert_allclose(cr.jacrev(loss)(x), jax.jacrev(loss)(x), rtol=1e-12)
+
+
+def test_odeint_neural_ode_gradient():
+    """`jax.experimental.ode.odeint`: a custom_vjp whose closed-over constants
+    come from a jit body, and whose bwd scans over its residuals with a traced
+    index (residuals and cotangents reach it as jax.Arrays, as from JAX)."""
+    from jax.experimental.ode import odeint
+
+    def loss(w):
+        ts = jnp.linspace(0.0, 1.0, 4)
+        return jnp.sum(odeint(lambda y, t, w: jnp.tanh(w @ y), jnp.ones(3), ts, w) ** 2)
+
+    w = jnp.eye(3) * 0.5 + 0.1
+    np.testing.assert_allclose(cr.grad(loss)(w), jax.grad(loss)(w), rtol=1e-9)
+
+
+def _sum_of_squares(x):
+    return lax.fori_loop(0, x.shape[0], lambda i, acc: acc + x[i] ** 2, 0.0)
+
+
+@jax.custom_vjp
+def _looped_vjp(x):
+    return _sum_of_squares(x)
+
+
+def _looped_bwd(x, g):
+    return (lax.fori_loop(0, x.shape[0], lambda i, a: a.at[i].set(2 * x[i] * g), x * 0),)
+
+
+_looped_vjp.defvjp(lambda x: (_sum_of_squares(x), x), _looped_bwd)
+
+
+@jax.custom_jvp
+def _looped_jvp(x):
+    return _sum_of_squares(x)
+
+
+@_looped_jvp.defjvp
+def _looped_jvp_rule(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _sum_of_squares(x), lax.fori_loop(0, 3, lambda i, acc: acc + 2 * x[i] * t[i], 0.0)
+
+
+def _masked_loop(x):
+    m = (x > 1.5).astype(jnp.int32)  # no derivative: a host value eagerly
+    return lax.fori_loop(0, 3, lambda i, acc: acc + x[m[i]] * jnp.sum(m * x), 0.0)
+
+
+@pytest.mark.parametrize("fun", [_looped_vjp, _looped_jvp, _masked_loop])
+def test_host_values_indexed_by_a_loop_index_in_the_users_code(fun):
+    """Eagerly, values without a derivative and a custom rule's arguments are
+    host (NumPy) values; indexed by a tracer of a loop the user's code traces
+    they act as the jax.Arrays JAX would have handed over."""
+    x = jnp.array([1.0, 2.0, 3.0])
+    for grad in (cr.grad(fun), jax.jit(cr.grad(fun))):
+        np.testing.assert_allclose(grad(x), jax.grad(fun)(x), rtol=1e-12)
 
 
 @pytest.mark.parametrize(

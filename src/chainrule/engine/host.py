@@ -387,6 +387,15 @@ class HostArray(np.ndarray):
     def __irshift__(self, other):
         return self >> other
 
+    def __getitem__(self, key):
+        # indexed by a JAX tracer (`x[i]` in a `lax.fori_loop` or `scan` body
+        # the user's code traces): as the jax.Array JAX would have handed over
+        if isinstance(key, _jax_core.Tracer) or (
+            type(key) is tuple and any(isinstance(k, _jax_core.Tracer) for k in key)
+        ):
+            return to_jax(np.asarray(self), copy=True)[key]
+        return super().__getitem__(key)
+
     def __getattr__(self, name: str) -> Any:
         # jax.Array's API beyond NumPy's (`.at[]`, `.block_until_ready()`, ...),
         # on a jax.Array of the same value: code written for JAX keeps working.

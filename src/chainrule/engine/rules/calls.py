@@ -602,9 +602,20 @@ PRIMITIVES["custom_jvp_call"] = _CustomJVP(
 # --- custom_vjp ------------------------------------------------------------------------
 
 
-def _custom_vjp_impl(*args: Any, fun, fwd, bwd, out_trees, symbolic_zeros) -> list[Any]:
-    """Runs the user's fwd on the trace outside; returns the outputs, then the residuals."""
-    fwd_in = [x for a in args for x in (a, core.is_differentiable(raw(a)))]
+def _custom_vjp_impl(
+    *args: Any, fun, fwd, bwd, out_trees, symbolic_zeros, perturbed=None
+) -> list[Any]:
+    """Runs the user's fwd on the trace outside; returns the outputs, then the residuals.
+
+    `perturbed` says which arguments a transform traces (`_CustomVJP.apply`): as
+    JAX's nonzero tangents, they tell fwd which inputs are differentiated (its
+    `symbolic_zeros` view), and a constant the call closes over (the data a
+    `jit` body hoisted, `odeint`'s) is not, as JAX requires of closed-over
+    values."""
+    if perturbed is None:
+        perturbed = [core.is_differentiable(raw(a)) for a in args]
+    args = tuple(map(host.immutable, args))  # (host values as the user's code gets them)
+    fwd_in = [x for a, p in zip(args, perturbed, strict=True) for x in (a, p)]
     results = fwd.call_wrapped(*fwd_in)
     _, res_tree, input_fwds = out_trees()
     n_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
@@ -618,7 +629,11 @@ class _CustomVJP(Primitive):
     """Output = the user's fwd; VJP = the user's bwd on the saved residuals."""
 
     def apply(self, trace, args, params):
-        outs = list(core.bind(self, *args, **params))  # runs fwd, which fills out_trees
+        perturbed = tuple(
+            isinstance(a, jcore.Tracer) and core.is_differentiable(raw(a)) for a in args
+        )
+        # (runs fwd, which fills out_trees)
+        outs = list(core.bind(self, *args, perturbed=perturbed, **params))
         return outs[: params["out_trees"]()[0].num_leaves]
 
     def vjp(self, g, node):
@@ -626,14 +641,16 @@ class _CustomVJP(Primitive):
         n_out = params["out_trees"]()[0].num_leaves
         outs, residuals = node.ans[:n_out], node.ans[n_out:]
         cts = _cotangents(g[:n_out] if isinstance(g, tuple) else g, outs)
-        cts_in = params["bwd"].call_wrapped(*residuals, *cts)
+        # the user's bwd gets what JAX gives it: jax.Arrays, not the host's
+        # NumPy values (it may index them with a tracer, in a scan of its own)
+        cts_in = params["bwd"].call_wrapped(*map(host.to_jax, [*residuals, *cts]))
         return [_instantiate(cts_in[i], node.primals[i]) for i in node.argnums]
 
 
 PRIMITIVES["custom_vjp_call"] = _CustomVJP(
     "custom_vjp_call",
     _custom_vjp_impl,
-    ("fun", "fwd", "bwd", "out_trees", "symbolic_zeros"),
+    ("fun", "fwd", "bwd", "out_trees", "symbolic_zeros", "perturbed"),
     multiple_results=True,
 )
 # As in JAX, an enclosing transform differentiates through fwd (its residuals
