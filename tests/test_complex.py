@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from jax import lax
 
 import chainrule as cr
+import chainrule.numpy as cnp
 from chainrule import errors
 from chainrule.engine.core import Primitive
 from chainrule.engine.rules import PRIMITIVES, elementwise
@@ -525,3 +526,28 @@ def test_unitary_circuit_trains_as_with_jax():
     for got, want in zip(run(cr.grad), run(jax.grad), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     assert run(cr.grad)[0] < _infidelity(angles, psi0, target)
+
+
+@pytest.mark.parametrize("op", ["__lt__", "__le__", "__gt__", "__ge__"])
+def test_ordering_operators_compare_complex_values_lexicographically(op):
+    """`z > 1` on a differentiated complex value: jax.numpy's comparison (the
+    real parts, then the imaginary parts on ties), not lax's, which refuses
+    complex operands."""
+    z = jnp.array([2 + 1j, 1 + 2j, 1 + 0j, 1 - 1j, 0.5j, 1 + 0j], jnp.complex64)
+    other = jnp.array([1 + 0j, 1 + 0j, 1 + 0j, 1 + 0j, 0j, 1 + 1e-3j], jnp.complex64)
+
+    def f(z):
+        return jnp.sum(jnp.abs(jnp.where(getattr(z, op)(other), z, 2.0 * z)))
+
+    want = jax.grad(f)(z)
+    for grad in (cr.grad(f), jax.jit(cr.grad(f))):
+        np.testing.assert_allclose(grad(z), want, rtol=1e-6)
+    name = {
+        "__lt__": "less",
+        "__le__": "less_equal",
+        "__gt__": "greater",
+        "__ge__": "greater_equal",
+    }
+    np.testing.assert_array_equal(
+        getattr(cnp, name[op])(z, other), getattr(jnp, name[op])(z, other)
+    )

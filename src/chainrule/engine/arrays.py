@@ -201,7 +201,7 @@ def _is_float_tracer(x: Any) -> bool:
     return v.dtype in _FLOATS and not getattr(v, "weak_type", False)
 
 
-def _binary(name: str, op: Callable, inexact: bool = False) -> Callable:
+def _binary(name: str, op: Callable, inexact: bool = False, ordering: bool = False) -> Callable:
     def f(x, y):
         if type(x) is ArrayTracer:
             fast = _fast_operand(x, y, inexact)
@@ -211,7 +211,13 @@ def _binary(name: str, op: Callable, inexact: bool = False) -> Callable:
             fast = _fast_operand(y, x, inexact)
             if fast is not None:
                 return op(fast, y)
-        return op(*promote(x, y, inexact=inexact))
+        x, y = promote(x, y, inexact=inexact)
+        if ordering and jnp.issubdtype(rules.dtype_of(x), jnp.complexfloating):
+            # complex numbers compare lexicographically, as in jax.numpy
+            real_x, real_y = rules.real(x), rules.real(y)
+            by_imag = op(rules.imag(x), rules.imag(y))
+            return rules.select_n(rules.eq(real_x, real_y), op(real_x, real_y), by_imag)
+        return op(x, y)
 
     return _named(f, name, "Elementwise binary")
 
@@ -267,8 +273,10 @@ true_divide = divide = _binary("divide", rules.div, inexact=True)
 maximum = _binary("maximum", rules.maximum)
 minimum = _binary("minimum", rules.minimum)
 arctan2 = _binary("arctan2", rules.atan2_p.bind, inexact=True)
-less, less_equal = _binary("less", rules.lt), _binary("less_equal", rules.le)
-greater, greater_equal = _binary("greater", rules.gt), _binary("greater_equal", rules.ge)
+less = _binary("less", rules.lt, ordering=True)
+less_equal = _binary("less_equal", rules.le, ordering=True)
+greater = _binary("greater", rules.gt, ordering=True)
+greater_equal = _binary("greater_equal", rules.ge, ordering=True)
 equal, not_equal = _binary("equal", rules.eq), _binary("not_equal", rules.ne)
 
 negative = _unary("negative", rules.neg)
