@@ -178,3 +178,46 @@ def test_shape_errors_are_typeerrors_like_jax(loss):
         jax.grad(loss)(jnp.ones((2, 3)))
     with pytest.raises(TypeError, match="dot_general"):
         cr.grad(loss)(jnp.ones((2, 3)))
+
+
+_X = jnp.arange(1.0, 4.0, dtype=jnp.float32)
+_A = jnp.arange(25.0, dtype=jnp.float32).reshape(5, 5)
+_REFUSED_BY_LAX = {
+    # a jnp-level typo: contracting dimensions of sizes (5, 1) against (1, 5)
+    "tensordot": (
+        lambda a: jnp.tensordot(a.reshape(5, 5, 1), a.reshape(1, 5, 5), axes=([1, 2], [0, 1])),
+        _A,
+    ),
+    "dynamic_slice past the end": (lambda x: jax.lax.dynamic_slice(x, (0,), (5,)), _X),
+    "slice past the end": (lambda x: jax.lax.slice(x, (1,), (5,)), _X),
+    "add of float32 and int32": (lambda x: jax.lax.add(x, jnp.ones(3, jnp.int32)), _X),
+    "concatenate of float32 and float16": (
+        lambda x: jax.lax.concatenate([x, jnp.ones(3, jnp.float16)], 0),
+        _X,
+    ),
+    "select of a (1,) mask and (3,) cases": (
+        lambda x: jax.lax.select(jnp.array([True]), x, 2 * x),
+        _X,
+    ),
+    "pad to a negative size": (lambda x: jax.lax.pad(x, 0.0, [(-4, 0, 0)]), _X),
+    "dot_general of sizes 3 and 1": (
+        lambda x: jax.lax.dot_general(x[None], jnp.ones((1, 4)), (((1,), (0,)), ((), ()))),
+        _X,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_REFUSED_BY_LAX))
+def test_lax_shape_and_dtype_rules_hold_eagerly(case):
+    """What JAX's shape and dtype rules refuse, eager chainrule refuses with
+    JAX's error: its NumPy evaluation would broadcast, promote or clamp (a
+    dynamic_slice past the end gave 2 elements, a tensordot a value)."""
+    fun, x = _REFUSED_BY_LAX[case]
+    loss = lambda x: jnp.sum(fun(x) ** 2)  # noqa: E731
+    with pytest.raises((TypeError, ValueError)) as want:
+        jax.value_and_grad(loss)(x)
+    for transform in (cr.value_and_grad(loss), jax.jit(cr.value_and_grad(loss))):
+        with pytest.raises(type(want.value)) as got:
+            transform(x)
+        # (the rest of the message varies with JAX's own path: eager lax.slice vs jit)
+        assert str(got.value).split()[0] == str(want.value).split()[0]

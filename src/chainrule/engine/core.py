@@ -625,6 +625,7 @@ class Trace(jcore.Trace):
         return self.parent.stage_value(val)
 
     def process_primitive(self, primitive, tracers, params, /):
+        check_types(primitive, tracers, params)
         return self.process(primitive, tracers, params, for_user=self.for_user)
 
     def process(self, primitive, tracers, params, for_user: bool = False):
@@ -696,6 +697,46 @@ class Trace(jcore.Trace):
 
     def __repr__(self) -> str:
         return f"chainrule.Trace(level={self.level})"
+
+
+# (primitive, operand types, parameters) already checked by JAX's rule; bounded
+_CHECKED: dict[tuple, None] = {}
+_CHECKED_LIMIT = 4096
+
+
+def check_types(primitive: Any, values: Sequence[Any], params: dict[str, Any]) -> None:
+    """Raises JAX's error where the shape and dtype rule of a JAX primitive the
+    user's code binds (`lax.dynamic_slice` past the end, `lax.add` of float32
+    and float64, a `dot_general` of mismatched dimensions) refuses its operands,
+    as JAX does on every path; NumPy would broadcast, promote or clamp instead.
+    Checked once per primitive, operand types and parameters; call-like
+    primitives (their parameters hold jaxprs or functions) check their bodies
+    as they run them."""
+    try:
+        key = (primitive, *map(_type_of, values), *params.items())
+        if key in _CHECKED:
+            return
+    except TypeError:  # (an unhashable parameter: not a table entry to remember)
+        return
+    if not any(isinstance(v, _CALL_PARAMS) or callable(v) for v in params.values()):
+        rule = getattr(primitive, "abstract_eval", None)
+        if rule is not None:
+            try:
+                rule(*key[1 : 1 + len(values)], **params)
+            except NotImplementedError:  # (no rule: JAX checks nothing either)
+                pass
+    if len(_CHECKED) >= _CHECKED_LIMIT:
+        _CHECKED.pop(next(iter(_CHECKED), None), None)
+    _CHECKED[key] = None
+
+
+_CALL_PARAMS = (jcore.Jaxpr, jcore.ClosedJaxpr)
+
+
+def _type_of(value: Any) -> Any:
+    if isinstance(value, (jcore.Tracer, np.ndarray)) or type(value) is host._ArrayImpl:
+        return _aval(value)
+    return jcore.typeof(value)
 
 
 def escaped_tracer_error(prim: Any, trace: Trace) -> Exception:
