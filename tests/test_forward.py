@@ -363,6 +363,20 @@ LINEAR = {
         lambda x: jnp.cumsum(x) if "cumsum" in cr.PRIMITIVES else jnp.tile(x, 2),
         (jax.ShapeDtypeStruct((3,), jnp.float64),),
     ),
+    # complex maps: transposed, not conjugated (conj's transpose is conj), as JAX
+    "fft": (jnp.fft.fft, (jnp.ones(4, jnp.complex128),)),
+    "complex matmul": (
+        lambda z: (jnp.arange(8.0).reshape(2, 4) + 1j) @ z,
+        (jnp.ones(4, jnp.complex128),),
+    ),
+    "conj, real and imag": (
+        lambda z: (jnp.conj(z) * 2j, jnp.real(z) - jnp.imag(z)),
+        (jnp.ones(3, jnp.complex128),),
+    ),
+    "real to complex": (
+        lambda x: jnp.fft.rfft(x) + jax.lax.complex(x[:3], 2 * x[:3]),
+        (jnp.ones(4),),
+    ),
 }
 
 
@@ -376,7 +390,14 @@ def test_linear_transpose_matches_jax(name, mode):
     )
     out = jax.eval_shape(fun, *points)
     rng = np.random.default_rng(0)
-    ct = jax.tree_util.tree_map(lambda o: jnp.asarray(rng.normal(size=o.shape)), out)
+    ct = jax.tree_util.tree_map(
+        lambda o: (
+            jnp.asarray(rng.normal(size=o.shape) + 1j * rng.normal(size=o.shape), o.dtype)
+            if jnp.iscomplexobj(o)
+            else jnp.asarray(rng.normal(size=o.shape))
+        ),
+        out,
+    )
     want = jax.linear_transpose(fun, *primals)(ct)
     if mode == "eager":
         got = cr.linear_transpose(fun, *primals)(ct)

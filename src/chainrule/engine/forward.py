@@ -260,7 +260,7 @@ _LINEAR = frozenset(
     """add add_any sub neg reduce_sum reshape squeeze expand_dims broadcast_in_dim
     transpose convert_element_type copy copy_p slice dynamic_slice dynamic_update_slice
     concatenate stack split tile pad gather scatter-add scatter select_n rev cumsum
-    real imag conj complex reduce_precision projection""".split()
+    real imag conj complex reduce_precision projection fft""".split()
 )
 _BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
 _LINEAR_IN = {"div": (0,)}
@@ -406,10 +406,11 @@ def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = 
 
 def _check_linear_dtypes(leaves: Sequence[Any], what: str) -> None:
     for x in leaves:
-        if not jnp.issubdtype(_dtype(x), jnp.floating):
+        if not jnp.issubdtype(_dtype(x), jnp.inexact):
             raise TypeError(
-                f"cr.linear_transpose supports float -> float functions only, but an "
-                f"{what} has dtype {_dtype(x)}. Cast it to a floating-point dtype."
+                f"cr.linear_transpose supports [float or complex] -> [float or complex] "
+                f"functions only, but an {what} has dtype {_dtype(x)}. Cast it to a "
+                "floating-point or complex dtype."
             )
 
 
