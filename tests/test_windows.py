@@ -212,6 +212,79 @@ def test_generic_reduce_window_evaluates_and_refuses_to_differentiate_as_jax():
         cr.grad(lambda x: _generic(x, init).sum())(x)
 
 
+# --- forward mode through what reverse mode refuses -------------------------------------
+
+
+def _loop_jacfwd(fun, x):
+    """The Jacobian from one `jax.jvp` per basis vector (JAX's own jacfwd cannot
+    batch a generic reduce_window)."""
+    cols = [jax.jvp(fun, (x,), (e.reshape(x.shape),))[1] for e in jnp.eye(x.size, dtype=x.dtype)]
+    return jnp.moveaxis(jnp.stack(cols), 0, -1).reshape(*cols[0].shape, *x.shape)
+
+
+def _pair_sum(x):
+    """A generic reduction of two operands (not a sum, max or min)."""
+
+    def combine(a, b):
+        return a[0] + jnp.sin(b[0]), a[1] + b[1] * jnp.cos(a[0])
+
+    return lax.reduce_window((x, 2.0 * x), (0.0, 0.0), combine, (2, 1), (1, 1), "VALID")[1]
+
+
+FORWARD_ONLY = {
+    "generic product": lambda x: _generic(x, np.float64(1.0)),
+    "generic pair": _pair_sum,
+    "dilated max": window("max", (2, 2), (1, 1), "VALID", window_dilation=(1, 2)),
+    "dilated min, padded": window("min", (2, 2), (1, 1), ((1, 0), (0, 1)), window_dilation=(2, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_ONLY))
+def test_forward_mode_where_reverse_mode_is_refused(name):
+    """jax.jvp goes through a generic reduce_window and dilated max/min
+    pooling, which have no VJP; so does chainrule's forward mode (their VJP,
+    recorded at zero, is transposed into their JVP: `rules/forward_only.py`),
+    eagerly, under jit and vmap, and jacfwd of jacfwd."""
+    fun = FORWARD_ONLY[name]
+    x, t = normal((4, 5)), normal((4, 5)) * 0.5
+    want = jax.jvp(fun, (x,), (t,))
+    for got in (
+        cr.jvp(fun, (x,), (t,)),
+        jax.jit(lambda x, t: cr.jvp(fun, (x,), (t,)))(x, t),
+    ):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
+    ts = jnp.stack([t, -2.0 * t])
+    batched = jax.vmap(lambda t: cr.jvp(fun, (x,), (t,))[1])(ts)
+    np.testing.assert_allclose(batched, jax.vmap(lambda t: jax.jvp(fun, (x,), (t,))[1])(ts))
+    np.testing.assert_allclose(cr.jacfwd(fun)(x), _loop_jacfwd(fun, x), rtol=1e-10, atol=1e-12)
+    second = cr.jacfwd(cr.jacfwd(fun))(x)
+    if "dilated" in name:
+        np.testing.assert_allclose(second, jax.jacfwd(jax.jacfwd(fun))(x), atol=1e-12)
+    else:  # JAX cannot differentiate its own JVP here: central differences of chainrule's
+        eps = 1e-5
+        diffs = [
+            (
+                cr.jacfwd(fun)(x + eps * e.reshape(x.shape))
+                - cr.jacfwd(fun)(x - eps * e.reshape(x.shape))
+            )
+            / (2 * eps)
+            for e in jnp.eye(x.size)
+        ]
+        numeric = jnp.moveaxis(jnp.stack(diffs), 0, -1).reshape(second.shape)
+        np.testing.assert_allclose(second, numeric, rtol=1e-6, atol=1e-7)
+    with pytest.raises(NoVJPRuleError):
+        cr.grad(lambda x: fun(x).sum())(x)
+
+
+def test_forward_mode_refuses_a_traced_initial_value_as_jax():
+    fun = lambda x: lax.reduce_window(x, x[0, 0], lax.add, (2, 2), (1, 1), "VALID")  # noqa: E731
+    x = normal((3, 4))
+    for jvp in (jax.jvp, cr.jvp):
+        with pytest.raises(TypeError, match="init_value_tangent"):
+            jvp(fun, (x,), (x,))
+
+
 # --- properties over the window parameters -------------------------------------------
 
 

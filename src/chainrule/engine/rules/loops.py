@@ -39,6 +39,7 @@ from jax.extend.core import primitives as jax_primitives
 from chainrule.engine import core
 from chainrule.engine.core import Primitive, Tracer, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.calls import _cotangents
+from chainrule.engine.rules.forward_only import transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES
 
 scan_p = jax_primitives.scan_p
@@ -263,9 +264,9 @@ def _while_impl(*args, where, **params):
 class _While(Primitive):
     """`lax.while_loop`. A carry that depends on a differentiated value makes
     one node. Reverse mode cannot go through it (JAX's error); forward mode
-    can: in its backward pass at zero (`core.backward_at_zero`) the node's VJP
-    is a `_WhileTransposed` node, whose transpose runs the loop forward with
-    its tangents."""
+    can: in its backward pass at zero the node's VJP is
+    `forward_only.transposed_jvp`, whose transpose runs the loop forward with
+    its tangents (`_while_jvp`)."""
 
     def apply(self, trace, args, params):
         params = self.taken(params)
@@ -297,32 +298,9 @@ class _While(Primitive):
                 "jax.jvp does."
             )
         cts = list(g) if isinstance(g, tuple) else [g]
-        reached = tuple(j for j, ct in enumerate(cts) if ct is not None)
-        loop = (tuple(node.primals), node.argnums, node.params)
-        return core.bind(_WHILE_TRANSPOSED, *[cts[j] for j in reached], loop=loop, reached=reached)
-
-
-def _while_transposed_impl(*cts, loop, reached):
-    """The VJP of a while loop at zero cotangents `cts`: zeros (the value of
-    forward mode's recorded backward pass is never read, only its transpose)."""
-    primals, argnums, _ = loop
-    return [zeros_like(primals[i]) for i in argnums]
-
-
-class _WhileTransposed(Primitive):
-    """A while loop's VJP as forward mode records it (`_While.vjp`): linear in the
-    cotangents of the loop's outputs (`reached` of them), its value at zero is
-    zeros and its transpose is the loop's JVP, which `_while_jvp` computes."""
-
-    def vjp(self, g, node):
-        primals, argnums, params = node.params["loop"]
-        ts = list(g) if isinstance(g, tuple) else [g]
-        tangents: list[Any] = [None] * len(primals)
-        for i, t in zip(argnums, ts, strict=True):
-            tangents[i] = t
-        out_tangents = _while_jvp(primals, tangents, params)
-        reached = node.params["reached"]
-        return [out_tangents[reached[k]] for k in node.argnums]
+        params = node.params
+        jvp = lambda primals, tangents: _while_jvp(primals, tangents, params)  # noqa: E731
+        return transposed_jvp(cts, node.primals, node.argnums, jvp)
 
 
 def _while_jvp(primals: Sequence[Any], tangents: Sequence[Any], params: dict) -> list[Any]:
@@ -379,7 +357,4 @@ PRIMITIVES["while"] = _While(
     _while_impl,
     ("cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts"),
     multiple_results=True,
-)
-_WHILE_TRANSPOSED = _WhileTransposed(
-    "while_transposed", _while_transposed_impl, ("loop", "reached"), multiple_results=True
 )

@@ -16,12 +16,17 @@ for pooling (unlike `reduce_max`, whose ties share the cotangent).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from jax import lax
+from jax._src import core as jcore  # eval_jaxpr (JAX 0.10, pinned)
 from jax._src.lax import windowed_reductions as jax_windows
 
-from chainrule.engine.core import Primitive
+from chainrule.engine import core
+from chainrule.engine.core import Primitive, zeros_like
 from chainrule.engine.rules.convolution import input_cotangent_padding
+from chainrule.engine.rules.forward_only import transposed_jvp
 from chainrule.engine.rules.indexing import pad, slice_
 from chainrule.engine.rules.registry import const, defvjp, primitive, shape_of
 from chainrule.errors import NoVJPRuleError
@@ -103,6 +108,19 @@ def _scatter_to_selected(
     """Adds each window's cotangent to the element `select_prim` picks in it
     (the VJP of taking, per window, the value at the selected element)."""
     if any(d != 1 for d in window_dilation):
+        if core.backward_at_zero():  # forward mode: the selection's JVP, as JAX's
+            window = dict(
+                window_dimensions=tuple(window_dimensions),
+                window_strides=tuple(window_strides),
+                padding=tuple(map(tuple, padding)),
+                base_dilation=tuple(base_dilation),
+                window_dilation=tuple(window_dilation),
+            )
+            def jvp(primals, tangents):  # linear in the tangent of `operand`
+                return [select_and_gather_add_p.bind(tangents[0], operand, **window)]
+
+            window["select_prim"] = select_prim
+            return transposed_jvp([g], [operand], [0], jvp)[0]
         raise NoVJPRuleError(
             name,
             detail=f"window_dilation={tuple(window_dilation)} selects through holes, which "
@@ -182,9 +200,18 @@ defvjp(select_and_scatter_add_p, _scatter_source_vjp, _selection_vjp)
 class _ReduceWindow(Primitive):
     """`lax.reduce_window` with a computation or initial values that JAX did
     not recognise as a sum, max or min (e.g. a traced initial value): it
-    evaluates, and refuses to differentiate, as `jax.vjp` does."""
+    evaluates, and refuses to differentiate in reverse mode, as `jax.vjp`
+    does; forward mode goes through it as `jax.jvp` does (`_reduce_window_jvp`)."""
 
     def vjp(self, g, node):
+        if core.backward_at_zero():
+            n = len(node.primals) // 2
+            if any(i >= n for i in node.argnums):
+                raise TypeError("reduce_window jvp does not support non-zero init_value_tangent.")
+            params = node.params
+            jvp = lambda primals, tangents: _reduce_window_jvp(primals, tangents, params)  # noqa: E731
+            cts = list(g) if isinstance(g, tuple) else [g]
+            return transposed_jvp(cts, node.primals, node.argnums, jvp)
         raise NoVJPRuleError(
             self.name,
             detail="a reduce_window with a general reduction (or a traced initial value) has "
@@ -192,6 +219,35 @@ class _ReduceWindow(Primitive):
             "initial value and lax.add, lax.max or lax.min (JAX then emits "
             "reduce_window_sum, _max or _min, which chainrule differentiates)",
         )
+
+
+def _reduce_window_jvp(primals, tangents, params) -> list[Any]:
+    """The tangents of a generic reduce_window: the same windows reduce
+    (value, tangent) pairs, the pair reduction the JVP of the computation
+    (`core.jvp_flat`, chainrule's rules); initial values have zero tangents."""
+    n = len(primals) // 2
+    operands, inits = primals[:n], primals[n:]
+    ts = [zeros_like(o) if t is None else t for o, t in zip(operands, tangents[:n], strict=True)]
+    jaxpr, consts = params["jaxpr"], params["consts"]
+
+    def pair(x, y):
+        def computation(*ab):
+            return jcore.eval_jaxpr(jaxpr, consts, *ab)
+
+        values, out_ts = core.jvp_flat(computation, [*x[:n], *y[:n]], [*x[n:], *y[n:]])
+        return (*values, *out_ts)
+
+    out = lax.reduce_window(
+        (*operands, *ts),
+        (*inits, *map(zeros_like, inits)),
+        pair,
+        params["window_dimensions"],
+        params["window_strides"],
+        params["padding"],
+        params["base_dilation"],
+        params["window_dilation"],
+    )
+    return list(out[n:])
 
 
 reduce_window_p = primitive(

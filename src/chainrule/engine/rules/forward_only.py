@@ -1,0 +1,64 @@
+"""Forward mode through primitives that have no VJP, as `jax.jvp` goes through them.
+
+A `lax.while_loop` (its number of steps unknown to reverse mode), a generic
+`lax.reduce_window` and pooling with window dilation have no reverse-mode
+derivative, in JAX either, but they do have a JVP. chainrule's forward mode
+is the transpose of its reverse mode (`chainrule.engine.forward`): the
+backward pass is recorded at a zero cotangent and transposed. In that pass
+(`core.backward_at_zero()`), such a primitive's VJP rule returns
+`transposed_jvp(...)`: one `forward_only` node, linear in the cotangents of
+the primitive's outputs, whose value is zeros (the pass's values are never
+read: the cotangents are zero) and whose own VJP, the transpose of a
+transpose, is the primitive's JVP. Outside that pass the rule raises, as
+JAX's reverse mode does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from chainrule.engine import core
+from chainrule.engine.core import Primitive, zeros_like
+
+Jvp = Callable[[Sequence[Any], Sequence[Any]], Sequence[Any]]
+"""`jvp(primals, tangents) -> output tangents`: one tangent per primal, None
+where it is zero; one tangent per output (None for a non-float output)."""
+
+
+def transposed_jvp(cts: Sequence[Any], primals: Sequence[Any], argnums: Sequence[int], jvp: Jvp):
+    """A VJP rule's answer in forward mode's backward pass at zero: the
+    cotangents of the traced operands `argnums`, as one `forward_only` node.
+
+    `cts` has one entry per output of the primitive (None where none arrived)."""
+    reached = tuple(j for j, ct in enumerate(cts) if ct is not None)
+    return core.bind(
+        FORWARD_ONLY,
+        *[cts[j] for j in reached],
+        primals=tuple(primals),
+        argnums=tuple(argnums),
+        jvp=jvp,
+        reached=reached,
+    )
+
+
+def _zeros(*cts: Any, primals, argnums, jvp, reached) -> list[Any]:
+    return [zeros_like(primals[i]) for i in argnums]
+
+
+class _ForwardOnly(Primitive):
+    """Linear in the cotangents of the outputs `reached`; its VJP is the JVP."""
+
+    def vjp(self, g: Any, node: core.Node) -> list[Any]:
+        params = node.params
+        ts = list(g) if isinstance(g, tuple) else [g]
+        tangents: list[Any] = [None] * len(params["primals"])
+        for i, t in zip(params["argnums"], ts, strict=True):
+            tangents[i] = t
+        out_tangents = params["jvp"](params["primals"], tangents)
+        return [out_tangents[params["reached"][k]] for k in node.argnums]
+
+
+FORWARD_ONLY = _ForwardOnly(
+    "forward_only", _zeros, ("primals", "argnums", "jvp", "reached"), multiple_results=True
+)
