@@ -116,6 +116,7 @@ def _scatter_to_selected(
                 base_dilation=tuple(base_dilation),
                 window_dilation=tuple(window_dilation),
             )
+
             def jvp(primals, tangents):  # linear in the tangent of `operand`
                 return [select_and_gather_add_p.bind(tangents[0], operand, **window)]
 
