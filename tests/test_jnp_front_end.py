@@ -217,3 +217,37 @@ def test_a_vjp_fn_runs_on_the_callers_trace():
     got = cr.grad(lambda c: jnp.sum(vjp_fn(c)[0] ** 2))(jnp.ones(3))
     want = jax.grad(lambda c: jnp.sum(want_fn(c)[0] ** 2))(jnp.ones(3))
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+_INTEGER_MASK_ARITHMETIC = {
+    "floor division by zero": lambda m: m // 0,
+    "remainder by zero": lambda m: m % 0,
+    "reflected floor division": lambda m: 7 // (m + 0),
+    "true division": lambda m: m / 3,
+    "shift past the width": lambda m: (m << 40) + 1,
+    "a boolean mask over 2": lambda m: (m > 0) / 2,
+    "a negative power": lambda m: (m + 1) ** -1,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INTEGER_MASK_ARITHMETIC))
+def test_the_users_integer_arithmetic_on_host_values_is_jaxs(name):
+    """Eagerly, an integer computed from a traced value (a mask) is a host
+    value; the user's arithmetic on it has JAX's semantics and dtypes (XLA's
+    division by zero, shifts, `/` to float32), not NumPy's."""
+    op = _INTEGER_MASK_ARITHMETIC[name]
+
+    def loss(x):
+        return jnp.sum(x * op((x > 0).astype(jnp.int32)))
+
+    x = jnp.array([1.0, -2.0, 3.0], jnp.float32)
+    try:
+        want = jax.value_and_grad(loss)(x)
+    except TypeError:
+        with pytest.raises(TypeError):
+            cr.value_and_grad(loss)(x)
+        return
+    got = cr.value_and_grad(loss)(x)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)

@@ -404,6 +404,29 @@ class HostArray(np.ndarray):
         return getattr(to_jax(np.asarray(self), copy=True), name)
 
 
+def _integer_op_as_jax(name: str) -> Any:
+    """`HostArray`'s operator `name`: on integers and booleans, JAX's (XLA's
+    division and remainder by zero, shifts past the width, `/` to a float of
+    JAX's width, negative powers), on a jax.Array of the same value; NumPy's
+    on floats, where the two agree."""
+    numpy_op = getattr(np.ndarray, name)
+
+    def op(self, other):
+        if self.dtype.kind in "iub" and not isinstance(other, _jax_core.Tracer):
+            return getattr(to_jax(np.asarray(self), copy=True), name)(other)
+        return numpy_op(self, other)
+
+    op.__name__ = name
+    return op
+
+
+for _name in (
+    "__truediv__ __rtruediv__ __floordiv__ __rfloordiv__ __mod__ __rmod__ __divmod__ "
+    "__rdivmod__ __pow__ __rpow__ __lshift__ __rlshift__ __rshift__ __rrshift__"
+).split():
+    setattr(HostArray, _name, _integer_op_as_jax(_name))
+
+
 def immutable(x: Any) -> Any:
     """`x` as a `HostArray` if it is a NumPy array (no copy) or scalar (NumPy's
     result on 0-d arrays: a value computed here, never the user's), else
