@@ -396,19 +396,42 @@ def test_functions_built_on_svd(full):
 
 
 def test_eigvals_first_order():
-    """JAX differentiates eig's eigenvalues (complex) at first order only."""
+    """JAX differentiates eig's eigenvalues (complex) at first order only
+    (unless eigenvector derivatives are enabled: below)."""
     a = _general(29, 4, 4)
     _assert_emits("eig", jnp.linalg.eigvals, a)
     check_against_jax(jnp.linalg.eigvals, a, second_order=False, **F64)
 
 
-def test_eig_eigenvectors_are_refused_as_by_jax():
+def test_eig_eigenvectors_are_refused_as_by_jax_unless_asked_for():
     a = _general(30, 3, 3)
     fun = lambda a: jnp.sum(jnp.abs(jnp.linalg.eig(a)[1]))  # noqa: E731
     with pytest.raises(NotImplementedError):
         jax.grad(fun)(a)
-    with pytest.raises(NotImplementedError, match="eig"):
+    with pytest.raises(NotImplementedError, match="enable_eigvec_derivs=True"):
         cr.grad(fun)(a)
+
+
+@pytest.mark.parametrize("left, right", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_eig_eigenvectors_when_asked_for(left, right, dtype):
+    """With `enable_eigvec_derivs=True` JAX differentiates eigenvectors (left,
+    right, both: LAPACK's normalisation) and eigenvalues at second order;
+    chainrule transposes the same JVP with its own reverse pass: both orders,
+    eagerly, under jit and vmap, real and complex matrices."""
+    a = _general(31, 2, 4, 4).astype(dtype)
+    if dtype == np.complex128:
+        a = a + 1j * _random(32, 2, 4, 4)
+
+    def fun(a):
+        return lax_linalg.eig(
+            a,
+            compute_left_eigenvectors=left,
+            compute_right_eigenvectors=right,
+            enable_eigvec_derivs=True,
+        )
+
+    check_against_jax(fun, a, rtol=1e-8, atol=1e-8)
 
 
 # --- tridiagonal_solve ---------------------------------------------------------------------

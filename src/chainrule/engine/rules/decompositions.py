@@ -403,22 +403,21 @@ svd_p = _register(
 )
 
 
-# --- eig (eigenvalues only) --------------------------------------------------------------
+# --- eig ------------------------------------------------------------------------------------
 # A V = V diag(w): dw = diag(V^-1 dA V) (complex w for real A). Transposed:
-# A_bar = T(V^-1) diag(w_bar) T(V), its real part for a real A. JAX does not
-# differentiate non-symmetric eigenvectors unless asked to, nor eig at second
-# order; neither does chainrule.
+# A_bar = T(V^-1) diag(w_bar) T(V), its real part for a real A. Eigenvectors
+# are differentiated only when asked to (`enable_eigvec_derivs=True`, as JAX
+# requires): their JVP (nondegenerate perturbation theory, LAPACK's
+# normalisation of each vector: unit norm, real largest component) is linear
+# in dA, and its transpose is taken by chainrule's own reverse pass over it
+# (`_eig_vectors_vjp`).
 
 
 def _eig_rule(g: Any, node: Node) -> list[Any]:
     (a,) = node.primals
     params = node.params
     if params["compute_left_eigenvectors"] or params["compute_right_eigenvectors"]:
-        raise NoVJPRuleError(
-            "eig", detail="derivatives of non-symmetric eigenvectors are not supported; "
-            "differentiate the eigenvalues only (jnp.linalg.eigvals) or use eigh for "
-            "symmetric matrices",
-        )  # fmt: skip
+        return _eig_vectors_vjp(g, node)
     w_bar = g[0] if isinstance(g, tuple) else g
     _, v = jax_linalg.eig_p.bind(
         a,
@@ -429,6 +428,57 @@ def _eig_rule(g: Any, node: Node) -> list[Any]:
     )
     a_bar = jnp.linalg.solve(_T(v), _mm(_diag_matrix(w_bar.astype(dtype_of(v))), _T(v)))
     return [a_bar if _is_complex(a) else jnp.real(a_bar).astype(dtype_of(a))]
+
+
+def _eig_vector_tangents(w: Any, v: Any, da: Any) -> tuple[Any, Any]:
+    """(dw, dv) for A v_j = w_j v_j at tangent dA, each v_j normalised by LAPACK
+    to unit norm with its largest-magnitude component real (as JAX's JVP)."""
+    eye = _eye_like(v)
+    f = 1 / (eye + w[..., None, :] - w[..., :, None]) - eye
+    p = _mm(jnp.linalg.solve(v, da), v)
+    u = _mm(v, f * p)
+    k = jnp.argmax(jnp.abs(v), axis=-2)
+    mask = (jnp.arange(shape_of(v)[-2])[:, None] == k[..., None, :]).astype(dtype_of(v))
+    c = lax.complex(
+        -jnp.real(jnp.sum(jnp.conj(v) * u, axis=-2)),
+        -jnp.imag(jnp.sum(mask * u, axis=-2)) / jnp.real(jnp.sum(mask * v, axis=-2)),
+    )
+    return _diag(p), u + v * c[..., None, :]
+
+
+def _eig_vectors_vjp(g: Any, node: Node) -> list[Any]:
+    (a,) = node.primals
+    params = node.params
+    if not params["enable_eigvec_derivs"]:
+        raise NoVJPRuleError(
+            "eig",
+            detail="derivatives of non-symmetric eigenvectors are only valid under "
+            "assumptions on the input that cannot be checked; pass "
+            "enable_eigvec_derivs=True to jax.lax.linalg.eig to opt in (as JAX asks), "
+            "differentiate the eigenvalues only (jnp.linalg.eigvals), or use eigh for "
+            "symmetric matrices",
+        )
+    left, right = params["compute_left_eigenvectors"], params["compute_right_eigenvectors"]
+    w, vl = node.ans[0], node.ans[1] if left else None
+    if right:
+        vr = node.ans[-1]
+    else:  # the right eigenvectors enter the tangents of the others
+        flags = dict(params, compute_left_eigenvectors=False, compute_right_eigenvectors=True)
+        vr = jax_linalg.eig_p.bind(a, **flags)[1]
+
+    def tangent_map(da: Any) -> list[Any]:  # linear in dA: its VJP is its transpose
+        da = da.astype(dtype_of(vr))
+        dw, dvr = _eig_vector_tangents(w, vr, da)
+        out = [dw]
+        if left:
+            out.append(_eig_vector_tangents(jnp.conj(w), vl, _H(da))[1])
+        if right:
+            out.append(dvr)
+        return out
+
+    cts = _output_cotangents(g, node.ans)
+    (a_bar,) = core.vjp_flat(tangent_map, [zeros_like(a)], cts)
+    return [a_bar]
 
 
 eig_p = _register(
