@@ -486,6 +486,32 @@ def test_custom_linear_solve_without_transpose_solve_is_refused():
         cr.grad(fun)(a, b)
 
 
+def test_custom_linear_solve_without_transpose_solve_in_forward_mode():
+    """Forward mode needs no transpose_solve (dx = A^-1 (db - dA x)), in JAX or
+    here: jvp eagerly and under jit and vmap, jacfwd, jacfwd of jacfwd."""
+    a, b = _general(43, 3, 3), _random(44, 3)
+    ta, tb = _random(45, 3, 3), _random(46, 3)
+
+    def fun(a, b):
+        solve = lambda _, b: lax.stop_gradient(jnp.linalg.solve(a, b))  # noqa: E731
+        return jnp.sum(lax.custom_linear_solve(lambda x: a @ x, b, solve=solve) ** 2)
+
+    want = jax.jvp(fun, (a, b), (ta, tb))
+    for got in (
+        cr.jvp(fun, (a, b), (ta, tb)),
+        jax.jit(lambda a, b: cr.jvp(fun, (a, b), (ta, tb)))(a, b),
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    tbs = np.stack([tb, 2 * tb])
+    batched = jax.vmap(lambda t: cr.jvp(fun, (a, b), (ta, t))[1])(tbs)
+    np.testing.assert_allclose(batched, jax.vmap(lambda t: jax.jvp(fun, (a, b), (ta, t))[1])(tbs))
+    for got, want in zip(cr.jacfwd(fun, (0, 1))(a, b), jax.jacfwd(fun, (0, 1))(a, b), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(
+        cr.jacfwd(cr.jacfwd(fun))(a, b), jax.jacfwd(jax.jacfwd(fun))(a, b), rtol=1e-10
+    )
+
+
 @FULL
 def test_jnp_linalg_functions(full):
     def fun(a, b, spd, a5, a3):

@@ -28,6 +28,7 @@ from jax._src.lax.control_flow import solves as jax_solves
 
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, raw, zeros_like
+from chainrule.engine.rules.forward_only import transposed_jvp
 from chainrule.engine.rules.registry import dtype_of, primitive, shape_of
 from chainrule.errors import NoVJPRuleError
 
@@ -537,6 +538,10 @@ class _LinearSolve(Primitive):
     def vjp(self, g: Any, node: Node) -> list[Any]:
         lengths, jaxprs = node.params["const_lengths"], node.params["jaxprs"]
         if jaxprs.transpose_solve is None:
+            if core.backward_at_zero():  # forward mode needs no transpose_solve, as in JAX
+                jvp = lambda primals, tangents: _linear_solve_jvp(node, tangents)  # noqa: E731
+                cts = _output_cotangents(g, node.ans)
+                return transposed_jvp(cts, node.primals, node.argnums, jvp)
             raise NoVJPRuleError(
                 "custom_linear_solve",
                 detail="it has no transpose_solve; pass transpose_solve (or symmetric=True) "
@@ -574,6 +579,33 @@ class _LinearSolve(Primitive):
             for i, ct in zip(wanted, params_bar, strict=True):
                 cts[i] = ct
         return [cts[i] for i in node.argnums]
+
+
+def _linear_solve_jvp(node: Node, tangents: Sequence[Any]) -> list[Any]:
+    """JAX's JVP of a linear solve: dx = A^-1 (db - dA x), dA x the tangent of
+    matvec's operands at x (`core.jvp_flat`), by the same solve; the solvers'
+    operands get none (the solve is taken to be exact), nor do aux outputs."""
+    lengths, jaxprs = node.params["const_lengths"], node.params["jaxprs"]
+    n_consts = sum(lengths)
+    operands, b = node.primals[:n_consts], node.primals[n_consts:]
+    x = node.ans[: len(b)]
+    rhs = [zeros_like(v) if t is None else t for v, t in zip(b, tangents[n_consts:], strict=True)]
+    wanted = [i for i in range(lengths.matvec) if tangents[i] is not None]
+    if wanted:
+        matvec, groups = jaxprs.matvec, _split(operands, lengths)
+
+        def apply_matvec(*diff: Any) -> list[Any]:
+            full = list(groups.matvec)
+            for i, p in zip(wanted, diff, strict=True):
+                full[i] = p
+            return jcore.eval_jaxpr(matvec.jaxpr, matvec.consts, *full, *x)
+
+        _, moved = core.jvp_flat(
+            apply_matvec, [operands[i] for i in wanted], [tangents[i] for i in wanted]
+        )
+        rhs = [r - m for r, m in zip(rhs, moved, strict=True)]
+    dx = jax_solves.linear_solve_p.bind(*operands, *rhs, const_lengths=lengths, jaxprs=jaxprs)
+    return list(dx[: len(b)]) + [zeros_like(o) for o in node.ans[len(b) :]]
 
 
 def _split(operands: Sequence[Any], lengths: Any) -> Any:
