@@ -1124,3 +1124,31 @@ def test_cnp_binary_functions_take_python_bools_as_jnp(name, weak_input):
     for g, e in zip(got, want, strict=True):
         assert (g.dtype, g.weak_type) == (e.dtype, e.weak_type)
         np.testing.assert_allclose(g, e, rtol=1e-6)
+
+
+def test_evicting_from_a_cache_another_thread_changes_never_raises():
+    """The bounded caches (`core._CHECKED`, the custom_jvp rule caches) drop
+    their oldest entry; another thread may insert or evict meanwhile."""
+    import threading
+
+    from chainrule.engine import core
+
+    table: dict = {}
+    errors: list = []
+
+    def churn(offset: int) -> None:
+        try:
+            for i in range(20000):
+                table[(offset, i)] = None
+                if len(table) > 64:
+                    core.evict_oldest(table)
+        except Exception as e:  # pragma: no cover (the failure being tested)
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    core.evict_oldest({})  # an empty table: nothing to do
+    assert not errors

@@ -130,3 +130,19 @@ def test_half_precision_gradients_are_jax_grads(name, dtype, xs, ys):
         assert g.dtype == w.dtype == j.dtype
         _close(g, w, dtype)
         _close(g, j, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_tracer_sum_and_mean_methods_accumulate_in_float32(dtype):
+    """`x.sum()` and `x.mean()` on a traced half-precision value: summed in
+    float32 and rounded once, as jax.numpy's (a half-precision running sum is
+    off by percents)."""
+    x = jnp.asarray(np.random.default_rng(3).uniform(0.5, 1.5, (3000, 2)), dtype)
+    for f in (
+        lambda x: x.sum(axis=0).sum() * 1.0,
+        lambda x: x.mean() * 2.0,
+        lambda x: (x * x).sum(),
+    ):
+        for transform in (cr.value_and_grad(f), jax.jit(cr.value_and_grad(f))):
+            for g, w in zip(transform(x), jax.value_and_grad(f)(x), strict=True):
+                _same(g, w)

@@ -251,3 +251,59 @@ def test_the_users_integer_arithmetic_on_host_values_is_jaxs(name):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("transform", ["eager", "jit", "vmap"])
+def test_custom_vjp_symbolic_zeros_sees_what_this_transform_differentiates(transform):
+    """With symbolic_zeros=True fwd reads which arguments are perturbed: only
+    those this transform differentiates, not every traced value (a closed-over
+    `y` under jit or vmap is not), as JAX tells it."""
+
+    @jax.custom_vjp
+    def f(x, y):
+        return x * y
+
+    def f_fwd(x, y):
+        return x.value * y.value, (y.value, jnp.float32(y.perturbed))
+
+    f.defvjp(f_fwd, lambda res, g: (g * res[0] * (1 + res[1]), None), symbolic_zeros=True)
+    x, y = jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0])
+    wrap = {"eager": lambda h: h, "jit": jax.jit, "vmap": jax.vmap}[transform]
+    got = wrap(lambda x, y: cr.grad(lambda x: f(x, y).sum())(x))(x, y)
+    want = wrap(lambda x, y: jax.grad(lambda x: f(x, y).sum())(x))(x, y)
+    np.testing.assert_allclose(got, want)
+
+
+def test_a_custom_vjp_whose_fwd_calls_the_function_itself():
+    """The common `f_fwd = lambda x: (f(x), x)`: the inner call's body gets a
+    value it can index with a loop's tracer, as from JAX."""
+
+    @jax.custom_vjp
+    def f(x):
+        return _sum_of_squares(x)
+
+    f.defvjp(lambda x: (f(x), x), lambda x, g: (2 * g * x,))
+    x = jnp.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(cr.grad(f)(x), jax.grad(f)(x))
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda m, i: m.take(i),
+        lambda m, i: m.clip(0, i),
+        lambda m, i: m.dot(jnp.ones(3) * i),
+        lambda m, i: m.searchsorted(i),
+        lambda m, i: m.repeat(2)[i],
+    ],
+)
+def test_host_value_methods_with_a_loop_tracer(method):
+    """jax.Array methods NumPy shares, called on a host value with a tracer of
+    a loop the user's code traces, act as on the jax.Array JAX hands over."""
+
+    def loss(x):
+        m = (x > 1.5).astype(jnp.float32)
+        return lax.fori_loop(0, 3, lambda i, acc: acc + jnp.sum(method(m, i)) * x[i], 0.0)
+
+    x = jnp.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(cr.grad(loss)(x), jax.grad(loss)(x))

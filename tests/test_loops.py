@@ -545,6 +545,28 @@ def test_forward_mode_through_a_while_loop_keeps_jax_types():
             np.testing.assert_allclose(g, w, rtol=1e-6)
 
 
+def test_forward_mode_through_a_vmapped_while_loop_with_a_predicate_per_lane():
+    """`jax.vmap` of a loop whose condition reads the batched value: one
+    predicate per lane, and a step updates only the lanes still running; the
+    tangents too (they once kept being scaled in finished lanes)."""
+
+    def fun(x):
+        return lax.while_loop(lambda c: c[1].sum() < 5.0, lambda c: (c[0] + 1, c[1] * 1.7), (0, x))[
+            1
+        ]
+
+    xs = jnp.array([[0.3, 0.7], [1.0, 2.0], [0.1, 0.1]])
+    ts = jnp.array([[1.0, -1.0], [0.5, 2.0], [3.0, 1.0]])
+    want = jax.jvp(jax.vmap(fun), (xs,), (ts,))
+    for batched in (jax.vmap(fun), jax.jit(jax.vmap(fun))):
+        got = cr.jvp(batched, (xs,), (ts,))
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+    # and a loop that is batched by vmap from outside cr.jvp
+    per_example = jax.vmap(lambda x, t: cr.jvp(fun, (x,), (t,))[1])(xs, ts)
+    np.testing.assert_allclose(per_example, want[1], rtol=1e-12)
+
+
 def test_forward_mode_refuses_a_while_loop_inside_a_checkpoint_body():
     """Not yet supported there (the body's backward pass is traced into a
     jaxpr): refused with the loop's line, never a silent zero."""

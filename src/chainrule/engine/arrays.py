@@ -359,12 +359,21 @@ def _strong(x: Any) -> Any:
     return rules.weakly_typed(x, False)
 
 
-def _reduction(name: str, op: Callable) -> Callable:
+_HALF = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+
+
+def _reduction(name: str, op: Callable, upcast: bool = False) -> Callable:
     def f(x, axis=None, keepdims=False):
         (x,) = promote(x)
         shape = rules.shape_of(x)
         axes = _axes(axis, len(shape))
-        out = op(x, axes)
+        dtype = rules.dtype_of(x)
+        if upcast and dtype in _HALF:  # summed in float32 and rounded once, as jax.numpy
+            out = rules.convert_element_type(
+                op(rules.convert_element_type(x, np.float32), axes), dtype
+            )
+        else:
+            out = op(x, axes)
         if keepdims:
             out = rules.reshape(out, tuple(1 if d in axes else n for d, n in enumerate(shape)))
         return _strong(out)
@@ -372,7 +381,7 @@ def _reduction(name: str, op: Callable) -> Callable:
     return _named(f, name, "Reduction")
 
 
-sum = _reduction("sum", rules.reduce_sum)
+sum = _reduction("sum", rules.reduce_sum, upcast=True)
 max = amax = _reduction("max", lambda x, axes: rules.reduce_max_p.bind(x, axes=axes))
 min = amin = _reduction("min", lambda x, axes: rules.reduce_min_p.bind(x, axes=axes))
 
@@ -382,8 +391,13 @@ def mean(x: Any, axis: Any = None, keepdims: bool = False) -> Any:
         (x,) = promote(x, inexact=True)
     shape = rules.shape_of(x)
     axes = _axes(axis, len(shape))
+    dtype = rules.dtype_of(x)
+    if dtype in _HALF:  # computed in float32 and rounded once, as jax.numpy
+        x = rules.convert_element_type(x, np.float32)
     total = rules.reduce_sum(x, axes)
     out = rules.div(total, rules.const(total, math.prod(shape[d] for d in axes)))
+    if dtype in _HALF:
+        out = rules.convert_element_type(out, dtype)
     if keepdims:
         out = rules.reshape(out, tuple(1 if d in axes else n for d, n in enumerate(shape)))
     return _strong(out)

@@ -726,8 +726,17 @@ def check_types(primitive: Any, values: Sequence[Any], params: dict[str, Any]) -
             except NotImplementedError:  # (no rule: JAX checks nothing either)
                 pass
     if len(_CHECKED) >= _CHECKED_LIMIT:
-        _CHECKED.pop(next(iter(_CHECKED), None), None)
+        evict_oldest(_CHECKED)
     _CHECKED[key] = None
+
+
+def evict_oldest(table: dict) -> None:
+    """Drops the oldest entry of a bounded cache; another thread may be
+    inserting or evicting at the same time (then it did the work)."""
+    try:
+        table.pop(next(iter(table)), None)
+    except (RuntimeError, StopIteration):  # (changed size during iteration; emptied)
+        pass
 
 
 _CALL_PARAMS = (jcore.Jaxpr, jcore.ClosedJaxpr)

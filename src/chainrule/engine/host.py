@@ -420,6 +420,24 @@ def _integer_op_as_jax(name: str) -> Any:
     return op
 
 
+def _method_as_jax(name: str) -> Any:
+    """`HostArray`'s method `name` (one NumPy and jax.Array share): JAX's when
+    an argument is a JAX tracer (`x.take(i)` in a `fori_loop` body), as on
+    the jax.Array JAX would have handed over; NumPy's otherwise."""
+    numpy_method = getattr(np.ndarray, name)
+
+    def method(self, *args, **kwargs):
+        if any(isinstance(a, _jax_core.Tracer) for a in (*args, *kwargs.values())):
+            return getattr(to_jax(np.asarray(self), copy=True), name)(*args, **kwargs)
+        return numpy_method(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in "take clip dot searchsorted repeat compress choose".split():
+    setattr(HostArray, _name, _method_as_jax(_name))
+
 for _name in (
     "__truediv__ __rtruediv__ __floordiv__ __rfloordiv__ __mod__ __rmod__ __divmod__ "
     "__rdivmod__ __pow__ __rpow__ __lshift__ __rlshift__ __rshift__ __rrshift__"
@@ -428,10 +446,12 @@ for _name in (
 
 
 def immutable(x: Any) -> Any:
-    """`x` as a `HostArray` if it is a NumPy array (no copy) or scalar (NumPy's
-    result on 0-d arrays: a value computed here, never the user's), else
-    unchanged."""
-    if type(x) is np.ndarray:
+    """`x` as a `HostArray` if it is a NumPy array (no copy), a strongly typed
+    literal of JAX's (JAX's `custom_vjp` call makes one of a NumPy argument)
+    or scalar (NumPy's result on 0-d arrays: a value computed here, never the
+    user's), else unchanged."""
+    kind = type(x)
+    if kind is np.ndarray or (kind is _TypedNdArray and not x.weak_type):
         return x.view(HostArray)
     if isinstance(x, np.generic):
         return np.asarray(x).view(HostArray)

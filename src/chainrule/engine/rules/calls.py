@@ -42,7 +42,7 @@ from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core, host
-from chainrule.engine.core import Node, Primitive, Trace, raw, vjp_flat, zeros_like
+from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.engine.rules.shape import retyped, weakly_typed
@@ -420,7 +420,7 @@ def _read_body(fun: Any, args: Sequence[Any]) -> tuple[Any, Any] | None:
 
         closed, shapes = jax.make_jaxpr(flat, return_shape=True)(*args)
         if len(_BODIES) >= _TRANSPOSED_LIMIT:
-            _BODIES.pop(next(iter(_BODIES), None), None)
+            core.evict_oldest(_BODIES)
         read = _BODIES[key] = (closed, jax.tree_util.tree_structure(shapes))
     return read
 
@@ -562,7 +562,7 @@ def _cached_transposed_rule(key, node, per_argument, diff, primals, outs, cts) -
         # a rule from a jaxpr is compiled with it
         plan = _Plan(closed.jaxpr, xla_masks=per_argument is None)
         if len(_TRANSPOSED) >= _TRANSPOSED_LIMIT:
-            _TRANSPOSED.pop(next(iter(_TRANSPOSED), None), None)  # (another thread may too)
+            core.evict_oldest(_TRANSPOSED)
         entry = _TRANSPOSED[key] = (plan, closed.consts)
     plan, consts = entry
     return _run_plan(_HOST_TRACE, plan, consts, [*primals, *outs, *cts])
@@ -629,8 +629,9 @@ class _CustomVJP(Primitive):
     """Output = the user's fwd; VJP = the user's bwd on the saved residuals."""
 
     def apply(self, trace, args, params):
-        perturbed = tuple(
-            isinstance(a, jcore.Tracer) and core.is_differentiable(raw(a)) for a in args
+        perturbed = tuple(  # (what this trace differentiates: JAX's nonzero tangents)
+            isinstance(a, Tracer) and a._trace is trace and core.is_differentiable(raw(a))
+            for a in args
         )
         # (runs fwd, which fills out_trees)
         outs = list(core.bind(self, *args, perturbed=perturbed, **params))

@@ -327,12 +327,31 @@ def _while_jvp(primals: Sequence[Any], tangents: Sequence[Any], params: dict) ->
         if f
     ]
 
-    def cond_fn(state):
-        carry, _ = state
+    # A loop `vmap` batched may have one predicate per lane: it runs while any
+    # lane's holds, and a step updates only the lanes whose predicate holds at
+    # its start (XLA's lowering of such a loop), tangents as values.
+    per_lane = bool(cond.jaxpr.outvars[0].aval.ndim)
+
+    def predicate(carry):
         return jcore.eval_jaxpr(cond.jaxpr, cond.consts, *cond_consts, *carry)[0]
+
+    def cond_fn(state):
+        pred = predicate(state[0])
+        return jax.numpy.any(pred) if per_lane else pred
 
     def body_fn(state):
         carry, carry_ts = state
+        if per_lane:
+            new, new_ts = step_fn(carry, carry_ts)
+            pred = predicate(carry)
+            old_ts = iter(carry_ts)
+            return (
+                [_lanes(pred, n, o) for n, o in zip(new, carry, strict=True)],
+                [_lanes(pred, n, next(old_ts)) for n in new_ts],
+            )
+        return step_fn(carry, carry_ts)
+
+    def step_fn(carry, carry_ts):
 
         def step(*floats):
             it = iter(floats)
@@ -350,6 +369,12 @@ def _while_jvp(primals: Sequence[Any], tangents: Sequence[Any], params: dict) ->
     _, out_ts = lax.while_loop(cond_fn, body_fn, (init, init_ts))
     it = iter(out_ts)
     return [next(it) if f else None for f in carry_floats]
+
+
+def _lanes(pred: Any, new: Any, old: Any) -> Any:
+    """`new` where the per-lane predicate holds (its axes leading), else `old`."""
+    shape = np.shape(new)
+    return lax.select(lax.broadcast_in_dim(pred, shape, tuple(range(np.ndim(pred)))), new, old)
 
 
 PRIMITIVES["while"] = _While(
