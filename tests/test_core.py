@@ -1152,3 +1152,35 @@ def test_evicting_from_a_cache_another_thread_changes_never_raises():
         t.join()
     core.evict_oldest({})  # an empty table: nothing to do
     assert not errors
+
+
+def test_type_checks_keep_no_jit_body_alive():
+    """`core.check_types` remembers the operand types it checked; never a key
+    holding a jit body (with the arrays it closes over): those are freed."""
+    refs = []
+
+    def step(x, i):
+        big = jnp.full((100_000,), float(i))
+        refs.append(weakref.ref(big))
+        helper = jax.jit(lambda y: y * big[:3])
+        return cr.grad(lambda y: helper(y).sum())(x)
+
+    for i in range(5):
+        step(jnp.ones(3), i)
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
+
+
+def test_a_prng_key_carried_through_a_differentiated_scan():
+    """A typed PRNG key in a scan's carry: its cotangent is float0 zeros, as JAX's."""
+
+    def f(x):
+        def body(i, c):
+            acc, key = c
+            return acc + x * jax.random.normal(key, (2,)), jax.random.split(key)[0]
+
+        return jax.lax.fori_loop(0, 3, body, (x, jax.random.key(1)))[0].sum()
+
+    x = jnp.array([1.0, 2.0])
+    for grad in (cr.grad(f), jax.jit(cr.grad(f))):
+        np.testing.assert_allclose(grad(x), jax.grad(f)(x), rtol=1e-12)

@@ -29,6 +29,7 @@ This module knows nothing of arrays beyond shapes and dtypes.
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import sys
 import threading
@@ -709,25 +710,41 @@ def check_types(primitive: Any, values: Sequence[Any], params: dict[str, Any]) -
     user's code binds (`lax.dynamic_slice` past the end, `lax.add` of float32
     and float64, a `dot_general` of mismatched dimensions) refuses its operands,
     as JAX does on every path; NumPy would broadcast, promote or clamp instead.
-    Checked once per primitive, operand types and parameters; call-like
-    primitives (their parameters hold jaxprs or functions) check their bodies
-    as they run them."""
+    Checked once per primitive, operand types and parameters."""
+    if primitive in _UNCHECKED:
+        return
     try:
         key = (primitive, *map(_type_of, values), *params.items())
         if key in _CHECKED:
             return
-    except TypeError:  # (an unhashable parameter: not a table entry to remember)
+    except TypeError:  # (an unhashable parameter: arrays)
+        _UNCHECKED.add(primitive)
         return
-    if not any(isinstance(v, _CALL_PARAMS) or callable(v) for v in params.values()):
-        rule = getattr(primitive, "abstract_eval", None)
-        if rule is not None:
-            try:
-                rule(*key[1 : 1 + len(values)], **params)
-            except NotImplementedError:  # (no rule: JAX checks nothing either)
-                pass
+    if not all(map(_plain, params.values())):
+        # parameters holding jaxprs, functions or arrays (jit, cond, scatter's
+        # combiner): such a primitive's body is checked as it runs, and no key
+        # of it is kept (it would keep a jit body's constants alive)
+        _UNCHECKED.add(primitive)
+        return
+    rule = getattr(primitive, "abstract_eval", None)
+    if rule is not None:
+        try:
+            rule(*key[1 : 1 + len(values)], **params)
+        except NotImplementedError:  # (no rule: JAX checks nothing either)
+            pass
     if len(_CHECKED) >= _CHECKED_LIMIT:
         evict_oldest(_CHECKED)
     _CHECKED[key] = None
+
+
+_UNCHECKED: set[Any] = set()  # primitives whose parameters are not plain values
+
+
+def _plain(value: Any) -> bool:
+    """A parameter that is data: numbers, strings, dtypes, enums, tuples of them."""
+    if value is None or isinstance(value, (bool, int, float, str, np.dtype, enum.Enum)):
+        return True
+    return isinstance(value, tuple) and all(map(_plain, value))
 
 
 def evict_oldest(table: dict) -> None:
@@ -739,11 +756,18 @@ def evict_oldest(table: dict) -> None:
         pass
 
 
-_CALL_PARAMS = (jcore.Jaxpr, jcore.ClosedJaxpr)
-
-
 def _type_of(value: Any) -> Any:
-    if isinstance(value, (jcore.Tracer, np.ndarray)) or type(value) is host._ArrayImpl:
+    """The type JAX gives `value` as an operand: a NumPy value's (a host value,
+    boxed or not) canonicalized, as JAX's dispatch reads it (float64 is
+    float32 without x64)."""
+    inner = value.value if isinstance(value, Tracer) else value
+    if isinstance(inner, (np.ndarray, np.generic)):
+        dtype = dtypes.canonicalize_dtype(inner.dtype)
+        weak = getattr(inner, "weak_type", False)
+        if dtype == inner.dtype:
+            return _aval(inner) if isinstance(inner, np.ndarray) else jcore.typeof(inner)
+        return jcore.ShapedArray(np.shape(inner), dtype, weak_type=weak)
+    if isinstance(value, jcore.Tracer) or type(value) is host._ArrayImpl:
         return _aval(value)
     return jcore.typeof(value)
 
@@ -773,6 +797,8 @@ def zeros_like(x: Any) -> Any:
     (so no large literal is baked into a compiled program)."""
     value = raw(x)
     shape, dtype = tuple(np.shape(value)), value.dtype
+    if not isinstance(dtype, np.dtype):  # a typed PRNG key's: JAX's float0, as for integers
+        return np.zeros(shape, dtypes.float0)
     if isinstance(value, jcore.Tracer):
         return lax.full(shape, 0, dtype)
     return np.zeros(shape, dtype)
