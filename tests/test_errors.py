@@ -221,3 +221,23 @@ def test_lax_shape_and_dtype_rules_hold_eagerly(case):
             transform(x)
         # (the rest of the message varies with JAX's own path: eager lax.slice vs jit)
         assert str(got.value).split()[0] == str(want.value).split()[0]
+
+
+@pytest.mark.parametrize(
+    "fun",
+    [
+        lambda x: x + x[:4],  # shapes that do not broadcast
+        lambda x: x.reshape(4),
+        lambda x: x.reshape(-1, 4),
+        lambda x: x.reshape(-1, -1),
+        lambda x: x @ x[:4],
+    ],
+)
+def test_operators_on_tracers_raise_jaxs_error_type(fun):
+    """Where JAX's operators raise TypeError (code catching it keeps working),
+    chainrule's do too, not NumPy's ValueError."""
+    x = jnp.ones(6)
+    with pytest.raises(TypeError):
+        jax.grad(lambda x: jnp.sum(fun(x)))(x)
+    with pytest.raises(TypeError):
+        cr.grad(lambda x: jnp.sum(fun(x)))(x)

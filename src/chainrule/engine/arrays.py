@@ -419,9 +419,16 @@ def reshape(x: Any, *shape: Any) -> Any:
         shape = tuple(shape[0])
     (x,) = promote(x)
     size = int(np.prod(rules.shape_of(x)))
+    if shape.count(-1) > 1:
+        raise TypeError(f"can only specify one unknown axis size with a `-1` value, got {shape}")
     if -1 in shape:
         known = int(np.prod([n for n in shape if n != -1]))
-        shape = tuple(size // known if n == -1 else n for n in shape)
+        shape = tuple(size // known if known and n == -1 else n for n in shape)
+    if int(np.prod(shape)) != size:
+        raise TypeError(  # (jax.numpy's error, which the same method raises under JAX)
+            f"cannot reshape array of shape {rules.shape_of(x)} (size {size}) into shape "
+            f"{shape} (size {int(np.prod(shape))})"
+        )
     return rules.reshape(x, shape)
 
 

@@ -228,7 +228,10 @@ class Primitive:
         operands = host.host_operands(args)
         if operands is None:
             return None
-        out = self.host_impl(*operands, **params)
+        try:
+            out = self.host_impl(*operands, **params)
+        except (ValueError, TypeError, IndexError):
+            return None  # (NumPy refuses the operands: JAX's implementation raises JAX's error)
         return None if out is NotImplemented else (operands, out)
 
     def apply(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> list[Any]:
@@ -270,7 +273,10 @@ class Primitive:
         args = tuple(args)
         operands = host.host_operands(args, check=True)
         if operands is not None:
-            out = self.host_impl(*operands, **self.taken(params))
+            try:
+                out = self.host_impl(*operands, **self.taken(params))
+            except (ValueError, TypeError, IndexError):
+                return NotImplemented  # (NumPy refuses them: JAX raises JAX's error)
             if out is NotImplemented:
                 return out
             return list(out) if self.multiple_results else [out]

@@ -49,7 +49,10 @@ def _broadcasting(op: Callable) -> Callable:
     def impl(x, y):
         xs, ys = np.shape(x), np.shape(y)
         if xs != ys and xs and ys:
-            shape = np.broadcast_shapes(xs, ys)
+            try:
+                shape = np.broadcast_shapes(xs, ys)
+            except ValueError:  # (lax refuses them in its own words: JAX's TypeError)
+                return op(x, y)
             x, y = jnp.broadcast_to(x, shape), jnp.broadcast_to(y, shape)
         return op(x, y)
 
