@@ -661,3 +661,22 @@ def test_long_fuzz_run():
         env=env,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def test_forward_mode_of_a_custom_vjp_function_is_refused_as_by_jax():
+    @jax.custom_vjp
+    def clipped(x):
+        return jnp.sin(x)
+
+    clipped.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (jnp.clip(g * jnp.cos(x), -0.1, 0.1),))
+    x = jnp.array([0.3, -1.2, 2.0])
+    for m in (jax, cr):
+        calls = (
+            lambda m=m: m.jvp(clipped, (x,), (jnp.ones(3),)),
+            lambda m=m: m.jacfwd(clipped)(x),
+            lambda m=m: jax.jit(lambda v: m.jvp(clipped, (v,), (x,)))(x),
+        )
+        for call in calls:
+            with pytest.raises(TypeError, match="custom_vjp"):
+                call()
+    np.testing.assert_allclose(cr.grad(lambda x: clipped(x).sum())(x), [0.1, 0.1, -0.1])

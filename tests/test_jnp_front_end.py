@@ -307,3 +307,19 @@ def test_host_value_methods_with_a_loop_tracer(method):
 
     x = jnp.array([1.0, 2.0, 3.0])
     np.testing.assert_allclose(cr.grad(loss)(x), jax.grad(loss)(x))
+
+
+@pytest.mark.parametrize(
+    "fun",
+    [
+        lambda w, x: jnp.sum(jnp.logaddexp(w, x)),
+        lambda w, x: jnp.sum(jax.scipy.special.xlogy(x, w)),
+        lambda w, x: jnp.sum(jax.scipy.stats.poisson.logpmf(x, w)),
+    ],
+)
+def test_jit_grad_of_closed_over_parameters_through_custom_jvp_functions(fun):
+    """Under jit, concrete parameters differentiated beside a traced argument of
+    a custom_jvp function: host values reach JAX's trace as jax.Arrays."""
+    w, data = jnp.array([1.5, 2.0, 1.2]), jnp.array([0.0, 1.0, 3.0])
+    got = jax.jit(lambda x: cr.grad(fun)(w, x))(data)
+    np.testing.assert_allclose(got, jax.jit(lambda x: jax.grad(fun)(w, x))(data), rtol=1e-6)

@@ -685,7 +685,7 @@ class Trace(jcore.Trace):
             outs = self.run(subfuns[0].call_wrapped, *(host.immutable(t) for t in tracers))
             return host.for_user(outs, tracers)
         return primitive.bind_with_trace(
-            self.parent, tracers, None, dict(subfuns=subfuns, **params)
+            self.parent, for_trace(self.parent, tracers), None, dict(subfuns=subfuns, **params)
         )
 
     def process_shard_map(self, primitive, fun, tracers, /, **params):
@@ -696,7 +696,8 @@ class Trace(jcore.Trace):
             if rule is None:
                 raise NoVJPRuleError(primitive.name, user_frame())
             return rule.process_shard_map(self, primitive, fun, tracers, params)
-        return primitive.bind_with_trace(self.parent, tracers, None, dict(params, subfuns=(fun,)))
+        operands = for_trace(self.parent, tracers)
+        return primitive.bind_with_trace(self.parent, operands, None, dict(params, subfuns=(fun,)))
 
     def process_call(self, call_primitive, f, tracers, params, /):
         with self.active():
@@ -776,6 +777,15 @@ def _type_of(value: Any) -> Any:
     if isinstance(value, jcore.Tracer) or type(value) is host._ArrayImpl:
         return _aval(value)
     return jcore.typeof(value)
+
+
+def for_trace(trace: jcore.Trace, values: Sequence[Any]) -> Sequence[Any]:
+    """`values` to bind on `trace` directly (`bind_with_trace`, skipping `bind`'s
+    conversions): host (NumPy) values as `jax.Array`s for a trace of JAX's,
+    which takes only canonical constants; unchanged for chainrule's own."""
+    if isinstance(trace, Trace):
+        return values
+    return [host.to_jax(v) if isinstance(v, (np.ndarray, np.generic)) else v for v in values]
 
 
 def escaped_tracer_error(prim: Any, trace: Trace) -> Exception:

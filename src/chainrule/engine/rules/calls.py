@@ -321,8 +321,12 @@ def _current_trace() -> Any:
 def _custom_jvp_impl(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> list[Any]:
     """The function's value, from the trace outside (which may record it too)."""
     prim = jax_primitives.custom_jvp_call_p
+    trace = _current_trace()
     return prim.bind_with_trace(
-        _current_trace(), args, None, dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros)
+        trace,
+        core.for_trace(trace, args),
+        None,
+        dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros),
     )
 
 
@@ -638,6 +642,13 @@ class _CustomVJP(Primitive):
         return outs[: params["out_trees"]()[0].num_leaves]
 
     def vjp(self, g, node):
+        if core.backward_at_zero():  # forward mode: the user gave a bwd, not a JVP
+            raise TypeError(
+                "can't apply forward-mode autodiff (jvp) to a custom_vjp function (as "
+                "jax.jvp refuses it too): its bwd rule need not be the transpose of any "
+                "linear map. Use cr.vjp/cr.grad/cr.jacrev, or give the function a "
+                "jax.custom_jvp rule instead."
+            )
         params = node.params
         n_out = params["out_trees"]()[0].num_leaves
         outs, residuals = node.ans[:n_out], node.ans[n_out:]
