@@ -338,6 +338,37 @@ def to_host(x: Any) -> Any:
     return None
 
 
+def _integer_op_as_jax(name: str) -> Any:
+    """`HostArray`'s operator `name`: on integers and booleans, JAX's (XLA's
+    division and remainder by zero, shifts past the width, `/` to a float of
+    JAX's width, negative powers), on a jax.Array of the same value; NumPy's
+    on floats, where the two agree."""
+    numpy_op = getattr(np.ndarray, name)
+
+    def op(self, other):
+        if self.dtype.kind in "iub" and not isinstance(other, _jax_core.Tracer):
+            return getattr(to_jax(np.asarray(self), copy=True), name)(other)
+        return numpy_op(self, other)
+
+    op.__name__ = name
+    return op
+
+
+def _method_as_jax(name: str) -> Any:
+    """`HostArray`'s method `name` (one NumPy and jax.Array share): JAX's when
+    an argument is a JAX tracer (`x.take(i)` in a `fori_loop` body), as on
+    the jax.Array JAX would have handed over; NumPy's otherwise."""
+    numpy_method = getattr(np.ndarray, name)
+
+    def method(self, *args, **kwargs):
+        if any(isinstance(a, _jax_core.Tracer) for a in (*args, *kwargs.values())):
+            return getattr(to_jax(np.asarray(self), copy=True), name)(*args, **kwargs)
+        return numpy_method(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
 class HostArray(np.ndarray):
     """A NumPy array handed to user code as JAX hands a `jax.Array`: immutable.
 
@@ -396,53 +427,35 @@ class HostArray(np.ndarray):
             return to_jax(np.asarray(self), copy=True)[key]
         return super().__getitem__(key)
 
+    # integers' and booleans' arithmetic as JAX's; methods given a JAX tracer as JAX's
+    __truediv__ = _integer_op_as_jax("__truediv__")
+    __rtruediv__ = _integer_op_as_jax("__rtruediv__")
+    __floordiv__ = _integer_op_as_jax("__floordiv__")
+    __rfloordiv__ = _integer_op_as_jax("__rfloordiv__")
+    __mod__ = _integer_op_as_jax("__mod__")
+    __rmod__ = _integer_op_as_jax("__rmod__")
+    __divmod__ = _integer_op_as_jax("__divmod__")
+    __rdivmod__ = _integer_op_as_jax("__rdivmod__")
+    __pow__ = _integer_op_as_jax("__pow__")
+    __rpow__ = _integer_op_as_jax("__rpow__")
+    __lshift__ = _integer_op_as_jax("__lshift__")
+    __rlshift__ = _integer_op_as_jax("__rlshift__")
+    __rshift__ = _integer_op_as_jax("__rshift__")
+    __rrshift__ = _integer_op_as_jax("__rrshift__")
+    take = _method_as_jax("take")
+    clip = _method_as_jax("clip")
+    dot = _method_as_jax("dot")
+    searchsorted = _method_as_jax("searchsorted")
+    repeat = _method_as_jax("repeat")
+    compress = _method_as_jax("compress")
+    choose = _method_as_jax("choose")
+
     def __getattr__(self, name: str) -> Any:
         # jax.Array's API beyond NumPy's (`.at[]`, `.block_until_ready()`, ...),
         # on a jax.Array of the same value: code written for JAX keeps working.
         if name.startswith("__") or not hasattr(jax.Array, name):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(to_jax(np.asarray(self), copy=True), name)
-
-
-def _integer_op_as_jax(name: str) -> Any:
-    """`HostArray`'s operator `name`: on integers and booleans, JAX's (XLA's
-    division and remainder by zero, shifts past the width, `/` to a float of
-    JAX's width, negative powers), on a jax.Array of the same value; NumPy's
-    on floats, where the two agree."""
-    numpy_op = getattr(np.ndarray, name)
-
-    def op(self, other):
-        if self.dtype.kind in "iub" and not isinstance(other, _jax_core.Tracer):
-            return getattr(to_jax(np.asarray(self), copy=True), name)(other)
-        return numpy_op(self, other)
-
-    op.__name__ = name
-    return op
-
-
-def _method_as_jax(name: str) -> Any:
-    """`HostArray`'s method `name` (one NumPy and jax.Array share): JAX's when
-    an argument is a JAX tracer (`x.take(i)` in a `fori_loop` body), as on
-    the jax.Array JAX would have handed over; NumPy's otherwise."""
-    numpy_method = getattr(np.ndarray, name)
-
-    def method(self, *args, **kwargs):
-        if any(isinstance(a, _jax_core.Tracer) for a in (*args, *kwargs.values())):
-            return getattr(to_jax(np.asarray(self), copy=True), name)(*args, **kwargs)
-        return numpy_method(self, *args, **kwargs)
-
-    method.__name__ = name
-    return method
-
-
-for _name in "take clip dot searchsorted repeat compress choose".split():
-    setattr(HostArray, _name, _method_as_jax(_name))
-
-for _name in (
-    "__truediv__ __rtruediv__ __floordiv__ __rfloordiv__ __mod__ __rmod__ __divmod__ "
-    "__rdivmod__ __pow__ __rpow__ __lshift__ __rlshift__ __rshift__ __rrshift__"
-).split():
-    setattr(HostArray, _name, _integer_op_as_jax(_name))
 
 
 def immutable(x: Any) -> Any:
