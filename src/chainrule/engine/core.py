@@ -782,10 +782,11 @@ def _type_of(value: Any) -> Any:
 def for_trace(trace: jcore.Trace, values: Sequence[Any]) -> Sequence[Any]:
     """`values` to bind on `trace` directly (`bind_with_trace`, skipping `bind`'s
     conversions): host (NumPy) values as `jax.Array`s for a trace of JAX's,
-    which takes only canonical constants; unchanged for chainrule's own."""
+    which takes only canonical constants (JAX's own typed literals, weakly
+    typed ones too, are); unchanged for chainrule's own."""
     if isinstance(trace, Trace):
         return values
-    return [host.to_jax(v) if isinstance(v, (np.ndarray, np.generic)) else v for v in values]
+    return [host.to_jax(v) if host.is_plain_host_value(v) else v for v in values]
 
 
 def escaped_tracer_error(prim: Any, trace: Trace) -> Exception:

@@ -458,6 +458,11 @@ class HostArray(np.ndarray):
         return getattr(to_jax(np.asarray(self), copy=True), name)
 
 
+def is_plain_host_value(x: Any) -> bool:
+    """A NumPy array or scalar of the host's, not one of JAX's typed literals."""
+    return isinstance(x, (np.ndarray, np.generic)) and type(x) is not _TypedNdArray
+
+
 def immutable(x: Any) -> Any:
     """`x` as a `HostArray` if it is a NumPy array (no copy), a strongly typed
     literal of JAX's (JAX's `custom_vjp` call makes one of a NumPy argument)
