@@ -110,6 +110,7 @@ def _scatter_to_selected(
     if any(d != 1 for d in window_dilation):
         if core.backward_at_zero():  # forward mode: the selection's JVP, as JAX's
             window = dict(
+                select_prim=select_prim,
                 window_dimensions=tuple(window_dimensions),
                 window_strides=tuple(window_strides),
                 padding=tuple(map(tuple, padding)),
@@ -120,7 +121,6 @@ def _scatter_to_selected(
             def jvp(primals, tangents):  # linear in the tangent of `operand`
                 return [select_and_gather_add_p.bind(tangents[0], operand, **window)]
 
-            window["select_prim"] = select_prim
             return transposed_jvp([g], [operand], [0], jvp)[0]
         raise NoVJPRuleError(
             name,
