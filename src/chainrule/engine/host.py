@@ -354,6 +354,13 @@ def _integer_op_as_jax(name: str) -> Any:
     return op
 
 
+def _holds_tracer(arg: Any) -> bool:
+    """A JAX tracer, or an index tuple holding one."""
+    if type(arg) is tuple:
+        return any(isinstance(a, _jax_core.Tracer) for a in arg)
+    return isinstance(arg, _jax_core.Tracer)
+
+
 def _method_as_jax(name: str) -> Any:
     """`HostArray`'s method `name` (one NumPy and jax.Array share): JAX's when
     an argument is a JAX tracer (`x.take(i)` in a `fori_loop` body), as on
@@ -361,7 +368,7 @@ def _method_as_jax(name: str) -> Any:
     numpy_method = getattr(np.ndarray, name)
 
     def method(self, *args, **kwargs):
-        if any(isinstance(a, _jax_core.Tracer) for a in (*args, *kwargs.values())):
+        if any(map(_holds_tracer, (*args, *kwargs.values()))):
             return getattr(to_jax(np.asarray(self), copy=True), name)(*args, **kwargs)
         return numpy_method(self, *args, **kwargs)
 
@@ -418,14 +425,9 @@ class HostArray(np.ndarray):
     def __irshift__(self, other):
         return self >> other
 
-    def __getitem__(self, key):
-        # indexed by a JAX tracer (`x[i]` in a `lax.fori_loop` or `scan` body
-        # the user's code traces): as the jax.Array JAX would have handed over
-        if isinstance(key, _jax_core.Tracer) or (
-            type(key) is tuple and any(isinstance(k, _jax_core.Tracer) for k in key)
-        ):
-            return to_jax(np.asarray(self), copy=True)[key]
-        return super().__getitem__(key)
+    # indexed by a tracer of a loop the user's code traces (`x[i]` in a
+    # `fori_loop` body): as the jax.Array JAX would have handed over
+    __getitem__ = _method_as_jax("__getitem__")
 
     # integers' and booleans' arithmetic as JAX's; methods given a JAX tracer as JAX's
     __truediv__ = _integer_op_as_jax("__truediv__")
