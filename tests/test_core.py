@@ -226,7 +226,9 @@ def test_aux_and_constant_outputs_are_handed_back_as_jax_hands_them(x64):
     ids=["True", "0-d array", "1-d array", "np.int64", "list", "tuple of np.int64", "-1"]
     + ["0-d jax.Array", "1-d jax.Array", "tuple of a jax.Array", "list of mixed"],
 )
-@pytest.mark.parametrize("transform", ["grad", "value_and_grad", "jacrev", "jacfwd", "hessian"])
+@pytest.mark.parametrize(
+    "transform", ["grad", "value_and_grad", "jacrev", "jacobian", "jacfwd", "hessian"]
+)
 def test_argnums_are_read_as_jax_reads_them(argnums, transform):
     """Any integer JAX takes (a bool, a NumPy integer or 0-d array, a 1-d
     array, a list), with JAX's result structure: jax.jacrev (and hessian) give

@@ -1,7 +1,7 @@
 """chainrule: reverse-mode automatic differentiation you can read, inspect and trust.
 
 `cr.grad`, `cr.value_and_grad`, `cr.vjp` (and `cr.jvp`, `cr.linearize`,
-`cr.linear_transpose`, `cr.jacrev`, `cr.jacfwd`, `cr.hessian`) have JAX's signatures and
+`cr.linear_transpose`, `cr.jacrev` (alias `cr.jacobian`), `cr.jacfwd`, `cr.hessian`) have JAX's signatures and
 differentiate the same functions (written with `jax.numpy`, `jax.nn`, `lax`, or
 `chainrule.numpy`) with chainrule's own hand-written VJP rules. They compose
 with `jax.jit`, `jax.vmap` and with each other.
@@ -15,7 +15,15 @@ Examples:
 from chainrule import errors
 from chainrule.engine.core import Tracer
 from chainrule.engine.debugging import tap
-from chainrule.engine.forward import hessian, jacfwd, jacrev, jvp, linear_transpose, linearize
+from chainrule.engine.forward import (
+    hessian,
+    jacfwd,
+    jacobian,
+    jacrev,
+    jvp,
+    linear_transpose,
+    linearize,
+)
 from chainrule.engine.rules import PRIMITIVES
 from chainrule.engine.transforms import grad, value_and_grad, vjp
 from chainrule.explanation import explain
@@ -30,6 +38,7 @@ __all__ = [
     "grad",
     "hessian",
     "jacfwd",
+    "jacobian",
     "jacrev",
     "jvp",
     "linear_transpose",
