@@ -1,10 +1,10 @@
 """chainrule: reverse-mode automatic differentiation you can read, inspect and trust.
 
 `cr.grad`, `cr.value_and_grad`, `cr.vjp` (and `cr.jvp`, `cr.linearize`,
-`cr.linear_transpose`, `cr.jacrev` (alias `cr.jacobian`), `cr.jacfwd`, `cr.hessian`) have JAX's signatures and
-differentiate the same functions (written with `jax.numpy`, `jax.nn`, `lax`, or
-`chainrule.numpy`) with chainrule's own hand-written VJP rules. They compose
-with `jax.jit`, `jax.vmap` and with each other.
+`cr.linear_transpose`, `cr.jacrev` (alias `cr.jacobian`), `cr.jacfwd`,
+`cr.hessian`) have JAX's signatures and differentiate the same functions
+(written with `jax.numpy`, `jax.nn`, `lax`, or `chainrule.numpy`) with
+chainrule's own hand-written VJP rules. They compose with `jax.jit`, `jax.vmap` and with each other.
 
 Examples:
   >>> import chainrule as cr
