@@ -241,3 +241,31 @@ def test_operators_on_tracers_raise_jaxs_error_type(fun):
         jax.grad(lambda x: jnp.sum(fun(x)))(x)
     with pytest.raises(TypeError):
         cr.grad(lambda x: jnp.sum(fun(x)))(x)
+
+
+@pytest.mark.parametrize(
+    "fun",
+    [
+        lambda x: x * 2**40,
+        lambda x: 2**40 - x,
+        lambda x: x + (-(2**31) - 1),
+        lambda x: x * (2**31),
+        lambda x: x**2 + 2**70,
+    ],
+    ids=["times", "reflected", "below int32", "int32 max + 1", "far out"],
+)
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_python_ints_beyond_the_default_integer_type_overflow_as_in_jax(fun, mode):
+    """JAX converts a Python int to its default integer type (int32, or int64
+    with 64-bit types) before promoting it, so `x * 2**40` raises OverflowError
+    even for a float `x`; chainrule's operators do too, not compute a value."""
+    big = lambda x: x * 2**70  # noqa: E731  (beyond int64 too)
+    for grad in (jax.grad, cr.grad):
+        with jax.enable_x64(True):
+            g = grad(lambda x: jnp.sum(big(x)))
+            with pytest.raises(OverflowError):
+                (jax.jit(g) if mode == "jit" else g)(jnp.ones(3))
+        with jax.enable_x64(False):
+            g = grad(lambda x: jnp.sum(fun(x)))
+            with pytest.raises(OverflowError):
+                (jax.jit(g) if mode == "jit" else g)(jnp.ones(3, jnp.float32))

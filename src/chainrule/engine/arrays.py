@@ -101,7 +101,22 @@ def _broadcast_to(x: Any, shape: tuple[int, ...]) -> Any:
     return x if rules.shape_of(x) == () else broadcast_to(x, shape)
 
 
+def _check_python_int(x: int) -> None:
+    """Raises JAX's OverflowError for a Python int outside the default integer
+    type (int32, or int64 with 64-bit types on), which JAX converts every Python
+    int to before it promotes: `x * 2**40` raises in JAX even for a float `x`."""
+    if -(2**31) <= x < 2**31:
+        return
+    dtype = jax.dtypes.canonicalize_dtype(np.int64)
+    info = np.iinfo(dtype)
+    if not info.min <= x <= info.max:
+        raise OverflowError(f"Python int {x} too large to convert to {dtype}")
+
+
 def _promote_dtypes(args: tuple[Any, ...], inexact: bool = False) -> list[Any]:
+    for a in args:
+        if type(a) is int:
+            _check_python_int(a)
     dtype = _common_dtype(args)
     if dtype is not None and (dtype in _FLOATS or not inexact):
         return [np.asarray(a, dtype) if _is_python_scalar(a) else a for a in args]
@@ -175,7 +190,10 @@ def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
     tv = t.value
     dtype = tv.dtype
     kind = type(other)
-    if kind is float or kind is int:
+    if kind is float:
+        return np.asarray(other, dtype)
+    if kind is int:
+        _check_python_int(other)
         return np.asarray(other, dtype)
     if kind is np.float32 or kind is np.float64:  # a NumPy scalar: strongly typed
         return np.asarray(other) if other.dtype == dtype else None
