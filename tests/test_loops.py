@@ -567,12 +567,117 @@ def test_forward_mode_through_a_vmapped_while_loop_with_a_predicate_per_lane():
     np.testing.assert_allclose(per_example, want[1], rtol=1e-12)
 
 
-def test_forward_mode_refuses_a_while_loop_inside_a_checkpoint_body():
-    """Not yet supported there (the body's backward pass is traced into a
-    jaxpr): refused with the loop's line, never a silent zero."""
-    x = jnp.array([0.3, 0.7])
-    with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
-        cr.jvp(jax.checkpoint(_ode), (x,), (x,))
+def _in_scan(x):
+    """A while loop in a scan step, reading the step's slice and a constant."""
+
+    def step(c, t):
+        c = _ode(c * t) + x
+        return c, jnp.sum(c**2)
+
+    c, ys = lax.scan(step, x, jnp.array([1.0, 0.5, 2.0]))
+    return c * jnp.sum(ys)
+
+
+def _in_reversed_scan_of_scan(x):
+    def outer(c, t):
+        inner = lax.scan(lambda d, _: (_newton_sqrt(d + t), None), c, None, length=2)[0]
+        return inner, inner * t
+
+    c, ys = lax.scan(outer, x, jnp.array([1.0, 2.0]), reverse=True)
+    return c + ys[0]
+
+
+def _in_cond(x):
+    """Under jit the predicate is traced: a cond node (eagerly the branch is inlined)."""
+    return lax.cond(jnp.sum(x) > 1.0, _nested, lambda x: jnp.sin(x) * 2.0, x)
+
+
+def _in_switch_in_scan(x):
+    def step(c, i):
+        return lax.switch(i, [lambda c: c * 2.0, _ode, lambda c: _ode(c) ** 2], c), c
+
+    c, ys = lax.scan(step, x, jnp.array([1, 0, 2]))
+    return c + jnp.sum(ys, axis=0)
+
+
+def _in_checkpoint(x):
+    return jax.checkpoint(lambda x: _ode(x) * jnp.cos(x))(x) ** 2
+
+
+def _in_checkpoint_saving(x):
+    policy = jax.checkpoint_policies.everything_saveable
+    return jax.checkpoint(lambda x: jnp.exp(_nested(jnp.sin(x))), policy=policy)(x)
+
+
+def _pool_in_scan(x):
+    def step(c, _):
+        pooled = lax.reduce_window(c, -jnp.inf, lax.max, (2,), (1,), "SAME", window_dilation=(2,))
+        return jnp.tanh(pooled) + c, None
+
+    return lax.scan(step, x, None, length=2)[0]
+
+
+_IN_BODIES = [
+    _in_scan,
+    _in_reversed_scan_of_scan,
+    _in_cond,
+    _in_switch_in_scan,
+    _in_checkpoint,
+    _in_checkpoint_saving,
+    _pool_in_scan,
+]
+
+
+@pytest.mark.parametrize("fun", _IN_BODIES + [jax.jit(_in_cond)], ids=lambda f: f.__name__)
+def test_forward_mode_goes_through_while_loops_in_scan_cond_and_checkpoint_bodies(fun):
+    """A scan step, a cond branch or a checkpoint body holding a while loop (or
+    another primitive with a JVP and no VJP): reverse mode traces the body's VJP
+    into a jaxpr, where the loop's transposed JVP could only be a constant, so
+    in forward mode's pass at zero the enclosing call answers with its own JVP
+    (the body run forward with its tangents). As jax.jvp, eagerly, under jit
+    and vmap, jacfwd of jacfwd; reverse mode still refuses, as JAX's."""
+    x = jnp.array([0.3, 0.7, 1.9])
+    t = jnp.array([1.0, -2.0, 0.5])
+    want = jax.jvp(fun, (x,), (t,))
+    for got in (
+        cr.jvp(fun, (x,), (t,)),
+        jax.jit(lambda x, t: cr.jvp(fun, (x,), (t,)))(x, t),
+        (fun(x), cr.linearize(fun, x)[1](t)),
+    ):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cr.jacfwd(fun)(x), jax.jacfwd(fun)(x), rtol=1e-10, atol=1e-12)
+    xs, ts = jnp.stack([x, 2 * x]), jnp.stack([t, -t])
+    jvp_of = lambda j: jax.vmap(lambda x, t: j(fun, (x,), (t,))[1])  # noqa: E731
+    np.testing.assert_allclose(jvp_of(cr.jvp)(xs, ts), jvp_of(jax.jvp)(xs, ts), rtol=1e-10)
+    np.testing.assert_allclose(
+        cr.jacfwd(cr.jacfwd(fun))(x), jax.jacfwd(jax.jacfwd(fun))(x), rtol=1e-9, atol=1e-12
+    )
+    with pytest.raises(Exception) as raised:
+        jax.jit(jax.grad(lambda x: jnp.sum(fun(x))))(x)
+    with pytest.raises(type(raised.value)):
+        jax.jit(cr.grad(lambda x: jnp.sum(fun(x))))(x)
+
+
+def test_forward_mode_through_a_while_loop_in_a_scan_keeps_float32_and_integer_carries():
+    """A float32 carry beside an integer one and an integer `xs`: tangents only
+    for the floats, of their types (the scan's carry must keep its type)."""
+
+    def fun(x):
+        def step(c, k):
+            n, y = c
+            y = lax.while_loop(lambda d: d[0] < k, lambda d: (d[0] + 1, d[1] * 0.5 + x), (0, y))[1]
+            return (n + k, y), y * 2.0
+
+        (n, y), ys = lax.scan(step, (0, x), jnp.array([1, 3, 2]))
+        return y + jnp.sum(ys, axis=0) + n
+
+    x = jnp.array([0.5, 1.5], jnp.float32)
+    t = jnp.ones_like(x)
+    got, want = cr.jvp(fun, (x,), (t,)), jax.jvp(fun, (x,), (t,))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == jnp.float32
+        np.testing.assert_allclose(g, w, rtol=1e-6)
 
 
 def test_fori_loop_with_traced_bounds_is_a_while():

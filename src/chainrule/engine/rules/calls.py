@@ -43,6 +43,7 @@ from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core, host
 from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw, vjp_flat, zeros_like
+from chainrule.engine.rules import forward_only
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.engine.rules.shape import retyped, weakly_typed
@@ -285,6 +286,11 @@ class _Cond(Primitive):
     def vjp(self, g, node):
         index, *operands = node.primals
         branches = node.params["branches"]
+        if core.backward_at_zero() and any(map(forward_only.needed, branches)):
+            # forward mode through a branch holding a while loop: the cond's JVP
+            jvp = lambda primals, tangents: _cond_jvp(primals, tangents, branches)  # noqa: E731
+            cts = list(g) if isinstance(g, tuple) else [g]
+            return forward_only.transposed_jvp(cts, node.primals, node.argnums, jvp)
         cts = _cotangents(g, node.ans)
         diff = [i for i, o in enumerate(operands) if core.is_differentiable(raw(o))]
 
@@ -305,6 +311,36 @@ class _Cond(Primitive):
         op_cts = lax.switch(index, [branch_vjp(b) for b in branches], *operands, *cts)
         by_operand = dict(zip(diff, op_cts, strict=True))
         return [by_operand[i - 1] for i in node.argnums]
+
+
+def _cond_jvp(primals: Sequence[Any], tangents: Sequence[Any], branches: Sequence[Any]) -> list:
+    """The tangents of a cond's outputs (None for a non-float one): a
+    `lax.switch` over the branches' JVPs (`core.jvp_flat`, chainrule's own
+    rules). `tangents` has one entry per operand (the index first), None
+    where it is zero."""
+    index, *operands = primals
+    diff = [i for i, o in enumerate(operands) if core.is_differentiable(raw(o))]
+    ts = [tangents[i + 1] if tangents[i + 1] is not None else zeros_like(operands[i]) for i in diff]
+    out_avals = branches[0].out_avals
+    floats = [j for j, a in enumerate(out_avals) if jax.dtypes.issubdtype(a.dtype, np.inexact)]
+
+    def branch_jvp(branch):
+        def run(*args):
+            ops, op_ts = list(args[: len(operands)]), list(args[len(operands) :])
+
+            def forward(*diff_ops):
+                full = list(ops)
+                for i, x in zip(diff, diff_ops, strict=True):
+                    full[i] = x
+                return jcore.eval_jaxpr(branch.jaxpr, branch.consts, *full)
+
+            _, out_ts = core.jvp_flat(forward, [ops[i] for i in diff], op_ts)
+            return [_typed_as(out_ts[j], out_avals[j]) for j in floats]
+
+        return run
+
+    out_ts = iter(lax.switch(index, [branch_jvp(b) for b in branches], *operands, *ts))
+    return [next(out_ts) if j in floats else None for j in range(len(out_avals))]
 
 
 PRIMITIVES["cond"] = _Cond("cond", _cond_impl, multiple_results=True)

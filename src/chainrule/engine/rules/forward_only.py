@@ -11,12 +11,23 @@ the primitive's outputs, whose value is zeros (the pass's values are never
 read: the cotangents are zero) and whose own VJP, the transpose of a
 transpose, is the primitive's JVP. Outside that pass the rule raises, as
 JAX's reverse mode does.
+
+A body that holds such a primitive (a `scan` step, a `cond` branch, a
+`jax.checkpoint` body) is differentiated in reverse by a VJP of the body
+traced into a jaxpr, where a `forward_only` node could only be a constant.
+So in the pass at zero those call-like rules ask `needed(body)` and, when it
+is true, answer with `transposed_jvp` too: their JVP runs the body forward
+with its tangents (`core.jvp_flat`), where the inner primitive takes this
+same path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from jax._src import core as jcore  # jaxpr equations (JAX 0.10, pinned)
+from jax._src.util import weakref_lru_cache
 
 from chainrule.engine import core
 from chainrule.engine.core import Primitive, zeros_like
@@ -40,6 +51,33 @@ def transposed_jvp(cts: Sequence[Any], primals: Sequence[Any], argnums: Sequence
         jvp=jvp,
         reached=reached,
     )
+
+
+_ONLY_FORWARD: dict[str, Callable[[dict[str, Any]], bool]] = {}
+
+
+def register(name: str, when: Callable[[dict[str, Any]], bool] = lambda params: True) -> None:
+    """Declares that the primitive `name`, with parameters for which `when`
+    holds, has a JVP but no VJP (its rule answers with `transposed_jvp`)."""
+    _ONLY_FORWARD[name] = when
+
+
+def needed(jaxpr: Any) -> bool:
+    """Whether `jaxpr` (closed or open), or a jaxpr inside it, holds an
+    equation of a primitive `register`ed as forward-only: forward mode then
+    goes through the enclosing call by its JVP (see the module docstring)."""
+    return _needed(getattr(jaxpr, "jaxpr", jaxpr))
+
+
+@weakref_lru_cache
+def _needed(jaxpr: Any) -> bool:
+    for eqn in jaxpr.eqns:
+        when = _ONLY_FORWARD.get(eqn.primitive.name)
+        if when is not None and when(eqn.params):
+            return True
+        if any(_needed(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
+            return True
+    return False
 
 
 def _zeros(*cts: Any, primals, argnums, jvp, reached) -> list[Any]:

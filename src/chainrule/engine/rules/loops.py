@@ -38,6 +38,7 @@ from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core
 from chainrule.engine.core import Primitive, Tracer, raw, vjp_flat, zeros_like
+from chainrule.engine.rules import forward_only
 from chainrule.engine.rules.calls import _cotangents
 from chainrule.engine.rules.forward_only import transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES
@@ -189,9 +190,13 @@ class _Scan(Primitive):
     def vjp(self, g, node):
         p = node.params
         body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
+        g = g if isinstance(g, tuple) else (g,)
+        if core.backward_at_zero() and forward_only.needed(body):
+            # forward mode through a body holding a while loop: the scan's JVP
+            jvp = lambda primals, tangents: _scan_jvp(primals, tangents, p)  # noqa: E731
+            return transposed_jvp(list(g), node.primals, node.argnums, jvp)
         at = _Layout(body, nc, nk)
         n_out = len(body.out_avals)
-        g = g if isinstance(g, tuple) else (g,)
         cts = _cotangents(g[:n_out], node.ans[:n_out])
         residual_carries = node.ans[n_out:]
         # At second order the saved carries are outputs with cotangents of their own.
@@ -221,6 +226,61 @@ class _Scan(Primitive):
         )
         by_operand = dict(zip([*at.carry, *at.consts, *at.xs], results, strict=True))
         return [by_operand[i] for i in node.argnums]
+
+
+def _scan_jvp(primals: Sequence[Any], tangents: Sequence[Any], params: dict) -> list[Any]:
+    """The tangents of a scan's outputs (its carries, its ys, then the stacked
+    carries each step started from; None for a non-float one): a scan in the
+    same direction carrying each float carry's tangent beside it, a step's
+    tangents the JVP of the body (`core.jvp_flat`, chainrule's own rules).
+    `tangents` has one entry per operand, None where it is zero."""
+    body, nc, nk = params["jaxpr"], params["num_consts"], params["num_carry"]
+    at = _Layout(body, nc, nk)
+    ins, outs = body.in_avals, body.out_avals
+    consts, init, xs = primals[:nc], primals[nc : nc + nk], primals[nc + nk :]
+
+    def tangent(i: int) -> Any:
+        return tangents[i] if tangents[i] is not None else zeros_like(primals[i])
+
+    diff = [*at.consts, *at.carry, *at.xs]
+    const_ts = [tangent(i) for i in at.consts]
+
+    def step(state, slices):
+        carry, carry_ts = state
+        x, x_ts = slices
+        full = [*consts, *carry, *x]
+
+        def forward(*diff_primals):
+            values = list(full)
+            for i, v in zip(diff, diff_primals, strict=True):
+                values[i] = v
+            return jcore.eval_jaxpr(body.jaxpr, body.consts, *values)
+
+        out, out_ts = core.jvp_flat(forward, [full[i] for i in diff], [*const_ts, *carry_ts, *x_ts])
+        new = [_as(o, ins[nc + k]) for k, o in enumerate(out[:nk])]
+        new_ts = [_as(out_ts[i - nc], ins[i]) for i in at.carry]
+        ys_ts = [_as(out_ts[j], outs[j]) for j in at.ys]
+        return (new, new_ts), (ys_ts, list(carry_ts))
+
+    init = [_as(c, ins[nc + k]) for k, c in enumerate(init)]
+    init_ts = [_as(tangent(i), ins[i]) for i in at.carry]
+    xs_ts = [tangent(i) for i in at.xs]
+    (_, final_ts), (ys_ts, started_ts) = lax.scan(
+        step,
+        (init, init_ts),
+        (list(xs), xs_ts),
+        length=params["length"],
+        reverse=params["reverse"],
+        unroll=params["unroll"],
+    )
+    by_carry = dict(zip(at.carry, final_ts, strict=True))
+    by_ys = dict(zip(at.ys, ys_ts, strict=True))
+    by_start = dict(zip(at.carry, started_ts, strict=True))
+    return [
+        *(by_carry.get(nc + k) for k in range(nk)),
+        *(by_ys.get(j) for j in range(nk, len(outs))),
+        *(by_start.get(nc + k) for k in range(nk)),
+    ]
 
 
 PRIMITIVES["scan"] = _Scan(
@@ -383,3 +443,4 @@ PRIMITIVES["while"] = _While(
     ("cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts"),
     multiple_results=True,
 )
+forward_only.register("while")

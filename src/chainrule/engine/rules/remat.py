@@ -36,6 +36,7 @@ from jax._src.interpreters import partial_eval as pe  # the policy's answer type
 
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, raw, vjp_flat
+from chainrule.engine.rules import forward_only
 from chainrule.engine.rules.calls import _cotangents, eval_body, literal_output
 from chainrule.engine.rules.effects import optimization_barrier
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
@@ -157,6 +158,11 @@ class _Remat(Primitive):
 
     def vjp(self, g: Any, node: Node) -> list[Any]:
         jaxpr, policy = node.params["jaxpr"], node.params["policy"]
+        if core.backward_at_zero() and forward_only.needed(jaxpr):
+            # forward mode through a body holding a while loop: the body's JVP
+            jvp = lambda primals, tangents: _remat_jvp(primals, tangents, jaxpr, policy)  # noqa: E731
+            cts = list(g) if isinstance(g, tuple) else [g]
+            return forward_only.transposed_jvp(cts, node.primals, node.argnums, jvp)
         n_out = len(jaxpr.outvars)
         kept = node.ans[n_out:]
         cts = _cotangents(g[:n_out] if isinstance(g, tuple) else g, node.ans[:n_out])
@@ -198,7 +204,28 @@ name_p = primitive(
 )
 defvjp(name_p, lambda ans, x, name: lambda g: g)
 
+
 # (jax.checkpoint's primitive is named "remat2")
+def _remat_jvp(primals: Sequence[Any], tangents: Sequence[Any], jaxpr: Any, policy: Any) -> list:
+    """The tangents of a checkpoint's outputs and of the values its policy
+    keeps (None for a non-float one): the body run again with its tangents
+    (`core.jvp_flat`, chainrule's own rules). `tangents` has one entry per
+    operand, None where it is zero."""
+    diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
+
+    def forward(*diff_primals: Any) -> list[Any]:
+        full = list(primals)
+        for i, x in zip(diff, diff_primals, strict=True):
+            full[i] = x
+        return _evaluate(jaxpr, full, policy, None)
+
+    ts = [tangents[i] if tangents[i] is not None else core.zeros_like(primals[i]) for i in diff]
+    values, out_ts = core.jvp_flat(forward, [primals[i] for i in diff], ts)
+    return [
+        t if core.is_differentiable(raw(v)) else None for v, t in zip(values, out_ts, strict=True)
+    ]
+
+
 PRIMITIVES["remat2"] = _Remat(
     "remat2",
     _remat_impl,

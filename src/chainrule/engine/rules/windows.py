@@ -25,6 +25,7 @@ from jax._src.lax import windowed_reductions as jax_windows
 
 from chainrule.engine import core
 from chainrule.engine.core import Primitive, zeros_like
+from chainrule.engine.rules import forward_only
 from chainrule.engine.rules.convolution import input_cotangent_padding
 from chainrule.engine.rules.forward_only import transposed_jvp
 from chainrule.engine.rules.indexing import pad, slice_
@@ -164,6 +165,15 @@ defvjp(reduce_window_max_p, _chooser_vjp(lax.ge_p, "reduce_window_max"))
 defvjp(reduce_window_min_p, _chooser_vjp(lax.le_p, "reduce_window_min"))
 
 
+def _dilated(params: dict) -> bool:
+    """A window with holes: its selection has a JVP but no VJP (`_scatter_to_selected`)."""
+    return any(d != 1 for d in params["window_dilation"])
+
+
+for _name in ("reduce_window_max", "reduce_window_min", "select_and_gather_add"):
+    forward_only.register(_name, _dilated)
+
+
 # select_and_gather_add(t, x) takes `t` at the element of each window of `x`
 # that is selected; select_and_scatter_add(s, x) adds `s` there. For a fixed
 # `x` each is linear in its first operand, and each is the other's transpose.
@@ -258,3 +268,4 @@ reduce_window_p = primitive(
     cls=_ReduceWindow,
     multiple_results=True,
 )
+forward_only.register("reduce_window")
