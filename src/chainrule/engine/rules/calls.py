@@ -43,8 +43,8 @@ from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core, host
 from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw, vjp_flat, zeros_like
-from chainrule.engine.rules import forward_only
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
+from chainrule.engine.rules.forward_only import needs_forward, transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.engine.rules.shape import retyped, weakly_typed
 from chainrule.errors import NotDifferentiableError
@@ -286,11 +286,11 @@ class _Cond(Primitive):
     def vjp(self, g, node):
         index, *operands = node.primals
         branches = node.params["branches"]
-        if core.backward_at_zero() and any(map(forward_only.needed, branches)):
+        if core.backward_at_zero() and any(map(needs_forward, branches)):
             # forward mode through a branch holding a while loop: the cond's JVP
             jvp = lambda primals, tangents: _cond_jvp(primals, tangents, branches)  # noqa: E731
             cts = list(g) if isinstance(g, tuple) else [g]
-            return forward_only.transposed_jvp(cts, node.primals, node.argnums, jvp)
+            return transposed_jvp(cts, node.primals, node.argnums, jvp)
         cts = _cotangents(g, node.ans)
         diff = [i for i, o in enumerate(operands) if core.is_differentiable(raw(o))]
 

@@ -28,8 +28,7 @@ from jax._src.lax.control_flow import solves as jax_solves
 
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, raw, zeros_like
-from chainrule.engine.rules import forward_only
-from chainrule.engine.rules.forward_only import transposed_jvp
+from chainrule.engine.rules.forward_only import register_forward_only, transposed_jvp
 from chainrule.engine.rules.registry import dtype_of, primitive, shape_of
 from chainrule.errors import NoVJPRuleError
 
@@ -624,6 +623,6 @@ linear_solve_p = primitive(
     cls=_LinearSolve,
     multiple_results=True,
 )
-forward_only.register(
+register_forward_only(
     "custom_linear_solve", lambda params: params["jaxprs"].transpose_solve is None
 )

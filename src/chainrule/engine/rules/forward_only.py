@@ -15,7 +15,7 @@ JAX's reverse mode does.
 A body that holds such a primitive (a `scan` step, a `cond` branch, a
 `jax.checkpoint` body) is differentiated in reverse by a VJP of the body
 traced into a jaxpr, where a `forward_only` node could only be a constant.
-So in the pass at zero those call-like rules ask `needed(body)` and, when it
+So in the pass at zero those call-like rules ask `needs_forward(body)` and, when it
 is true, answer with `transposed_jvp` too: their JVP runs the body forward
 with its tangents (`core.jvp_flat`), where the inner primitive takes this
 same path.
@@ -56,16 +56,18 @@ def transposed_jvp(cts: Sequence[Any], primals: Sequence[Any], argnums: Sequence
 _ONLY_FORWARD: dict[str, Callable[[dict[str, Any]], bool]] = {}
 
 
-def register(name: str, when: Callable[[dict[str, Any]], bool] = lambda params: True) -> None:
+def register_forward_only(
+    name: str, when: Callable[[dict[str, Any]], bool] = lambda params: True
+) -> None:
     """Declares that the primitive `name`, with parameters for which `when`
     holds, has a JVP but no VJP (its rule answers with `transposed_jvp`)."""
     _ONLY_FORWARD[name] = when
 
 
-def needed(jaxpr: Any) -> bool:
+def needs_forward(jaxpr: Any) -> bool:
     """Whether `jaxpr` (closed or open), or a jaxpr inside it, holds an
-    equation of a primitive `register`ed as forward-only: forward mode then
-    goes through the enclosing call by its JVP (see the module docstring)."""
+    equation that `register_forward_only` names: forward mode then goes
+    through the enclosing call by its JVP (see the module docstring)."""
     return _needed(getattr(jaxpr, "jaxpr", jaxpr))
 
 

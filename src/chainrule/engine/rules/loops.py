@@ -38,9 +38,12 @@ from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core
 from chainrule.engine.core import Primitive, Tracer, raw, vjp_flat, zeros_like
-from chainrule.engine.rules import forward_only
 from chainrule.engine.rules.calls import _cotangents
-from chainrule.engine.rules.forward_only import transposed_jvp
+from chainrule.engine.rules.forward_only import (
+    needs_forward,
+    register_forward_only,
+    transposed_jvp,
+)
 from chainrule.engine.rules.registry import PRIMITIVES
 
 scan_p = jax_primitives.scan_p
@@ -191,7 +194,7 @@ class _Scan(Primitive):
         p = node.params
         body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
         g = g if isinstance(g, tuple) else (g,)
-        if core.backward_at_zero() and forward_only.needed(body):
+        if core.backward_at_zero() and needs_forward(body):
             # forward mode through a body holding a while loop: the scan's JVP
             jvp = lambda primals, tangents: _scan_jvp(primals, tangents, p)  # noqa: E731
             return transposed_jvp(list(g), node.primals, node.argnums, jvp)
@@ -443,4 +446,4 @@ PRIMITIVES["while"] = _While(
     ("cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts"),
     multiple_results=True,
 )
-forward_only.register("while")
+register_forward_only("while")

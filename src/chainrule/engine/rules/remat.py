@@ -36,9 +36,9 @@ from jax._src.interpreters import partial_eval as pe  # the policy's answer type
 
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, raw, vjp_flat
-from chainrule.engine.rules import forward_only
 from chainrule.engine.rules.calls import _cotangents, eval_body, literal_output
 from chainrule.engine.rules.effects import optimization_barrier
+from chainrule.engine.rules.forward_only import needs_forward, transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
 
 # Debug effects run again in the recomputation, as in JAX (a `jax.debug.print` in a
@@ -158,11 +158,11 @@ class _Remat(Primitive):
 
     def vjp(self, g: Any, node: Node) -> list[Any]:
         jaxpr, policy = node.params["jaxpr"], node.params["policy"]
-        if core.backward_at_zero() and forward_only.needed(jaxpr):
+        if core.backward_at_zero() and needs_forward(jaxpr):
             # forward mode through a body holding a while loop: the body's JVP
             jvp = lambda primals, tangents: _remat_jvp(primals, tangents, jaxpr, policy)  # noqa: E731
             cts = list(g) if isinstance(g, tuple) else [g]
-            return forward_only.transposed_jvp(cts, node.primals, node.argnums, jvp)
+            return transposed_jvp(cts, node.primals, node.argnums, jvp)
         n_out = len(jaxpr.outvars)
         kept = node.ans[n_out:]
         cts = _cotangents(g[:n_out] if isinstance(g, tuple) else g, node.ans[:n_out])

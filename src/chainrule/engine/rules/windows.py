@@ -25,9 +25,8 @@ from jax._src.lax import windowed_reductions as jax_windows
 
 from chainrule.engine import core
 from chainrule.engine.core import Primitive, zeros_like
-from chainrule.engine.rules import forward_only
 from chainrule.engine.rules.convolution import input_cotangent_padding
-from chainrule.engine.rules.forward_only import transposed_jvp
+from chainrule.engine.rules.forward_only import register_forward_only, transposed_jvp
 from chainrule.engine.rules.indexing import pad, slice_
 from chainrule.engine.rules.registry import const, defvjp, primitive, shape_of
 from chainrule.errors import NoVJPRuleError
@@ -171,7 +170,7 @@ def _dilated(params: dict) -> bool:
 
 
 for _name in ("reduce_window_max", "reduce_window_min", "select_and_gather_add"):
-    forward_only.register(_name, _dilated)
+    register_forward_only(_name, _dilated)
 
 
 # select_and_gather_add(t, x) takes `t` at the element of each window of `x`
@@ -268,4 +267,4 @@ reduce_window_p = primitive(
     cls=_ReduceWindow,
     multiple_results=True,
 )
-forward_only.register("reduce_window")
+register_forward_only("reduce_window")
