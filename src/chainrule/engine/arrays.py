@@ -21,7 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import config as jax_config
 from jax._src.array import ArrayImpl as _ArrayImpl  # concrete jax.Arrays (JAX 0.10)
+from jax._src.numpy.util import _rank_promotion_warning_or_error
 
 from chainrule.engine import core, host, rules
 from chainrule.engine.core import Tracer, raw
@@ -154,13 +156,18 @@ def _is_weak(x: Any) -> bool:
     return _is_python_scalar(x) or bool(getattr(raw(x), "weak_type", False))
 
 
-def promote(*args: Any, inexact: bool = False) -> list[Any]:
-    """Converts `args` to one dtype and a broadcast-compatible shape."""
+def promote(*args: Any, inexact: bool = False, name: str | None = None) -> list[Any]:
+    """Converts `args` to one dtype and a broadcast-compatible shape. `name`:
+    the jax.numpy function whose rank promotion (operands of different ranks)
+    `jax_numpy_rank_promotion` governs ('warn' or 'raise'), as in jax.numpy."""
     ops = _promote_dtypes(args, inexact)
     shapes = [rules.shape_of(a) for a in ops]
     first = shapes[0]
     if all(s == first or not s for s in shapes):
         return ops  # lax takes a rank-0 operand beside an array as it is
+    if name is not None and jax_config.numpy_rank_promotion.value != "allow":
+        if len({len(s) for s in shapes if s}) > 1:
+            _rank_promotion_warning_or_error(name, shapes)
     if host.host_operands(tuple(raw(a) for a in ops)) is not None:
         # The operation runs with NumPy, which broadcasts by itself (and says
         # so when shapes do not broadcast); the VJP rules of the binary
@@ -203,8 +210,13 @@ def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
             ov.shape == tv.shape
             or not ov.shape
             or not tv.shape
-            # both on the host: NumPy broadcasts by itself (see `promote`)
-            or (type(tv) is np.ndarray and type(ov) is np.ndarray)
+            # both on the host: NumPy broadcasts by itself (see `promote`),
+            # unless rank promotion is to be warned about or refused
+            or (
+                type(tv) is np.ndarray
+                and type(ov) is np.ndarray
+                and (ov.ndim == tv.ndim or jax_config.numpy_rank_promotion.value == "allow")
+            )
         ):
             return other
     return None
@@ -229,7 +241,7 @@ def _binary(name: str, op: Callable, inexact: bool = False, ordering: bool = Fal
             fast = _fast_operand(y, x, inexact)
             if fast is not None:
                 return op(fast, y)
-        x, y = promote(x, y, inexact=inexact)
+        x, y = promote(x, y, inexact=inexact, name=name)
         if ordering and jnp.issubdtype(rules.dtype_of(x), jnp.complexfloating):
             # complex numbers compare lexicographically, as in jax.numpy
             real_x, real_y = rules.real(x), rules.real(y)
@@ -282,7 +294,7 @@ def multiply(x: Any, y: Any) -> Any:
         mask, other = masked
         (other,) = promote(other)
         return rules.masked_product(mask, broadcast_to(other, np.shape(mask)))
-    return rules.mul(*promote(x, y))
+    return rules.mul(*promote(x, y, name="multiply"))
 
 
 add = _binary("add", rules.add)
@@ -339,7 +351,7 @@ def power(x: Any, y: Any) -> Any:
         # derivative 0 even at x = 0, where a float exponent 0 gives nan)
         (x,) = promote(x, inexact=True)
         return rules.pow_(x, y)
-    return rules.pow_(*promote(x, y, inexact=True))
+    return rules.pow_(*promote(x, y, inexact=True, name="power"))
 
 
 def where(condition: Any, x: Any, y: Any) -> Any:

@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import dtypes
+from jax._src import config as _jax_config
 from jax._src import core as _jax_core
 from jax._src.array import ArrayImpl as _ArrayImpl  # concrete jax.Arrays (JAX 0.10)
 from jax._src.lib import xla_client as _xc
@@ -124,6 +125,7 @@ class _State(threading.local):
 
     def __init__(self) -> None:
         self.depth = 0  # how many `evaluating()` contexts are open
+        self.host = False  # whether host evaluation is on in them (`enabled()` on entry)
         self.converted: dict[int, tuple[jax.Array, np.ndarray | None]] = {}  # `_converted`
         self.smallest: dict[int, tuple[np.ndarray, int]] = {}  # `smallest_magnitude`
         self.errstate: Any = None
@@ -144,7 +146,8 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
     flushes subnormal results to zero and reads subnormal operands as zero,
     as XLA's CPU kernels do. The outermost context of a thread sets that up
     and restores the previous mode on exit; inner ones only count. Host
-    evaluation happens only inside this context.
+    evaluation happens only inside this context, and only where `enabled()`
+    says so on entry to the outermost one.
     """
 
     __slots__ = ()
@@ -164,6 +167,7 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
                     _LIBM.fesetmode(st.flushing_ref)
                     restore = True
             st.restore = restore
+            st.host = enabled()
         st.depth = depth + 1
         return self
 
@@ -171,6 +175,7 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
         st = _state
         depth = st.depth = st.depth - 1
         if not depth:
+            st.host = False
             st.converted.clear()
             st.smallest.clear()
             if st.restore:
@@ -293,17 +298,21 @@ def is_unchecked_constant(x: Any) -> bool:
 
 
 def set_enabled(enabled: bool) -> bool:
-    """Turns host evaluation on or off; returns the previous setting."""
+    """Turns host evaluation on or off (from the next transform call on);
+    returns the previous setting."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous
 
 
 def enabled() -> bool:
-    """Whether transforms start on the host: switched on and JAX runs on the CPU."""
+    """Whether transforms start on the host: switched on, JAX runs on the CPU
+    and neither `jax_debug_nans` nor `jax_debug_infs` is set."""
     global _on_cpu
     if not _enabled or _LIBM is None:
         return False
+    if _jax_config.debug_nans.value or _jax_config.debug_infs.value:
+        return False  # JAX checks each eager primitive's result for them; NumPy would not
     if _on_cpu is None:
         # One process on the CPU: every array's buffer is local (no addressability checks).
         _on_cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
@@ -496,7 +505,7 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     them): JAX's result is weakly typed there, which a NumPy result cannot be.
     Host evaluation happens only inside `evaluating()`.
     """
-    if not (_state.depth and _enabled and (_on_cpu if _on_cpu is not None else enabled())):
+    if not _state.host:
         return None
     seen_host = seen_float = False
     out = None  # a copy of `args` once one needs converting
@@ -548,7 +557,7 @@ def constant_operands(args: tuple[Any, ...], literals: bool) -> tuple[Any, ...] 
     that JAX typed (`jax.numpy`'s `TypedInt`/`TypedFloat`, the Python numbers
     given to a `jit`-wrapped function), else None. A constant holding a
     subnormal is JAX's (see `host_operands`). Inside `evaluating()` only."""
-    if not (_state.depth and _enabled and (_on_cpu if _on_cpu is not None else enabled())):
+    if not _state.host:
         return None
     out = []
     for a in args:

@@ -32,6 +32,7 @@ from jax._src.random import core as jax_random_core
 from jax._src.random import prng as jax_prng
 from jax._src.random import threefry2x32 as jax_threefry
 
+from chainrule.engine import host
 from chainrule.engine.core import Primitive, Tracer, raw, user_frame
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive, zeros_like
 from chainrule.errors import CallbackDifferentiationError
@@ -41,6 +42,9 @@ def bound(jax_prim: Any):
     """The implementation that binds the JAX primitive itself."""
 
     def impl(*args: Any, **params: Any) -> Any:
+        # a host value as JAX gets it: some of JAX's batching rules (reduce_scatter's
+        # for an unbatched operand) hand a NumPy operand back as it is
+        args = [host.to_jax(a) if isinstance(a, host.HOST_TYPES) else a for a in args]
         return jax_prim.bind(*args, **params)
 
     impl.__name__ = f"{jax_prim.name}_impl"

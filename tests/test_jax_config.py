@@ -1,0 +1,125 @@
+"""JAX's configuration flags that change what a function does hold for
+chainrule's transforms too: `jax_numpy_rank_promotion` for the operators on
+chainrule's values, `jax_debug_nans`/`jax_debug_infs` for eager gradients
+(which chainrule otherwise computes with NumPy, where JAX checks every
+primitive's result), and results handed back as `jax.Array`s under `vmap` with
+a named axis."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import chainrule as cr
+
+_RANKS = [  # (name, function, whether an operator of chainrule's does the broadcast)
+    ("times", lambda x: x[:, None] * x, True),
+    ("plus", lambda x: x + x[:, None], True),
+    ("greater", lambda x: jnp.where(x[:, None] > x, x, 0.0), True),
+    ("power", lambda x: jnp.abs(x[:, None]) ** x, True),
+    ("maximum", lambda x: jnp.maximum(x[:, None], x), False),
+]
+
+
+@pytest.mark.parametrize("fun, operator", [c[1:] for c in _RANKS], ids=[c[0] for c in _RANKS])
+@pytest.mark.parametrize("mode", ["eager", "jit", "jvp"])
+def test_rank_promotion_raise_and_warn_as_in_jax(fun, operator, mode):
+    """With `jax_numpy_rank_promotion='raise'` an operation on operands of
+    different ranks raises JAX's ValueError, with 'warn' it warns, with
+    'allow' it broadcasts; on host values too (NumPy would broadcast).
+    (A `jnp` function warns when JAX traces it, not on a cached call: only
+    the operators' warnings are asserted.)"""
+    x = jnp.array([0.5, -1.0, 2.0])
+
+    def run(grad, jvp):
+        loss = lambda x: jnp.sum(fun(x))  # noqa: E731
+        if mode == "jvp":
+            return jvp(loss, (x,), (x,))[1]
+        g = grad(loss)
+        return (jax.jit(g) if mode == "jit" else g)(x)
+
+    with jax.numpy_rank_promotion("raise"):
+        for grad, jvp in ((jax.grad, jax.jvp), (cr.grad, cr.jvp)):
+            with pytest.raises(ValueError, match="jax_numpy_rank_promotion='raise'"):
+                run(grad, jvp)
+    with jax.numpy_rank_promotion("warn"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = run(cr.grad, cr.jvp)
+    if operator:
+        assert any("rank promotion" in str(w.message) for w in seen), seen
+    want = run(jax.grad, jax.jvp)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(run(cr.grad, cr.jvp), want, rtol=1e-12)
+
+
+_NAN_CASES = [
+    ("log of a negative", lambda x: jnp.sum(jnp.log(x)), FloatingPointError),
+    ("sqrt of a negative", lambda x: jnp.sum(jnp.sqrt(x)), FloatingPointError),
+    ("0/0", lambda x: jnp.sum((x - x) / (x - x)), FloatingPointError),
+]
+
+
+@pytest.mark.parametrize("fun", [c[1] for c in _NAN_CASES], ids=[c[0] for c in _NAN_CASES])
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jvp"])
+def test_debug_nans_raises_in_eager_transforms_as_in_jax(fun, transform):
+    """Under `jax.debug_nans(True)` JAX raises FloatingPointError at the first
+    primitive that makes a NaN; chainrule's eager transforms then evaluate on
+    JAX too (not NumPy), so they raise where JAX does."""
+    x = jnp.array([-1.0, 1.0])
+    calls = {
+        "grad": lambda m: m.grad(fun)(x),
+        "vjp": lambda m: m.vjp(fun, x)[1](1.0),
+        "jvp": lambda m: m.jvp(fun, (x,), (x,)),
+    }
+    with jax.debug_nans(True):
+        for m in (jax, cr):
+            with pytest.raises(FloatingPointError):
+                calls[transform](m)
+    # without the flag both answer, NaNs and all
+    for got, want in zip(
+        jax.tree_util.tree_leaves(calls[transform](cr)),
+        jax.tree_util.tree_leaves(calls[transform](jax)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_debug_infs_raises_in_eager_transforms_as_in_jax():
+    fun = lambda x: jnp.sum(1.0 / x)  # noqa: E731
+    x = jnp.array([0.0, 2.0])
+    with jax.debug_infs(True):
+        for m in (jax, cr):
+            with pytest.raises(FloatingPointError):
+                m.grad(fun)(x)
+    np.testing.assert_array_equal(cr.grad(fun)(x), jax.grad(fun)(x))
+
+
+@pytest.mark.parametrize(
+    "collective",
+    [
+        lambda w: lax.all_gather(w, "i") ** 2,
+        lambda w: lax.psum(w, "i") * w,
+        lambda w: lax.psum_scatter(jnp.outer(w, w), "i", tiled=True),
+    ],
+    ids=["all_gather", "psum", "psum_scatter"],
+)
+def test_vmap_with_a_named_axis_hands_back_jax_arrays(collective):
+    """`jax.vmap(cr.grad(f), axis_name=...)` with a collective in `f`: the
+    values of jax.grad's, as `jax.Array`s (a batching rule once handed a host
+    cotangent back as a NumPy array)."""
+    w = jnp.arange(8.0).reshape(2, 4) / 4.0
+    f = lambda w: jnp.sum(jnp.sin(collective(w)))  # noqa: E731
+    want = jax.vmap(jax.grad(f), axis_name="i")(w)
+    for got in (
+        jax.vmap(cr.grad(f), axis_name="i")(w),
+        jax.jit(jax.vmap(cr.grad(f), axis_name="i"))(w),
+    ):
+        assert isinstance(got, jax.Array), type(got)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
