@@ -680,6 +680,82 @@ def test_forward_mode_through_a_while_loop_in_a_scan_keeps_float32_and_integer_c
         np.testing.assert_allclose(g, w, rtol=1e-6)
 
 
+def _while_of(y):
+    """A loop whose carry depends on `y` only."""
+    return lax.while_loop(lambda s: s[1] < 3, lambda s: (s[0] * y + 0.1, s[1] + 1), (y, 0))[0]
+
+
+def _scan_reading_y(x, y):
+    def body(c, t):
+        return c * x + _while_of(y) * t, c
+
+    c, ys = lax.scan(body, 1.0, jnp.array([1.0, 0.5]))
+    return c + jnp.sum(ys)
+
+
+def _cond_reading_y(x, y):
+    return lax.cond(x > 0.0, lambda: jnp.sin(x) * _while_of(y), lambda: x)
+
+
+def _checkpoint_closing_over_y(x, y):
+    return jax.checkpoint(lambda x: jnp.sin(x) * _while_of(y))(x)
+
+
+def _floored_carry(x, y):
+    """JAX's jax.random.binomial: a while loop whose float carry is floored from
+    the differentiated value, so it has a zero tangent (a symbolic zero in JAX)."""
+    return (
+        lax.while_loop(
+            lambda c: c[1] < 3,
+            lambda c: (c[0] + jnp.floor(x * c[0] + y), c[1] + 1),
+            (jnp.floor(x), 0),
+        )[0]
+        + x * y
+    )
+
+
+@pytest.mark.parametrize(
+    "fun", [_scan_reading_y, _cond_reading_y, _checkpoint_closing_over_y, _floored_carry]
+)
+def test_a_while_loop_that_no_differentiated_value_reaches_is_not_differentiated(fun):
+    """A while loop inside a scan, cond or checkpoint body reading only values
+    that are not differentiated (another argument, a closed-over constant), or
+    reading a differentiated value only through `floor`: JAX's reverse mode
+    goes through it (it has no tangent), and so does chainrule's, at first and
+    second order, eagerly and under jit and vmap. Differentiated w.r.t. y, it
+    is refused, as by JAX."""
+    x, y = jnp.asarray(0.7), jnp.asarray(1.3)
+    np.testing.assert_allclose(cr.grad(fun)(x, y), jax.grad(fun)(x, y), rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(cr.grad(fun))(x, y), jax.grad(fun)(x, y), rtol=1e-12)
+    np.testing.assert_allclose(cr.hessian(fun)(x, y), jax.hessian(fun)(x, y), rtol=1e-10)
+    xs = jnp.array([0.7, -0.2, 1.1])
+    np.testing.assert_allclose(
+        jax.vmap(cr.grad(fun), (0, None))(xs, y), jax.vmap(jax.grad(fun), (0, None))(xs, y)
+    )
+    np.testing.assert_allclose(cr.jacfwd(fun)(x, y), jax.jacfwd(fun)(x, y), rtol=1e-12)
+    if fun is not _floored_carry:
+        for grad in (jax.grad, cr.grad):
+            with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+                jax.jit(grad(fun, argnums=1))(x, y)
+
+
+def test_reparameterized_gamma_samples_in_a_scan_in_both_modes():
+    """`jax.random.gamma`'s derivative w.r.t. its shape runs a while loop on the
+    shape (`random_gamma_grad`); inside a scan over keys it is a constant of the
+    backward scan, which forward mode then differentiated (a hessian raised)."""
+    key = jax.random.key(0)
+    keys = jax.random.split(key, 3)
+
+    def fun(a):
+        return lax.scan(lambda c, k: (c + jax.random.gamma(k, a) * c, None), 1.0, keys)[0]
+
+    a = jnp.asarray(1.7)
+    np.testing.assert_allclose(cr.grad(fun)(a), jax.grad(fun)(a), rtol=1e-10)
+    np.testing.assert_allclose(cr.jacfwd(fun)(a), jax.jacfwd(fun)(a), rtol=1e-10)
+    np.testing.assert_allclose(cr.hessian(fun)(a), jax.hessian(fun)(a), rtol=1e-8)
+    np.testing.assert_allclose(jax.jit(cr.hessian(fun))(a), jax.hessian(fun)(a), rtol=1e-8)
+
+
 def test_fori_loop_with_traced_bounds_is_a_while():
     def loss(x, n):
         return lax.fori_loop(0, n, lambda i, c: c * x, 1.0)

@@ -292,7 +292,9 @@ class _Cond(Primitive):
             cts = list(g) if isinstance(g, tuple) else [g]
             return transposed_jvp(cts, node.primals, node.argnums, jvp)
         cts = _cotangents(g, node.ans)
-        diff = [i for i, o in enumerate(operands) if core.is_differentiable(raw(o))]
+        diff = sorted(
+            i - 1 for i in node.argnums if i >= 1 and core.is_differentiable(raw(operands[i - 1]))
+        )
 
         def branch_vjp(branch):
             def run(*args):

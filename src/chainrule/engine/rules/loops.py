@@ -11,13 +11,16 @@
   step (as `jax.checkpoint` would), so memory is one carry per step and the
   compiled program does not grow with the length. The backward pass is a scan
   of JAX values: a transform enclosing this one records it with this same
-  rule (second order).
+  rule (second order). Only the operands this transform differentiates (and
+  the carries they reach) are differentiated in it: a while loop in the body
+  that reads only the others is a constant there, as under `jax.grad`.
 * `while` (`lax.while_loop`, `fori_loop` with traced bounds): evaluated as is
   when no differentiated value reaches its carry (a counter, a tolerance in
-  the condition). A carry that depends on a differentiated value is traced;
-  differentiating it raises JAX's `ValueError` for reverse mode through a
-  while loop, naming the user's line: reverse mode needs the number of steps
-  known, as `lax.scan` and `fori_loop` with static bounds have it.
+  the condition, a value reaching it only through `floor` or a comparison,
+  whose derivative is zero). A carry that depends on a differentiated value
+  is traced; differentiating it raises JAX's `ValueError` for reverse mode
+  through a while loop, naming the user's line: reverse mode needs the number
+  of steps known, as `lax.scan` and `fori_loop` with static bounds have it.
 
 None of this calls JAX's differentiation.
 """
@@ -110,19 +113,27 @@ class _Layout:
     Positions index the body's inputs (consts, carry, xs) and outputs (carry, ys).
     """
 
-    def __init__(self, body: Any, num_consts: int, num_carry: int):
+    def __init__(self, body: Any, num_consts: int, num_carry: int, wanted: tuple | None = None):
         ins, outs = body.in_avals, body.out_avals
         nc, nk = num_consts, num_carry
         self.num_consts, self.num_carry, self.num_xs = nc, nk, len(ins) - nc - nk
-        self.consts = [i for i in range(nc) if _inexact(ins[i])]
-        self.carry = [i for i in range(nc, nc + nk) if _inexact(ins[i])]
-        self.xs = [i for i in range(nc + nk, len(ins)) if _inexact(ins[i])]
+        # `wanted`: the operands differentiated (a node's argnums; None: every
+        # float), and the carries that depend on them after any number of steps.
+        # The others are constants here: a while loop reading only them is not
+        # differentiated, as JAX leaves what has no tangent.
+        flags = [_inexact(a) and (wanted is None or i in wanted) for i, a in enumerate(ins)]
+        carried = (
+            _traced_carries(body, nc, flags, nk) if wanted is not None else flags[nc : nc + nk]
+        )
+        self.consts = [i for i in range(nc) if flags[i]]
+        self.carry = [i for i in range(nc, nc + nk) if _inexact(ins[i]) and carried[i - nc]]
+        self.xs = [i for i in range(nc + nk, len(ins)) if flags[i]]
         self.ys = [j for j in range(nk, len(outs)) if _inexact(outs[j])]
 
 
 @weakref_lru_cache
 def _backward_body(
-    body: Any, num_consts: int, num_carry: int, residual_cts: bool
+    body: Any, num_consts: int, num_carry: int, residual_cts: bool, wanted: tuple | None = None
 ) -> tuple[Any, list[Any]]:
     """One step of the backward scan.
 
@@ -135,7 +146,7 @@ def _backward_body(
     Outputs: the carried values one step back, and the cotangents of the
     differentiable xs.
     """
-    at = _Layout(body, num_consts, num_carry)
+    at = _Layout(body, num_consts, num_carry, wanted)
     nc, nk, nx = at.num_consts, at.num_carry, at.num_xs
     diff = [*at.consts, *at.carry, *at.xs]
     ins, outs = body.in_avals, body.out_avals
@@ -198,7 +209,8 @@ class _Scan(Primitive):
             # forward mode through a body holding a while loop: the scan's JVP
             jvp = lambda primals, tangents: _scan_jvp(primals, tangents, p)  # noqa: E731
             return transposed_jvp(list(g), node.primals, node.argnums, jvp)
-        at = _Layout(body, nc, nk)
+        wanted = tuple(sorted(node.argnums))
+        at = _Layout(body, nc, nk, wanted)
         n_out = len(body.out_avals)
         cts = _cotangents(g[:n_out], node.ans[:n_out])
         residual_carries = node.ans[n_out:]
@@ -210,7 +222,7 @@ class _Scan(Primitive):
         else:
             ct_saved = []
         consts, xs = node.primals[:nc], node.primals[nc + nk :]
-        step, step_consts = _backward_body(body, nc, nk, residual_cts)
+        step, step_consts = _backward_body(body, nc, nk, residual_cts, wanted)
         results = scan_p.bind(
             *step_consts,
             *consts,
@@ -238,7 +250,7 @@ def _scan_jvp(primals: Sequence[Any], tangents: Sequence[Any], params: dict) -> 
     tangents the JVP of the body (`core.jvp_flat`, chainrule's own rules).
     `tangents` has one entry per operand, None where it is zero."""
     body, nc, nk = params["jaxpr"], params["num_consts"], params["num_carry"]
-    at = _Layout(body, nc, nk)
+    at = _Layout(body, nc, nk, tuple(i for i, t in enumerate(tangents) if t is not None))
     ins, outs = body.in_avals, body.out_avals
     consts, init, xs = primals[:nc], primals[nc : nc + nk], primals[nc + nk :]
 
@@ -298,22 +310,39 @@ PRIMITIVES["scan"] = _Scan(
 # --- while -----------------------------------------------------------------------------
 
 
+def _zero_derivative(name: str) -> bool:
+    """Whether the primitive `name` has outputs that never carry a derivative
+    (an ordinary primitive chainrule records no node for), so nothing computed
+    from them depends on a differentiated value. Callbacks, which refuse a
+    traced operand, and debugging effects are not among them."""
+    rule = PRIMITIVES.get(name)
+    return rule is not None and not rule.differentiable and type(rule).apply is Primitive.apply
+
+
 def _depends(jaxpr: Any, flags: Sequence[bool]) -> list[bool]:
     """Which outputs of `jaxpr` a differentiable value flows to from the flagged inputs
     (conservatively: every inexact output of an equation that reads one)."""
     reached = {v for v, f in zip(jaxpr.invars, flags, strict=True) if f}
     for eqn in jaxpr.eqns:
+        if _zero_derivative(eqn.primitive.name):
+            continue  # floor, round, sign, a comparison: JAX's symbolic zero tangent
         if any(not isinstance(v, jcore.Literal) and v in reached for v in eqn.invars):
             reached.update(v for v in eqn.outvars if _inexact(v.aval))
     return [not isinstance(v, jcore.Literal) and v in reached for v in jaxpr.outvars]
 
 
-def _traced_carries(body: Any, body_nconsts: int, flags: Sequence[bool]) -> list[bool]:
-    """The carries that depend on the flagged body consts and initial carries,
-    after any number of steps (a fixed point of one step's dependence)."""
-    consts, carry = list(flags[:body_nconsts]), list(flags[body_nconsts:])
+def _traced_carries(
+    body: Any, body_nconsts: int, flags: Sequence[bool], num_carry: int | None = None
+) -> list[bool]:
+    """The carries that depend on the flagged body inputs (consts, initial
+    carries and, for a scan, xs; `num_carry` carries, by default all inputs
+    after the consts) after any number of steps: a fixed point of one step's
+    dependence."""
+    nk = len(flags) - body_nconsts if num_carry is None else num_carry
+    consts, rest = list(flags[:body_nconsts]), list(flags[body_nconsts + nk :])
+    carry = list(flags[body_nconsts : body_nconsts + nk])
     while True:
-        step = _depends(body.jaxpr, consts + carry)
+        step = _depends(body.jaxpr, consts + carry + rest)[:nk]
         grown = [a or b for a, b in zip(carry, step, strict=True)]
         if grown == carry:
             return carry

@@ -167,7 +167,9 @@ class _Remat(Primitive):
         kept = node.ans[n_out:]
         cts = _cotangents(g[:n_out] if isinstance(g, tuple) else g, node.ans[:n_out])
         primals = list(node.primals)
-        diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
+        # only the operands differentiated here (a while loop reading only the
+        # others is evaluated as is, as JAX leaves what has no tangent)
+        diff = sorted(i for i in node.argnums if core.is_differentiable(raw(primals[i])))
         prevent_cse = node.params["prevent_cse"]
         if isinstance(prevent_cse, bool):
             prevent_cse = (prevent_cse,) * len(primals)
