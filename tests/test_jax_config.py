@@ -23,6 +23,8 @@ _RANKS = [  # (name, function, whether an operator of chainrule's does the broad
     ("greater", lambda x: jnp.where(x[:, None] > x, x, 0.0), True),
     ("power", lambda x: jnp.abs(x[:, None]) ** x, True),
     ("maximum", lambda x: jnp.maximum(x[:, None], x), False),
+    ("mask times", lambda x: x * (jnp.ones((2, 3)) > 0.5), True),
+    ("integer exponents", lambda x: x[:, None] ** jnp.arange(3), True),
 ]
 
 
@@ -123,3 +125,29 @@ def test_vmap_with_a_named_axis_hands_back_jax_arrays(collective):
     ):
         assert isinstance(got, jax.Array), type(got)
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fun, x",
+    [
+        (lambda x: jnp.sum(jnp.exp(x * 1000.0)), jnp.array([1.0, 2.0])),  # inf values
+        (lambda x: jnp.sum(jnp.sqrt(x)), jnp.array([0.0, 1.0, 2.0])),  # an inf derivative
+    ],
+    ids=["overflowing exp", "sqrt at 0"],
+)
+@pytest.mark.parametrize("flag", ["debug_nans", "debug_infs"])
+def test_forward_mode_under_debug_flags_checks_the_tangents_only(fun, x, flag):
+    """Forward mode transposes a backward pass run at zero cotangents, whose
+    values (0 * inf) are never read: JAX's checks must not fire there, only
+    where jax.jvp's own computation makes a NaN or inf."""
+    t = jnp.ones_like(x)
+    with getattr(jax, flag)(True):
+        try:
+            want = jax.jvp(fun, (x,), (t,))
+        except FloatingPointError:
+            with pytest.raises(FloatingPointError):
+                cr.jvp(fun, (x,), (t,))
+            return
+        got = cr.jvp(fun, (x,), (t,))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-12)

@@ -739,6 +739,28 @@ def test_a_while_loop_that_no_differentiated_value_reaches_is_not_differentiated
                 jax.jit(grad(fun, argnums=1))(x, y)
 
 
+def test_a_while_loop_computing_only_unused_ys_is_not_differentiated():
+    """A scan whose ys, computed by a while loop on the differentiated xs, are
+    not used: they get no cotangent, so the loop is not differentiated (JAX's
+    partial evaluation drops it); used, it is refused as by JAX."""
+
+    def loop(c):
+        return lax.while_loop(lambda s: s[0] < 3, lambda s: (s[0] + 1, jnp.sin(s[1])), (0, c))[1]
+
+    def scanned(x):
+        return lax.scan(lambda c, xi: (c * xi, loop(xi)), 1.0, x)
+
+    x = jnp.array([0.7, 1.3, -0.4])
+    f = lambda x: scanned(x)[0]  # noqa: E731
+    for grad in (cr.grad, lambda f: jax.jit(cr.grad(f))):
+        np.testing.assert_allclose(grad(f)(x), jax.grad(f)(x), rtol=1e-12)
+    np.testing.assert_allclose(cr.hessian(f)(x), jax.hessian(f)(x), rtol=1e-12)
+    used = lambda x: scanned(x)[0] + jnp.sum(scanned(x)[1])  # noqa: E731
+    for grad in (jax.grad, cr.grad):
+        with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+            grad(used)(x)
+
+
 def test_reparameterized_gamma_samples_in_a_scan_in_both_modes():
     """`jax.random.gamma`'s derivative w.r.t. its shape runs a while loop on the
     shape (`random_gamma_grad`); inside a scan over keys it is a constant of the

@@ -156,6 +156,15 @@ def _is_weak(x: Any) -> bool:
     return _is_python_scalar(x) or bool(getattr(raw(x), "weak_type", False))
 
 
+def _check_rank_promotion(name: str, *args: Any) -> None:
+    """`jax_numpy_rank_promotion` ('warn' or 'raise') for operands of
+    different nonzero ranks, as jax.numpy's `name` checks them."""
+    if jax_config.numpy_rank_promotion.value != "allow":
+        shapes = [rules.shape_of(a) for a in args]
+        if len({len(s) for s in shapes if s}) > 1:
+            _rank_promotion_warning_or_error(name, shapes)
+
+
 def promote(*args: Any, inexact: bool = False, name: str | None = None) -> list[Any]:
     """Converts `args` to one dtype and a broadcast-compatible shape. `name`:
     the jax.numpy function whose rank promotion (operands of different ranks)
@@ -291,6 +300,7 @@ def multiply(x: Any, y: Any) -> Any:
             return rules.mul(fast, y)
     masked = _masked(x, y)
     if masked is not None:
+        _check_rank_promotion("multiply", x, y)
         mask, other = masked
         (other,) = promote(other)
         return rules.masked_product(mask, broadcast_to(other, np.shape(mask)))
@@ -349,6 +359,7 @@ def power(x: Any, y: Any) -> Any:
     if not isinstance(y, Tracer) and np.issubdtype(rules.dtype_of(y), np.integer):
         # an integer array exponent stays integer, as in jax.numpy (x**0 has
         # derivative 0 even at x = 0, where a float exponent 0 gives nan)
+        _check_rank_promotion("power", x, y)
         (x,) = promote(x, inexact=True)
         return rules.pow_(x, y)
     return rules.pow_(*promote(x, y, inexact=True, name="power"))

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from jax import dtypes, lax
+from jax._src import config as _jax_config
 from jax._src import core as jcore  # the Trace/Tracer interface (JAX 0.10, pinned)
 from jax.errors import ConcretizationTypeError
 
@@ -874,6 +875,11 @@ def backward(
     previous = backward_at_zero()
     _pass.at_zero = at_zero
     try:
+        if at_zero and (_jax_config.debug_nans.value or _jax_config.debug_infs.value):
+            # the pass's values are never read (0 * inf is NaN there): JAX's
+            # per-primitive NaN/inf checks are for the tangents, not for it
+            with _jax_config.debug_nans(False), _jax_config.debug_infs(False):
+                return _backward(seeds, release, observe)
         return _backward(seeds, release, observe)
     finally:
         _pass.at_zero = previous

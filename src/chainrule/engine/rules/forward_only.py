@@ -71,13 +71,22 @@ def needs_forward(jaxpr: Any) -> bool:
     return _needed(getattr(jaxpr, "jaxpr", jaxpr))
 
 
+# Calls whose rules never differentiate their body's jaxpr: a custom rule's VJP
+# is the user's `bwd` (or the transposed JVP rule), so a while loop in the
+# function's own body (in a `custom_vjp`'s `fwd`) is never differentiated.
+_RULE_NOT_BODY = frozenset({"custom_jvp_call", "custom_vjp_call"})
+
+
 @weakref_lru_cache
 def _needed(jaxpr: Any) -> bool:
     for eqn in jaxpr.eqns:
-        when = _ONLY_FORWARD.get(eqn.primitive.name)
+        name = eqn.primitive.name
+        when = _ONLY_FORWARD.get(name)
         if when is not None and when(eqn.params):
             return True
-        if any(_needed(sub) for sub in jcore.jaxprs_in_params(eqn.params)):
+        if name not in _RULE_NOT_BODY and any(
+            _needed(sub) for sub in jcore.jaxprs_in_params(eqn.params)
+        ):
             return True
     return False
 

@@ -113,7 +113,14 @@ class _Layout:
     Positions index the body's inputs (consts, carry, xs) and outputs (carry, ys).
     """
 
-    def __init__(self, body: Any, num_consts: int, num_carry: int, wanted: tuple | None = None):
+    def __init__(
+        self,
+        body: Any,
+        num_consts: int,
+        num_carry: int,
+        wanted: tuple | None = None,
+        used_ys: tuple | None = None,
+    ):
         ins, outs = body.in_avals, body.out_avals
         nc, nk = num_consts, num_carry
         self.num_consts, self.num_carry, self.num_xs = nc, nk, len(ins) - nc - nk
@@ -128,12 +135,23 @@ class _Layout:
         self.consts = [i for i in range(nc) if flags[i]]
         self.carry = [i for i in range(nc, nc + nk) if _inexact(ins[i]) and carried[i - nc]]
         self.xs = [i for i in range(nc + nk, len(ins)) if flags[i]]
-        self.ys = [j for j in range(nk, len(outs)) if _inexact(outs[j])]
+        # `used_ys`: the ys a cotangent reaches (None: every float one); the
+        # others are not differentiated (a while loop computing only them either)
+        self.ys = [
+            j
+            for j in range(nk, len(outs))
+            if _inexact(outs[j]) and (used_ys is None or j in used_ys)
+        ]
 
 
 @weakref_lru_cache
 def _backward_body(
-    body: Any, num_consts: int, num_carry: int, residual_cts: bool, wanted: tuple | None = None
+    body: Any,
+    num_consts: int,
+    num_carry: int,
+    residual_cts: bool,
+    wanted: tuple | None = None,
+    used_ys: tuple | None = None,
 ) -> tuple[Any, list[Any]]:
     """One step of the backward scan.
 
@@ -146,7 +164,7 @@ def _backward_body(
     Outputs: the carried values one step back, and the cotangents of the
     differentiable xs.
     """
-    at = _Layout(body, num_consts, num_carry, wanted)
+    at = _Layout(body, num_consts, num_carry, wanted, used_ys)
     nc, nk, nx = at.num_consts, at.num_carry, at.num_xs
     diff = [*at.consts, *at.carry, *at.xs]
     ins, outs = body.in_avals, body.out_avals
@@ -210,8 +228,9 @@ class _Scan(Primitive):
             jvp = lambda primals, tangents: _scan_jvp(primals, tangents, p)  # noqa: E731
             return transposed_jvp(list(g), node.primals, node.argnums, jvp)
         wanted = tuple(sorted(node.argnums))
-        at = _Layout(body, nc, nk, wanted)
         n_out = len(body.out_avals)
+        used_ys = tuple(j for j in range(nk, n_out) if g[j] is not None)
+        at = _Layout(body, nc, nk, wanted, used_ys)
         cts = _cotangents(g[:n_out], node.ans[:n_out])
         residual_carries = node.ans[n_out:]
         # At second order the saved carries are outputs with cotangents of their own.
@@ -222,7 +241,7 @@ class _Scan(Primitive):
         else:
             ct_saved = []
         consts, xs = node.primals[:nc], node.primals[nc + nk :]
-        step, step_consts = _backward_body(body, nc, nk, residual_cts, wanted)
+        step, step_consts = _backward_body(body, nc, nk, residual_cts, wanted, used_ys)
         results = scan_p.bind(
             *step_consts,
             *consts,
