@@ -41,6 +41,7 @@ import numpy as np
 from jax import dtypes, lax
 from jax._src import config as _jax_config
 from jax._src import core as jcore  # the Trace/Tracer interface (JAX 0.10, pinned)
+from jax._src.interpreters import partial_eval as pe  # `_Perturbed`'s base only
 from jax.errors import ConcretizationTypeError
 
 from chainrule.engine import host
@@ -368,6 +369,21 @@ def _aval(value: Any) -> Any:
     return aval
 
 
+class _Perturbed(pe.DynamicJaxprTracer):
+    """What a chainrule Tracer shows among its contents (`Tracer._contents`):
+    JAX's `custom_derivatives._maybe_perturbed` reads a tracer other than its
+    own JVP tracers by its contents, and counts a staged float value as one
+    that may carry a tangent. `jax.closure_convert` (and so `odeint`, and the
+    custom_vjp functions written with it) hoists exactly the closed-over
+    values it counts, so that their gradients flow through the rule."""
+
+    __slots__ = ()
+
+
+_PERTURBED = object.__new__(_Perturbed)  # (never traced with: only its type and aval are read)
+_PERTURBED.aval = jcore.ShapedArray((), np.float32)
+
+
 class Tracer(jcore.Tracer):
     """A value boxed for one level of differentiation: a JAX tracer of a chainrule `Trace`.
 
@@ -440,6 +456,10 @@ class Tracer(jcore.Tracer):
     def __repr__(self) -> str:
         return f"chainrule.Tracer(level={self.level}, {raw(self)!r})"
 
+    def _contents(self):
+        # a differentiated value, as JAX's closure conversion must see it (`_Perturbed`)
+        return [("value", self.value), ("differentiated", _PERTURBED)]
+
 
 def raw(x: Any) -> Any:
     """Strips every level of boxing: the JAX value underneath."""
@@ -496,7 +516,16 @@ class Trace(jcore.Trace):
     pass run there.
     """
 
-    __slots__ = ("level", "parent", "tracer_type", "taps", "eager", "for_user", "untraced_uses")
+    __slots__ = (
+        "level",
+        "parent",
+        "tracer_type",
+        "taps",
+        "eager",
+        "for_user",
+        "untraced_uses",
+        "linear",
+    )
 
     def __init__(self, tracer_type: type[Tracer] = Tracer, *, for_user: bool = True):
         # jcore.Trace.__init__'s three fields, set here (once per transform call)
@@ -516,6 +545,10 @@ class Trace(jcore.Trace):
         self.for_user = for_user
         # whether JAX evaluates eagerly underneath (no `jit`/`vmap` trace below)
         self.eager = isinstance(parent, jcore.EvalTrace) or getattr(parent, "eager", False)
+        # the function traced is linear in this trace's values (a custom_jvp
+        # rule's tangent map): a `custom_jvp` function applied to them is its
+        # body, as JAX's linearization keeps no custom rule (`_custom_call`)
+        self.linear = False
 
     def encloses(self, other: jcore.Trace) -> bool:
         """`other` is a trace this one runs inside (its parent, or further out)."""
@@ -679,6 +712,8 @@ class Trace(jcore.Trace):
         (`rules/calls.py`) when it meets this trace's values; else its body, with
         NumPy on host values, or the trace outside's handling of it."""
         if self._owns(tracers):
+            if self.linear and primitive.name == "custom_jvp_call":
+                return self.run(subfuns[0].call_wrapped, *tracers)
             rule = PRIMITIVES[primitive.name]
             params = dict(zip(names, subfuns, strict=True), **params)
             return self.run(rule.apply, self, tracers, params)
@@ -925,14 +960,17 @@ def vjp_flat(
     primals: Sequence[Any],
     cotangents: Sequence[Any],
     tracer_type: type[Tracer] = Tracer,
+    linear: bool = False,
 ) -> list[Any]:
     """VJP of a function of flat arrays returning a flat list of arrays.
 
     `fun` runs once on a new trace (JAX code in it reaches chainrule's rules);
     the cotangents of inputs the outputs do not depend on are zeros. Used by the
-    rules of call-like primitives (custom rules, cond branches).
+    rules of call-like primitives (custom rules, cond branches). `linear`:
+    `fun` is linear (a custom_jvp rule's tangent map; see `Trace.linear`).
     """
     trace = Trace(tracer_type)
+    trace.linear = linear
     tracers = [trace.new_input(p) for p in primals]
     try:
         with trace.active():

@@ -497,9 +497,21 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
     pass over the rule's map from their tangents to the output tangents (linear,
     for fixed primals), taken at tangents = 0."""
     jvp, n_out = node.params["jvp"], len(outs)
+    all_diff = diff
+    if node.params.get("symbolic_zeros", False) and per_argument is None:
+        # a rule asking for symbolic zeros gets JAX's SymbolicZero for each
+        # argument this transform does not differentiate (its tangent is zero)
+        diff = [i for i in all_diff if i in node.argnums]
+
+        def zero_tangent(p: Any) -> Any:
+            return ad_util.SymbolicZero(jcore.typeof(raw(p)).to_tangent_aval())
+    else:
+
+        def zero_tangent(p: Any) -> Any:
+            return np.zeros(np.shape(raw(p)), jax.dtypes.float0)
 
     def tangent_map(*diff_tangents: Any) -> list[Any]:
-        tangents = [np.zeros(np.shape(raw(p)), jax.dtypes.float0) for p in primals]
+        tangents = [zero_tangent(p) for p in primals]
         for i, t in zip(diff, diff_tangents, strict=True):
             tangents[i] = t
         if per_argument is not None:
@@ -510,7 +522,9 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
         results = jvp.call_wrapped(*primals, *tangents)
         return [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
 
-    return vjp_flat(tangent_map, [zeros_like(primals[i]) for i in diff], cts)
+    cts_in = vjp_flat(tangent_map, [zeros_like(primals[i]) for i in diff], cts, linear=True)
+    got = dict(zip(diff, cts_in, strict=True))
+    return [got[i] if i in got else zeros_like(primals[i]) for i in all_diff]
 
 
 # --- the transposed rules of JAX's functions, read once -------------------------------
@@ -564,7 +578,8 @@ def _transposed_rule_key(node: Node, per_argument: Any, values: Sequence[Any]) -
         if t is None:
             return None
         types.append(t)
-    return (rule, trace_context(), tuple(types))
+    # (with symbolic zeros the rule's trace depends on what is differentiated)
+    return (rule, trace_context(), tuple(types), tuple(node.argnums))
 
 
 def _closed_jax_function(f: Any) -> bool:
@@ -662,6 +677,9 @@ def _custom_vjp_impl(
     _, res_tree, input_fwds = out_trees()
     n_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
     res_out, outs = results[:n_res_out], results[n_res_out:]
+    # an output fwd computed from Python numbers alone is still the call's
+    # output, differentiated by bwd (as JAX's are): an array, so it is traced
+    outs = [jax.numpy.asarray(o) if type(o) in (int, float, complex) else o for o in outs]
     res_out = iter(res_out)
     residuals = [args[f] if f is not None else next(res_out) for f in input_fwds]
     return [*outs, *residuals]

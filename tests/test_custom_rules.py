@@ -1,0 +1,187 @@
+"""Users' own `jax.custom_jvp` / `jax.custom_vjp` functions, in the idioms of
+JAX's own custom-derivative tests (`tests/custom_api_test.py`), against
+`jax.grad`/`jax.jvp` eagerly, under `jit`, `vmap` and at second order."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.experimental.ode import odeint
+
+import chainrule as cr
+
+
+def _modes(fun, *args, argnums=0):
+    """`fun`'s gradient by JAX and by chainrule: eager, jit, and vmapped over
+    the first argument (a batch of 2)."""
+    batch = [jnp.stack([a, a * 0.5]) if i == 0 else a for i, a in enumerate(args)]
+    axes = [0 if i == 0 else None for i in range(len(args))]
+    for want, got in (
+        (jax.grad(fun, argnums)(*args), cr.grad(fun, argnums)(*args)),
+        (jax.grad(fun, argnums)(*args), jax.jit(cr.grad(fun, argnums))(*args)),
+        (
+            jax.vmap(jax.grad(fun, argnums), axes)(*batch),
+            jax.vmap(cr.grad(fun, argnums), axes)(*batch),
+        ),
+    ):
+        for w, g in zip(
+            jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True
+        ):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_closure_convert_hoists_closed_over_differentiated_values():
+    """`jax.closure_convert` hoists the closed-over values that may carry a
+    tangent, so a custom_vjp written with it differentiates them through its
+    rule: chainrule's traced values count (they were left in the closure,
+    whose gradient was silently zero)."""
+
+    @partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def cos_after(fn, x, *args):
+        return jnp.cos(fn(x, *args))
+
+    def fwd(fn, x, *args):
+        return cos_after(fn, x, *args), (x, args)
+
+    def bwd(fn, res, g):
+        x, args = res
+        return (17.0 * x * g, *[42.0 * a * g for a in args])
+
+    cos_after.defvjp(fwd, bwd)
+
+    def solve(c, x):
+        conv, consts = jax.closure_convert(lambda x: jnp.sum((x - c) ** 2.0), x)
+        return jnp.sum(cos_after(conv, x, *consts))
+
+    c, x = 2.0 * jnp.ones(2), jnp.ones(2)
+    _modes(solve, c, x, argnums=(0, 1))
+
+
+def test_odeint_differentiates_parameters_its_dynamics_close_over():
+    """`odeint` closure-converts its dynamics: a parameter they close over gets
+    its gradient through the adjoint (chainrule raised JAX's CustomVJPException)."""
+
+    def loss(a, y0):
+        ys = odeint(lambda y, t: -a * y + jnp.sin(t), y0, jnp.array([0.0, 0.5, 1.0]))
+        return jnp.sum(ys[-1] ** 2)
+
+    a, y0 = jnp.asarray(0.5), jnp.array([1.0, 2.0])
+    for want, got in (
+        (jax.grad(loss, (0, 1))(a, y0), cr.grad(loss, (0, 1))(a, y0)),
+        (jax.grad(loss, (0, 1))(a, y0), jax.jit(cr.grad(loss, (0, 1)))(a, y0)),
+    ):
+        for w, g in zip(want, got, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_a_custom_vjp_output_computed_from_python_numbers_is_differentiated_by_bwd():
+    """fwd may compute the output without the differentiated inputs (here from
+    a Python number alone): it is still the call's output, and bwd gives the
+    gradient (it was silently zero: a Python float was not traced)."""
+
+    @jax.custom_vjp
+    def f(x, c=1.0):
+        return c * x
+
+    f.defvjp(lambda x, c=1.0: (c * c, None), lambda _, g: (g, g))
+
+    def loss(x):
+        return jnp.square(f(x, c=2.0)) + x
+
+    _modes(loss, jnp.asarray(3.0))
+    np.testing.assert_allclose(cr.vjp(lambda x: f(x, 2.0), 10.0)[1](1.0), (1.0,))
+
+
+def test_a_custom_jvp_rule_applying_the_function_to_its_tangent():
+    """A linear function whose rule is the function itself on the tangent:
+    reverse mode transposes the rule, in which the function applied to a
+    tangent is its body (JAX's linearization keeps no custom rule), not the
+    rule again (a RecursionError)."""
+
+    @jax.custom_jvp
+    def neg(x):
+        return -x
+
+    @neg.defjvp
+    def neg_jvp(primals, tangents):
+        return neg(primals[0]), neg(tangents[0])
+
+    @jax.custom_jvp
+    def scale(x, y):
+        return x / y
+
+    @scale.defjvp
+    def scale_jvp(primals, tangents):
+        x, y = primals
+        x_dot, y_dot = tangents
+        return scale(x, y), scale(x_dot, y) - x * y_dot / y**2
+
+    def loss(x, y):
+        z = lax.scan(lambda c, _: (neg(c) * 0.9, None), x, None, length=3)[0]
+        return jnp.sin(scale(z, y)) ** 2
+
+    x, y = jnp.asarray(3.0), jnp.asarray(1.5)
+    _modes(loss, x, y, argnums=(0, 1))
+    np.testing.assert_allclose(cr.hessian(loss)(x, y), jax.hessian(loss)(x, y), rtol=1e-6)
+    got, want = cr.jvp(loss, (x, y), (1.0, 0.5)), jax.jvp(loss, (x, y), (1.0, 0.5))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_closure_convert_of_a_function_without_traced_closures_hoists_nothing(x64):
+    """The other side of the perturbed test: constants that are not
+    differentiated stay in the closure, as under jax.grad."""
+    data = np.arange(3.0)
+    with jax.enable_x64(x64):
+        x = jnp.ones(3)
+        conv, consts = jax.closure_convert(lambda x: jnp.sum(x * data), x)
+        assert len(consts) == 0
+
+        def under(x):
+            conv, consts = jax.closure_convert(lambda y: jnp.sum(y * x * data), x)
+            assert len(consts) == 1  # x, traced by the transform, is hoisted
+            return conv(x, *consts)
+
+        np.testing.assert_allclose(cr.grad(under)(x), jax.grad(under)(x), rtol=1e-6)
+
+
+def test_a_symbolic_zeros_rule_gets_symbolic_zeros_for_what_is_not_differentiated():
+    """`defjvp(..., symbolic_zeros=True)`: the rule sees JAX's SymbolicZero as
+    the tangent of each argument the transform does not differentiate (a
+    constant, or an argument outside argnums), in forward and reverse mode."""
+    seen = []
+
+    @jax.custom_jvp
+    def f(c, x):
+        return c * jnp.sin(x)
+
+    def f_jvp(primals, tangents):
+        (c, x), (tc, tx) = primals, tangents
+        seen.append(tuple(type(t) is jax.custom_derivatives.SymbolicZero for t in tangents))
+        tc = jnp.zeros_like(c) if type(tc) is jax.custom_derivatives.SymbolicZero else tc
+        tx = jnp.zeros_like(x) if type(tx) is jax.custom_derivatives.SymbolicZero else tx
+        return f(c, x), tc * jnp.sin(x) + c * jnp.cos(x) * tx
+
+    f.defjvp(f_jvp, symbolic_zeros=True)
+    x, c = jnp.asarray(0.3), jnp.asarray(2.0)
+    for call in (
+        lambda m: m.grad(lambda x: f(2.0, x))(x),
+        lambda m: m.grad(f, argnums=1)(c, x),
+        lambda m: m.grad(f, argnums=0)(c, x),
+        lambda m: m.grad(f, argnums=(0, 1))(c, x),
+        lambda m: m.jvp(lambda x: f(2.0, x), (x,), (1.0,)),
+    ):
+        seen.clear()
+        want, want_seen = call(jax), list(seen)
+        seen.clear()
+        got = call(cr)
+        assert seen == want_seen
+        for w, g in zip(
+            jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True
+        ):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
