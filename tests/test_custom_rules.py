@@ -185,3 +185,29 @@ def test_a_symbolic_zeros_rule_gets_symbolic_zeros_for_what_is_not_differentiate
             jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True
         ):
             np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_a_rule_tangent_of_another_shape_than_the_output_is_refused():
+    """A custom_jvp rule's tangent must have its output's shape (JAX's check).
+    Under `jax.vmap` a function whose output ignores the batched input gives an
+    unbatched output beside a batched tangent: JAX answers with the rule's
+    batched primal, chainrule (which takes the output from the function)
+    refuses with the same TypeError and the fix, instead of a gradient of
+    the wrong shape."""
+
+    @jax.custom_jvp
+    def f(x):
+        return np.zeros(x.shape, x.dtype)
+
+    f.defjvp(lambda p, t: (f(p[0]), t[0]))
+    x = jnp.arange(3.0)
+    with pytest.raises(TypeError, match="corresponding shapes"):
+        cr.grad(lambda x: jax.vmap(f)(x).sum())(x)
+
+    @jax.custom_jvp
+    def g(x):
+        return x * 0.0  # computed from x: batched with it
+
+    g.defjvp(lambda p, t: (g(p[0]), t[0]))
+    loss = lambda x: jax.vmap(g)(x).sum()  # noqa: E731
+    np.testing.assert_allclose(cr.grad(loss)(x), jax.grad(loss)(x))

@@ -520,7 +520,17 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
             if store is not None:
                 store.reset()
         results = jvp.call_wrapped(*primals, *tangents)
-        return [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
+        out_ts = [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
+        for t, o in zip(out_ts, outs, strict=True):
+            if np.shape(t) != np.shape(o):  # (JAX's check of a rule's outputs, and its error)
+                raise TypeError(
+                    "Custom JVP rule must produce primal and tangent outputs with "
+                    f"corresponding shapes and dtypes: the function's output has shape "
+                    f"{np.shape(o)} but the rule's tangent has shape {np.shape(t)} (under "
+                    "jax.vmap, an output that does not depend on the batched input is not "
+                    "batched: compute it from the input, e.g. x * 0)."
+                )
+        return out_ts
 
     cts_in = vjp_flat(tangent_map, [zeros_like(primals[i]) for i in diff], cts, linear=True)
     got = dict(zip(diff, cts_in, strict=True))
