@@ -35,6 +35,18 @@ def _modes(fun, *args, argnums=0):
             np.testing.assert_allclose(g, w, rtol=1e-6)
 
 
+def _same_answers_and_rule_calls(call, seen: list) -> None:
+    """`call(jax)` and `call(cr)` agree, and the user's rule, which appends
+    what it saw to `seen`, saw the same in both."""
+    seen.clear()
+    want, want_seen = call(jax), list(seen)
+    seen.clear()
+    got = call(cr)
+    assert seen == want_seen
+    for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
 def test_closure_convert_hoists_closed_over_differentiated_values():
     """`jax.closure_convert` hoists the closed-over values that may carry a
     tangent, so a custom_vjp written with it differentiates them through its
@@ -176,15 +188,7 @@ def test_a_symbolic_zeros_rule_gets_symbolic_zeros_for_what_is_not_differentiate
         lambda m: m.grad(f, argnums=(0, 1))(c, x),
         lambda m: m.jvp(lambda x: f(2.0, x), (x,), (1.0,)),
     ):
-        seen.clear()
-        want, want_seen = call(jax), list(seen)
-        seen.clear()
-        got = call(cr)
-        assert seen == want_seen
-        for w, g in zip(
-            jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True
-        ):
-            np.testing.assert_allclose(g, w, rtol=1e-6)
+        _same_answers_and_rule_calls(call, seen)
 
 
 def test_a_rule_tangent_of_another_shape_than_the_output_is_refused():
@@ -211,3 +215,34 @@ def test_a_rule_tangent_of_another_shape_than_the_output_is_refused():
     g.defjvp(lambda p, t: (g(p[0]), t[0]))
     loss = lambda x: jax.vmap(g)(x).sum()  # noqa: E731
     np.testing.assert_allclose(cr.grad(loss)(x), jax.grad(loss)(x))
+
+
+def test_a_symbolic_zeros_bwd_gets_symbolic_zeros_for_outputs_no_cotangent_reached():
+    """`defvjp(..., symbolic_zeros=True)`: bwd sees JAX's SymbolicZero as the
+    cotangent of each output the loss does not use, and fwd sees which inputs
+    are differentiated (`x.perturbed`), as under jax.grad."""
+    seen = []
+
+    @jax.custom_vjp
+    def f(x, y):
+        return x * y, jnp.sin(x)
+
+    def fwd(x, y):
+        return f(x.value, y.value), (x.value, y.value)
+
+    def bwd(res, g):
+        (x, y), (g1, g2) = res, g
+        seen.append(tuple(type(t) is jax.custom_derivatives.SymbolicZero for t in g))
+        g1 = jnp.zeros_like(x) if type(g1) is jax.custom_derivatives.SymbolicZero else g1
+        g2 = jnp.zeros_like(x) if type(g2) is jax.custom_derivatives.SymbolicZero else g2
+        return g1 * y + g2 * jnp.cos(x), g1 * x
+
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    x, y = jnp.asarray(0.3), jnp.asarray(2.0)
+    for call in (
+        lambda m: m.grad(lambda x, y: f(x, y)[0], (0, 1))(x, y),
+        lambda m: m.grad(lambda x, y: f(x, y)[1])(x, y),
+        lambda m: m.grad(lambda x, y: f(x, y)[0] + f(x, y)[1])(x, y),
+        lambda m: jax.jit(m.grad(lambda x, y: f(x, y)[1]))(x, y),
+    ):
+        _same_answers_and_rule_calls(call, seen)

@@ -718,7 +718,14 @@ class _CustomVJP(Primitive):
         params = node.params
         n_out = params["out_trees"]()[0].num_leaves
         outs, residuals = node.ans[:n_out], node.ans[n_out:]
-        cts = _cotangents(g[:n_out] if isinstance(g, tuple) else g, outs)
+        gs = g[:n_out] if isinstance(g, tuple) else g
+        cts = _cotangents(gs, outs)
+        if params["symbolic_zeros"]:  # the outputs no cotangent reached: JAX's SymbolicZero
+            reached = gs if isinstance(gs, tuple) else (gs,)
+            cts = [
+                ct if r is not None else ad_util.SymbolicZero(jcore.typeof(o).to_tangent_aval())
+                for ct, r, o in zip(cts, reached, outs, strict=True)
+            ]
         # the user's bwd gets what JAX gives it: jax.Arrays, not the host's
         # NumPy values (it may index them with a tracer, in a scan of its own)
         cts_in = params["bwd"].call_wrapped(*map(host.to_jax, [*residuals, *cts]))
