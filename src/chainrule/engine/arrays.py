@@ -174,9 +174,8 @@ def promote(*args: Any, inexact: bool = False, name: str | None = None) -> list[
     first = shapes[0]
     if all(s == first or not s for s in shapes):
         return ops  # lax takes a rank-0 operand beside an array as it is
-    if name is not None and jax_config.numpy_rank_promotion.value != "allow":
-        if len({len(s) for s in shapes if s}) > 1:
-            _rank_promotion_warning_or_error(name, shapes)
+    if name is not None:
+        _check_rank_promotion(name, *ops)
     if host.host_operands(tuple(raw(a) for a in ops)) is not None:
         # The operation runs with NumPy, which broadcasts by itself (and says
         # so when shapes do not broadcast); the VJP rules of the binary

@@ -321,8 +321,8 @@ def _cond_jvp(primals: Sequence[Any], tangents: Sequence[Any], branches: Sequenc
     rules). `tangents` has one entry per operand (the index first), None
     where it is zero."""
     index, *operands = primals
-    diff = [i for i, o in enumerate(operands) if core.is_differentiable(raw(o))]
-    ts = [tangents[i + 1] if tangents[i + 1] is not None else zeros_like(operands[i]) for i in diff]
+    diff = [i for i in range(len(operands)) if tangents[i + 1] is not None]
+    ts = [tangents[i + 1] for i in diff]
     out_avals = branches[0].out_avals
     floats = [j for j, a in enumerate(out_avals) if jax.dtypes.issubdtype(a.dtype, np.inexact)]
 

@@ -207,13 +207,12 @@ name_p = primitive(
 defvjp(name_p, lambda ans, x, name: lambda g: g)
 
 
-# (jax.checkpoint's primitive is named "remat2")
 def _remat_jvp(primals: Sequence[Any], tangents: Sequence[Any], jaxpr: Any, policy: Any) -> list:
     """The tangents of a checkpoint's outputs and of the values its policy
     keeps (None for a non-float one): the body run again with its tangents
     (`core.jvp_flat`, chainrule's own rules). `tangents` has one entry per
     operand, None where it is zero."""
-    diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
+    diff = [i for i, t in enumerate(tangents) if t is not None]
 
     def forward(*diff_primals: Any) -> list[Any]:
         full = list(primals)
@@ -221,13 +220,14 @@ def _remat_jvp(primals: Sequence[Any], tangents: Sequence[Any], jaxpr: Any, poli
             full[i] = x
         return _evaluate(jaxpr, full, policy, None)
 
-    ts = [tangents[i] if tangents[i] is not None else core.zeros_like(primals[i]) for i in diff]
+    ts = [tangents[i] for i in diff]
     values, out_ts = core.jvp_flat(forward, [primals[i] for i in diff], ts)
     return [
         t if core.is_differentiable(raw(v)) else None for v, t in zip(values, out_ts, strict=True)
     ]
 
 
+# (jax.checkpoint's primitive is named "remat2")
 PRIMITIVES["remat2"] = _Remat(
     "remat2",
     _remat_impl,
