@@ -246,3 +246,24 @@ def test_a_symbolic_zeros_bwd_gets_symbolic_zeros_for_outputs_no_cotangent_reach
         lambda m: jax.jit(m.grad(lambda x, y: f(x, y)[1]))(x, y),
     ):
         _same_answers_and_rule_calls(call, seen)
+
+
+def test_a_custom_jvp_closing_over_a_differentiated_value_raises_jaxs_error():
+    """JAX raises UnexpectedTracerError for a custom_jvp function that closes
+    over a value being differentiated; so does chainrule (it leaked JAX's
+    internal 'Store occupied' error), with the fix in the message."""
+
+    def f(w, x):
+        @jax.custom_jvp
+        def g(x):
+            return x * w
+
+        g.defjvp(lambda p, t: (p[0] * w, t[0] * w * 2))
+        return jnp.sum(g(x))
+
+    x = jnp.arange(1.0, 4.0)
+    for grad in (jax.grad, cr.grad):
+        with pytest.raises(jax.errors.UnexpectedTracerError):
+            grad(f, argnums=(0, 1))(2.0, x)
+    with pytest.raises(jax.errors.UnexpectedTracerError, match="pass the value as an argument"):
+        cr.grad(f, argnums=(0, 1))(2.0, x)

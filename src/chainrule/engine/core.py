@@ -184,6 +184,10 @@ class Primitive:
         # outside (custom_vjp's fwd), so that an enclosing transform records
         # that code instead of this primitive again.
         self.runs_outside = False
+        # False for a primitive whose NumPy version runs the user's code (a
+        # custom_jvp function's body, which runs once): its errors are the
+        # user's, not NumPy refusing the operands, so JAX's version is not tried
+        self.host_errors_fall_back = True
         self.formulas: tuple[str, ...] | None = None
         self.family = _defining_family()
         self.exact_on_host = exact_on_host
@@ -233,6 +237,8 @@ class Primitive:
         try:
             out = self.host_impl(*operands, **params)
         except (ValueError, TypeError, IndexError):
+            if not self.host_errors_fall_back:
+                raise
             return None  # (NumPy refuses the operands: JAX's implementation raises JAX's error)
         return None if out is NotImplemented else (operands, out)
 

@@ -431,6 +431,14 @@ def _custom_jvp_host(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> li
             # what the flattening wrapper stores when the body runs: JAX's
             # `custom_jvp.__call__` reads the output's structure from it
             fun.stores[0].store((out_tree, [jcore.typeof(o) for o in outs], ()))
+    if any(isinstance(o, Tracer) for o in outs):  # (JAX's error for the same function)
+        raise jax.errors.UnexpectedTracerError(
+            "A jax.custom_jvp function closes over a value being differentiated (its "
+            f"output is a traced value though its arguments are not; at {core.user_frame()}). "
+            "A custom_jvp function may close over constants only: pass the value as an "
+            "argument of the function (its rule then gets its tangent), or make it a "
+            "nondiff_argnums argument."
+        )
     return [np.asarray(o) if isinstance(o, jax.Array) else o for o in outs]
 
 
@@ -664,6 +672,8 @@ PRIMITIVES["custom_jvp_call"] = _CustomJVP(
     multiple_results=True,
     host_impl=_custom_jvp_host,
 )
+# (its body runs once: an error in it is the user's, JAX's version is not tried)
+PRIMITIVES["custom_jvp_call"].host_errors_fall_back = False
 
 
 # --- custom_vjp ------------------------------------------------------------------------
