@@ -506,11 +506,9 @@ def _nested(x):
     return lax.while_loop(lambda c: c[0] < 2, outer, (0, x))[1]
 
 
-@pytest.mark.parametrize("fun", [_ode, _newton_sqrt, _nested, jax.jit(_ode)])
-def test_forward_mode_goes_through_while_loops_as_jax_jvp(fun):
-    """jax.jvp, jax.linearize and jax.jacfwd go through a while loop; so do
-    chainrule's (the loop's VJP, recorded at zero, is transposed into the loop
-    run with its tangents): eagerly, under jit and vmap, jacfwd of jacfwd."""
+def _forward_mode_as_jax(fun):
+    """cr.jvp (eager and under jit), cr.linearize, cr.jacfwd, vmap of cr.jvp and
+    jacfwd of jacfwd of `fun` at a fixed point, against JAX's; returns the point."""
     x = jnp.array([0.3, 0.7, 1.9])
     t = jnp.array([1.0, -2.0, 0.5])
     want = jax.jvp(fun, (x,), (t,))
@@ -528,6 +526,15 @@ def test_forward_mode_goes_through_while_loops_as_jax_jvp(fun):
     np.testing.assert_allclose(
         cr.jacfwd(cr.jacfwd(fun))(x), jax.jacfwd(jax.jacfwd(fun))(x), rtol=1e-9, atol=1e-12
     )
+    return x
+
+
+@pytest.mark.parametrize("fun", [_ode, _newton_sqrt, _nested, jax.jit(_ode)])
+def test_forward_mode_goes_through_while_loops_as_jax_jvp(fun):
+    """jax.jvp, jax.linearize and jax.jacfwd go through a while loop; so do
+    chainrule's (the loop's VJP, recorded at zero, is transposed into the loop
+    run with its tangents): eagerly, under jit and vmap, jacfwd of jacfwd."""
+    _forward_mode_as_jax(fun)
 
 
 def test_forward_mode_through_a_while_loop_keeps_jax_types():
@@ -636,23 +643,7 @@ def test_forward_mode_goes_through_while_loops_in_scan_cond_and_checkpoint_bodie
     in forward mode's pass at zero the enclosing call answers with its own JVP
     (the body run forward with its tangents). As jax.jvp, eagerly, under jit
     and vmap, jacfwd of jacfwd; reverse mode still refuses, as JAX's."""
-    x = jnp.array([0.3, 0.7, 1.9])
-    t = jnp.array([1.0, -2.0, 0.5])
-    want = jax.jvp(fun, (x,), (t,))
-    for got in (
-        cr.jvp(fun, (x,), (t,)),
-        jax.jit(lambda x, t: cr.jvp(fun, (x,), (t,)))(x, t),
-        (fun(x), cr.linearize(fun, x)[1](t)),
-    ):
-        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
-        np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(cr.jacfwd(fun)(x), jax.jacfwd(fun)(x), rtol=1e-10, atol=1e-12)
-    xs, ts = jnp.stack([x, 2 * x]), jnp.stack([t, -t])
-    jvp_of = lambda j: jax.vmap(lambda x, t: j(fun, (x,), (t,))[1])  # noqa: E731
-    np.testing.assert_allclose(jvp_of(cr.jvp)(xs, ts), jvp_of(jax.jvp)(xs, ts), rtol=1e-10)
-    np.testing.assert_allclose(
-        cr.jacfwd(cr.jacfwd(fun))(x), jax.jacfwd(jax.jacfwd(fun))(x), rtol=1e-9, atol=1e-12
-    )
+    x = _forward_mode_as_jax(fun)
     with pytest.raises(Exception) as raised:
         jax.jit(jax.grad(lambda x: jnp.sum(fun(x))))(x)
     with pytest.raises(type(raised.value)):

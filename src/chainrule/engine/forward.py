@@ -613,21 +613,8 @@ def jacfwd(
     return jacfun
 
 
-def jacobian(
-    fun: Callable,
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    holomorphic: bool = False,
-    allow_int: bool = False,
-) -> Callable:
-    """Alias of `jacrev`, as `jax.jacobian` is of `jax.jacrev`.
-
-    Examples:
-      >>> import jax.numpy as jnp, chainrule as cr
-      >>> cr.jacobian(lambda x: x**3)(jnp.array([1.0, 2.0])).tolist()
-      [[3.0, 0.0], [0.0, 12.0]]
-    """
-    return jacrev(fun, argnums, has_aux=has_aux, holomorphic=holomorphic, allow_int=allow_int)
+# JAX's alias of jacrev (`jax.jacobian`), so code calling it swaps to chainrule unchanged.
+jacobian = jacrev
 
 
 def hessian(

@@ -44,7 +44,7 @@ from jax.extend.core import primitives as jax_primitives
 from chainrule.engine import core, host
 from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
-from chainrule.engine.rules.forward_only import needs_forward, transposed_jvp
+from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.engine.rules.shape import retyped, weakly_typed
 from chainrule.errors import NotDifferentiableError
@@ -328,15 +328,9 @@ def _cond_jvp(primals: Sequence[Any], tangents: Sequence[Any], branches: Sequenc
 
     def branch_jvp(branch):
         def run(*args):
-            ops, op_ts = list(args[: len(operands)]), list(args[len(operands) :])
-
-            def forward(*diff_ops):
-                full = list(ops)
-                for i, x in zip(diff, diff_ops, strict=True):
-                    full[i] = x
-                return jcore.eval_jaxpr(branch.jaxpr, branch.consts, *full)
-
-            _, out_ts = core.jvp_flat(forward, [ops[i] for i in diff], op_ts)
+            ops, op_ts = args[: len(operands)], args[len(operands) :]
+            body = partial(jcore.eval_jaxpr, branch.jaxpr, branch.consts)
+            _, out_ts = jvp_at(body, ops, diff, op_ts)
             return [_typed_as(out_ts[j], out_avals[j]) for j in floats]
 
         return run

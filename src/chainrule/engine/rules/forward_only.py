@@ -53,6 +53,25 @@ def transposed_jvp(cts: Sequence[Any], primals: Sequence[Any], argnums: Sequence
     )
 
 
+def jvp_at(
+    fun: Callable[..., Sequence[Any]],
+    values: Sequence[Any],
+    positions: Sequence[int],
+    tangents: Sequence[Any],
+) -> tuple[list[Any], list[Any]]:
+    """`(fun(*values), its tangents)` for `tangents` of the operands at
+    `positions` (the others held fixed), by `core.jvp_flat`: the JVP of a body
+    that scan, cond and checkpoint answer with in forward mode's pass at zero."""
+
+    def at(*moved: Any) -> Sequence[Any]:
+        full = list(values)
+        for i, v in zip(positions, moved, strict=True):
+            full[i] = v
+        return fun(*full)
+
+    return core.jvp_flat(at, [values[i] for i in positions], tangents)
+
+
 _ONLY_FORWARD: dict[str, Callable[[dict[str, Any]], bool]] = {}
 
 

@@ -28,6 +28,7 @@ None of this calls JAX's differentiation.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -43,6 +44,7 @@ from chainrule.engine import core
 from chainrule.engine.core import Primitive, Tracer, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.calls import _cotangents
 from chainrule.engine.rules.forward_only import (
+    jvp_at,
     needs_forward,
     register_forward_only,
     transposed_jvp,
@@ -283,14 +285,8 @@ def _scan_jvp(primals: Sequence[Any], tangents: Sequence[Any], params: dict) -> 
         carry, carry_ts = state
         x, x_ts = slices
         full = [*consts, *carry, *x]
-
-        def forward(*diff_primals):
-            values = list(full)
-            for i, v in zip(diff, diff_primals, strict=True):
-                values[i] = v
-            return jcore.eval_jaxpr(body.jaxpr, body.consts, *values)
-
-        out, out_ts = core.jvp_flat(forward, [full[i] for i in diff], [*const_ts, *carry_ts, *x_ts])
+        evaluate = partial(jcore.eval_jaxpr, body.jaxpr, body.consts)
+        out, out_ts = jvp_at(evaluate, full, diff, [*const_ts, *carry_ts, *x_ts])
         new = [_as(o, ins[nc + k]) for k, o in enumerate(out[:nk])]
         new_ts = [_as(out_ts[i - nc], ins[i]) for i in at.carry]
         ys_ts = [_as(out_ts[j], outs[j]) for j in at.ys]

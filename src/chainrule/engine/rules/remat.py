@@ -38,7 +38,7 @@ from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, raw, vjp_flat
 from chainrule.engine.rules.calls import _cotangents, eval_body, literal_output
 from chainrule.engine.rules.effects import optimization_barrier
-from chainrule.engine.rules.forward_only import needs_forward, transposed_jvp
+from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
 
 # Debug effects run again in the recomputation, as in JAX (a `jax.debug.print` in a
@@ -213,15 +213,8 @@ def _remat_jvp(primals: Sequence[Any], tangents: Sequence[Any], jaxpr: Any, poli
     (`core.jvp_flat`, chainrule's own rules). `tangents` has one entry per
     operand, None where it is zero."""
     diff = [i for i, t in enumerate(tangents) if t is not None]
-
-    def forward(*diff_primals: Any) -> list[Any]:
-        full = list(primals)
-        for i, x in zip(diff, diff_primals, strict=True):
-            full[i] = x
-        return _evaluate(jaxpr, full, policy, None)
-
-    ts = [tangents[i] for i in diff]
-    values, out_ts = core.jvp_flat(forward, [primals[i] for i in diff], ts)
+    body = lambda *args: _evaluate(jaxpr, args, policy, None)  # noqa: E731
+    values, out_ts = jvp_at(body, primals, diff, [tangents[i] for i in diff])
     return [
         t if core.is_differentiable(raw(v)) else None for v, t in zip(values, out_ts, strict=True)
     ]
