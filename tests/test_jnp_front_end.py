@@ -323,3 +323,55 @@ def test_jit_grad_of_closed_over_parameters_through_custom_jvp_functions(fun):
     w, data = jnp.array([1.5, 2.0, 1.2]), jnp.array([0.0, 1.0, 3.0])
     got = jax.jit(lambda x: cr.grad(fun)(w, x))(data)
     np.testing.assert_allclose(got, jax.jit(lambda x: jax.grad(fun)(w, x))(data), rtol=1e-6)
+
+
+class _Reflected:
+    """An operand type of the user's: JAX's operators defer to its reflected methods."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __radd__(self, other):
+        return other + self.value
+
+    def __rmul__(self, other):
+        return other * self.value
+
+    def __rmatmul__(self, other):
+        return other @ self.value
+
+
+class _ArrayLike:
+    def __jax_array__(self):
+        return jnp.asarray([1.0, -2.0])
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_operators_defer_to_operand_types_jax_does_not_know(wrap):
+    # a Tracer's operator returns NotImplemented for such a type, as jax.Array's
+    # does, so the other operand's reflected method runs (a sparse matrix's
+    # `__rmatmul__` is tests/test_sparse.py); `__jax_array__` converts
+    def loss(x):
+        y = (x + _Reflected(2.0)) * _Reflected(3.0) + x * _ArrayLike()
+        return jnp.sum(y @ _Reflected(jnp.ones((2, 2))))
+
+    x = jnp.asarray([1.0, 4.0])
+    np.testing.assert_allclose(wrap(cr.grad(loss))(x), jax.grad(loss)(x), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x: x == [1.0, 2.0],
+        lambda x: x != (1.0, 2.0),
+        lambda x: x + "a",
+        lambda x: x < object(),
+        lambda x: x @ {"a": 1},
+    ],
+)
+def test_operators_refuse_what_jaxs_refuse(op):
+    x = jnp.asarray([1.0, 4.0])
+    with pytest.raises(TypeError):
+        jax.grad(lambda x: jnp.sum(op(x)))(x)
+    with pytest.raises(TypeError, match="unsupported operand|not supported"):
+        cr.grad(lambda x: jnp.sum(op(x)))(x)

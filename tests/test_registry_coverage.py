@@ -41,6 +41,8 @@ JAX_RULE_MODULES = [
     "jax._src.state.discharge",
     "jax._src.lax.eval_jaxpr",
     "jax.experimental.multihost_utils",
+    "jax.experimental.sparse",
+    "jax.experimental.sparse.linalg",
 ]
 
 _STATE = (

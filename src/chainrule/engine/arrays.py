@@ -633,8 +633,35 @@ def asarray(x: Any, dtype: Any = None) -> Any:
 # --- the Tracer with operators --------------------------------------------------------
 
 
-def _flip(f: Callable) -> Callable:
-    return lambda self, other: f(other, self)
+# the operand types JAX's operators accept (`jax.Array`s include tracers, np.generic
+# the ml_dtypes scalars); for another type an operator returns NotImplemented, so
+# that Python tries the other operand's reflected method (a sparse matrix's
+# `__rmatmul__`, a user's array-like class)
+_OPERAND_TYPES = (int, float, complex, np.generic, np.ndarray, jax.Array)
+
+
+def _operator(f: Callable, flip: bool = False, equality: str = "") -> Callable:
+    """`f` as the operator method of a Tracer, as JAX's operators take their
+    other operand: `__jax_array__` converts it; a type JAX does not accept
+    gives NotImplemented (`equality`, the symbol of `==` or `!=`: a test
+    with a list, tuple, dict or set raises, as in JAX)."""
+
+    def method(self: Any, other: Any) -> Any:
+        if not isinstance(other, _OPERAND_TYPES):
+            convert = getattr(other, "__jax_array__", None)
+            if convert is not None:
+                other = convert()
+            elif equality and type(other) in (dict, list, set, tuple):
+                raise TypeError(
+                    f"unsupported operand type(s) for {equality}: "
+                    f"{type(self).__name__!r} and {type(other).__name__!r}"
+                )
+            else:
+                return NotImplemented
+        return f(other, self) if flip else f(self, other)
+
+    method.__name__ = f.__name__
+    return method
 
 
 def _transpose_last_two(x: Any) -> Any:
@@ -665,14 +692,16 @@ class ArrayTracer(Tracer):
     __slots__ = ()
     __hash__ = None  # like jax arrays: __eq__ is elementwise
 
-    __add__, __radd__ = add, _flip(add)
-    __sub__, __rsub__ = subtract, _flip(subtract)
-    __mul__, __rmul__ = multiply, _flip(multiply)
-    __truediv__, __rtruediv__ = divide, _flip(divide)
-    __pow__, __rpow__ = power, _flip(power)
-    __matmul__, __rmatmul__ = matmul, _flip(matmul)
-    __lt__, __le__, __gt__, __ge__ = less, less_equal, greater, greater_equal
-    __eq__, __ne__ = equal, not_equal
+    __add__, __radd__ = _operator(add), _operator(add, flip=True)
+    __sub__, __rsub__ = _operator(subtract), _operator(subtract, flip=True)
+    __mul__, __rmul__ = _operator(multiply), _operator(multiply, flip=True)
+    __truediv__, __rtruediv__ = _operator(divide), _operator(divide, flip=True)
+    __pow__, __rpow__ = _operator(power), _operator(power, flip=True)
+    __matmul__, __rmatmul__ = _operator(matmul), _operator(matmul, flip=True)
+    __lt__, __le__ = _operator(less), _operator(less_equal)
+    __gt__, __ge__ = _operator(greater), _operator(greater_equal)
+    __eq__ = _operator(equal, equality="==")
+    __ne__ = _operator(not_equal, equality="!=")
     __neg__, __abs__ = negative, abs
 
     def __pos__(self):

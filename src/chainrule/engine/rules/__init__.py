@@ -14,7 +14,9 @@ The families import one way: `registry` <- `shape` <- `elementwise` <-
 while); `sorting` (sort, top_k); `convolution` (convolutions, on `shape`) <-
 `windows` (pooling: windowed reductions, on `indexing` too);
 `decompositions` (matrix factorizations and solves); `fft` (Fourier
-transforms, on `shape`, `elementwise` and `indexing`); `calls` <- `effects`
+transforms, on `shape`, `elementwise` and `indexing`); `calls` <- `sparse`
+(`jax.experimental.sparse`'s primitives, through JAX's implementations of
+them); `calls` <- `effects`
 (random numbers, bits, placement, printing and callbacks) <- `remat`
 (`jax.checkpoint`), `collectives` (`jax.shard_map` and its collectives). A
 new rule goes into the module of its family; `PRIMITIVES` (in `registry`) is
@@ -36,5 +38,6 @@ from chainrule.engine.rules.registry import *  # noqa: F403
 from chainrule.engine.rules.remat import *  # noqa: F403
 from chainrule.engine.rules.shape import *  # noqa: F403
 from chainrule.engine.rules.sorting import *  # noqa: F403
+from chainrule.engine.rules.sparse import *  # noqa: F403
 from chainrule.engine.rules.special import *  # noqa: F403
 from chainrule.engine.rules.windows import *  # noqa: F403
