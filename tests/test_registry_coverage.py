@@ -98,7 +98,6 @@ NOT_IN_USER_CODE: dict[str, str] = {
     "global_array_to_host_local_array": "multi-process output plumbing "
     "(jax.experimental.multihost_utils), applied to results after a loss, not inside one",
     # transformations of their own
-    "check": "only exists inside jax.experimental.checkify's transformation",
     "ffi_call": "a foreign (C++/CUDA) function: JAX cannot differentiate it either "
     "(wrap it in jax.custom_vjp, which chainrule honours)",
 }

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from jax.experimental import io_callback
+from jax.experimental import checkify, io_callback
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 import chainrule as cr
@@ -268,6 +268,38 @@ def test_debug_callback_sees_the_primal_values(jit, ordered):
     # (eagerly chainrule computes with NumPy: equal to float64 rounding)
     np.testing.assert_allclose(seen["cr"][0][0], seen["jax"][0][0], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(seen["cr"][0][1], seen["jax"][0][1], rtol=1e-12, atol=1e-12)
+
+
+def _checked_log(x):
+    checkify.check(jnp.all(x > 0), "x must be positive, got {}", x[0])
+    return jnp.sum(jnp.log(x) ** 2)
+
+
+def _checked_in_a_scan(x):
+    def step(c, xi):
+        checkify.check(xi > 0, "xi = {} is not positive", xi)
+        return c + jnp.log(xi) * c, None
+
+    return lax.scan(step, 1.0, x)[0]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["passes", "fails"])
+def test_checkify_checks_see_the_primal_values(jit, sign):
+    wrap = jax.jit if jit else (lambda f: f)
+    x = jnp.asarray([1.0, 2.0]) * sign
+    assert "check" in emitted(_checked_log, jnp.abs(x))
+    for transform in (cr.grad, cr.hessian):
+        err, got = wrap(checkify.checkify(transform(_checked_log)))(x)
+        want_err, want = checkify.checkify(getattr(jax, transform.__name__)(_checked_log))(x)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        assert err.get() == want_err.get()
+    # a check in a scan step: jax.grad drops it (err.get() is None for negative
+    # x); chainrule reports it, as jax.jvp does
+    err, _ = wrap(checkify.checkify(cr.grad(_checked_in_a_scan)))(x)
+    want_err, _ = checkify.checkify(lambda x: jax.jvp(_checked_in_a_scan, (x,), (x,)))(x)
+    assert want_err.get() == (None if sign > 0 else "xi = -1.0 is not positive (`check` failed)")
+    assert err.get() == want_err.get()
 
 
 def _host_square(a):

@@ -11,9 +11,10 @@ placement, printing and callbacks.
   constraint is also applied to the cotangent, as JAX does.
 * **Printing and callbacks**: `jax.debug.print` (`debug_print`) and
   `jax.debug.callback` (`debug_callback`) see the primal values, as under
-  `jax.grad`, and record nothing. `pure_callback` and `io_callback` run Python
-  that chainrule cannot see into: on values that need a gradient they raise
-  the `ValueError` JAX raises, with the user's line and the fix.
+  `jax.grad`, and record nothing; so does `checkify.check` (`check`).
+  `pure_callback` and `io_callback` run Python that chainrule cannot see
+  into: on values that need a gradient they raise the `ValueError` JAX
+  raises, with the user's line and the fix.
 
 Each JAX primitive is bound as it is (`jax_prim.bind`) with every parameter
 JAX emitted, so nothing about it changes but the tracing.
@@ -24,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jax._src import callback, debugging, dispatch, pjit
+from jax._src import callback, checkify, debugging, dispatch, pjit
 from jax._src import core as jcore  # set_current_trace (JAX 0.10, pinned)
 from jax._src import mesh as mesh_lib
 from jax._src.lax import lax as jax_lax
@@ -138,7 +139,9 @@ class _Effect(Primitive):
             return self.jax_prim.bind(*primals, **params)
 
 
-for _jax_prim in (debugging.debug_print_p, debugging.debug_callback_p):
+# (`checkify.check`'s `check` too: `checkify.checkify(cr.grad(f))` sees the primal
+# values a check tests, as with jax.grad)
+for _jax_prim in (debugging.debug_print_p, debugging.debug_callback_p, checkify.check_p):
     PRIMITIVES[_jax_prim.name] = _Effect(_jax_prim)
 
 
