@@ -891,3 +891,28 @@ def test_readme_char_rnn_example_runs():
     assert "lax.scan" in code and "cr.value_and_grad" in code
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # its asserts check jax.grad's numbers
+
+
+def _squarings_by_threshold(x):
+    # a scan step whose cond reads only the step's x and a constant (not the
+    # carry's tangent): jax.scipy.linalg.expm squares its Pade approximant so
+    m = jnp.outer(x, x) * 0.2 + jnp.eye(3)
+
+    def step(c, n):
+        return lax.cond(n < 2.0, lambda c: c @ c * 0.5, lambda c: jnp.sin(c), c), None
+
+    return jnp.sum(lax.scan(step, m, jnp.arange(4.0))[0], axis=0)
+
+
+@pytest.mark.parametrize(
+    "fun",
+    [_squarings_by_threshold, lambda x: jax.scipy.linalg.expm(jnp.outer(x, x) * 0.3)[0]],
+    ids=["scan_cond", "expm"],
+)
+def test_forward_mode_through_a_cond_in_a_scan_step(fun):
+    # the pass at zero of forward mode traced the step's VJP, where the cond's
+    # predicate was the step's own value and none of its operands chainrule's:
+    # it was evaluated eagerly on that traced predicate (UnexpectedTracerError)
+    _forward_mode_as_jax(fun)
+    x = jnp.array([0.3, 0.7, 1.9])
+    np.testing.assert_allclose(cr.hessian(fun)(x), jax.hessian(fun)(x), rtol=1e-9, atol=1e-12)

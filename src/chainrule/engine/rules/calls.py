@@ -281,7 +281,12 @@ class _Cond(Primitive):
             return [_typed_as(o, a) for o, a in zip(outs, branches[0].out_avals, strict=True)]
         return list(core.bind(self, *args, **params))
 
-    apply_untraced = apply  # a predicate known now picks the branch either way
+    def apply_untraced(self, trace, args, params):
+        if isinstance(raw(args[0]), jcore.Tracer):
+            # a predicate traced by the trace outside (a scan step's, in the
+            # backward pass of forward mode), nothing of ours: that trace's cond
+            return NotImplemented
+        return self.apply(trace, args, params)  # a predicate known now picks the branch
 
     def vjp(self, g, node):
         index, *operands = node.primals
