@@ -1186,3 +1186,27 @@ def test_a_prng_key_carried_through_a_differentiated_scan():
     x = jnp.array([1.0, 2.0])
     for grad in (cr.grad(f), jax.jit(cr.grad(f))):
         np.testing.assert_allclose(grad(x), jax.grad(f)(x), rtol=1e-12)
+
+
+def test_integer_inputs_reach_the_function_as_jax_hands_them():
+    """An integer leaf that is not differentiated (`allow_int`, or a `vjp`
+    primal) reaches `fun` as JAX hands it: a NumPy array stays NumPy, so
+    `n / 3` is computed in float64 as under jax.grad, and a Python number
+    does not meet jax.numpy's strict promotion."""
+    n = np.array([1, 2], np.int32)
+    w = jnp.float32(1.0)
+    f = lambda w, n: w * jnp.sum(n / 3)
+    with jax.numpy_dtype_promotion("standard"):
+        for got, want in [
+            (cr.vjp(f, w, n)[0], jax.vjp(f, w, n)[0]),
+            (
+                cr.value_and_grad(f, (0, 1), allow_int=True)(w, n)[0],
+                jax.value_and_grad(f, (0, 1), allow_int=True)(w, n)[0],
+            ),
+        ]:
+            assert got.dtype == want.dtype and np.allclose(got, want, rtol=1e-15)
+    g = lambda x: jnp.sum(x + 0.0)
+    with jax.numpy_dtype_promotion("strict"):
+        got = cr.grad(g, allow_int=True)(np.ones((2, 4), int))
+        want = jax.grad(g, allow_int=True)(np.ones((2, 4), int))
+    assert got.dtype == want.dtype == jax.dtypes.float0 and got.shape == want.shape

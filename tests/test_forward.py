@@ -377,6 +377,25 @@ LINEAR = {
         lambda x: jnp.fft.rfft(x) + jax.lax.complex(x[:3], 2 * x[:3]),
         (jnp.ones(4),),
     ),
+    # linear through a loop body, a checkpoint, a window sum, a solve with a
+    # constant matrix: JAX transposes these (their jaxprs are linear)
+    "scan": (
+        lambda x: jax.lax.scan(lambda c, y: (c + y, 2.0 * c - jnp.sin(1.0) * y), 0.0, x)[1],
+        (jnp.ones(3),),
+    ),
+    "fori_loop": (lambda x: jax.lax.fori_loop(0, 3, lambda i, c: 2.0 * c[::-1], x), (jnp.ones(3),)),
+    "checkpoint": (jax.checkpoint(lambda x: jnp.cumsum(3.0 * x)), (jnp.ones(3),)),
+    "window sum": (
+        lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (2,), (1,), "VALID"),
+        (jnp.ones(4),),
+    ),
+    "triangular solve": (
+        lambda b: jax.scipy.linalg.solve_triangular(
+            jnp.tril(jnp.ones((3, 3))) + 2.0, b, lower=True
+        ),
+        (jnp.ones(3),),
+    ),
+    "solve": (lambda b: jnp.linalg.solve(jnp.eye(3) * 2.0 + 1.0, b), (jnp.ones(3),)),
 }
 
 
@@ -420,6 +439,11 @@ def test_linear_transpose_matches_jax(name, mode):
         lambda x: jnp.where(x > 0, x, 0.0),
         jnp.round,
         lambda x: x[jnp.argmax(x)] * x,
+        # nonlinear inside a loop body or a checkpoint (also on a later iteration)
+        lambda x: jax.lax.scan(lambda c, y: (c * y, c), 1.0, x)[1],
+        lambda x: jax.lax.scan(lambda c, y: ((c[1] * c[1], y), c[0]), (0.0, 0.0), x)[1],
+        lambda x: jax.lax.scan(lambda c, y: (c, jnp.where(y > 0, y, 0.0)), 0.0, x)[1],
+        jax.checkpoint(jnp.sin),
     ],
 )
 def test_linear_transpose_of_a_nonlinear_function_raises_not_implemented(fun):
@@ -455,6 +479,18 @@ def test_linear_transpose_refuses_a_cast_of_an_input_to_integers():
     for fun in (lambda x: x.astype(jnp.int32) + x, lambda x: x * x.astype(jnp.int32)):
         with pytest.raises(NotImplementedError, match="convert_element_type"):
             cr.linear_transpose(fun, x)
+
+
+def test_linear_transpose_reads_any_shape_and_dtype_as_abstract():
+    """JAX reads a primal leaf with `.shape` and `.dtype` (not only a
+    `jax.ShapeDtypeStruct`) for its type alone (its api_test does)."""
+    import types
+
+    x = types.SimpleNamespace(shape=(3,), dtype=np.dtype(np.float32))
+    y = jnp.arange(3, dtype=np.float32)
+    (got,) = cr.linear_transpose(lambda x: 2 * x, x)(y)
+    (want,) = jax.linear_transpose(lambda x: 2 * x, x)(y)
+    assert_trees_match(got, want)
 
 
 def test_linear_transpose_checks_cotangents_and_dtypes():

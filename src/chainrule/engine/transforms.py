@@ -149,6 +149,13 @@ def _box_leaf(
         return trace.new_input(value)
     if dtype is not None and (jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
         if mode.allow_int:
+            # handed to `fun` as JAX hands it: a Python int stays one, a NumPy
+            # array stays NumPy (in JAX's canonical dtype), so `n / 3` or
+            # `n + 0.5` computes as under jax.grad (in NumPy, float64)
+            if isinstance(x, (int, np.ndarray, np.generic)) and not isinstance(x, bool):
+                if isinstance(x, int):
+                    return x
+                return np.asarray(x, jax.dtypes.canonicalize_dtype(x.dtype))
             return value
         raise InputTypeError(
             f"{fun_name}: {where()} has dtype {dtype.name}; gradients are only defined for "
