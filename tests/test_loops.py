@@ -916,3 +916,19 @@ def test_forward_mode_through_a_cond_in_a_scan_step(fun):
     _forward_mode_as_jax(fun)
     x = jnp.array([0.3, 0.7, 1.9])
     np.testing.assert_allclose(cr.hessian(fun)(x), jax.hessian(fun)(x), rtol=1e-9, atol=1e-12)
+
+
+def test_forward_mode_through_a_while_loop_given_a_literal_constant():
+    # in a jaxpr, a Python float passed to a call holding a while loop is a
+    # literal (JAX 0.10's TypedFloat), a constant of the loop: the loop's JVP
+    # wrapped it in a Tracer whose aval could not be computed, and reading
+    # `aval` recursed through __getattr__ (RecursionError in cr.jvp; forward
+    # mode of jax.scipy.special.hyp1f1 at second order hit it)
+    def g(c, b):
+        step = lambda s: (s[0] * c + jnp.sin(b * s[0]), s[1] + 1)  # noqa: E731
+        return lax.while_loop(lambda s: s[1] < 3, step, (b, 0))[0]
+
+    _forward_mode_as_jax(jax.jit(lambda b: jax.jit(g)(0.7, b)))
+    b = jnp.array([0.2, 0.5, 3.0])
+    h = lambda b: jax.scipy.special.hyp1f1(1.5, b, 0.7)  # noqa: E731
+    np.testing.assert_allclose(cr.jacfwd(cr.jacfwd(h))(b), jax.jacfwd(jax.jacfwd(h))(b), rtol=1e-9)

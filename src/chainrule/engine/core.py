@@ -367,8 +367,11 @@ _AVALS: dict[tuple, Any] = {}  # (shape, dtype, weak) -> ShapedArray; bounded by
 def _aval(value: Any) -> Any:
     if isinstance(value, jcore.Tracer):
         return value.aval
+    shape = getattr(value, "shape", None)
+    if shape is None:  # JAX's typed literals of a jaxpr (TypedFloat, TypedInt), numbers
+        return jcore.typeof(value)
     weak = getattr(value, "weak_type", False)  # (NumPy values have none: strong)
-    key = (value.shape, value.dtype, weak)
+    key = (shape, value.dtype, weak)
     aval = _AVALS.get(key)
     if aval is None:
         aval = _AVALS[key] = jcore.ShapedArray(key[0], key[1], weak_type=weak)
@@ -438,6 +441,13 @@ class Tracer(jcore.Tracer):
         return jcore.to_concrete_value(self.value)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "aval":
+            # (reached only when the `aval` property raised AttributeError: JAX's
+            # __getattr__ would read `aval` again, recursing without end)
+            raise TypeError(
+                f"chainrule.Tracer: the JAX type of its value ({type(self.value).__name__}) "
+                "could not be read (it has no shape or dtype)"
+            )
         try:  # jax.Array's methods and properties, as JAX's own tracers have them
             return super().__getattr__(name)
         except AttributeError:
