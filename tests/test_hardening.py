@@ -238,3 +238,20 @@ def test_in_place_operators_on_values_computed_eagerly_rebind_as_in_jax():
             got, want = run(w), jax.value_and_grad(fun)(w)
             np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
             np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_abs_gives_jaxs_signed_zero_where_the_cotangent_is_zero(dtype):
+    """JAX transposes abs's select(x >= 0, g, -g): where x < 0 a zero cotangent
+    comes back as +0, not -0 (sqrt(|x|) at -inf, the max-norm's losers)."""
+    x = np.array([-np.inf, -2.0, -0.0, 0.0, 3.0], dtype)
+    for f in (
+        lambda x: jnp.sum(jnp.sqrt(jnp.abs(x))),
+        lambda x: jnp.linalg.norm(x[1:], jnp.inf),
+        lambda x: jnp.sum(jnp.abs(x) * jnp.array([1.0, 0.0, 1.0, 0.0, 1.0], dtype)),
+    ):
+        want = np.asarray(jax.grad(f)(x))
+        for got in (cr.grad(f)(x), jax.jit(cr.grad(f))(x)):
+            got = np.asarray(got)
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))

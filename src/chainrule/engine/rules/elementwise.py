@@ -636,7 +636,10 @@ def _abs_vjp(ans, x):
     chainrule agrees with jax.grad). For complex x (|x| is not holomorphic: see
     `shape.real`), g * conj(x) / |x|, and 0 at 0, as JAX's."""
     if not is_complex(x):
-        return lambda g: select_n(ge(x, const(x, 0)), neg(g), g)
+        # JAX's select(x >= 0, g, -g) transposed is select(x >= 0, g, 0) plus
+        # -select(x >= 0, 0, g): where x < 0, 0 - g, so a zero cotangent gives
+        # +0 there (neg(g) would give -0: 1/grad was -inf where JAX's is +inf)
+        return lambda g: select_n(ge(x, const(x, 0)), sub(zeros_like(g), g), g)
     dtype = dtype_of(x)
     direction = div(conj(x), _replace_zero(convert_element_type(ans, dtype)))
     return lambda g: mul(convert_element_type(g, dtype), direction)
