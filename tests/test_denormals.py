@@ -726,3 +726,30 @@ def test_quantising_an_image_outside_its_range_is_jaxs():
     g = lambda x: jnp.sum(x * x.astype(jnp.int32))  # noqa: E731
     x = jnp.array([1e10, -1e10, jnp.nan, 2.5, -2.5], jnp.float32)
     np.testing.assert_array_equal(cr.grad(g)(x), jax.grad(g)(x))
+
+
+def test_user_python_and_numpy_code_keeps_its_floating_point_mode():
+    """Flushing subnormals is XLA's treatment of the primitives' operands and
+    results, not of the user's own Python and NumPy arithmetic between them: a
+    constant computed in the loss with NumPy (through a subnormal intermediate)
+    or a Python comparison with a subnormal must be what it is under jax.grad,
+    eagerly and under jit (chainrule traces at jit's trace time)."""
+    import math
+
+    def loss(x):
+        scale = np.float32(1e-39) * np.float32(1e5)  # 1e-34, normal; 1e-39 is not
+        flag = 1.0 if math.exp(-710.0) > 0 else 0.0  # 4.4e-309, a float64 subnormal
+        return jnp.sum(x * scale) * flag
+
+    x = np.array([1.0, 2.0], np.float32)
+    want = jax.grad(loss)(x)
+    assert float(want[0]) > 0
+    for got in (cr.grad(loss)(x), jax.jit(cr.grad(loss))(x), cr.grad(loss)(jnp.asarray(x))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # and a primitive evaluated on the host afterwards still flushes as XLA does
+    tiny = np.finfo(np.float32).tiny
+    y = np.array([tiny, 1.0], np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(cr.grad(lambda y: jnp.sum(y * y * 0.25))(y)),
+        np.asarray(jax.jit(jax.grad(lambda y: jnp.sum(y * y * 0.25)))(y)),
+    )

@@ -39,7 +39,8 @@ def _as_operand(x: Any, dtype) -> Any:
     if isinstance(x, Tracer):
         return rules.convert_element_type(x, dtype)
     if isinstance(x, (int, float, np.generic, np.ndarray)):
-        out = np.asarray(x, dtype=dtype)  # lax takes NumPy operands; no XLA dispatch
+        with host.FLUSHING:  # (a subnormal converted as XLA converts it: to zero)
+            out = np.asarray(x, dtype=dtype)  # lax takes NumPy operands; no XLA dispatch
         if isinstance(x, np.ndarray) and out is not x:
             core.carry_untraced(x, out)  # (a converted untraced value is still one)
         return out

@@ -205,8 +205,9 @@ class Primitive:
             if isinstance(a, Tracer) and a.level > level:
                 level, top = a.level, a
         if top is None:
-            hosted = self.evaluate_on_host(args, params)  # untraced: NumPy, else JAX
-            return hosted[1] if hosted is not None else self.impl(*args, **params)
+            with host.FLUSHING:
+                hosted = self.evaluate_on_host(args, params)  # untraced: NumPy, else JAX
+                return hosted[1] if hosted is not None else self.impl(*args, **params)
         trace = top._trace
         if _current_trace.value is not trace:
             for a in args:
@@ -235,7 +236,8 @@ class Primitive:
         if operands is None:
             return None
         try:
-            out = self.host_impl(*operands, **params)
+            with host.FLUSHING:
+                out = self.host_impl(*operands, **params)
         except (ValueError, TypeError, IndexError):
             if not self.host_errors_fall_back:
                 raise
@@ -282,7 +284,8 @@ class Primitive:
         operands = host.host_operands(args, check=True)
         if operands is not None:
             try:
-                out = self.host_impl(*operands, **self.taken(params))
+                with host.FLUSHING:
+                    out = self.host_impl(*operands, **self.taken(params))
             except (ValueError, TypeError, IndexError):
                 return NotImplemented  # (NumPy refuses them: JAX raises JAX's error)
             if out is NotImplemented:
@@ -298,7 +301,8 @@ class Primitive:
         params = self.taken(params)
         if self.exact_on_host is not True and not self.exact_on_host(operands, **params):
             return NotImplemented
-        out = self.host_impl(*operands, **params)
+        with host.FLUSHING:
+            out = self.host_impl(*operands, **params)
         if out is NotImplemented:
             return out
         return list(out) if self.multiple_results else [out]  # (`process` hands them on)
@@ -632,7 +636,7 @@ class Trace(jcore.Trace):
             if ans is NotImplemented:  # JAX computes it: on the trace outside, or on
                 # this one for host values (a call's body then runs with NumPy)
                 on_host = not subnormal and host.host_operands(primals) is not None
-                with jcore.set_current_trace(self if on_host else self.parent):
+                with jcore.set_current_trace(self if on_host else self.parent), host.FLUSHING:
                     ans = prim.impl(*primals, **params)
         if not prim.differentiable:  # its output is never traced: no node
             if prim.multiple_results:
@@ -926,12 +930,15 @@ def backward(
     previous = backward_at_zero()
     _pass.at_zero = at_zero
     try:
-        if at_zero and (_jax_config.debug_nans.value or _jax_config.debug_infs.value):
-            # the pass's values are never read (0 * inf is NaN there): JAX's
-            # per-primitive NaN/inf checks are for the tangents, not for it
-            with _jax_config.debug_nans(False), _jax_config.debug_infs(False):
-                return _backward(seeds, release, observe)
-        return _backward(seeds, release, observe)
+        # (a backward pass is chainrule's own work: XLA's treatment of subnormals
+        # for all of it at once, not per primitive; see `host.FLUSHING`)
+        with host.FLUSHING:
+            if at_zero and (_jax_config.debug_nans.value or _jax_config.debug_infs.value):
+                # the pass's values are never read (0 * inf is NaN there): JAX's
+                # per-primitive NaN/inf checks are for the tangents, not for it
+                with _jax_config.debug_nans(False), _jax_config.debug_infs(False):
+                    return _backward(seeds, release, observe)
+            return _backward(seeds, release, observe)
     finally:
         _pass.at_zero = previous
 

@@ -17,8 +17,10 @@ called on concrete float32/float64 arrays and JAX's default backend is the CPU,
 Subnormal numbers get XLA's treatment, so eager and jitted results agree to
 the last denormal. XLA's CPU kernels flush subnormals to zero (as inputs of
 arithmetic and as results); NumPy keeps them. So host evaluation runs inside
-`evaluating()`, which puts the thread's SSE unit in flush-to-zero /
-denormals-are-zero mode for the duration of a transform call, and a value
+`evaluating()`, and each primitive's NumPy work (and a whole backward pass)
+inside `FLUSHING`, which puts the thread's SSE unit in flush-to-zero /
+denormals-are-zero mode; the user's own Python and NumPy arithmetic between
+primitives keeps the thread's mode, as under `jax.grad`. A value
 holding a subnormal never enters a NumPy computation: differentiated inputs,
 constants and JAX results are checked where they become host values
 (`has_subnormal`), and one holding a subnormal is left to JAX. Where that
@@ -132,7 +134,8 @@ class _State(threading.local):
         # the mode before (a `femode_t`), and the same with FTZ/DAZ on
         self.saved, self.flushing = ctypes.c_uint64(), ctypes.c_uint64()
         self.saved_ref, self.flushing_ref = ctypes.byref(self.saved), ctypes.byref(self.flushing)
-        self.restore = False  # whether the outermost context changed the mode
+        self.restore = False  # whether `FLUSHING` must change the mode (in `evaluating()`)
+        self.flush_depth = 0  # how many `FLUSHING` contexts are open
 
 
 _state = _State()
@@ -142,12 +145,11 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
     """Context manager around a transform's work on host values.
 
     NumPy's floating-point warnings are off (like XLA, an overflow gives inf
-    and an invalid operation NaN, silently), and the thread's SSE unit
-    flushes subnormal results to zero and reads subnormal operands as zero,
-    as XLA's CPU kernels do. The outermost context of a thread sets that up
-    and restores the previous mode on exit; inner ones only count. Host
-    evaluation happens only inside this context, and only where `enabled()`
-    says so on entry to the outermost one.
+    and an invalid operation NaN, silently). The outermost context of a
+    thread reads the floating-point mode, for `FLUSHING` to switch to XLA's
+    (subnormals flushed) around chainrule's own NumPy work and back; inner
+    ones only count. Host evaluation happens only inside this context, and
+    only where `enabled()` says so on entry to the outermost one.
     """
 
     __slots__ = ()
@@ -164,7 +166,6 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
                 mode = st.saved.value
                 if mode & _FTZ_DAZ != _FTZ_DAZ:
                     st.flushing.value = mode | _FTZ_DAZ
-                    _LIBM.fesetmode(st.flushing_ref)
                     restore = True
             st.restore = restore
             st.host = enabled()
@@ -176,12 +177,40 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
         depth = st.depth = st.depth - 1
         if not depth:
             st.host = False
+            st.restore = False  # (`FLUSHING` outside a transform call changes nothing)
             st.converted.clear()
             st.smallest.clear()
-            if st.restore:
-                _LIBM.fesetmode(st.saved_ref)
             st.errstate.__exit__(*exc)
             st.errstate = None
+
+
+class _Flushing:
+    """`FLUSHING`: a context manager around chainrule's own NumPy work inside
+    `evaluating()` (a primitive's NumPy version, a conversion, a backward
+    pass): the thread's SSE unit flushes subnormal results to zero and reads
+    subnormal operands as zero, as XLA's CPU kernels do, and the caller's mode
+    is back on exit. Only there: the user's function runs between primitives,
+    and its own Python and NumPy arithmetic (`math.exp(-710.0) > 0`,
+    `np.float32(1e-39) * 1e5`) sees the mode it sees under `jax.grad`. Nested
+    contexts only count."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        st = _state
+        depth = st.flush_depth
+        st.flush_depth = depth + 1
+        if not depth and st.restore:
+            _LIBM.fesetmode(st.flushing_ref)
+
+    def __exit__(self, *exc: Any) -> None:
+        st = _state
+        depth = st.flush_depth = st.flush_depth - 1
+        if not depth and st.restore:
+            _LIBM.fesetmode(st.saved_ref)
+
+
+FLUSHING = _Flushing()
 
 
 def has_subnormal(x: Any) -> bool:
