@@ -543,7 +543,7 @@ def test_integer_pow_on_the_host_is_xlas_to_the_bit(bits, wide, y):
     that under- or overflow), where `np.power` differed in a third of them."""
     dtype, utype = (np.float64, np.uint64) if wide else (np.float32, np.uint32)
     x = np.array([b % (1 << (64 if wide else 32)) for b in bits], utype).view(dtype)
-    with host.evaluating():
+    with host.evaluating(), host.FLUSHING:
         got = PRIMITIVES["integer_pow"].host_impl(x, y=y)
     want = np.asarray(lax.integer_pow(jnp.asarray(x), y))
     assert got.dtype == want.dtype
@@ -559,7 +559,7 @@ def test_pow_on_the_host_at_zeros_and_infinities_is_xlas(dtype, y):
     at these values, its bits."""
     x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0], dtype)
     y = np.asarray(y, np.int32 if isinstance(y, int) else dtype)
-    with host.evaluating():
+    with host.evaluating(), host.FLUSHING:
         got = PRIMITIVES["pow"].host_impl(x, y)
     want = np.asarray(lax.pow(jnp.asarray(x), jnp.asarray(y)))
     assert got.dtype == want.dtype
@@ -618,7 +618,7 @@ def test_float_to_integer_on_the_host_is_xlas(bits, width, integer, scale):
     raw_bits = np.array([b % (1 << width) for b in bits], utype).view(dtype)
     with np.errstate(all="ignore"):  # (values around the integer type's limits too)
         x = np.concatenate([raw_bits, (np.tanh(raw_bits.astype(np.float64)) * scale).astype(dtype)])
-    with host.evaluating():
+    with host.evaluating(), host.FLUSHING:
         got = PRIMITIVES["convert_element_type"].host_impl(x, new_dtype=np.dtype(integer))
     if dtype is np.float16:  # half precision is never converted on the host: JAX's
         assert got is NotImplemented  # (see tests/test_half_precision.py)
@@ -647,7 +647,7 @@ def test_integer_division_on_the_host_is_xlas(bits, divisors, integer, op):
     y = np.array([divisors[i % len(divisors)] % (1 << width) for i in range(n)], np.uint64)
     y = y.astype(f"uint{width}").view(integer)
     x[: n // 2] = np.where(np.arange(n // 2) % 2 == 0, info.min, info.max)[: n // 2]
-    with jax.enable_x64(True), host.evaluating():
+    with jax.enable_x64(True), host.evaluating(), host.FLUSHING:
         got = PRIMITIVES[op].host_impl(x, y)
         want = np.asarray(getattr(lax, op)(jnp.asarray(x), jnp.asarray(y)))
     assert got.dtype == want.dtype
@@ -693,7 +693,7 @@ def test_signed_zeros_on_the_host_are_xlas(picks, dtype, prim, scalar):
     if scalar:
         y = y[:1].reshape(())
     lo, hi = np.asarray(np.minimum(y, 0.0), dtype), np.asarray(dtype(1.0))
-    with host.evaluating():
+    with host.evaluating(), host.FLUSHING:
         if prim in ("max", "min"):
             got, want = PRIMITIVES[prim].host_impl(x, y), getattr(lax, prim)(x, y)
         elif prim == "clamp":

@@ -205,9 +205,11 @@ class Primitive:
             if isinstance(a, Tracer) and a.level > level:
                 level, top = a.level, a
         if top is None:
-            with host.FLUSHING:
-                hosted = self.evaluate_on_host(args, params)  # untraced: NumPy, else JAX
-                return hosted[1] if hosted is not None else self.impl(*args, **params)
+            hosted = self.evaluate_on_host(args, params)  # untraced: NumPy, else JAX
+            if hosted is not None:
+                return hosted[1]
+            with host.FLUSHING:  # (XLA's eager kernels run on this thread too)
+                return self.impl(*args, **params)
         trace = top._trace
         if _current_trace.value is not trace:
             for a in args:
@@ -235,13 +237,21 @@ class Primitive:
         operands = host.host_operands(args)
         if operands is None:
             return None
+        st = host._state  # (`host.FLUSHING`, inline: this is the hot path)
+        flush = st.restore and not st.flush_depth
+        if flush:
+            st.flush_depth = 1
+            host.set_mode(st.flushing_ref)
         try:
-            with host.FLUSHING:
-                out = self.host_impl(*operands, **params)
+            out = self.host_impl(*operands, **params)
         except (ValueError, TypeError, IndexError):
             if not self.host_errors_fall_back:
                 raise
             return None  # (NumPy refuses the operands: JAX's implementation raises JAX's error)
+        finally:
+            if flush:
+                st.flush_depth = 0
+                host.set_mode(st.saved_ref)
         return None if out is NotImplemented else (operands, out)
 
     def apply(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> list[Any]:

@@ -212,6 +212,9 @@ class _Flushing:
 
 FLUSHING = _Flushing()
 
+# `fesetmode` itself, for the hot path that inlines `FLUSHING` (`Primitive.evaluate_on_host`)
+set_mode = _LIBM.fesetmode if _LIBM is not None else None
+
 
 def has_subnormal(x: Any) -> bool:
     """Whether a float32/float64 NumPy value holds a subnormal number (which
