@@ -444,6 +444,9 @@ def test_linear_transpose_matches_jax(name, mode):
         lambda x: jax.lax.scan(lambda c, y: ((c[1] * c[1], y), c[0]), (0.0, 0.0), x)[1],
         lambda x: jax.lax.scan(lambda c, y: (c, jnp.where(y > 0, y, 0.0)), 0.0, x)[1],
         jax.checkpoint(jnp.sin),
+        # a branch chosen by the inputs (a concrete predicate, evaluated now)
+        lambda x: jax.lax.cond(x[0] > 0, lambda v: 2.0 * v, lambda v: -v, x),
+        lambda x: jax.lax.switch(jnp.argmax(x), [lambda v: 2.0 * v, lambda v: -v], x),
     ],
 )
 def test_linear_transpose_of_a_nonlinear_function_raises_not_implemented(fun):

@@ -47,7 +47,7 @@ from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.engine.rules.shape import retyped, weakly_typed
-from chainrule.errors import NotDifferentiableError
+from chainrule.errors import NotDifferentiableError, NotLinearError
 
 
 def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
@@ -273,6 +273,16 @@ class _Cond(Primitive):
     def apply(self, trace, args, params):
         index, *operands = args
         if not isinstance(raw(index), jcore.Tracer):  # known now: evaluate that branch
+            uses = getattr(trace, "untraced_uses", None)
+            if uses and core.untraced_key(raw(index)) in uses:
+                # (`cr.linear_transpose`: the branch depends on the inputs, so the
+                # function is not linear in them; JAX refuses it too)
+                raise NotLinearError(
+                    f"cr.linear_transpose: the function is not linear in its inputs: a "
+                    f"lax.cond/switch at {core.user_frame()} chooses its branch by "
+                    f"'{uses[core.untraced_key(raw(index))][0]}' of values computed from "
+                    "them. For a nonlinear function use cr.vjp at a point."
+                )
             branches = params["branches"]
             branch = branches[int(np.clip(int(raw(index)), 0, len(branches) - 1))]
             outs = eval_body(trace, branch, operands)
