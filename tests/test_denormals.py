@@ -753,3 +753,53 @@ def test_user_python_and_numpy_code_keeps_its_floating_point_mode():
         np.asarray(cr.grad(lambda y: jnp.sum(y * y * 0.25))(y)),
         np.asarray(jax.jit(jax.grad(lambda y: jnp.sum(y * y * 0.25)))(y)),
     )
+
+
+def test_custom_functions_and_rules_keep_the_floating_point_mode():
+    """A custom_vjp's fwd and bwd, a custom_jvp's function and rule are the
+    user's Python too: called from chainrule's own work (a backward pass, a
+    call's host evaluation, which flush subnormals for NumPy), they run in
+    the thread's own mode, as under jax.grad and jax.jvp (cr.jvp calls a
+    custom_jvp rule from a backward pass)."""
+    import math
+
+    def flag():
+        return 1.0 if math.exp(-710.0) > 0 else 2.0  # 4.4e-309, a float64 subnormal
+
+    @jax.custom_vjp
+    def f(x):
+        return x * 2.0
+
+    f.defvjp(lambda x: (x * 2.0, None), lambda _, g: (g * flag(),))
+
+    @jax.custom_jvp
+    def h(x):
+        return x * 2.0
+
+    h.defjvp(lambda p, t: (h(p[0]), t[0] * flag()))
+
+    x = np.float32(1.5)
+    for fun in (f, h):
+        want = jax.grad(fun)(x)
+        np.testing.assert_array_equal(np.asarray(cr.grad(fun)(x)), np.asarray(want))
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(cr.grad(fun))(x)), np.asarray(jax.jit(jax.grad(fun))(x))
+        )
+    assert cr.jvp(h, (x,), (np.float32(1.0),))[1] == jax.jvp(h, (x,), (np.float32(1.0),))[1]
+
+    # and their primal functions (a custom_jvp's, a custom_vjp's fwd), called from
+    # the host evaluation of the call
+    @jax.custom_jvp
+    def h2(x):
+        return x * flag()
+
+    h2.defjvp(lambda p, t: (h2(p[0]), t[0] * 3.0))
+
+    @jax.custom_vjp
+    def f2(x):
+        return x * flag()
+
+    f2.defvjp(lambda x: (x * flag(), None), lambda _, g: (g * 3.0,))
+    for fun in (h2, f2):
+        want = jax.value_and_grad(fun)(x)
+        np.testing.assert_array_equal(np.asarray(cr.value_and_grad(fun)(x)), np.asarray(want))

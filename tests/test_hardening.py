@@ -255,3 +255,20 @@ def test_abs_gives_jaxs_signed_zero_where_the_cotangent_is_zero(dtype):
             got = np.asarray(got)
             np.testing.assert_allclose(got, want, rtol=1e-6)
             np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_a_python_int_out_of_a_narrow_integer_types_range_wraps_as_in_jax():
+    """`n * 200` for an int8 array n: XLA converts the weak 200 to int8 and
+    wraps, where NumPy refuses it (OverflowError); chainrule answers JAX's."""
+    n = jnp.array([3, 4], jnp.int8)
+
+    def f(x):
+        wrapped = jnp.sum(n * 200) + jnp.sum(n * 2**30)  # (int8: 120 + 0)
+        return x * wrapped.astype(jnp.float32)
+
+    for got, want in [
+        (cr.grad(f)(2.0), jax.grad(f)(2.0)),
+        (jax.jit(cr.grad(f))(2.0), jax.jit(jax.grad(f))(2.0)),
+        (cr.jvp(f, (2.0,), (1.0,)), jax.jvp(f, (2.0,), (1.0,))),
+    ]:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
