@@ -136,6 +136,7 @@ class _State(threading.local):
         self.saved_ref, self.flushing_ref = ctypes.byref(self.saved), ctypes.byref(self.flushing)
         self.restore = False  # whether `FLUSHING` must change the mode (in `evaluating()`)
         self.flush_depth = 0  # how many `FLUSHING` contexts are open
+        self.unflushed: list[int] = []  # `flush_depth` outside each `UNFLUSHED` context
 
 
 _state = _State()
@@ -211,6 +212,34 @@ class _Flushing:
 
 
 FLUSHING = _Flushing()
+
+
+class _Unflushed:
+    """`UNFLUSHED`: the caller's floating-point mode again, inside `FLUSHING`,
+    for the user's own Python run from chainrule's work (a custom_vjp's bwd, a
+    custom_jvp's rule, called from a backward pass): JAX calls them in the
+    thread's own mode, so `math.exp(-710.0) > 0` is True there. `FLUSHING`
+    entered inside starts afresh; the flushing mode is back on exit."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        st = _state
+        depth = st.flush_depth
+        st.unflushed.append(depth)
+        if depth:
+            st.flush_depth = 0
+            if st.restore:
+                _LIBM.fesetmode(st.saved_ref)
+
+    def __exit__(self, *exc: Any) -> None:
+        st = _state
+        depth = st.flush_depth = st.unflushed.pop()
+        if depth and st.restore:
+            _LIBM.fesetmode(st.flushing_ref)
+
+
+UNFLUSHED = _Unflushed()
 
 # `fesetmode` itself, for the hot path that inlines `FLUSHING` (`Primitive.evaluate_on_host`)
 set_mode = _LIBM.fesetmode if _LIBM is not None else None
@@ -564,7 +593,10 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             dtype = _literal_dtype(a, args)
             if dtype is None:
                 return None
-            a = np.asarray(a, dtype=dtype)
+            try:
+                a = np.asarray(a, dtype=dtype)
+            except OverflowError:  # (an int out of a narrow type's range: XLA's
+                return None  # conversion wraps it, NumPy refuses; JAX's then)
             if a.dtype.kind == "f" and has_subnormal(a):
                 return None
         else:  # a JAX tracer (JAX is tracing: the primitive runs through JAX), or other

@@ -152,9 +152,9 @@ def _box_leaf(
             # handed to `fun` as JAX hands it: a Python int stays one, a NumPy
             # array stays NumPy (in JAX's canonical dtype), so `n / 3` or
             # `n + 0.5` computes as under jax.grad (in NumPy, float64)
-            if isinstance(x, (int, np.ndarray, np.generic)) and not isinstance(x, bool):
-                if isinstance(x, int):
-                    return x
+            if isinstance(x, int) and not isinstance(x, bool):
+                return x
+            if isinstance(x, (np.ndarray, np.generic)):
                 return np.asarray(x, jax.dtypes.canonicalize_dtype(x.dtype))
             return value
         raise InputTypeError(

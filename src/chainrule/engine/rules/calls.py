@@ -274,14 +274,15 @@ class _Cond(Primitive):
         index, *operands = args
         if not isinstance(raw(index), jcore.Tracer):  # known now: evaluate that branch
             uses = getattr(trace, "untraced_uses", None)
-            if uses and core.untraced_key(raw(index)) in uses:
+            made_by = uses.get(core.untraced_key(raw(index))) if uses else None
+            if made_by is not None:
                 # (`cr.linear_transpose`: the branch depends on the inputs, so the
                 # function is not linear in them; JAX refuses it too)
                 raise NotLinearError(
                     f"cr.linear_transpose: the function is not linear in its inputs: a "
                     f"lax.cond/switch at {core.user_frame()} chooses its branch by "
-                    f"'{uses[core.untraced_key(raw(index))][0]}' of values computed from "
-                    "them. For a nonlinear function use cr.vjp at a point."
+                    f"'{made_by[0]}' of values computed from them. For a nonlinear "
+                    "function use cr.vjp at a point."
                 )
             branches = params["branches"]
             branch = branches[int(np.clip(int(raw(index)), 0, len(branches) - 1))]
@@ -369,12 +370,13 @@ def _custom_jvp_impl(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> li
     """The function's value, from the trace outside (which may record it too)."""
     prim = jax_primitives.custom_jvp_call_p
     trace = _current_trace()
-    return prim.bind_with_trace(
-        trace,
-        core.for_trace(trace, args),
-        None,
-        dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros),
-    )
+    with host.UNFLUSHED:  # (the user's function: in the thread's own mode, as in JAX)
+        return prim.bind_with_trace(
+            trace,
+            core.for_trace(trace, args),
+            None,
+            dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros),
+        )
 
 
 def _probe_defjvps_code() -> Any:
@@ -536,7 +538,8 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
         for store in jvp.stores:  # the rule may run more than once (vjp_fn twice)
             if store is not None:
                 store.reset()
-        results = jvp.call_wrapped(*primals, *tangents)
+        with host.UNFLUSHED:  # (the user's rule: in the thread's own mode, as in JAX)
+            results = jvp.call_wrapped(*primals, *tangents)
         out_ts = [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
         for t, o in zip(out_ts, outs, strict=True):
             if np.shape(t) != np.shape(o):  # (JAX's check of a rule's outputs, and its error)
@@ -702,7 +705,8 @@ def _custom_vjp_impl(
         perturbed = [core.is_differentiable(raw(a)) for a in args]
     args = tuple(map(host.immutable, args))  # (host values as the user's code gets them)
     fwd_in = [x for a, p in zip(args, perturbed, strict=True) for x in (a, p)]
-    results = fwd.call_wrapped(*fwd_in)
+    with host.UNFLUSHED:  # (the user's fwd: in the thread's own mode, as in JAX)
+        results = fwd.call_wrapped(*fwd_in)
     _, res_tree, input_fwds = out_trees()
     n_res_out = res_tree.num_leaves - sum(f is not None for f in input_fwds)
     res_out, outs = results[:n_res_out], results[n_res_out:]
@@ -747,7 +751,9 @@ class _CustomVJP(Primitive):
             ]
         # the user's bwd gets what JAX gives it: jax.Arrays, not the host's
         # NumPy values (it may index them with a tracer, in a scan of its own)
-        cts_in = params["bwd"].call_wrapped(*map(host.to_jax, [*residuals, *cts]))
+        args = list(map(host.to_jax, [*residuals, *cts]))
+        with host.UNFLUSHED:  # (the user's bwd: in the thread's own mode, as in JAX)
+            cts_in = params["bwd"].call_wrapped(*args)
         return [_instantiate(cts_in[i], node.primals[i]) for i in node.argnums]
 
 
