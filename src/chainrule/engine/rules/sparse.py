@@ -18,8 +18,8 @@ Example (a gradient through a BCOO matrix-vector product):
     >>> from jax.experimental import sparse
     >>> import chainrule as cr
     >>> M = sparse.BCOO.fromdense(jnp.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]))
-    >>> cr.grad(lambda x: jnp.sum((M @ x) ** 2))(jnp.arange(3.0))
-    Array([ 8., 18., 16.], dtype=float32)
+    >>> cr.grad(lambda x: jnp.sum((M @ x) ** 2))(jnp.arange(3.0)).tolist()
+    [8.0, 18.0, 16.0]
 
 `spsolve` (a sparse direct solve) is the one with a rule of its own: JAX
 computes it with a host callback (SciPy's solver), which has no jaxpr to
