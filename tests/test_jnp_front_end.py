@@ -375,3 +375,13 @@ def test_operators_refuse_what_jaxs_refuse(op):
         jax.grad(lambda x: jnp.sum(op(x)))(x)
     with pytest.raises(TypeError, match="unsupported operand|not supported"):
         cr.grad(lambda x: jnp.sum(op(x)))(x)
+
+
+@pytest.mark.parametrize("op", [lambda x: x @ jnp.float32(2.0), lambda x: jnp.sum(x) @ x])
+def test_matmul_of_a_scalar_raises_jaxs_error(op):
+    x = jnp.ones(3)
+    with pytest.raises(ValueError, match="must have ndim at least 1") as want:
+        jax.grad(lambda x: jnp.sum(op(x)))(x)
+    with pytest.raises(ValueError, match="must have ndim at least 1") as got:
+        cr.grad(lambda x: jnp.sum(op(x)))(x)
+    assert str(got.value) == str(want.value)

@@ -567,7 +567,10 @@ def matmul(x: Any, y: Any) -> Any:
             return rules.dot_general(x, w, (((1,), (1,)), ((), ())))
         return rules.dot_general(x, y, (((1,), (0,)), ((), ())))
     if not xs or not ys:
-        raise TypeError(f"matmul: operands must be at least 1-D, got shapes {xs} and {ys}")
+        which = 0 if not xs else 1  # (JAX's error type and wording)
+        raise ValueError(
+            f"matmul input operand {which} must have ndim at least 1, but it has ndim 0"
+        )
     if len(xs) == 1 and len(ys) == 1:
         return rules.dot_general(x, y, (((0,), (0,)), ((), ())))
     # a vector and a matrix: one dot_general contracting the vector's only
