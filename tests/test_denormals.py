@@ -803,3 +803,9 @@ def test_custom_functions_and_rules_keep_the_floating_point_mode():
     for fun in (h2, f2):
         want = jax.value_and_grad(fun)(x)
         np.testing.assert_array_equal(np.asarray(cr.value_and_grad(fun)(x)), np.asarray(want))
+        # on an array, and applied to a constant beside the differentiated value
+        # (the body then runs with NumPy, as the call's host evaluation)
+        loss = lambda v: jnp.sum(fun(v) * fun(jnp.ones(2, jnp.float32)))  # noqa: B023, E731
+        v = jnp.full(2, 1.5, jnp.float32)
+        for got, want in zip(cr.value_and_grad(loss)(v), jax.value_and_grad(loss)(v), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

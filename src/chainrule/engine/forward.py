@@ -375,7 +375,8 @@ def _nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | No
         lin = [i in node.argnums for i in range(n)]
         try:
             linear = _linear_in(name, node.params, lin) is not None
-        except Exception:  # (an unexpected parameter layout: not known to be linear)
+        except (KeyError, AttributeError, TypeError):  # (parameters laid out otherwise:
+            # not known to be linear)
             linear = False
         if not linear:
             return node

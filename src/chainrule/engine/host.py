@@ -185,6 +185,11 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
             st.errstate = None
 
 
+# `fesetmode` itself (called only where `_state.restore` says the mode must change;
+# `Primitive.evaluate_on_host`, the hot path, inlines `FLUSHING` with it)
+set_mode = _LIBM.fesetmode if _LIBM is not None else None
+
+
 class _Flushing:
     """`FLUSHING`: a context manager around chainrule's own NumPy work inside
     `evaluating()` (a primitive's NumPy version, a conversion, a backward
@@ -202,13 +207,13 @@ class _Flushing:
         depth = st.flush_depth
         st.flush_depth = depth + 1
         if not depth and st.restore:
-            _LIBM.fesetmode(st.flushing_ref)
+            set_mode(st.flushing_ref)
 
     def __exit__(self, *exc: Any) -> None:
         st = _state
         depth = st.flush_depth = st.flush_depth - 1
         if not depth and st.restore:
-            _LIBM.fesetmode(st.saved_ref)
+            set_mode(st.saved_ref)
 
 
 FLUSHING = _Flushing()
@@ -230,19 +235,16 @@ class _Unflushed:
         if depth:
             st.flush_depth = 0
             if st.restore:
-                _LIBM.fesetmode(st.saved_ref)
+                set_mode(st.saved_ref)
 
     def __exit__(self, *exc: Any) -> None:
         st = _state
         depth = st.flush_depth = st.unflushed.pop()
         if depth and st.restore:
-            _LIBM.fesetmode(st.flushing_ref)
+            set_mode(st.flushing_ref)
 
 
 UNFLUSHED = _Unflushed()
-
-# `fesetmode` itself, for the hot path that inlines `FLUSHING` (`Primitive.evaluate_on_host`)
-set_mode = _LIBM.fesetmode if _LIBM is not None else None
 
 
 def has_subnormal(x: Any) -> bool:

@@ -434,8 +434,9 @@ def _custom_jvp_host(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> li
         outs = eval_body(_HOST_TRACE, f.args[0], args)
     else:
         read = _read_body(fun, args)
-        if read is None:
-            outs = _HOST_TRACE.run(fun.call_wrapped, *args)
+        if read is None:  # the user's body: in the thread's own mode, as in JAX
+            with host.UNFLUSHED:
+                outs = _HOST_TRACE.run(fun.call_wrapped, *args)
         else:
             closed, out_tree = read
             outs = eval_body(_HOST_TRACE, closed, args)
