@@ -37,6 +37,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax import dtypes, lax
 from jax._src import config as _jax_config
@@ -901,6 +902,65 @@ def _by_seq(node: Node) -> int:
     return node.seq
 
 
+# --- a tape as arrays and structure (JAX's vjp_fn is a pytree: it can leave `jit`) ---
+
+
+def tape_of(roots: Iterable[Node]) -> list[Node]:
+    """Every node a backward pass from `roots` may reach, in creation order."""
+    reached: set[Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node not in reached:
+            reached.add(node)
+            stack.extend(node.parents)
+    return sorted(reached, key=_by_seq)
+
+
+def _is_residual(x: Any) -> bool:
+    """An array a node holds, which a tape's pytree exposes as a leaf; a Python
+    number, a NumPy scalar and the parameters stay in its structure."""
+    return isinstance(x, (np.ndarray, jax.Array, jcore.Tracer))
+
+
+def tape_residuals(tape: Sequence[Node]) -> list[Any]:
+    """The arrays the nodes of `tape` hold (operands and outputs), in order."""
+    leaves = []
+    for node in tape:
+        leaves.extend(x for x in node.primals if _is_residual(x))
+        ans = node.ans
+        if isinstance(ans, (list, tuple)):
+            leaves.extend(x for x in ans if _is_residual(x))
+        elif _is_residual(ans):
+            leaves.append(ans)
+    return leaves
+
+
+def tape_with(tape: Sequence[Node], residuals: Iterable[Any]) -> dict[Node, Node]:
+    """Copies of the nodes of `tape` holding `residuals` (`tape_residuals`'
+    order) in place of their arrays, linked to each other: old node -> copy.
+
+    The arrays may have changed kind meanwhile (NumPy values returned from
+    `jit` as `jax.Array`s, or `jit`'s tracers when the tape is an argument of
+    a jitted function); the rules read them as any operand."""
+    it = iter(residuals)
+
+    def swap(x: Any) -> Any:
+        return next(it) if _is_residual(x) else x
+
+    copies: dict[Node, Node] = {}
+    for node in tape:  # (creation order: a node's parents are copied before it)
+        primals = tuple(map(swap, node.primals))
+        ans = node.ans
+        if isinstance(ans, (list, tuple)):
+            ans = type(ans)(map(swap, ans))
+        else:
+            ans = swap(ans)
+        parents = tuple(copies[p] for p in node.parents)
+        copies[node] = Node(node.prim, primals, node.params, ans, node.argnums, parents)
+    return copies
+
+
 _pass = threading.local()  # the backward pass now running: `at_zero` (see `backward`)
 
 
@@ -959,15 +1019,8 @@ def _backward(seeds, release, observe) -> dict[Node, Any]:
         cotangents[node] = add_cotangents(cotangents[node], g) if node in cotangents else g
     inputs: dict[Node, Any] = {}
     # Reverse creation order visits every node after all the nodes that use it
-    # (see `Node.seq`); one iterative pass finds the reachable ones.
-    reached: set[Node] = set()
-    stack = list(cotangents)
-    while stack:
-        node = stack.pop()
-        if node not in reached:
-            reached.add(node)
-            stack.extend(node.parents)
-    for node in sorted(reached, key=_by_seq, reverse=True):
+    # (see `Node.seq`)
+    for node in reversed(tape_of(cotangents)):
         g = cotangents.pop(node, None)
         if g is None or not node.parents:  # an input, or every use was a structural zero
             if g is not None:

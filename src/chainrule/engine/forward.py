@@ -115,19 +115,48 @@ def _linearize(fun: Callable, primals: tuple, has_aux: bool):
 
     def pullback_flat(*us):  # linear in us: J^T u, recorded at us = 0 only
         cts = _merge(out_floats, us, out_leaves, _zero_tangent)
-        return pull(_tree_unflatten(out_tree, cts), at_zero=True)
+        return pull.pull(_tree_unflatten(out_tree, cts), at_zero=True)
 
     zeros = [_zeros_like(o) for o, f in zip(out_leaves, out_floats, strict=True) if f]
     _, pushforward_flat = transforms.vjp(pullback_flat, *zeros)
+    out_likes = [_like(o) for o in out_leaves]
+    return out, _Pushforward(pushforward_flat, floats, out_floats, out_likes, out_tree), aux
 
-    def pushforward(tangent_leaves: Sequence[Any]) -> Any:
-        float_ts = tuple(t for t, f in zip(tangent_leaves, floats, strict=True) if f)
-        out_ts = _merge(out_floats, pushforward_flat(float_ts), out_leaves, _zero_tangent)
+
+def _like(x: Any) -> jax.ShapeDtypeStruct:
+    """Shape, dtype (as JAX reads it) and weak type of a value, without the value."""
+    weak = getattr(x, "weak_type", None)
+    if weak is None:  # (a Python number is weakly typed, a NumPy value is not)
+        weak = type(x) in (int, float, complex)
+    return jax.ShapeDtypeStruct(np.shape(x), _dtype(x), weak_type=weak)
+
+
+class _Pushforward:
+    """`_linearize`'s linear map from flat tangent leaves to the output tangent
+    tree: the transposed pullback (`flat`, a `transforms.Pullback`) and the
+    outputs' types. A pytree whose leaves are `flat`'s, so the function
+    `cr.linearize` returns can leave `jit` as JAX's does."""
+
+    def __init__(self, flat, floats, out_floats, out_likes, out_tree):
+        self.flat = flat
+        self.floats = floats  # which input leaves are differentiated
+        self.out_floats = out_floats  # which output leaves are
+        self.out_likes = out_likes  # (`_like` of each output leaf)
+        self.out_tree = out_tree
+
+    def __call__(self, tangent_leaves: Sequence[Any]) -> Any:
+        float_ts = tuple(t for t, f in zip(tangent_leaves, self.floats, strict=True) if f)
+        out_ts = _merge(self.out_floats, self.flat(float_ts), self.out_likes, _zero_tangent)
         # a tangent is weakly typed where its output is, as JAX's are
-        out_ts = [transforms.weak_as(t, o) for t, o in zip(out_ts, out_leaves, strict=True)]
-        return _tree_unflatten(out_tree, out_ts)
+        out_ts = [transforms.weak_as(t, o) for t, o in zip(out_ts, self.out_likes, strict=True)]
+        return _tree_unflatten(self.out_tree, out_ts)
 
-    return out, pushforward, aux
+
+jax.tree_util.register_pytree_node(
+    _Pushforward,
+    lambda p: ((p.flat,), p),
+    lambda p, children: _Pushforward(children[0], p.floats, p.out_floats, p.out_likes, p.out_tree),
+)
 
 
 def _check_tangents(primals: Any, tangents: Any, structure_error, aval_error) -> list[Any]:
@@ -237,6 +266,7 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False):
     """
     transforms._check_callable(fun, "cr.linearize")
     out, pushforward, aux = _linearize(fun, primals, has_aux)
+    likes = jax.tree_util.tree_map(_like, primals)
 
     def structure_error(p_tree, t_tree) -> str:
         return (
@@ -244,11 +274,12 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False):
             f"{t_tree}. Pass one tangent per primal, positionally: f_jvp(*tangents)."
         )
 
-    def f_jvp(*tangents: Any) -> Any:
-        t_leaves = _check_tangents(primals, tangents, structure_error, _linearized_aval_error)
+    def f_jvp(pushforward: _Pushforward, *tangents: Any) -> Any:
+        t_leaves = _check_tangents(likes, tangents, structure_error, _linearized_aval_error)
         return pushforward(t_leaves)
 
-    return (out, f_jvp, *aux)
+    # (a pytree, as JAX's f_jvp: the arrays of its tape are its leaves)
+    return (out, jax.tree_util.Partial(f_jvp, pushforward), *aux)
 
 
 # --- linear_transpose ------------------------------------------------------------------------
@@ -448,29 +479,27 @@ def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = 
             "transposed; for a nonlinear function use cr.vjp at a point."
         )
 
-    def fun_transpose(cotangent: Any) -> tuple[Any, ...]:
+    out_likes = [_like(o) for o in out_leaves]
+
+    def fun_transpose(pullback: transforms.Pullback, cotangent: Any) -> tuple[Any, ...]:
         ct_leaves, ct_tree = _tree_flatten(cotangent)
         if ct_tree != out_tree:
             raise TypeError(
                 f"cotangent tree does not match function output, expected {out_tree} but "
                 f"got {ct_tree}. Pass one cotangent per output leaf."
             )
-        for o, ct in zip(out_leaves, ct_leaves, strict=True):
-            if np.shape(o) != np.shape(ct) or _dtype(o) != _dtype(ct):
+        for o, ct in zip(out_likes, ct_leaves, strict=True):
+            if o.shape != np.shape(ct) or o.dtype != _dtype(ct):
                 raise TypeError(
                     "cotangent type does not match function output: expected shape "
-                    f"{np.shape(o)} and dtype {_dtype(o)}, got shape {np.shape(ct)} and "
+                    f"{o.shape} and dtype {o.dtype}, got shape {np.shape(ct)} and "
                     f"dtype {_dtype(ct)}."
                 )
-        seeds = [
-            (o.node, ct)
-            for o, ct in zip(out_leaves, ct_leaves, strict=True)
-            if isinstance(o, Tracer) and o._trace is trace
-        ]
-        with transforms.host.evaluating():
-            return transforms.gradients(tracers, trees, core.backward(seeds, release=False))
+        return pullback(cotangent)
 
-    return fun_transpose
+    # (a pytree, as JAX's: the arrays of the recorded tape are its leaves)
+    pullback = transforms.pullback_of(trace, out_leaves, out_tree, tracers, trees)
+    return jax.tree_util.Partial(fun_transpose, pullback)
 
 
 def _abstract(x: Any) -> bool:

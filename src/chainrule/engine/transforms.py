@@ -20,7 +20,7 @@ import numpy as np
 
 from chainrule.engine import core, debugging, host, rules
 from chainrule.engine.arrays import ArrayTracer
-from chainrule.engine.core import Trace, Tracer, raw
+from chainrule.engine.core import Node, Trace, Tracer, raw
 from chainrule.errors import (
     ArgnumsError,
     AuxError,
@@ -275,20 +275,14 @@ def vjp(fun: Callable, *primals: Any, has_aux: bool = False, reduce_axes: Sequen
     """
     _check_callable(fun, "cr.vjp")
     deprecated_reduce_axes(reduce_axes, "vjp")
-    primal_out, pull, aux = vjp_parts(fun, primals, has_aux)
-
-    def vjp_fn(cotangent: Any) -> tuple[Any, ...]:
-        return pull(cotangent)
-
+    primal_out, vjp_fn, aux = vjp_parts(fun, primals, has_aux)
     if has_aux:
         return primal_out, vjp_fn, aux
     return primal_out, vjp_fn
 
 
 def vjp_parts(fun: Callable, primals: Sequence[Any], has_aux: bool):
-    """`vjp`'s work: `(output, pull, aux)`, where `pull(cotangent, at_zero=False)`
-    is the vjp function; `at_zero=True` for forward mode's pass at zero
-    cotangents (`core.backward`), which `forward._linearize` records."""
+    """`vjp`'s work: `(output, vjp_fn, aux)`, where `vjp_fn` is a `Pullback`."""
     nums = tuple(range(len(primals)))
     with host.evaluating():
         # as jax.vjp: integer and boolean primals get float0 zero cotangents
@@ -300,20 +294,79 @@ def vjp_parts(fun: Callable, primals: Sequence[Any], has_aux: bool):
         aux = jax.tree_util.tree_map(lambda x: _output(x, trace), aux)
     out_leaves, out_tree = jax.tree_util.tree_flatten(out)
     primal_out = jax.tree_util.tree_unflatten(out_tree, [_output(o, trace) for o in out_leaves])
+    return primal_out, pullback_of(trace, out_leaves, out_tree, tracers, trees), aux
 
-    def pull(cotangent: Any, at_zero: bool = False) -> tuple[Any, ...]:
-        ct_leaves = _check_cotangent(cotangent, out_tree, out_leaves)
-        seeds = [
-            (o.node, ct)
-            for o, ct in zip(out_leaves, ct_leaves, strict=True)
-            if isinstance(o, Tracer) and o._trace is trace
-        ]
+
+def pullback_of(trace: Trace, out_leaves, out_tree, tracers, trees) -> Pullback:
+    """The `Pullback` from the output leaves of a call `trace_call` ran to its
+    boxed inputs (`tracers`, shaped as `trees`)."""
+    outs = [o.node if isinstance(o, Tracer) and o._trace is trace else None for o in out_leaves]
+    ins = [[t.node if isinstance(t, Tracer) else np.shape(t) for t in ts] for ts in tracers]
+    roots = [n for n in outs if n is not None] + [n for i in ins for n in i if isinstance(n, Node)]
+    types = [_cotangent_type(o) for o in out_leaves]
+    return Pullback(core.tape_of(roots), outs, out_tree, types, ins, trees)
+
+
+class Pullback:
+    """The function `cr.vjp` returns: output cotangents -> input cotangents,
+    one pass over the recorded tape per call (it may be called many times).
+
+    A pytree, as JAX's vjp_fn is: its leaves are the arrays the backward pass
+    reads (the nodes' operands and outputs), its structure the tape. So it can
+    be returned from `jax.jit`, passed into a jitted function or a
+    `lax.scan`, or be a `custom_vjp` residual; its copies hold the arrays
+    they are rebuilt with (`core.tape_with`).
+    """
+
+    def __init__(self, tape, outs, out_tree, out_types, ins, in_trees):
+        self._tape = tape  # the nodes a backward pass may reach, in creation order
+        self._outs = outs  # per output leaf: its node, or None (not computed from inputs)
+        self._out_tree = out_tree
+        self._out_types = out_types  # per output leaf: (shape, dtype) of its cotangent
+        self._ins = ins  # per argument, per leaf: its input node, or its shape (untraced)
+        self._in_trees = in_trees
+
+    def __call__(self, cotangent: Any) -> tuple[Any, ...]:
+        return self.pull(cotangent)
+
+    def pull(self, cotangent: Any, at_zero: bool = False) -> tuple[Any, ...]:
+        """`self(cotangent)`; `at_zero=True` for forward mode's pass at zero
+        cotangents (`core.backward`), which `forward._linearize` records."""
+        ct_leaves = _check_cotangent(cotangent, self._out_tree, self._out_types)
+        seeds = [(n, ct) for n, ct in zip(self._outs, ct_leaves, strict=True) if n is not None]
         # on the caller's current trace (e.g. under jax.jit(vjp_fn)), as JAX's vjp_fn
         with host.evaluating():
             input_cts = core.backward(seeds, release=False, at_zero=at_zero)
-            return gradients(tracers, trees, input_cts)
+            return tuple(
+                jax.tree_util.tree_unflatten(tree, [_node_ct(i, input_cts) for i in leaves])
+                for leaves, tree in zip(self._ins, self._in_trees, strict=True)
+            )
 
-    return primal_out, pull, aux
+    def __repr__(self) -> str:
+        return f"<cr.vjp function of {len(self._tape)} nodes>"
+
+
+def _flatten_pullback(p: Pullback) -> tuple[list[Any], Pullback]:
+    return core.tape_residuals(p._tape), p
+
+
+def _unflatten_pullback(p: Pullback, residuals: Sequence[Any]) -> Pullback:
+    copies = core.tape_with(p._tape, residuals)
+    outs = [None if n is None else copies[n] for n in p._outs]
+    ins = [[copies[n] if isinstance(n, Node) else n for n in i] for i in p._ins]
+    tape = [copies[n] for n in p._tape]
+    return Pullback(tape, outs, p._out_tree, p._out_types, ins, p._in_trees)
+
+
+jax.tree_util.register_pytree_node(Pullback, _flatten_pullback, _unflatten_pullback)
+
+
+def _node_ct(entry: Any, input_cts: dict) -> Any:
+    """The cotangent of an input leaf: `entry` its input node (`_input_ct`), or
+    the shape of an integer or boolean leaf, which gets JAX's float0 zeros."""
+    if isinstance(entry, Node):
+        return _traced_ct(entry, input_cts)
+    return np.zeros(entry, jax.dtypes.float0)
 
 
 def _input_ct(t: Any, input_cts: dict) -> Any:
@@ -322,12 +375,17 @@ def _input_ct(t: Any, input_cts: dict) -> Any:
     integer or boolean input (not boxed), JAX's float0 zeros."""
     if not isinstance(t, Tracer):
         return np.zeros(np.shape(t), jax.dtypes.float0)
-    ct = input_cts.get(t.node)
+    return _traced_ct(t.node, input_cts)
+
+
+def _traced_ct(node: Node, input_cts: dict) -> Any:
+    value = node.ans  # (the input itself)
+    ct = input_cts.get(node)
     if ct is None:  # the output does not depend on this input: its gradient is 0
-        ct = host.to_jax(core.zeros_like(t))
+        ct = host.to_jax(core.zeros_like(value))
     else:
-        ct = host.to_jax(rules.convert_element_type(ct, rules.dtype_of(t.value)))
-    return weak_as(ct, t.value)
+        ct = host.to_jax(rules.convert_element_type(ct, rules.dtype_of(value)))
+    return weak_as(ct, value)
 
 
 def weak_as(x: Any, like: Any) -> Any:
@@ -360,7 +418,17 @@ def _output(x: Any, trace: Trace) -> Any:
 _PYTHON_KINDS = ((bool, np.bool_), (int, np.int64), (float, np.float64), (complex, np.complex128))
 
 
-def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
+def _cotangent_type(o: Any) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) of an output leaf as its cotangent must have them (dtype
+    None for a leaf without one), the dtype as JAX reads a NumPy value."""
+    value = raw(o)
+    odtype = value.dtype if hasattr(value, "dtype") else None
+    if isinstance(value, (np.ndarray, np.generic)):  # handed back as JAX reads it
+        odtype = jax.dtypes.canonicalize_dtype(odtype)
+    return rules.shape_of(o), odtype
+
+
+def _check_cotangent(cotangent, out_tree, out_types) -> list[Any]:
     ct_leaves, ct_tree = jax.tree_util.tree_flatten(cotangent)
     if ct_tree != out_tree:
         raise CotangentError(
@@ -369,10 +437,7 @@ def _check_cotangent(cotangent, out_tree, out_leaves) -> list[Any]:
             "jax.tree_util.tree_map(jnp.ones_like, output)."
         )
     checked = []
-    for i, (ct, o) in enumerate(zip(ct_leaves, out_leaves, strict=True)):
-        oshape, odtype = rules.shape_of(o), raw(o).dtype if hasattr(raw(o), "dtype") else None
-        if isinstance(raw(o), (np.ndarray, np.generic)):  # handed back as JAX reads it
-            odtype = jax.dtypes.canonicalize_dtype(odtype)
+    for i, (ct, (oshape, odtype)) in enumerate(zip(ct_leaves, out_types, strict=True)):
         if isinstance(ct, (int, float, complex)) and not isinstance(ct, np.generic):
             # a Python number as JAX types it: a float is float32 without x64
             # and float64 with it (so a float32 output refuses it then, as JAX
