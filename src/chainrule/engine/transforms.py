@@ -302,9 +302,8 @@ def pullback_of(trace: Trace, out_leaves, out_tree, tracers, trees) -> Pullback:
     boxed inputs (`tracers`, shaped as `trees`)."""
     outs = [o.node if isinstance(o, Tracer) and o._trace is trace else None for o in out_leaves]
     ins = [[t.node if isinstance(t, Tracer) else np.shape(t) for t in ts] for ts in tracers]
-    roots = [n for n in outs if n is not None] + [n for i in ins for n in i if isinstance(n, Node)]
     types = [_cotangent_type(o) for o in out_leaves]
-    return Pullback(core.tape_of(roots), outs, out_tree, types, ins, trees)
+    return Pullback(outs, out_tree, types, ins, trees)
 
 
 class Pullback:
@@ -318,13 +317,21 @@ class Pullback:
     they are rebuilt with (`core.tape_with`).
     """
 
-    def __init__(self, tape, outs, out_tree, out_types, ins, in_trees):
-        self._tape = tape  # the nodes a backward pass may reach, in creation order
+    def __init__(self, outs, out_tree, out_types, ins, in_trees, tape=None):
         self._outs = outs  # per output leaf: its node, or None (not computed from inputs)
         self._out_tree = out_tree
         self._out_types = out_types  # per output leaf: (shape, dtype) of its cotangent
         self._ins = ins  # per argument, per leaf: its input node, or its shape (untraced)
         self._in_trees = in_trees
+        self._tape = tape  # (`tape()`, found when first needed: flattening)
+
+    def tape(self) -> list[Node]:
+        """The nodes a backward pass may reach, the inputs' too, in creation order."""
+        if self._tape is None:
+            roots = [n for n in self._outs if n is not None]
+            roots += [n for i in self._ins for n in i if isinstance(n, Node)]
+            self._tape = core.tape_of(roots)
+        return self._tape
 
     def __call__(self, cotangent: Any) -> tuple[Any, ...]:
         return self.pull(cotangent)
@@ -343,19 +350,19 @@ class Pullback:
             )
 
     def __repr__(self) -> str:
-        return f"<cr.vjp function of {len(self._tape)} nodes>"
+        return f"<cr.vjp function of {len(self.tape())} nodes>"
 
 
 def _flatten_pullback(p: Pullback) -> tuple[list[Any], Pullback]:
-    return core.tape_residuals(p._tape), p
+    return core.tape_residuals(p.tape()), p
 
 
 def _unflatten_pullback(p: Pullback, residuals: Sequence[Any]) -> Pullback:
-    copies = core.tape_with(p._tape, residuals)
+    copies = core.tape_with(p.tape(), residuals)
     outs = [None if n is None else copies[n] for n in p._outs]
     ins = [[copies[n] if isinstance(n, Node) else n for n in i] for i in p._ins]
-    tape = [copies[n] for n in p._tape]
-    return Pullback(tape, outs, p._out_tree, p._out_types, ins, p._in_trees)
+    tape = [copies[n] for n in p.tape()]
+    return Pullback(outs, p._out_tree, p._out_types, ins, p._in_trees, tape)
 
 
 jax.tree_util.register_pytree_node(Pullback, _flatten_pullback, _unflatten_pullback)
