@@ -20,6 +20,7 @@ a 2-D mesh, closed-over constants, and float32.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,7 +35,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOUNDED = {
     1: ["data_parallel", "no_check_vma", "closed_over"],
     2: ["data_parallel_float32", "tensor_parallel", "ring", "pmax_pmin"],
-    4: ["data_parallel", "reduce_scatter", "all_to_all", "all_gather_invariant", "mesh_2d"],
+    4: [
+        "data_parallel",
+        "reduce_scatter",
+        "all_to_all",
+        "all_gather_invariant",
+        "mesh_2d",
+        "explicit_mesh",
+    ],
 }
 EVERY_COLLECTIVE = {
     "shard_map", "pvary", "psum_invariant", "psum", "all_gather", "reduce_scatter",
@@ -94,6 +102,7 @@ def _case_names():
         "no_check_vma",
         "mesh_2d",
         "closed_over",
+        "explicit_mesh",
     ]
 
 
@@ -207,6 +216,19 @@ def _cases(n):  # pragma: no cover (runs in the subprocess)
 
         return smap(body, (P("i"),), P())(x)
 
+    # an explicit mesh: the inputs' sharding is part of their type, and shard_map
+    # checks it against in_specs (eagerly too), and its cotangents' (the sum's)
+    explicit = jax.make_mesh((n,), ("i",), axis_types=(jax.sharding.AxisType.Explicit,))
+    on_explicit = jax.sharding.NamedSharding(explicit, P("i"))
+
+    def explicit_mesh(w, x):
+        def body(w, x):
+            h = jnp.tanh(x @ w)
+            return jnp.sin(h) * lax.psum(jnp.sum(h), "i")
+
+        out = jax.shard_map(body, mesh=explicit, in_specs=(P(), P("i")), out_specs=P("i"))(w, x)
+        return jnp.sum(out**2)
+
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     return {
         "data_parallel": (data_parallel, (w, x), None),
@@ -220,6 +242,7 @@ def _cases(n):  # pragma: no cover (runs in the subprocess)
         "no_check_vma": (no_check_vma, (w, x), None),
         "mesh_2d": (mesh_2d, (w, x), None),
         "closed_over": (closed_over, (w, x), None),
+        "explicit_mesh": (explicit_mesh, (w, jax.device_put(x, on_explicit)), None),
     }
 
 
@@ -238,21 +261,30 @@ def _main(n, only=()):  # pragma: no cover (runs in the subprocess)
     for name, (loss, args, reference) in _cases(n).items():
         if only and name not in only:
             continue
-        try:
-            names = emitted(loss, *args)
-            if reference is None:  # (all of it for one case: the rest is compile time)
-                full = name == "data_parallel" and n == 4
-                modes = ("eager", "jit") if full else ("jit",)
-                check_against_jax(loss, *args, modes=modes, second_order=full or name == "ring")
-            else:  # JAX cannot differentiate it: compare with the reference's gradient
-                want = jax.grad(reference, (0, 1))(*args)
-                got = jax.jit(cr.grad(loss, (0, 1)))(*args)
-                for g, v in zip(got, want, strict=True):
-                    np.testing.assert_allclose(g, v, rtol=1e-12, atol=1e-12)
-            print(f"ok {name} {','.join(sorted(names))}", flush=True)
-        except Exception as e:  # noqa: BLE001 (reported to the test)
-            failures += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}".replace("\n", " | "), flush=True)
+        # (the explicit mesh's inputs compute under it, as JAX requires)
+        explicit = name == "explicit_mesh"
+        placed = jax.set_mesh(args[1].sharding.mesh) if explicit else contextlib.nullcontext()
+        with placed:
+            try:
+                names = emitted(loss, *args)
+                if reference is None:  # (all of it for one case: the rest is compile time)
+                    full = (name == "data_parallel" and n == 4) or name == "explicit_mesh"
+                    modes = ("eager", "jit") if full else ("jit",)
+                    check_against_jax(loss, *args, modes=modes, second_order=full or name == "ring")
+                    if name == "explicit_mesh":  # the gradient of a sum: cotangents of ones
+                        for grad in (cr.grad(loss, (0, 1)), jax.jit(cr.grad(loss, (0, 1)))):
+                            got, want = grad(*args), jax.grad(loss, (0, 1))(*args)
+                            for g, v in zip(got, want, strict=True):
+                                np.testing.assert_allclose(g, v, rtol=1e-12, atol=1e-12)
+                else:  # JAX cannot differentiate it: compare with the reference's gradient
+                    want = jax.grad(reference, (0, 1))(*args)
+                    got = jax.jit(cr.grad(loss, (0, 1)))(*args)
+                    for g, v in zip(got, want, strict=True):
+                        np.testing.assert_allclose(g, v, rtol=1e-12, atol=1e-12)
+                print(f"ok {name} {','.join(sorted(names))}", flush=True)
+            except Exception as e:  # noqa: BLE001 (reported to the test)
+                failures += 1
+                print(f"FAIL {name}: {type(e).__name__}: {e}".replace("\n", " | "), flush=True)
     sys.exit(1 if failures else 0)
 
 

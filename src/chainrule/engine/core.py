@@ -380,8 +380,8 @@ _AVALS: dict[tuple, Any] = {}  # (shape, dtype, weak) -> ShapedArray; bounded by
 
 
 def _aval(value: Any) -> Any:
-    if isinstance(value, jcore.Tracer):
-        return value.aval
+    if isinstance(value, jcore.Tracer) or type(value) is host._ArrayImpl:
+        return value.aval  # (a jax.Array's carries its sharding on an explicit mesh)
     shape = getattr(value, "shape", None)
     if shape is None:  # JAX's typed literals of a jaxpr (TypedFloat, TypedInt), numbers
         return jcore.typeof(value)

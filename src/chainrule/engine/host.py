@@ -396,7 +396,7 @@ def to_host(x: Any) -> Any:
     # a concrete jax.Array (any other one is a tracer), tested by type as in
     # `host_operands`: `isinstance(x, jax.Array)` is slow
     if type(x) is _ArrayImpl:
-        if x.weak_type or x.dtype not in _HOST_DTYPES:
+        if x.weak_type or x.dtype not in _HOST_DTYPES or _spread(x):
             return None
         out = np.asarray(x)  # a read-only view of the array's CPU buffer
         return None if has_subnormal(out) else out
@@ -664,6 +664,8 @@ def _converted(x: jax.Array) -> np.ndarray | None:
     hit = cache.get(id(x))
     if hit is not None and hit[0] is x:
         return hit[1]
+    if _spread(x):
+        return None
     view = np.asarray(x)
     if view.dtype.kind == "f" and _holds_subnormal(x, view):
         view = None
@@ -674,6 +676,13 @@ def _converted(x: jax.Array) -> np.ndarray | None:
 
 
 _CONVERTED_MAX = 16
+
+
+def _spread(x: jax.Array) -> bool:
+    """Whether `x` lives on several devices (sharded or replicated over a mesh):
+    its placement is part of what JAX computes with it (on an explicit mesh,
+    its type), and a NumPy copy would drop it, so it is left to JAX."""
+    return len(x.sharding.device_set) != 1
 
 
 def _holds_subnormal(x: jax.Array, view: np.ndarray) -> bool:

@@ -39,7 +39,7 @@ from jax._src.lax import parallel
 from chainrule.engine import core
 from chainrule.engine.core import Node, Primitive, raw, vjp_flat
 from chainrule.engine.rules.calls import _cotangents
-from chainrule.engine.rules.effects import passthrough
+from chainrule.engine.rules.effects import passthrough, reshard_p
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, shape_of
 
 # --- sums and broadcasts over mesh axes ---------------------------------------------------
@@ -211,6 +211,19 @@ def _unmentioned_size(mesh: Any, spec: Any, manual: Any) -> tuple[list, int]:
     return axes, math.prod(mesh.shape[a] for a in axes)
 
 
+def _typed_as(ct: Any, primal: Any) -> Any:
+    """`ct` placed as `primal` is. On an explicit mesh an array's sharding is
+    part of its type and `shard_map` checks its operands' against `in_specs`;
+    a cotangent made without a placement (a reduction's broadcast) is moved
+    to its primal's, the type JAX's cotangents have."""
+    want = jcore.typeof(raw(primal)).sharding
+    if want.mesh.empty or not want.mesh._any_axis_explicit:
+        return ct
+    if jcore.typeof(raw(ct)).sharding == want:
+        return ct
+    return reshard_p.bind(ct, dst_sharding=want, concrete_mesh=None)
+
+
 class _ShardMap(Primitive):
     """`shard_map`: one node; VJP = a `shard_map` of the body's VJP (module docstring)."""
 
@@ -229,7 +242,7 @@ class _ShardMap(Primitive):
         out_specs = [s.to_ct_spec() for s in params["out_specs"]]
         body = params["jaxpr"]
         primals = list(node.primals)
-        cts = _cotangents(g, node.ans)
+        cts = [_typed_as(ct, o) for ct, o in zip(_cotangents(g, node.ans), node.ans, strict=True)]
         diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
         if not check_vma:  # a replicated output's cotangent, divided among its copies
             cts = [
