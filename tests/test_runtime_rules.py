@@ -302,6 +302,37 @@ def test_checkify_checks_see_the_primal_values(jit, sign):
     assert err.get() == want_err.get()
 
 
+def _int_division(x):  # (checkify checks integer division)
+    return jnp.sum(x**2) + jnp.sum(jnp.int32(2) // (x - 1.0).astype(jnp.int32))
+
+
+AUTOMATIC_CHECKS = {
+    # (loss, an input where its check fails, the errors checkify looks for)
+    "nan": (lambda x: jnp.sum(jnp.log(x) ** 2), [-1.0, 2.0], checkify.float_checks),
+    "division": (_int_division, [1.0, 2.0], checkify.div_checks),
+    "index": (lambda x: x[jnp.int32(5)] * x[0] ** 2, [1.0, 2.0], checkify.index_checks),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("case", sorted(AUTOMATIC_CHECKS))
+def test_checkify_automatic_checks_see_the_transform(case, jit):
+    # checkify stages the function closed over its concrete arguments: the
+    # operations chainrule evaluates must be staged there too (not computed
+    # with NumPy), or the checks checkify adds to them never run
+    loss, x, errors = AUTOMATIC_CHECKS[case]
+    x = jnp.asarray(x, jnp.float32)
+    wrap = jax.jit if jit else (lambda f: f)
+    for transform in (cr.grad, cr.hessian):
+        err, got = wrap(checkify.checkify(transform(loss), errors=errors))(x)
+        jax_transform = getattr(jax, transform.__name__)
+        want_err, want = checkify.checkify(jax_transform(loss), errors=errors)(x)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        assert want_err.get() is not None and err.get() is not None
+        if transform is cr.grad:  # (second order: which gather fails first may differ)
+            assert err.get() == want_err.get()
+
+
 def _host_square(a):
     return np.asarray(a) ** 2
 

@@ -169,7 +169,7 @@ class evaluating:  # noqa: N801 - used as a context manager, like np.errstate
                     st.flushing.value = mode | _FTZ_DAZ
                     restore = True
             st.restore = restore
-            st.host = enabled()
+            st.host = enabled() and _untransformed()
         st.depth = depth + 1
         return self
 
@@ -382,6 +382,14 @@ def enabled() -> bool:
     return _on_cpu
 
 
+def _untransformed() -> bool:
+    """Whether no JAX transformation is tracing: a transform called under one on
+    concrete values (`checkify.checkify` and `jax.make_jaxpr` stage a function
+    closed over its arguments) must stage its work there, as `jax.grad` does,
+    not fold it to constants with NumPy (checkify's checks would miss it)."""
+    return type(_jax_core.trace_ctx.trace) is _jax_core.EvalTrace
+
+
 def to_host(x: Any) -> Any:
     """A differentiated input as a read-only NumPy view, when it may run on the host.
 
@@ -391,7 +399,7 @@ def to_host(x: Any) -> Any:
     has no NumPy equivalent. The view never owns its memory, so `to_jax` copies
     it rather than aliasing the caller's buffer.
     """
-    if not enabled():
+    if not (_state.host if _state.depth else enabled()):
         return None
     # a concrete jax.Array (any other one is a tracer), tested by type as in
     # `host_operands`: `isinstance(x, jax.Array)` is slow
