@@ -21,6 +21,7 @@ from jax import lax
 import chainrule as cr
 import chainrule.numpy as cnp
 from chainrule.engine import host
+from tests.oracle import check_against_jax
 
 
 def linear_loss(w, x, y):
@@ -461,6 +462,43 @@ NESTED_CASES = {
 def test_nesting_with_closures_jit_and_vmap(case, outer, inner):
     expected = NESTED_CASES[case](jax.grad, jax.grad)
     np.testing.assert_allclose(NESTED_CASES[case](outer, inner), expected, rtol=1e-12)
+
+
+# --- operators on closed-over values inside a function JAX traces ---------------------------
+
+
+def _sqrt_in_branch_not_taken(x):
+    # the operator runs while JAX traces the branch: it belongs to the branch,
+    # so at x = 0 (branch not taken) neither it nor its rule (1 / (2 sqrt 0)) runs
+    return lax.cond(x > 0.0, lambda: x**0.5, lambda: x * 0.0)
+
+
+def _operators_in_jit_body(x):
+    return jax.jit(lambda: jnp.where(x > 0.0, 1.0, x**3 / 2.0 - x))()
+
+
+@pytest.mark.parametrize("fun", [_sqrt_in_branch_not_taken, _operators_in_jit_body])
+@pytest.mark.parametrize("x", [0.0, 1.3, -0.4])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_operators_on_closed_over_values_belong_to_the_function_jax_traces(fun, x, dtype):
+    check_against_jax(fun, jnp.asarray(x, dtype))
+
+
+def test_make_jaxpr_of_a_closure_over_differentiated_values_stages_its_operators():
+    """`jax.make_jaxpr` (equinox's `filter_closure_convert`) of a function of
+    differentiated values it closes over records its operations, those values
+    its constants, as under `jax.grad`; a `custom_jvp` rule then gets their tangents."""
+    seen = []
+
+    def f(x1, x2):
+        closed = jax.make_jaxpr(lambda: x1 * 3.0 + x2)()
+        seen.append(([e.primitive.name for e in closed.jaxpr.eqns], len(closed.consts)))
+        return jax.core.eval_jaxpr(closed.jaxpr, closed.consts)[0]
+
+    want = jax.grad(f, argnums=(0, 1))(2.0, 4.0)
+    got = cr.grad(f, argnums=(0, 1))(2.0, 4.0)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert seen[1] == seen[0] == (["mul", "add"], 2)
 
 
 # --- eager evaluation on the host (NumPy) ----------------------------------------------------

@@ -212,7 +212,16 @@ class Primitive:
             with host.FLUSHING:  # (XLA's eager kernels run on this thread too)
                 return self.impl(*args, **params)
         trace = top._trace
-        if _current_trace.value is not trace:
+        current = _current_trace.value
+        if current is not trace:
+            if _stages_inside(current, trace):
+                # Only our values, but JAX is tracing a function inside this
+                # trace (a `lax.cond` branch, a `jit` body, `jax.make_jaxpr`)
+                # that closes over them: as in JAX, the operation belongs to
+                # that function (a branch not taken must not run, nor its
+                # rule), so JAX's dispatch stages it there, our values as
+                # its constants.
+                return self.impl(*args, **params)
             for a in args:
                 if (
                     isinstance(a, jcore.Tracer)
@@ -375,6 +384,20 @@ _levels = itertools.count(1)  # global: a transform in another thread gets its o
 # JAX's current trace (a C++ config value; `jcore.trace_ctx.trace` reads it
 # through a Python property, which the hot path avoids)
 _current_trace = jcore.trace_state_strong_ref
+
+
+def _stages_inside(current: jcore.Trace, trace: Trace) -> bool:
+    """JAX's current trace is one of JAX's own begun inside `trace` (reached
+    from `current` through chainrule traces, before `trace` itself), not one
+    `trace` runs inside (its `parent`, or further out)."""
+    while isinstance(current, Trace):
+        if current is trace:
+            return False
+        current = current.parent
+    if current is None or isinstance(current, jcore.EvalTrace):
+        return False  # (JAX evaluating, as `core.eval_context` does: nothing staged)
+    return not trace.encloses(current)
+
 
 _AVALS: dict[tuple, Any] = {}  # (shape, dtype, weak) -> ShapedArray; bounded by the shapes used
 
