@@ -331,6 +331,39 @@ def test_eigh_of_a_complex_hermitian_matrix(dtype=np.complex128):
     check_against_jax(phase_free, a, **kw)
 
 
+def test_complex_eigh_under_strict_dtype_promotion():
+    """The backward pass mixes real and complex values (eigh's real eigenvalue
+    gaps times its complex eigenvectors) as JAX's own rules do: a user's
+    jax_numpy_dtype_promotion='strict' is for their code, and jax.grad
+    differentiates it (chainrule raised TypePromotionError). From JAX's
+    eigh_test.testEighGrad, which runs under strict promotion."""
+    rng = np.random.default_rng(24)
+    m = rng.normal(size=(3, 3)) + 1j * rng.normal(size=(3, 3))
+    a = jnp.asarray(m + np.conj(np.swapaxes(m, -1, -2)), np.complex128)
+
+    def loss(a):  # free of the eigenvectors' phases
+        w, v = jnp.linalg.eigh(a)
+        return jnp.sum(w**3) + jnp.sum(jnp.abs(v[..., 0, :]) ** 2 * w)
+
+    def second(t):  # real direction t, so second order is a real function
+        return jnp.sum(jnp.abs(grad(loss)(a + t * a.T)) ** 2)
+
+    batch = jnp.stack([a, 2 * a])
+    with jax.numpy_dtype_promotion("strict"):
+        for grad in (jax.grad, cr.grad):
+            got = (
+                grad(loss)(a),
+                jax.jit(grad(loss))(a),
+                jax.vmap(grad(loss))(batch),
+                grad(second)(0.5),
+                jax.jit(grad(second))(0.5),
+            )
+            if grad is jax.grad:
+                want = got
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, **F64)
+
+
 def test_eigh_float32():
     a = _spd(22, 4, 4, dtype=np.float32)
     w = np.linalg.eigvalsh(a.astype(np.float64))

@@ -1024,8 +1024,11 @@ def backward(
     _pass.at_zero = at_zero
     try:
         # (a backward pass is chainrule's own work: XLA's treatment of subnormals
-        # for all of it at once, not per primitive; see `host.FLUSHING`)
-        with host.FLUSHING:
+        # for all of it at once, not per primitive; see `host.FLUSHING`. Its rules
+        # mix dtypes as JAX's own lax-written rules do, e.g. eigh's real eigenvalue
+        # gaps times complex eigenvectors: the user's strict promotion is for their
+        # code, as under jax.grad)
+        with host.FLUSHING, _jax_config.numpy_dtype_promotion("standard"):
             if at_zero and (_jax_config.debug_nans.value or _jax_config.debug_infs.value):
                 # the pass's values are never read (0 * inf is NaN there): JAX's
                 # per-primitive NaN/inf checks are for the tangents, not for it
