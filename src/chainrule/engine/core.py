@@ -984,6 +984,7 @@ def tape_with(tape: Sequence[Node], residuals: Iterable[Any]) -> dict[Node, Node
     return copies
 
 
+_STANDARD = contextlib.nullcontext()  # (the promotion already standard: nothing to set)
 _pass = threading.local()  # the backward pass now running: `at_zero` (see `backward`)
 
 
@@ -1028,7 +1029,9 @@ def backward(
         # mix dtypes as JAX's own lax-written rules do, e.g. eigh's real eigenvalue
         # gaps times complex eigenvectors: the user's strict promotion is for their
         # code, as under jax.grad)
-        with host.FLUSHING, _jax_config.numpy_dtype_promotion("standard"):
+        promotion = _jax_config.numpy_dtype_promotion
+        standard = _STANDARD if promotion.value == "standard" else promotion("standard")
+        with host.FLUSHING, standard:
             if at_zero and (_jax_config.debug_nans.value or _jax_config.debug_infs.value):
                 # the pass's values are never read (0 * inf is NaN there): JAX's
                 # per-primitive NaN/inf checks are for the tangents, not for it
