@@ -240,10 +240,36 @@ def _unbox(x: Any, trace: Trace) -> Any:
 
 def gradients(tracers: list[list[Tracer]], trees: list[Any], input_cts: dict) -> tuple:
     """The cotangents of the boxed inputs, as pytrees shaped like the arguments."""
+    return _gradients([[_input_entry(t) for t in ts] for ts in tracers], trees, input_cts)
+
+
+def _gradients(entries: list[list[Any]], trees: list[Any], input_cts: dict) -> tuple:
     return tuple(
-        jax.tree_util.tree_unflatten(tree, [_input_ct(t, input_cts) for t in ts])
-        for ts, tree in zip(tracers, trees, strict=True)
+        jax.tree_util.tree_unflatten(tree, [_input_ct(e, input_cts) for e in es])
+        for es, tree in zip(entries, trees, strict=True)
     )
+
+
+def _input_entry(t: Any) -> Any:
+    """What the cotangent of an input leaf needs: its input node (a boxed
+    leaf), or its shape (an integer or boolean leaf, not boxed)."""
+    return t.node if isinstance(t, Tracer) else np.shape(t)
+
+
+def _input_ct(entry: Any, input_cts: dict) -> Any:
+    """The cotangent of an input leaf (`_input_entry`), as a `jax.Array` (or a
+    Tracer of an outer level), weakly typed if the input is (as JAX's cotangents
+    take their primal's type); for an integer or boolean input, JAX's float0
+    zeros."""
+    if not isinstance(entry, Node):
+        return np.zeros(entry, jax.dtypes.float0)
+    value = entry.ans  # (the input itself)
+    ct = input_cts.get(entry)
+    if ct is None:  # the output does not depend on this input: its gradient is 0
+        ct = host.to_jax(core.zeros_like(value))
+    else:
+        ct = host.to_jax(rules.convert_element_type(ct, rules.dtype_of(value)))
+    return weak_as(ct, value)
 
 
 # --- vjp ---------------------------------------------------------------------------
@@ -301,7 +327,7 @@ def pullback_of(trace: Trace, out_leaves, out_tree, tracers, trees) -> Pullback:
     """The `Pullback` from the output leaves of a call `trace_call` ran to its
     boxed inputs (`tracers`, shaped as `trees`)."""
     outs = [o.node if isinstance(o, Tracer) and o._trace is trace else None for o in out_leaves]
-    ins = [[t.node if isinstance(t, Tracer) else np.shape(t) for t in ts] for ts in tracers]
+    ins = [[_input_entry(t) for t in ts] for ts in tracers]
     types = [_cotangent_type(o) for o in out_leaves]
     return Pullback(outs, out_tree, types, ins, trees)
 
@@ -344,10 +370,7 @@ class Pullback:
         # on the caller's current trace (e.g. under jax.jit(vjp_fn)), as JAX's vjp_fn
         with host.evaluating():
             input_cts = core.backward(seeds, release=False, at_zero=at_zero)
-            return tuple(
-                jax.tree_util.tree_unflatten(tree, [_node_ct(i, input_cts) for i in leaves])
-                for leaves, tree in zip(self._ins, self._in_trees, strict=True)
-            )
+            return _gradients(self._ins, self._in_trees, input_cts)
 
     def __repr__(self) -> str:
         return f"<cr.vjp function of {len(self.tape())} nodes>"
@@ -366,33 +389,6 @@ def _unflatten_pullback(p: Pullback, residuals: Sequence[Any]) -> Pullback:
 
 
 jax.tree_util.register_pytree_node(Pullback, _flatten_pullback, _unflatten_pullback)
-
-
-def _node_ct(entry: Any, input_cts: dict) -> Any:
-    """The cotangent of an input leaf: `entry` its input node (`_input_ct`), or
-    the shape of an integer or boolean leaf, which gets JAX's float0 zeros."""
-    if isinstance(entry, Node):
-        return _traced_ct(entry, input_cts)
-    return np.zeros(entry, jax.dtypes.float0)
-
-
-def _input_ct(t: Any, input_cts: dict) -> Any:
-    """The cotangent of input `t`, as a `jax.Array` (or a Tracer of an outer level),
-    weakly typed if `t` is (as JAX's cotangents take their primal's type); for an
-    integer or boolean input (not boxed), JAX's float0 zeros."""
-    if not isinstance(t, Tracer):
-        return np.zeros(np.shape(t), jax.dtypes.float0)
-    return _traced_ct(t.node, input_cts)
-
-
-def _traced_ct(node: Node, input_cts: dict) -> Any:
-    value = node.ans  # (the input itself)
-    ct = input_cts.get(node)
-    if ct is None:  # the output does not depend on this input: its gradient is 0
-        ct = host.to_jax(core.zeros_like(value))
-    else:
-        ct = host.to_jax(rules.convert_element_type(ct, rules.dtype_of(value)))
-    return weak_as(ct, value)
 
 
 def weak_as(x: Any, like: Any) -> Any:
