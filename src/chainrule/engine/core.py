@@ -52,6 +52,12 @@ PRIMITIVES: dict[str, Primitive] = {}
 """Every primitive chainrule can trace, keyed by its `jax.lax` name; filled by
 `chainrule.engine.rules` (see `rules.registry.primitive`)."""
 
+FOREIGN: list[Callable[[Any, bool], Primitive | None]] = []
+"""Where a primitive of another library (not JAX's, not in `PRIMITIVES`) gets
+its rule: `rules.foreign` enters one function, `(jax primitive, linear) ->
+Primitive or None`, which derives it from the rules that library registered
+with JAX (`linear`: applied to a linear map's values)."""
+
 
 # --- observers of the tape (cr.explain) ----------------------------------------------
 
@@ -739,7 +745,9 @@ class Trace(jcore.Trace):
         prim = PRIMITIVES.get(primitive.name)
         if self._owns(tracers):  # values of this trace: chainrule's rule records them
             if prim is None:
-                raise NoVJPRuleError(primitive.name, user_frame())
+                prim = FOREIGN[0](primitive, self.linear) if FOREIGN else None
+                if prim is None:
+                    raise NoVJPRuleError(primitive.name, user_frame())
             # (JAX's bind made the eval trace current meanwhile: this one again)
             outs = self.run(prim.apply, self, tracers, params)
             return outs if primitive.multiple_results else outs[0]

@@ -18,7 +18,9 @@ transforms, on `shape`, `elementwise` and `indexing`); `calls` <- `sparse`
 (`jax.experimental.sparse`'s primitives, through JAX's implementations of
 them); `calls` <- `effects`
 (random numbers, bits, placement, printing and callbacks) <- `remat`
-(`jax.checkpoint`), `collectives` (`jax.shard_map` and its collectives). A
+(`jax.checkpoint`), `collectives` (`jax.shard_map` and its collectives);
+`forward_only` <- `foreign` (other libraries' primitives, by the rules they
+register with JAX; it adds nothing to the table). A
 new rule goes into the module of its family; `PRIMITIVES` (in `registry`) is
 the whole table, and `python -m chainrule.engine.rules` prints it by family.
 """
@@ -30,6 +32,7 @@ from chainrule.engine.rules.decompositions import *  # noqa: F403
 from chainrule.engine.rules.effects import *  # noqa: F403
 from chainrule.engine.rules.elementwise import *  # noqa: F403
 from chainrule.engine.rules.fft import *  # noqa: F403
+from chainrule.engine.rules.foreign import *  # noqa: F403
 from chainrule.engine.rules.indexing import *  # noqa: F403
 from chainrule.engine.rules.linalg import *  # noqa: F403
 from chainrule.engine.rules.loops import *  # noqa: F403

@@ -83,6 +83,15 @@ def register_forward_only(
     _ONLY_FORWARD[name] = when
 
 
+_FORWARD_TESTS: list[Callable[[Any], bool]] = []
+
+
+def register_forward_test(test: Callable[[Any], bool]) -> None:
+    """Declares that JAX primitives for which `test(primitive)` holds answer in
+    the pass at zero with `transposed_jvp` (`rules.foreign`: another library's)."""
+    _FORWARD_TESTS.append(test)
+
+
 def needs_forward(jaxpr: Any) -> bool:
     """Whether `jaxpr` (closed or open), or a jaxpr inside it, holds an
     equation that `register_forward_only` names: forward mode then goes
@@ -102,6 +111,8 @@ def _needed(jaxpr: Any) -> bool:
         name = eqn.primitive.name
         when = _ONLY_FORWARD.get(name)
         if when is not None and when(eqn.params):
+            return True
+        if any(test(eqn.primitive) for test in _FORWARD_TESTS):
             return True
         if name not in _RULE_NOT_BODY and any(
             _needed(sub) for sub in jcore.jaxprs_in_params(eqn.params)
