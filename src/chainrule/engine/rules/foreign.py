@@ -193,7 +193,7 @@ _SCANNED: set[str] = set()  # JAX modules already read (a module imported later 
 _RULES: dict[tuple[Any, bool], _Foreign | None] = {}
 
 
-def _jax_own(jax_primitive: Any) -> bool:
+def jax_own(jax_primitive: Any) -> bool:
     """Whether JAX itself defines `jax_primitive` (a global of one of its modules)."""
     if jax_primitive in _JAX_OWN:
         return True
@@ -215,7 +215,7 @@ def foreign_rule(jax_primitive: Any, linear: bool) -> Primitive | None:
     if key in _RULES:
         return _RULES[key]
     rule = None
-    if not _jax_own(jax_primitive) and (
+    if not jax_own(jax_primitive) and (
         jax_primitive in ad.primitive_jvps or (linear and jax_primitive in ad.primitive_transposes)
     ):
         rule = _Foreign(jax_primitive, linear)
