@@ -167,6 +167,24 @@ ad.primitive_jvps[twice_p] = lambda p, t: (twice_p.bind(p[0]), twice_p.bind(t[0]
 opaque_p = _define("test_opaque", lambda x: x + 1, _same)
 
 
+# refuse(x) = x, linear; its transpose raises on any cotangent but JAX's symbolic
+# zero (equinox's `nondifferentiable_backward` in shape)
+refuse_p = _define("test_refuse", lambda x: x, _same)
+ad.primitive_jvps[refuse_p] = lambda p, t: (
+    refuse_p.bind(p[0]),
+    t[0] if type(t[0]) is ad.Zero else refuse_p.bind(t[0]),
+)
+
+
+def _refuse_transpose(ct, x):
+    if type(ct) is ad.Zero:
+        return [None]
+    raise RuntimeError("a cotangent reached refuse")
+
+
+ad.primitive_transposes[refuse_p] = _refuse_transpose
+
+
 def cube(x):
     return cube_p.bind(x)
 
@@ -288,6 +306,100 @@ def test_jax_own_primitives_are_never_derived_from_jax_rules():
     assert foreign_rule(jax_lax.to_edtype_p, False) is None
     assert foreign_rule(jax_lax.sin_p, False) is None
     assert foreign_rule(cube_p, False) is not None
+
+
+@jax.custom_jvp
+def _pair(x, y):
+    return jnp.sin(x), y * 2.0
+
+
+@_pair.defjvp
+def _pair_jvp(primals, tangents):
+    (x, y), (tx, ty) = primals, tangents
+    return _pair(x, y), (jnp.cos(x) * tx, refuse_p.bind(ty) * 2.0)
+
+
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_no_cotangent_is_a_symbolic_zero(wrap):
+    """An output of a `custom_jvp` function that no cotangent reaches, and an
+    input its used outputs do not depend on, carry JAX's symbolic zero: a
+    rule that refuses every other cotangent (equinox's
+    `nondifferentiable_backward`, which optimistix's implicit derivatives put
+    on their residuals) is never called, in JAX or here. Under `jit` the
+    `custom_jvp` rule comes from a jaxpr, whose transpose chainrule reads once."""
+
+    def loss(x, y):
+        out, _ = _pair(x, refuse_p.bind(y))
+        return jnp.sum(out)
+
+    x, y = X.astype(jnp.float64), C.astype(jnp.float64)
+    want = jax.grad(loss, argnums=(0, 1))(x, y)
+    for _ in range(2):  # (the second time from the transpose read once)
+        got = wrap(cr.grad(lambda x, y: wrap(loss)(x, y), argnums=(0, 1)))(x, y)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="reached refuse"):  # (a real cotangent does)
+        cr.grad(lambda x, y: jnp.sum(_pair(x, refuse_p.bind(y))[1]), argnums=1)(x, y)
+    residual = lambda x: jnp.sum(_pair(x, eqxi.nondifferentiable_backward(x))[0])
+    np.testing.assert_allclose(cr.grad(residual)(x), jax.grad(residual)(x), rtol=1e-12)
+
+
+@jax.custom_jvp
+def _no_tangent(x):
+    """Identity whose JVP rule raises: JAX calls it only for a perturbed input
+    (equinox's `nondifferentiable`, which diffrax puts on its implicit
+    solvers' Jacobians)."""
+    return x
+
+
+@_no_tangent.defjvp
+def _no_tangent_jvp(primals, tangents):
+    raise RuntimeError("a tangent reached no_tangent")
+
+
+_sg = lax.stop_gradient
+_SYMBOLIC_ZERO_CASES = {
+    "stop_gradient": lambda a: jnp.sum(_no_tangent(_sg(a)) * a),
+    "cond": lambda a: jnp.sum(
+        _no_tangent(lax.cond(a[0] > 0, lambda: jnp.outer(_sg(a), _sg(a)), lambda: jnp.eye(4))) @ a
+    ),
+    "switch in jit": lambda a: jnp.sum(
+        _no_tangent(jax.jit(lambda a: lax.switch(1, [lambda: _sg(a) * 2, lambda: jnp.zeros(4)]))(a))
+        * a
+    ),
+    "scan carry through cond": lambda a: jnp.sum(
+        lax.scan(
+            lambda c, _: (
+                (
+                    c[0] * jnp.tanh(a) + jnp.sum(_no_tangent(c[1])) * 0.1,
+                    lax.cond(c[0][0] > 0, lambda: _sg(jnp.outer(c[0], c[0])), lambda: _sg(c[1])),
+                ),
+                None,
+            ),
+            (a, jnp.eye(4)),
+            None,
+            3,
+        )[0][0]
+    ),
+    "scan output": lambda a: jnp.sum(
+        _no_tangent(lax.scan(lambda c, x: (_sg(c) * x, jnp.sin(_sg(x))), a[0], jnp.tanh(a))[1]) * a
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_SYMBOLIC_ZERO_CASES))
+def test_outputs_without_a_derivative_are_not_traced(case):
+    """A `cond` output that no branch computes differentiably from the
+    differentiated values (a `stop_gradient` of them, a constant), and a scan
+    carry reached only through such outputs, have JAX's symbolic zero tangent:
+    a rule that refuses every tangent is never called for them."""
+    fun = _SYMBOLIC_ZERO_CASES[case]
+    x = X.astype(jnp.float64)
+    want = jax.grad(fun)(x)
+    for wrap in (lambda f: f, jax.jit):
+        np.testing.assert_allclose(wrap(cr.grad(fun))(x), want, rtol=1e-12)
+    got = cr.jvp(fun, (x,), (jnp.ones(4),))
+    np.testing.assert_allclose(got[1], jax.jvp(fun, (x,), (jnp.ones(4),))[1], rtol=1e-12)
 
 
 # --- equinox's primitives ---------------------------------------------------------

@@ -1084,13 +1084,16 @@ def vjp_flat(
     cotangents: Sequence[Any],
     tracer_type: type[Tracer] = Tracer,
     linear: bool = False,
+    structural: bool = False,
 ) -> list[Any]:
     """VJP of a function of flat arrays returning a flat list of arrays.
 
     `fun` runs once on a new trace (JAX code in it reaches chainrule's rules);
-    the cotangents of inputs the outputs do not depend on are zeros. Used by the
-    rules of call-like primitives (custom rules, cond branches). `linear`:
-    `fun` is linear (a custom_jvp rule's tangent map; see `Trace.linear`).
+    the cotangents of inputs the outputs do not depend on are zeros, or, with
+    `structural`, None (JAX's symbolic zeros: the backward pass then sends
+    nothing on). A cotangent given as None seeds nothing. Used by the rules of
+    call-like primitives (custom rules, cond branches). `linear`: `fun` is
+    linear (a custom_jvp rule's tangent map; see `Trace.linear`).
     """
     trace = Trace(tracer_type)
     trace.linear = linear
@@ -1106,6 +1109,8 @@ def vjp_flat(
         if isinstance(o, Tracer) and o._trace is trace and ct is not None
     ]
     input_cts = backward(seeds, release=True)
+    if structural:
+        return [input_cts.get(t.node) for t in tracers]
     return [input_cts.get(t.node) if t.node in input_cts else zeros_like(t) for t in tracers]
 
 

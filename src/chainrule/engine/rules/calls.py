@@ -39,6 +39,7 @@ from jax._src import linear_util as lu
 from jax._src.config import trace_context
 from jax._src.custom_derivatives import lift_jvp
 from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
+from jax._src.util import weakref_lru_cache
 from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core, host
@@ -257,6 +258,54 @@ def _instantiate(ct: Any, like: Any) -> Any:
     return ct
 
 
+# --- which outputs of a jaxpr carry a derivative --------------------------------------
+
+
+def _zero_derivative(name: str) -> bool:
+    """Whether the primitive `name` has outputs that never carry a derivative
+    (an ordinary primitive chainrule records no node for), so nothing computed
+    from them depends on a differentiated value. Callbacks, which refuse a
+    traced operand, and debugging effects are not among them."""
+    rule = PRIMITIVES.get(name)
+    return rule is not None and not rule.differentiable and type(rule).apply is Primitive.apply
+
+
+def _inexact_var(v: Any) -> bool:
+    return bool(jax.dtypes.issubdtype(v.aval.dtype, np.inexact))
+
+
+# calls whose body is their derivative (no custom rule): (primitive, its body's parameter)
+_PLAIN_CALLS = {"jit": "jaxpr", "closed_call": "call_jaxpr", "checkpoint": "jaxpr"}
+
+
+@weakref_lru_cache
+def _depends(jaxpr: Any, flags: tuple[bool, ...]) -> list[bool]:
+    """Which outputs of `jaxpr` a differentiable value flows to from the flagged
+    inputs, as JAX's symbolic zeros say: not through `stop_gradient`, a
+    comparison or `floor`, nor out of a `cond` branch or a plain call whose body
+    does not pass it (conservatively: every inexact output of any other
+    equation that reads one, a custom rule's or a loop's)."""
+    reached = {v for v, f in zip(jaxpr.invars, flags, strict=True) if f}
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if _zero_derivative(name):
+            continue  # floor, round, sign, a comparison: JAX's symbolic zero tangent
+        ins = tuple(not isinstance(v, jcore.Literal) and v in reached for v in eqn.invars)
+        if not any(ins):
+            continue
+        if name == "cond":  # (the index carries no derivative)
+            outs = [False] * len(eqn.outvars)
+            for branch in eqn.params["branches"]:
+                outs = [a or b for a, b in zip(outs, _depends(branch.jaxpr, ins[1:]), strict=True)]
+        elif name in _PLAIN_CALLS:
+            body = eqn.params[_PLAIN_CALLS[name]]
+            outs = _depends(getattr(body, "jaxpr", body), ins)
+        else:
+            outs = [True] * len(eqn.outvars)
+        reached.update(v for v, o in zip(eqn.outvars, outs, strict=True) if o and _inexact_var(v))
+    return [not isinstance(v, jcore.Literal) and v in reached for v in jaxpr.outvars]
+
+
 # --- cond ----------------------------------------------------------------------------
 
 
@@ -290,7 +339,19 @@ class _Cond(Primitive):
             # a cond's outputs have the first branch's types (JAX's abstract
             # evaluation): `lax.cond(p, lambda x: 1.0, lambda x: x, x)` is strong
             return [_typed_as(o, a) for o, a in zip(outs, branches[0].out_avals, strict=True)]
-        return list(core.bind(self, *args, **params))
+        outs = list(core.bind(self, *args, **params))
+        # an output no branch computes differentiably from our values (a
+        # `stop_gradient` of them, a constant) is not traced: JAX's symbolic
+        # zero, so a rule refusing any tangent (equinox's `nondifferentiable`)
+        # is not called for it
+        flags = tuple(isinstance(a, Tracer) and a._trace is trace for a in operands)
+        live = [False] * len(outs)
+        for branch in params["branches"]:
+            live = [a or b for a, b in zip(live, _depends(branch.jaxpr, flags), strict=True)]
+        return [
+            o if keep or not (isinstance(o, Tracer) and o._trace is trace) else o.value
+            for o, keep in zip(outs, live, strict=True)
+        ]
 
     def apply_untraced(self, trace, args, params):
         if isinstance(raw(args[0]), jcore.Tracer):
@@ -500,13 +561,17 @@ class _CustomJVP(Primitive):
         # the rule's operations on these stay on the host (`host.for_user`)
         primals = [host.immutable(p) for p in node.primals]
         outs = [host.immutable(o) for o in node.ans]
-        cts = _cotangents(g, outs)
+        # (None: no cotangent reached that output, JAX's symbolic zero; a rule
+        # may refuse any other, as equinox's `nondifferentiable_backward` does)
+        cts = list(g) if isinstance(g, tuple) else [g]
         diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
         per_argument = _per_argument_rules(node)
-        key = _transposed_rule_key(node, per_argument, (*primals, *outs, *cts))
+        reached = [ct for ct in cts if ct is not None]
+        key = _transposed_rule_key(node, per_argument, (*primals, *outs, *reached))
         if key is None:
             tangent_cts = _transposed_rule(node, per_argument, diff, primals, outs, cts)
-        else:
+        else:  # (its transpose depends on which outputs a cotangent reached)
+            key = (*key, tuple(ct is not None for ct in cts))
             tangent_cts = _cached_transposed_rule(key, node, per_argument, diff, primals, outs, cts)
         by_primal = dict(zip(diff, tangent_cts, strict=True))
         return [by_primal[i] for i in node.argnums]
@@ -515,7 +580,8 @@ class _CustomJVP(Primitive):
 def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
     """The cotangents of the differentiable primals (`diff`): chainrule's reverse
     pass over the rule's map from their tangents to the output tangents (linear,
-    for fixed primals), taken at tangents = 0."""
+    for fixed primals), taken at tangents = 0. None for one the outputs with a
+    cotangent (None for the others) do not depend on."""
     jvp, n_out = node.params["jvp"], len(outs)
     all_diff = diff
     if node.params.get("symbolic_zeros", False) and per_argument is None:
@@ -553,9 +619,10 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
                 )
         return out_ts
 
-    cts_in = vjp_flat(tangent_map, [zeros_like(primals[i]) for i in diff], cts, linear=True)
+    zeros = [zeros_like(primals[i]) for i in diff]
+    cts_in = vjp_flat(tangent_map, zeros, cts, linear=True, structural=True)
     got = dict(zip(diff, cts_in, strict=True))
-    return [got[i] if i in got else zeros_like(primals[i]) for i in all_diff]
+    return [got.get(i) for i in all_diff]
 
 
 # --- the transposed rules of JAX's functions, read once -------------------------------
@@ -636,24 +703,31 @@ def _concrete_type(v: Any) -> tuple | None:
 
 def _cached_transposed_rule(key, node, per_argument, diff, primals, outs, cts) -> list[Any]:
     """`_transposed_rule`, from a jaxpr of it traced once per `key`, evaluated
-    on the host as chainrule evaluates the rule's operations eagerly."""
+    on the host as chainrule evaluates the rule's operations eagerly. (A None
+    among `cts`, and among the results, is structure: not a value of the jaxpr.)"""
+    given = [ct for ct in cts if ct is not None]
     entry = _TRANSPOSED.get(key)
     if entry is None:
         n_p, n_o = len(primals), len(outs)
+        found: list[bool] = []  # which results are not None, read while tracing
 
         def transposed(*values: Any) -> list[Any]:
-            ps, os_, cs = values[:n_p], values[n_p : n_p + n_o], values[n_p + n_o :]
-            return _transposed_rule(node, per_argument, diff, list(ps), list(os_), list(cs))
+            ps, os_, cs = values[:n_p], values[n_p : n_p + n_o], iter(values[n_p + n_o :])
+            cs = [None if ct is None else next(cs) for ct in cts]
+            results = _transposed_rule(node, per_argument, diff, list(ps), list(os_), cs)
+            found[:] = [r is not None for r in results]
+            return [r for r in results if r is not None]
 
-        closed = jax.make_jaxpr(transposed)(*primals, *outs, *cts)
+        closed = jax.make_jaxpr(transposed)(*primals, *outs, *given)
         # a `defjvps` rule runs eagerly one operation at a time under JAX too;
         # a rule from a jaxpr is compiled with it
         plan = _Plan(closed.jaxpr, xla_masks=per_argument is None)
         if len(_TRANSPOSED) >= _TRANSPOSED_LIMIT:
             core.evict_oldest(_TRANSPOSED)
-        entry = _TRANSPOSED[key] = (plan, closed.consts)
-    plan, consts = entry
-    return _run_plan(_HOST_TRACE, plan, consts, [*primals, *outs, *cts])
+        entry = _TRANSPOSED[key] = (plan, closed.consts, tuple(found))
+    plan, consts, found = entry
+    results = iter(_run_plan(_HOST_TRACE, plan, consts, [*primals, *outs, *given]))
+    return [next(results) if f else None for f in found]
 
 
 def _summed_tangents(per_argument, primals, tangents, outs) -> list[Any]:

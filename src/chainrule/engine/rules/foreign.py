@@ -99,7 +99,7 @@ def _forward(jax_primitive, params, outs, primals, tangents) -> list[Any]:
     """The output tangents by the library's JVP rule (a `forward_only.Jvp`)."""
     tangents = [
         ad_util.Zero(_tangent_type(p)) if t is None else t
-        for p, t in zip(primals, tangents, strict=True)
+        for p, t in zip(primals, _for_library(tangents), strict=True)
     ]
     with host.UNFLUSHED:
         _, out_tangents = ad.primitive_jvps[jax_primitive](list(primals), tangents, **params)
@@ -119,15 +119,17 @@ def _transposed(jax_primitive, g, primals, outs, argnums, params) -> list[Any]:
     for i in argnums:
         args[i] = ad.UndefinedPrimal(jcore.typeof(raw(primals[i])))
     if jax_primitive.multiple_results:
-        given = list(g) if isinstance(g, tuple) else [g]
+        given = _for_library(_as_list(g))
         cts: Any = [
             ad_util.Zero(_tangent_type(o)) if ct is None else ct
             for ct, o in zip(given, outs, strict=True)
         ]
     else:
-        cts = g
+        cts = _for_library([g])[0]
     got = ad.primitive_transposes[jax_primitive](cts, *args, **params)
-    return [_instantiate(got[i], primals[i]) for i in argnums]
+    if got is ad_util.Zero:  # (the class: every cotangent is a symbolic zero)
+        return [None] * len(argnums)
+    return [_structural(got[i]) for i in argnums]
 
 
 # the primitives whose JVP rule is being transposed for a linear use, per thread:
@@ -154,7 +156,7 @@ def _transposed_jvp(prim: _Foreign, g, primals, outs, argnums, params) -> list[A
                 "for its linear use in its own JVP rule"
             ),
         )
-    cts = [zeros_like(o) if ct is None else ct for ct, o in zip(_as_list(g), outs, strict=True)]
+    cts = _for_library(_as_list(g))  # (None: JAX's symbolic zero, which seeds nothing)
 
     def tangent_map(*traced: Any) -> list[Any]:
         tangents = [ad_util.Zero(_tangent_type(p)) for p in primals]
@@ -167,12 +169,19 @@ def _transposed_jvp(prim: _Foreign, g, primals, outs, argnums, params) -> list[A
 
     zeros = [zeros_like(primals[i]) for i in argnums]
     if not prim.linear:
-        return vjp_flat(tangent_map, zeros, cts, linear=True)
+        return vjp_flat(tangent_map, zeros, cts, linear=True, structural=True)
     active.add(jax_primitive)  # (until its map is traced and pulled back)
     try:
-        return vjp_flat(tangent_map, zeros, cts, linear=True)
+        return vjp_flat(tangent_map, zeros, cts, linear=True, structural=True)
     finally:
         active.discard(jax_primitive)
+
+
+def _structural(ct: Any) -> Any:
+    """A transpose rule's cotangent, None for JAX's symbolic zero (or its class)."""
+    if ct is None or ct is ad_util.Zero or isinstance(ct, (ad_util.Zero, ad_util.SymbolicZero)):
+        return None
+    return ct
 
 
 def _as_list(g: Any) -> list[Any]:

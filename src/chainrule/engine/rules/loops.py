@@ -42,7 +42,7 @@ from jax.extend.core import primitives as jax_primitives
 
 from chainrule.engine import core
 from chainrule.engine.core import Primitive, Tracer, raw, vjp_flat, zeros_like
-from chainrule.engine.rules.calls import _cotangents
+from chainrule.engine.rules.calls import _cotangents, _depends
 from chainrule.engine.rules.forward_only import (
     jvp_at,
     needs_forward,
@@ -218,8 +218,19 @@ class _Scan(Primitive):
 
     def apply(self, trace, args, params):
         params = self.taken(params)
-        n_out = len(params["jaxpr"].out_avals)
-        return list(core.bind(self, *args, **params))[:n_out]  # residuals stay in the node
+        body, nc, nk = params["jaxpr"], params["num_consts"], params["num_carry"]
+        n_out = len(body.out_avals)
+        outs = list(core.bind(self, *args, **params))[:n_out]  # residuals stay in the node
+        # the carries and ys no differentiated value reaches (JAX's symbolic
+        # zeros: through `stop_gradient`, a comparison) are not traced, so no
+        # rule is asked for a tangent of them (see `calls._depends`)
+        flags = [isinstance(a, Tracer) and a._trace is trace for a in args]
+        carried = _traced_carries(body, nc, flags, nk)
+        live = carried + _depends(body.jaxpr, tuple(flags[:nc] + carried + flags[nc + nk :]))[nk:]
+        return [
+            o if keep or not (isinstance(o, Tracer) and o._trace is trace) else o.value
+            for o, keep in zip(outs, live, strict=True)
+        ]
 
     def vjp(self, g, node):
         p = node.params
@@ -325,27 +336,6 @@ PRIMITIVES["scan"] = _Scan(
 # --- while -----------------------------------------------------------------------------
 
 
-def _zero_derivative(name: str) -> bool:
-    """Whether the primitive `name` has outputs that never carry a derivative
-    (an ordinary primitive chainrule records no node for), so nothing computed
-    from them depends on a differentiated value. Callbacks, which refuse a
-    traced operand, and debugging effects are not among them."""
-    rule = PRIMITIVES.get(name)
-    return rule is not None and not rule.differentiable and type(rule).apply is Primitive.apply
-
-
-def _depends(jaxpr: Any, flags: Sequence[bool]) -> list[bool]:
-    """Which outputs of `jaxpr` a differentiable value flows to from the flagged inputs
-    (conservatively: every inexact output of an equation that reads one)."""
-    reached = {v for v, f in zip(jaxpr.invars, flags, strict=True) if f}
-    for eqn in jaxpr.eqns:
-        if _zero_derivative(eqn.primitive.name):
-            continue  # floor, round, sign, a comparison: JAX's symbolic zero tangent
-        if any(not isinstance(v, jcore.Literal) and v in reached for v in eqn.invars):
-            reached.update(v for v in eqn.outvars if _inexact(v.aval))
-    return [not isinstance(v, jcore.Literal) and v in reached for v in jaxpr.outvars]
-
-
 def _traced_carries(
     body: Any, body_nconsts: int, flags: Sequence[bool], num_carry: int | None = None
 ) -> list[bool]:
@@ -357,7 +347,7 @@ def _traced_carries(
     consts, rest = list(flags[:body_nconsts]), list(flags[body_nconsts + nk :])
     carry = list(flags[body_nconsts : body_nconsts + nk])
     while True:
-        step = _depends(body.jaxpr, consts + carry + rest)[:nk]
+        step = _depends(body.jaxpr, tuple(consts + carry + rest))[:nk]
         grown = [a or b for a, b in zip(carry, step, strict=True)]
         if grown == carry:
             return carry
