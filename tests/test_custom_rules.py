@@ -267,3 +267,25 @@ def test_a_custom_jvp_closing_over_a_differentiated_value_raises_jaxs_error():
             grad(f, argnums=(0, 1))(2.0, x)
     with pytest.raises(jax.errors.UnexpectedTracerError, match="pass the value as an argument"):
         cr.grad(f, argnums=(0, 1))(2.0, x)
+
+
+def test_custom_jvp_with_a_python_bool_output_and_symbolic_zero_tangent():
+    """Eagerly a `custom_jvp` function may return a Python bool beside arrays
+    (diffrax's steady-state event does); its rule answers a `SymbolicZero`
+    tangent for it, which chainrule instantiated with a zero of the bool's
+    dtype and raised AttributeError (a Python bool has no `.dtype`)."""
+    from jax.custom_derivatives import SymbolicZero
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x), True
+
+    def f_jvp(primals, tangents):
+        (x,), (tx,) = primals, tangents
+        out = f(x)
+        return out, (jnp.cos(x) * tx, SymbolicZero(jax.typeof(out[1]).to_tangent_aval()))
+
+    f.defjvp(f_jvp, symbolic_zeros=True)
+    loss = lambda x: jnp.sum(f(x)[0]) * (2.0 if f(x)[1] else 1.0)
+    x = jnp.array([0.1, 0.2])
+    np.testing.assert_allclose(cr.grad(loss)(x), jax.grad(loss)(x), rtol=1e-6)
