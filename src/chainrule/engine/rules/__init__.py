@@ -19,7 +19,7 @@ transforms, on `shape`, `elementwise` and `indexing`); `calls` <- `sparse`
 them); `calls` <- `effects`
 (random numbers, bits, placement, printing and callbacks) <- `remat`
 (`jax.checkpoint`), `collectives` (`jax.shard_map` and its collectives);
-`forward_only` <- `foreign` (other libraries' primitives, by the rules they
+`calls` <- `foreign` (other libraries' primitives, by the rules they
 register with JAX; it adds nothing to the table). A
 new rule goes into the module of its family; `PRIMITIVES` (in `registry`) is
 the whole table, and `python -m chainrule.engine.rules` prints it by family.

@@ -51,6 +51,7 @@ from jax._src.interpreters import ad  # the rules libraries register (JAX 0.10, 
 
 from chainrule.engine import core, host
 from chainrule.engine.core import Node, Primitive, raw, vjp_flat, zeros_like
+from chainrule.engine.rules.calls import _instantiate
 from chainrule.engine.rules.forward_only import register_forward_test, transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.errors import NoVJPRuleError
@@ -186,13 +187,6 @@ def _structural(ct: Any) -> Any:
 
 def _as_list(g: Any) -> list[Any]:
     return list(g) if isinstance(g, tuple) else [g]
-
-
-def _instantiate(ct: Any, like: Any) -> Any:
-    """A rule's tangent or cotangent, zeros for JAX's symbolic zero (or None)."""
-    if ct is None or isinstance(ct, (ad_util.Zero, ad_util.SymbolicZero)):
-        return zeros_like(like)
-    return ct
 
 
 # --- which primitives are another library's -------------------------------------------
