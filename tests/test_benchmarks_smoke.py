@@ -210,3 +210,26 @@ def test_alternate_times_this_checkout_with_and_without_subnormal_handling():
         ]
     )
     subprocess.run([sys.executable, "-c", switched], cwd=alternate.REPO, check=True)
+
+
+def test_fixed_cost_times_every_part_and_prints_its_table(capsys):
+    """`python -m benchmarks.fixed_cost`: every part timed, positive, and the
+    parts of one call add up to no more than several whole calls (a part
+    that silently timed nothing, or the wrong thing, would show)."""
+    from benchmarks import fixed_cost
+
+    parts = fixed_cost.parts(200)
+    assert set(parts) == {
+        "enter",
+        "trace_call",
+        "backward",
+        "gradients",
+        "exit",
+        "jax.Array alone",
+        "whole cr.grad call",
+    }
+    assert all(us > 0 for us in parts.values())
+    inside = sum(parts[k] for k in ("enter", "trace_call", "backward", "gradients", "exit"))
+    assert inside < 5 * parts["whole cr.grad call"]
+    fixed_cost.main(["--calls", "100"])
+    assert "| whole cr.grad call |" in capsys.readouterr().out
