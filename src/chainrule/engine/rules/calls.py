@@ -278,8 +278,16 @@ def _inexact_var(v: Any) -> bool:
 _PLAIN_CALLS = {"jit": "jaxpr", "closed_call": "call_jaxpr", "checkpoint": "jaxpr"}
 
 
+def _branches_depend(branches: Sequence[Any], flags: tuple[bool, ...]) -> list[bool]:
+    """`_depends` for a cond: an output any branch computes from the flagged operands."""
+    outs = [False] * len(branches[0].out_avals)
+    for branch in branches:
+        outs = [a or b for a, b in zip(outs, _depends(branch.jaxpr, flags), strict=True)]
+    return outs
+
+
 @weakref_lru_cache
-def _depends(jaxpr: Any, flags: tuple[bool, ...]) -> list[bool]:
+def _depends(jaxpr: Any, flags: tuple[bool, ...]) -> tuple[bool, ...]:
     """Which outputs of `jaxpr` a differentiable value flows to from the flagged
     inputs, as JAX's symbolic zeros say: not through `stop_gradient`, a
     comparison or `floor`, nor out of a `cond` branch or a plain call whose body
@@ -294,16 +302,14 @@ def _depends(jaxpr: Any, flags: tuple[bool, ...]) -> list[bool]:
         if not any(ins):
             continue
         if name == "cond":  # (the index carries no derivative)
-            outs = [False] * len(eqn.outvars)
-            for branch in eqn.params["branches"]:
-                outs = [a or b for a, b in zip(outs, _depends(branch.jaxpr, ins[1:]), strict=True)]
+            outs = _branches_depend(eqn.params["branches"], ins[1:])
         elif name in _PLAIN_CALLS:
             body = eqn.params[_PLAIN_CALLS[name]]
             outs = _depends(getattr(body, "jaxpr", body), ins)
         else:
             outs = [True] * len(eqn.outvars)
         reached.update(v for v, o in zip(eqn.outvars, outs, strict=True) if o and _inexact_var(v))
-    return [not isinstance(v, jcore.Literal) and v in reached for v in jaxpr.outvars]
+    return tuple(not isinstance(v, jcore.Literal) and v in reached for v in jaxpr.outvars)
 
 
 # --- cond ----------------------------------------------------------------------------
@@ -345,9 +351,7 @@ class _Cond(Primitive):
         # zero, so a rule refusing any tangent (equinox's `nondifferentiable`)
         # is not called for it
         flags = tuple(isinstance(a, Tracer) and a._trace is trace for a in operands)
-        live = [False] * len(outs)
-        for branch in params["branches"]:
-            live = [a or b for a, b in zip(live, _depends(branch.jaxpr, flags), strict=True)]
+        live = _branches_depend(params["branches"], flags)
         return [
             o if keep or not (isinstance(o, Tracer) and o._trace is trace) else o.value
             for o, keep in zip(outs, live, strict=True)
@@ -580,8 +584,8 @@ class _CustomJVP(Primitive):
 def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
     """The cotangents of the differentiable primals (`diff`): chainrule's reverse
     pass over the rule's map from their tangents to the output tangents (linear,
-    for fixed primals), taken at tangents = 0. None for one the outputs with a
-    cotangent (None for the others) do not depend on."""
+    for fixed primals), taken at tangents = 0. None for one that no output with
+    a cotangent depends on (an output without one has None in `cts`)."""
     jvp, n_out = node.params["jvp"], len(outs)
     all_diff = diff
     if node.params.get("symbolic_zeros", False) and per_argument is None:

@@ -226,7 +226,8 @@ class _Scan(Primitive):
         # rule is asked for a tangent of them (see `calls._depends`)
         flags = [isinstance(a, Tracer) and a._trace is trace for a in args]
         carried = _traced_carries(body, nc, flags, nk)
-        live = carried + _depends(body.jaxpr, tuple(flags[:nc] + carried + flags[nc + nk :]))[nk:]
+        ys = _depends(body.jaxpr, tuple(flags[:nc] + carried + flags[nc + nk :]))[nk:]
+        live = [*carried, *ys]
         return [
             o if keep or not (isinstance(o, Tracer) and o._trace is trace) else o.value
             for o, keep in zip(outs, live, strict=True)
