@@ -491,3 +491,58 @@ def test_to_jax_never_shares_memory_the_caller_can_write(n, offset, kind, dtype)
     if kind != "owned":  # (chainrule's own results may be aliased)
         x[...] = -1
         np.testing.assert_array_equal(np.asarray(out), want)
+
+
+# Values a loss computes from a mask of its (traced) input and Python numbers:
+# JAX types them weakly (no operand is strongly typed), so they join a float32
+# computation as float32 and an int8 one as int8. NumPy has no weak type: a
+# host evaluation would make them float64/int64 and promote what follows.
+MASKED_WEAK = {
+    "jnp.where floats": lambda x: jnp.where(x > 0, 1.0, 0.5),
+    "lax.select floats": lambda x: lax.select(
+        x > 0, jnp.full(x.shape, 2.0), jnp.full(x.shape, 3.0)
+    ),
+    "jnp.where ints": lambda x: jnp.where(x > 0, 2, -1),
+    "lax.select ints in a jit": lambda x: jax.jit(lambda m: lax.select(m, 3, 5))(x[0] > 0),
+    "jnp.where mixed": lambda x: jnp.where(x > 0, 1, 0.25),
+}
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    values=st.lists(st.floats(-3, 3, allow_nan=False), min_size=3, max_size=3),
+    name=st.sampled_from(sorted(MASKED_WEAK)),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.int8]),
+)
+def test_weak_values_a_mask_selects_stay_weak(values, name, dtype):
+    make = MASKED_WEAK[name]
+
+    def loss(x):
+        m = make(x)
+        joined = jnp.ones(3, dtype) * m  # (promotes to float64/int64 if m is strong)
+        aux = (m.dtype, m.weak_type, joined.dtype, joined.weak_type)
+        return jnp.sum(x * joined.astype(x.dtype)), aux
+
+    x = jnp.asarray(values, jnp.float32)
+    want, want_aux = jax.grad(loss, has_aux=True)(x)
+    got, got_aux = cr.grad(loss, has_aux=True)(x)
+    assert got_aux == want_aux
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("fun", [jnp.exp2, jnp.sinh, jnp.cosh], ids=["exp2", "sinh", "cosh"])
+def test_functions_whose_libm_differs_from_xla_are_xlas_eagerly(fun):
+    """exp2, sinh and cosh differ from XLA's by tens of float32 ulp in the
+    platform's libm over their range: eagerly JAX computes them, so value and
+    gradient are jax.grad's to the bit."""
+    x = jnp.asarray(np.random.default_rng(0).uniform(-80, 80, 2000), jnp.float32)
+
+    def loss(x):
+        y = fun(x)
+        return jnp.sum(y * 1e-30), y  # (the sum adds in NumPy's order: the values)
+
+    want = jax.grad(loss, has_aux=True)(x)
+    got = cr.grad(loss, has_aux=True)(x)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

@@ -502,3 +502,59 @@ def test_no_jax_rule_of_jax_primitives_is_called():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+# gate(pred, a) = where(pred, a, 0): linear in a; its transpose records the type
+# of the predicate it is handed, which a library's rule may check against the
+# type it traced (equinox's closure conversion does, in diffrax's ImplicitAdjoint)
+gate_p = _define("test_gate", lambda pred, a: jnp.where(pred, a, 0), lambda pred, a: a)
+_GATE_SEEN: list = []
+
+
+def _gate_jvp(primals, tangents):
+    pred, a = primals
+    _, ta = tangents
+    out = gate_p.bind(pred, a)
+    return out, _zero_like(out) if type(ta) is ad.Zero else gate_p.bind(pred, ta)
+
+
+def _gate_transpose(ct, pred, a):
+    _GATE_SEEN.append((isinstance(pred, jax.Array), str(jax.typeof(pred))))
+    return [None, gate_p.bind(pred, ct)]
+
+
+ad.primitive_jvps[gate_p] = _gate_jvp
+ad.primitive_transposes[gate_p] = _gate_transpose
+
+
+@jax.custom_jvp
+def _always(x):
+    return True  # (a Python bool, eagerly: diffrax's steady-state event returns one)
+
+
+_always.defjvp(lambda p, t: (_always(*p), jnp.zeros((), jax.dtypes.float0)))
+
+_GATED = {
+    # a Python bool argument of a `jit` function is a `bool[]` array in its body
+    "jit argument": lambda a: jax.jit(lambda a, f: gate_p.bind(lax.stop_gradient(f), a))(a, True),
+    # a `bool[]` literal handed on unchanged by `stop_gradient`
+    "literal": jax.jit(lambda a: gate_p.bind(lax.stop_gradient(True), a)),
+    # a custom_jvp function's Python bool, in a `jit` body
+    "custom_jvp output": jax.jit(lambda a: gate_p.bind(_always(a), a)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_GATED))
+def test_library_rules_see_the_types_jax_hands_them(case):
+    """A library's transpose rule is handed its nonlinear operands typed as JAX
+    types them: inside a `jit` body, a `bool[]` array, not a Python bool."""
+    f = lambda a: jnp.sum(_GATED[case](a) ** 2)  # noqa: E731
+    a = jnp.arange(1.0, 4.0)
+    _GATE_SEEN.clear()
+    want = jax.grad(f)(a)
+    seen_by_jax = list(_GATE_SEEN)
+    assert seen_by_jax, "JAX did not call the transpose rule"
+    for wrap in (lambda g: g, jax.jit):
+        _GATE_SEEN.clear()
+        np.testing.assert_allclose(wrap(cr.grad(f))(a), want, rtol=1e-12)
+        assert _GATE_SEEN == seen_by_jax

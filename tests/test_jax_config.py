@@ -2,11 +2,14 @@
 chainrule's transforms too: `jax_numpy_rank_promotion` for the operators on
 chainrule's values, `jax_debug_nans`/`jax_debug_infs` for eager gradients
 (which chainrule otherwise computes with NumPy, where JAX checks every
-primitive's result), and results handed back as `jax.Array`s under `vmap` with
-a named axis."""
+primitive's result), results handed back as `jax.Array`s under `vmap` with
+a named axis, and eager results placed where JAX places them (on a committed
+input's device, or `jax.default_device`'s)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -151,3 +154,54 @@ def test_forward_mode_under_debug_flags_checks_the_tangents_only(fun, x, flag):
         got = cr.jvp(fun, (x,), (t,))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduce", [lax.pmax, lax.pmin], ids=["pmax", "pmin"])
+def test_pmax_pmin_over_a_vmap_axis_eagerly_and_under_jit(reduce):
+    """`pmax`/`pmin` over a `vmap` axis name (which `jax.grad` cannot
+    differentiate) against the same loss written with `all_gather` and
+    `jnp.max`/`jnp.min` under `jax.grad`; under `jit` chainrule's rule once
+    bound a collective JAX rejects there."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 3)), jnp.float32)
+    w = jnp.ones(3, jnp.float32)
+    extreme = jnp.max if reduce is lax.pmax else jnp.min
+    score = lambda w, x: jnp.sum(jnp.tanh(x * w))  # noqa: E731
+
+    def per_example(grad, loss):
+        return lambda w, x: jax.vmap(grad(loss), in_axes=(None, 0), axis_name="b")(w, x)
+
+    gathered = lambda w, x: extreme(lax.all_gather(score(w, x), "b"))  # noqa: E731
+    want = per_example(jax.grad, gathered)(w, x)
+    got = per_example(cr.grad, lambda w, x: reduce(score(w, x), "b"))
+    np.testing.assert_allclose(got(w, x), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jax.jit(got)(w, x), want, rtol=1e-6, atol=1e-7)
+
+
+_PLACEMENT = """
+import jax, jax.numpy as jnp, chainrule as cr
+jax.config.update("jax_num_cpu_devices", 2)
+d1 = jax.devices()[1]
+f = lambda x: jnp.sum(jnp.sin(x) ** 2)
+x1 = jax.device_put(jnp.arange(3.0), d1)
+for T in (jax, cr):
+    g = T.grad(f)(x1)
+    v, _ = T.value_and_grad(f)(x1)
+    out, vjp_fn = T.vjp(jnp.sin, x1)
+    y, t = T.jvp(jnp.sin, (x1,), (x1,))
+    for a in (g, v, out, vjp_fn(out)[0], y, t):
+        assert a.devices() == {d1} and a.committed, (T.__name__, a.devices())
+    with jax.default_device(d1):
+        g = T.grad(f)(jnp.arange(3.0))
+    assert g.devices() == {d1}, (T.__name__, g.devices())
+    assert T.grad(f)(jnp.arange(3.0)).devices() == {jax.devices()[0]}
+print("ok")
+"""
+
+
+def test_eager_results_are_placed_where_jax_places_them():
+    """As under `jax.grad`: the gradient of an array committed to a second CPU
+    device lives there (committed), and under `jax.default_device` results go
+    to that device; the NumPy path once handed them back on `jax.devices()[0]`.
+    (A fresh process: the number of CPU devices is fixed when JAX starts.)"""
+    run = subprocess.run([sys.executable, "-c", _PLACEMENT], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]

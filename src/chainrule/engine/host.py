@@ -379,7 +379,21 @@ def enabled() -> bool:
     if _on_cpu is None:
         # One process on the CPU: every array's buffer is local (no addressability checks).
         _on_cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
+    if _on_cpu and _jax_config.default_device.value is not None:
+        # under `jax.default_device(...)` JAX places results there; the host
+        # path hands them back on its own device, so it runs only if that is it
+        return _default_device_is_host_device()
     return _on_cpu
+
+
+def _default_device_is_host_device() -> bool:
+    wanted = _jax_config.default_device.value
+    if isinstance(wanted, str):
+        try:
+            wanted = jax.devices(wanted)[0]
+        except RuntimeError:
+            return False
+    return wanted == _host_device()[0]
 
 
 def _untransformed() -> bool:
@@ -572,34 +586,44 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     here: a converted array or number, and, with `check`, a NumPy array or
     scalar (a constant of the user's; `Trace.record` checks those itself, and
     values computed here under `evaluating()` are flushed already). And so do
-    weakly typed arrays beside no strong float (a NumPy mask selecting between
-    them): JAX's result is weakly typed there, which a NumPy result cannot be.
+    weakly typed numbers (Python numbers, JAX's typed literals, weakly typed
+    arrays) beside no strongly typed number, as a NumPy mask selecting
+    between two Python floats in `jnp.where(x > 0, 1.0, 0.0)`: JAX's result
+    is weakly typed there, which a NumPy result cannot be (it would promote
+    a float32 computation to float64 under x64).
     Host evaluation happens only inside `evaluating()`.
     """
     if not _state.host:
         return None
-    seen_host = seen_float = False
+    seen_host = seen_strong = seen_weak = False
     out = None  # a copy of `args` once one needs converting
     for i, a in enumerate(args):
         if isinstance(a, HOST_TYPES):
             if not host_dtype(a.dtype):
                 return None
-            if a.dtype.kind == "f":
-                if check and is_unchecked_constant(a) and has_subnormal(a):
-                    return None
+            if a.dtype.kind == "f" and check and is_unchecked_constant(a) and has_subnormal(a):
+                return None
+            if a.dtype.kind in "iuf" and not seen_strong:
                 # (a weakly typed literal of a jaxpr, the `2.0` of `a * 2`
-                # under `jit`, is not a strong float: beside a weak array the
+                # under `jit`, is not a strong number: beside a weak array the
                 # result is weak, JAX's)
-                if not seen_float:
-                    seen_float = type(a) is not _TypedNdArray or not a.weak_type
+                if type(a) is _TypedNdArray and a.weak_type:
+                    seen_weak = True
+                else:
+                    seen_strong = True
             seen_host = True
             continue
         if type(a) is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer):
             # (tested by type, as `isinstance(a, jax.Array)` is slow)
             if not host_dtype(a.dtype):
                 return None  # complex, half precision, an extended dtype (PRNG keys): JAX's
+            if a.weak_type:
+                seen_weak = True
+            elif a.dtype.kind in "iuf":
+                seen_strong = True
             a = _converted(a)
         elif isinstance(a, (int, float)):  # a Python number (np.float64 is a float too)
+            seen_weak = seen_weak or type(a) is not bool  # (JAX's bool is strong)
             dtype = _literal_dtype(a, args)
             if dtype is None:
                 return None
@@ -616,10 +640,8 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
         if out is None:
             out = list(args)
         out[i] = a
-    if not seen_host or (
-        not seen_float and any(type(a) is _ArrayImpl and a.weak_type for a in args)
-    ):
-        # (weakly typed floats beside no strong float, as a select of weak cases
+    if not seen_host or (seen_weak and not seen_strong):
+        # (weakly typed numbers beside no strong one, as a select of weak cases
         # by a NumPy mask: JAX's result is weakly typed, which NumPy cannot say)
         return None
     return args if out is None else tuple(out)
@@ -687,10 +709,13 @@ _CONVERTED_MAX = 16
 
 
 def _spread(x: jax.Array) -> bool:
-    """Whether `x` lives on several devices (sharded or replicated over a mesh):
-    its placement is part of what JAX computes with it (on an explicit mesh,
-    its type), and a NumPy copy would drop it, so it is left to JAX."""
-    return len(x.sharding.device_set) != 1
+    """Whether `x` lives on several devices (sharded or replicated over a mesh),
+    or on one other than the device host results are handed back on (a second
+    CPU device): its placement is part of what JAX computes with it (JAX keeps
+    a result on its operands' device; on an explicit mesh it is its type), and
+    a NumPy copy would drop it, so it is left to JAX."""
+    devices = x.sharding.device_set
+    return len(devices) != 1 or next(iter(devices)) != _host_device()[0]
 
 
 def _holds_subnormal(x: jax.Array, view: np.ndarray) -> bool:
@@ -734,17 +759,25 @@ def _literal_dtype(x: int | float, args: tuple[Any, ...]):
 
 
 _DEVICE = None  # the CPU device and its sharding, looked up on first use (not on import)
+
+
+def _host_device() -> tuple[Any, Any]:
+    """(device, its sharding) on which host results are handed back: JAX's
+    default device, `jax.devices()[0]`."""
+    global _DEVICE
+    if _DEVICE is None:
+        device = jax.devices()[0]
+        _DEVICE = (device, jax.sharding.SingleDeviceSharding(device))
+    return _DEVICE
+
+
 _AVALS: dict[tuple, Any] = {}  # (shape, dtype) -> ShapedArray; bounded by the shapes used
 
 
 def _device_put(x: np.ndarray) -> jax.Array:
     """`jax.device_put` of one CPU array by its fast path (JAX's public API is
     slow here; JAX 0.10, pinned)."""
-    global _DEVICE
-    if _DEVICE is None:
-        device = jax.devices()[0]
-        _DEVICE = (device, jax.sharding.SingleDeviceSharding(device))
-    device, sharding = _DEVICE
+    device, sharding = _host_device()
     key = (x.shape, x.dtype)
     aval = _AVALS.get(key)
     if aval is None:

@@ -75,6 +75,10 @@ def _run_plan(trace: Trace, plan: _Plan, consts: Sequence[Any], args: Sequence[A
     env = plan.template.copy()
     env[: plan.n_consts] = consts
     env[plan.n_consts : plan.n_inputs] = args
+    if bool in map(type, args):  # (`jit` takes a Python bool as a `bool[]` array)
+        env[plan.n_consts : plan.n_inputs] = [
+            host.immutable(np.asarray(a)) if type(a) is bool else a for a in args
+        ]
     trace.run(_eval_equations, trace, plan, env)
     return [env[i] for i in plan.outs]
 
@@ -103,6 +107,12 @@ def _eval_equations(trace: Trace, plan: _Plan, env: list[Any]) -> None:
             with jcore.source_info_util.user_context(eqn.source_info.traceback):
                 with eqn.ctx.manager:
                     out = prim.bind(*invals, **prim.get_bind_params(params))
+            # (a call or custom rule evaluated here may hand back a Python number
+            # its body returned, where `jit`'s compiled body gives an array)
+            if prim.multiple_results:
+                out = [_python_typed(o, v.aval) for o, v in zip(out, eqn.outvars, strict=True)]
+            else:
+                out = _python_typed(out, eqn.outvars[0].aval)
         if type(outs) is int:
             env[outs] = out
         else:
@@ -126,7 +136,7 @@ class _Plan:
 
         def slot(v: Any) -> int:
             if type(v) is jcore.Literal:
-                template.append(v.val)
+                template.append(_literal_value(v))
                 return len(template) - 1
             if v not in slots:
                 slots[v] = len(template)
@@ -166,6 +176,26 @@ class _Plan:
                 outs.append(slot(v))
         self.outs = tuple(outs)
         self.template = template
+
+
+def _python_typed(x: Any, aval: Any) -> Any:
+    """`x`, or a Python number `x` as the NumPy value of `aval`'s type where
+    that type is strong (a weak one is what a Python number is in JAX)."""
+    if type(x) in (bool, int, float, complex) and (type(x) is bool or not aval.weak_type):
+        return host.immutable(np.asarray(x, aval.dtype))
+    return x
+
+
+def _literal_value(v: Any) -> Any:
+    """A literal operand of an equation as `jit` holds it: a `bool[]` literal
+    (JAX keeps it as a Python bool, which has no dtype) as a NumPy boolean, so
+    an operation that returns it unchanged (`stop_gradient`, a call) hands on
+    an array typed as the jaxpr says, as JAX's compiled body does (a library's
+    rule may compare it with the type it traced: equinox's closure conversion).
+    Other literals carry their dtype and weak type already."""
+    if type(v.val) is bool:
+        return host.immutable(np.asarray(v.val))
+    return v.val
 
 
 def _typed_as(x: Any, aval: Any) -> Any:
