@@ -76,13 +76,25 @@ axis_index_p = passthrough(parallel.axis_index_p, ("axis_name",), differentiable
 
 
 def _extreme_vjp(ans, x, axes, axis_index_groups):
-    """pmax/pmin: to the shards holding the extreme value, ties split equally."""
+    """pmax/pmin: to the shards holding the extreme value, ties split equally.
+
+    As the sum of the members' values times their shares, `psum(x * share)`:
+    where `x` varies over the axes (`shard_map` typing the mesh axes) the result
+    is invariant, and the cotangent, the same on every shard, goes to the
+    shares as `psum_invariant`'s does; elsewhere (a `vmap` axis name, or
+    `check_vma=False`) the cotangents of the members are summed first, as
+    `psum`'s transpose sums them."""
     if axis_index_groups is not None:
         raise NotImplementedError("pmax/pmin with axis_index_groups: no VJP rule")
+    manual = getattr(jcore.typeof(raw(x)), "manual_axis_type", None)  # (JAX 0.10's vma)
+    typed = set(axes) <= getattr(manual, "varying", frozenset())
 
     def vjp(g):
         hit = lax.convert_element_type(lax.eq(x, ans), g.dtype)
-        return g * hit / psum_invariant_p.bind(hit, axes=axes)
+        if not typed:
+            g = psum_p.bind(g, axes=tuple(axes), axis_index_groups=None)
+        # (`lax.psum` binds psum_invariant for a varying value, psum otherwise)
+        return g * hit / lax.psum(hit, axes)
 
     return vjp
 
