@@ -246,6 +246,29 @@ def test_operators_on_tracers_raise_jaxs_error_type(fun):
 @pytest.mark.parametrize(
     "fun",
     [
+        lambda x: x.reshape(6, 1) * x.reshape(1, 6)[:, :4] * x,  # ranks 2 and 1
+        lambda x: x.reshape(2, 3) + x,
+        lambda x: x.reshape(3, 2) - x[:3],
+    ],
+    ids=["times", "plus", "minus"],
+)
+def test_operators_on_operands_of_different_ranks_raise_jaxs_error(fun):
+    """Operands of different ranks that do not broadcast: jax.numpy's ValueError
+    (`Incompatible shapes for broadcasting`), eagerly and under `jit`, where
+    NumPy's evaluation once let lax raise its TypeError."""
+    x = jnp.arange(1.0, 7.0)
+    loss = lambda x: jnp.sum(fun(x))  # noqa: E731
+    with pytest.raises(ValueError) as want:
+        jax.grad(loss)(x)
+    for transform in (cr.grad(loss), jax.jit(cr.grad(loss))):
+        with pytest.raises(ValueError) as got:
+            transform(x)
+        assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize(
+    "fun",
+    [
         lambda x: x * 2**40,
         lambda x: 2**40 - x,
         lambda x: x + (-(2**31) - 1),

@@ -180,10 +180,21 @@ def promote(*args: Any, inexact: bool = False, name: str | None = None) -> list[
     if host.host_operands(tuple(raw(a) for a in ops)) is not None:
         # The operation runs with NumPy, which broadcasts by itself (and says
         # so when shapes do not broadcast); the VJP rules of the binary
-        # primitives un-broadcast their cotangents anyway.
+        # primitives un-broadcast their cotangents anyway. Operands of
+        # different ranks that do not broadcast are refused as jax.numpy
+        # refuses them (`lax.broadcast_shapes`' ValueError); those of one rank
+        # by the lax primitive, as in JAX (its TypeError).
+        if len({len(s) for s in shapes if s}) > 1:
+            jax.lax.broadcast_shapes(*shapes)
         return ops
-    shape = tuple(np.broadcast_shapes(*shapes))
-    return [_broadcast_to(a, shape) for a in ops]
+    if len({len(s) for s in shapes if s}) > 1:
+        shape = jax.lax.broadcast_shapes(*shapes)  # (jax.numpy's ValueError)
+    else:
+        try:
+            shape = np.broadcast_shapes(*shapes)
+        except ValueError:
+            return ops  # (the lax primitive refuses them: JAX's TypeError)
+    return [_broadcast_to(a, tuple(shape)) for a in ops]
 
 
 def _named(f: Callable, name: str, kind: str) -> Callable:
@@ -224,11 +235,21 @@ def _fast_operand(t: Tracer, other: Any, inexact: bool) -> Any:
             or (
                 type(tv) is np.ndarray
                 and type(ov) is np.ndarray
-                and (ov.ndim == tv.ndim or jax_config.numpy_rank_promotion.value == "allow")
+                and (
+                    ov.ndim == tv.ndim
+                    or (
+                        jax_config.numpy_rank_promotion.value == "allow"
+                        and _broadcastable(tv.shape, ov.shape)  # (else `promote` says why not)
+                    )
+                )
             )
         ):
             return other
     return None
+
+
+def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return all(m == n or m == 1 or n == 1 for m, n in zip(reversed(a), reversed(b), strict=False))
 
 
 def _is_float_tracer(x: Any) -> bool:
