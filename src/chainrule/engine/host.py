@@ -599,11 +599,13 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
     out = None  # a copy of `args` once one needs converting
     for i, a in enumerate(args):
         if isinstance(a, HOST_TYPES):
-            if not host_dtype(a.dtype):
+            dtype = a.dtype
+            if not host_dtype(dtype):
                 return None
-            if a.dtype.kind == "f" and check and is_unchecked_constant(a) and has_subnormal(a):
+            kind = dtype.kind
+            if kind == "f" and check and is_unchecked_constant(a) and has_subnormal(a):
                 return None
-            if a.dtype.kind in "iuf" and not seen_strong:
+            if not seen_strong and kind in "iuf":
                 # (a weakly typed literal of a jaxpr, the `2.0` of `a * 2`
                 # under `jit`, is not a strong number: beside a weak array the
                 # result is weak, JAX's)
@@ -615,12 +617,14 @@ def host_operands(args: tuple[Any, ...], check: bool = False) -> tuple[Any, ...]
             continue
         if type(a) is _ArrayImpl:  # a concrete jax.Array (any other one is a tracer):
             # (tested by type, as `isinstance(a, jax.Array)` is slow)
-            if not host_dtype(a.dtype):
+            dtype = a.dtype
+            if not host_dtype(dtype):
                 return None  # complex, half precision, an extended dtype (PRNG keys): JAX's
-            if a.weak_type:
-                seen_weak = True
-            elif a.dtype.kind in "iuf":
-                seen_strong = True
+            if not seen_strong:
+                if a.weak_type:
+                    seen_weak = True
+                elif dtype.kind in "iuf":
+                    seen_strong = True
             a = _converted(a)
         elif isinstance(a, (int, float)):  # a Python number (np.float64 is a float too)
             seen_weak = seen_weak or type(a) is not bool  # (JAX's bool is strong)
