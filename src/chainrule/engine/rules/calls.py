@@ -136,7 +136,7 @@ class _Plan:
 
         def slot(v: Any) -> int:
             if type(v) is jcore.Literal:
-                template.append(_literal_value(v))
+                template.append(_python_typed(v.val, v.aval))
                 return len(template) - 1
             if v not in slots:
                 slots[v] = len(template)
@@ -180,22 +180,15 @@ class _Plan:
 
 def _python_typed(x: Any, aval: Any) -> Any:
     """`x`, or a Python number `x` as the NumPy value of `aval`'s type where
-    that type is strong (a weak one is what a Python number is in JAX)."""
+    that type is strong (a weak one is what a Python number is in JAX): as
+    `jit`'s compiled body holds it, so an operation that hands it on unchanged
+    (`stop_gradient`, a call) hands on an array of the jaxpr's type (a
+    library's rule may compare it with the type it traced: equinox's closure
+    conversion). For a literal, only a `bool[]` one is a Python number (JAX's
+    typed literals carry their dtype and weak type)."""
     if type(x) in (bool, int, float, complex) and (type(x) is bool or not aval.weak_type):
         return host.immutable(np.asarray(x, aval.dtype))
     return x
-
-
-def _literal_value(v: Any) -> Any:
-    """A literal operand of an equation as `jit` holds it: a `bool[]` literal
-    (JAX keeps it as a Python bool, which has no dtype) as a NumPy boolean, so
-    an operation that returns it unchanged (`stop_gradient`, a call) hands on
-    an array typed as the jaxpr says, as JAX's compiled body does (a library's
-    rule may compare it with the type it traced: equinox's closure conversion).
-    Other literals carry their dtype and weak type already."""
-    if type(v.val) is bool:
-        return host.immutable(np.asarray(v.val))
-    return v.val
 
 
 def _typed_as(x: Any, aval: Any) -> Any:
