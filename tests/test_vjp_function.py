@@ -214,3 +214,45 @@ def test_a_linear_transpose_is_a_pytree(mode, dtype):
         _close(jax.tree_util.tree_map(np.array, fn)(ct), expected, dtype)
     with pytest.raises(TypeError, match="cotangent type does not match"):
         fn({"y": ct["y"][:2], "z": ct["z"]})
+
+
+@pytest.mark.parametrize("jitted", [True, False], ids=["jitted", "eager"])
+@pytest.mark.parametrize("argnums", [0, (0,), (0, 1)], ids=["int", "1-tuple", "pair"])
+@pytest.mark.parametrize("name", ["mlp", "scan"])
+def test_fwd_and_bwd_as_jax(name, argnums, jitted, dtype):
+    """`cr.fwd_and_bwd` against `jax.fwd_and_bwd`: outputs, aux, and the
+    cotangents' structure (one for an int argnums, a tuple otherwise)."""
+    f, args = _args(name, dtype)
+    if name == "mlp":  # (its second output as aux)
+        has_aux, args = True, (*args,)
+    else:
+        has_aux = False
+    jfwd, jbwd = jax.fwd_and_bwd(f, argnums, has_aux=has_aux, jitted=jitted)
+    cfwd, cbwd = cr.fwd_and_bwd(f, argnums, has_aux=has_aux, jitted=jitted)
+    jout, cout = jfwd(*args), cfwd(*args)
+    assert len(cout) == len(jout)
+    _close(cout[0], jout[0], dtype)
+    if has_aux:
+        _close(cout[2], jout[2], dtype)
+    ct = _cotangent(jout[0])
+    want, got = jbwd(jout[1], ct), cbwd(cout[1], ct)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    _close(got, want, dtype)
+
+
+def test_fwd_and_bwd_compiles_bwd_once():
+    """The residuals a jitted `fwd` hands back on each call have one tree
+    structure, so the jitted `bwd` compiles once (the point of `fwd_and_bwd`)."""
+    f, args = _args("mlp", jnp.float32)
+    fwd, bwd = cr.fwd_and_bwd(lambda p, x: f(p, x)[0], argnums=(0, 1))
+    for _ in range(3):
+        out, residuals = fwd(*args)
+        bwd(residuals, _cotangent(out))
+    assert bwd._cache_size() == 1
+    assert fwd._cache_size() == 1
+
+
+def test_bwd_names_what_it_takes():
+    _, bwd = cr.fwd_and_bwd(jnp.sin, 0, jitted=False)
+    with pytest.raises(TypeError, match="takes the residuals fwd returned"):
+        bwd(jnp.ones(2), jnp.ones(2))

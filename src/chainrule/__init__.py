@@ -2,7 +2,7 @@
 
 `cr.grad`, `cr.value_and_grad`, `cr.vjp` (and `cr.jvp`, `cr.linearize`,
 `cr.linear_transpose`, `cr.jacrev` (alias `cr.jacobian`), `cr.jacfwd`,
-`cr.hessian`) have JAX's signatures and differentiate the same functions
+`cr.hessian`, `cr.fwd_and_bwd`) have JAX's signatures and differentiate the same functions
 (written with `jax.numpy`, `jax.nn`, `lax`, or `chainrule.numpy`) with
 chainrule's own hand-written VJP rules. They compose with `jax.jit`, `jax.vmap` and with each other.
 
@@ -25,7 +25,7 @@ from chainrule.engine.forward import (
     linearize,
 )
 from chainrule.engine.rules import PRIMITIVES
-from chainrule.engine.transforms import grad, value_and_grad, vjp
+from chainrule.engine.transforms import fwd_and_bwd, grad, value_and_grad, vjp
 from chainrule.explanation import explain
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "Tracer",
     "errors",
     "explain",
+    "fwd_and_bwd",
     "grad",
     "hessian",
     "jacfwd",

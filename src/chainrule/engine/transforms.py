@@ -1,4 +1,4 @@
-"""The user-facing transforms: `grad`, `value_and_grad`, `vjp`, with JAX's signatures.
+"""The user-facing transforms `grad`, `value_and_grad`, `vjp`, `fwd_and_bwd` (JAX's signatures).
 
 Each call of a transform makes a new `Trace` (a fresh level), boxes the
 differentiated leaves as `Tracer`s, runs the function once with that trace
@@ -343,13 +343,18 @@ class Pullback:
     they are rebuilt with (`core.tape_with`).
     """
 
-    def __init__(self, outs, out_tree, out_types, ins, in_trees, tape=None):
+    def __init__(self, outs, out_tree, out_types, ins, in_trees, tape=None, template=None):
         self._outs = outs  # per output leaf: its node, or None (not computed from inputs)
         self._out_tree = out_tree
         self._out_types = out_types  # per output leaf: (shape, dtype) of its cotangent
         self._ins = ins  # per argument, per leaf: its input node, or its shape (untraced)
         self._in_trees = in_trees
         self._tape = tape  # (`tape()`, found when first needed: flattening)
+        # the Pullback this one was rebuilt from (`_unflatten_pullback`; None: it
+        # is its own) is its tree structure, so that the copies a jitted function
+        # hands back on every call have one structure (`jax.jit` of a function
+        # taking them then compiles once, as `fwd_and_bwd` promises)
+        self._template = template
 
     def tape(self) -> list[Node]:
         """The nodes a backward pass may reach, the inputs' too, in creation order."""
@@ -377,7 +382,7 @@ class Pullback:
 
 
 def _flatten_pullback(p: Pullback) -> tuple[list[Any], Pullback]:
-    return core.tape_residuals(p.tape()), p
+    return core.tape_residuals(p.tape()), p._template or p
 
 
 def _unflatten_pullback(p: Pullback, residuals: Sequence[Any]) -> Pullback:
@@ -385,10 +390,60 @@ def _unflatten_pullback(p: Pullback, residuals: Sequence[Any]) -> Pullback:
     outs = [None if n is None else copies[n] for n in p._outs]
     ins = [[copies[n] if isinstance(n, Node) else n for n in i] for i in p._ins]
     tape = [copies[n] for n in p.tape()]
-    return Pullback(outs, p._out_tree, p._out_types, ins, p._in_trees, tape)
+    return Pullback(outs, p._out_tree, p._out_types, ins, p._in_trees, tape, template=p)
 
 
 jax.tree_util.register_pytree_node(Pullback, _flatten_pullback, _unflatten_pullback)
+
+
+def fwd_and_bwd(
+    fun: Callable, argnums: int | Sequence[int], has_aux: bool = False, jitted: bool = True
+) -> tuple[Callable, Callable]:
+    """The forward and backward passes of `fun` as two functions, like `jax.fwd_and_bwd`.
+
+    `fwd(*args)` is `cr.vjp` of `fun` in the arguments `argnums` names (the
+    others held fixed): it returns `(output, residuals)`, or `(output,
+    residuals, aux)` with `has_aux`. `bwd(residuals, cotangent)` returns the
+    cotangents of those arguments: one if `argnums` is an int, else a tuple.
+    With `jitted` (the default) both are `jax.jit` functions, and `bwd`
+    compiles once for all the residuals `fwd` hands back (they are a
+    `cr.vjp` function, a pytree of the arrays the backward pass reads).
+    Keyword arguments of `fwd` are passed to `fun`, not differentiated.
+
+    Examples:
+      >>> import jax.numpy as jnp, chainrule as cr
+      >>> fwd, bwd = cr.fwd_and_bwd(lambda x, w: jnp.sum(x * w), argnums=1)
+      >>> out, residuals = fwd(jnp.arange(3.0), jnp.ones(3))
+      >>> bwd(residuals, 1.0)
+      Array([0., 1., 2.], dtype=float32)
+    """
+    _check_callable(fun, "cr.fwd_and_bwd")
+    nums, single = _normalize_argnums(argnums, "cr.fwd_and_bwd")
+    name = f"cr.fwd_and_bwd of {getattr(fun, '__name__', 'function')}"
+
+    def fwd(*args: Any, **kwargs: Any):
+        resolved = _resolve_argnums(nums, len(args), name)
+
+        def of_differentiated(*dyn: Any) -> Any:
+            full = list(args)
+            for i, d in zip(resolved, dyn, strict=True):
+                full[i] = d
+            return fun(*full, **kwargs)
+
+        return vjp(of_differentiated, *(args[i] for i in resolved), has_aux=has_aux)
+
+    def bwd(residuals: Any, cotangent: Any) -> Any:
+        if not isinstance(residuals, Pullback):
+            raise TypeError(
+                f"{name}: bwd takes the residuals fwd returned (its second result) "
+                f"and a cotangent, got {type(residuals).__name__} as residuals."
+            )
+        cts = residuals(cotangent)
+        return cts[0] if single else cts
+
+    if jitted:
+        return jax.jit(fwd), jax.jit(bwd)
+    return fwd, bwd
 
 
 def weak_as(x: Any, like: Any) -> Any:
