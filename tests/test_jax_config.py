@@ -175,6 +175,18 @@ def test_pmax_pmin_over_a_vmap_axis_eagerly_and_under_jit(reduce):
     got = per_example(cr.grad, lambda w, x: reduce(score(w, x), "b"))
     np.testing.assert_allclose(got(w, x), want, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(jax.jit(got)(w, x), want, rtol=1e-6, atol=1e-7)
+    # second order: the gradient of the squared norm of the gradient of a loss
+    # whose cotangent at the reduction depends on w (the sine): the rule's VJP,
+    # its psum of that cotangent, differentiated again
+    w2 = jnp.asarray(np.random.default_rng(4).normal(size=3), jnp.float32)
+
+    def second(grad, loss):
+        return per_example(grad, lambda w, x: jnp.sum(grad(loss)(w, x) ** 2))
+
+    want = second(jax.grad, lambda w, x: jnp.sin(gathered(w, x)))(w2, x)
+    got = second(cr.grad, lambda w, x: jnp.sin(reduce(score(w, x), "b")))
+    np.testing.assert_allclose(got(w2, x), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(got)(w2, x), want, rtol=1e-5, atol=1e-6)
 
 
 _PLACEMENT = """
