@@ -422,6 +422,19 @@ def test_allow_int_gives_float0_zeros(grad):
     _assert_float0(tree["k"], (2,))
 
 
+def test_float0_zeros_are_of_jax_type():
+    """The float0 zeros are of the type JAX hands back (its host array type,
+    with `weak_type`), eagerly, under jit and under vmap."""
+    x, n = jnp.asarray([1.0, 2.0, 3.0]), jnp.arange(3)
+    for wrap in (lambda f: f, jax.jit, jax.vmap):
+        want, got = (
+            wrap(T.grad(_mixed, argnums=(0, 1), allow_int=True))(x, n)[1] for T in (jax, cr)
+        )
+        assert type(got) is type(want) and got.weak_type == want.weak_type
+    want, got = (T.vjp(_mixed, x, n)[1](1.0)[1] for T in (jax, cr))
+    assert type(got) is type(want)
+
+
 def test_value_and_grad_allow_int():
     value, (gx, gn) = cr.value_and_grad(_mixed, argnums=(0, 1), allow_int=True)(
         jnp.ones(3), jnp.arange(3)

@@ -64,6 +64,8 @@ from jax._src.array import ArrayImpl as _ArrayImpl  # concrete jax.Arrays (JAX 0
 from jax._src.lib import xla_client as _xc
 from jax._src.literals import TypedNdArray as _TypedNdArray  # a jaxpr literal (JAX 0.10)
 
+TypedNdArray = _TypedNdArray  # (also the type of JAX's float0 zero cotangents)
+
 HOST_TYPES = (np.ndarray, np.generic)  # host values: NumPy arrays and scalars
 _HOST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 

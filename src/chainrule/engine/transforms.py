@@ -261,8 +261,8 @@ def _input_ct(entry: Any, input_cts: dict) -> Any:
     Tracer of an outer level), weakly typed if the input is (as JAX's cotangents
     take their primal's type); for an integer or boolean input, JAX's float0
     zeros."""
-    if not isinstance(entry, Node):
-        return np.zeros(entry, jax.dtypes.float0)
+    if not isinstance(entry, Node):  # (JAX's host array type for it, strongly typed)
+        return host.TypedNdArray(np.zeros(entry, jax.dtypes.float0))
     value = entry.ans  # (the input itself)
     ct = input_cts.get(entry)
     if ct is None:  # the output does not depend on this input: its gradient is 0
