@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax import lax
 
 import chainrule as cr
 from chainrule.engine import host
@@ -146,3 +147,37 @@ def test_tracer_sum_and_mean_methods_accumulate_in_float32(dtype):
         for transform in (cr.value_and_grad(f), jax.jit(cr.value_and_grad(f))):
             for g, w in zip(transform(x), jax.value_and_grad(f)(x), strict=True):
                 _same(g, w)
+
+
+@jax.custom_vjp
+def _f32_cotangent(x):
+    return jnp.sum(x.astype(jnp.float32))
+
+
+_f32_cotangent.defvjp(
+    lambda x: (_f32_cotangent(x), x.shape),
+    lambda shape, g: (lax.full(shape, g, jnp.float32),),  # wider than its bfloat16 primal
+)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        lambda t: t[np.array([1, 2, 1])],  # gather (JAX's gather cotangent-dtype test)
+        lambda t: t.at[np.array([0, 3])].get(mode="clip"),
+        lambda t: lax.dynamic_update_slice(t, t[:2][::-1], (1, 0)),
+    ],
+    ids=["gather", "gather-clip", "dynamic_update_slice"],
+)
+def test_a_cotangent_wider_than_its_primal_passes_through_indexing(index):
+    """A `custom_vjp` may hand back a float32 cotangent for a bfloat16 input:
+    JAX's transposes write it into zeros of its own dtype. chainrule's did into
+    zeros of the primal's, which lax refused (a dtype mismatch)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(7, 4)), jnp.bfloat16)
+    f = lambda t: _f32_cotangent(index(t))  # noqa: E731
+    for wrap in (lambda g: g, jax.jit):
+        want, got = wrap(jax.grad(f))(x), wrap(cr.grad(f))(x)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    xs = jnp.stack([x, 2 * x])
+    want, got = jax.vmap(jax.grad(f))(xs), jax.vmap(cr.grad(f))(xs)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
