@@ -289,3 +289,46 @@ def test_custom_jvp_with_a_python_bool_output_and_symbolic_zero_tangent():
     loss = lambda x: jnp.sum(f(x)[0]) * (2.0 if f(x)[1] else 1.0)
     x = jnp.array([0.1, 0.2])
     np.testing.assert_allclose(cr.grad(loss)(x), jax.grad(loss)(x), rtol=1e-6)
+
+
+def _sampler(a):
+    return 2.0 * a * jnp.sin(a)
+
+
+@jax.custom_jvp
+def _resampled(a):
+    return _sampler(a)
+
+
+@_resampled.defjvp
+def _resampled_jvp(primals, tangents):
+    """A rule that recomputes its primal by the function's code and gives a
+    tangent that is not that code's derivative (an implicit reparameterization
+    gradient, as TFP's gamma sampler's)."""
+    (a,), (da,) = primals, tangents
+    out = _sampler(a) + 0.0
+    return out, (out / a + 1.0) * da
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        lambda f: cr.hessian(f),
+        lambda f: jax.jit(cr.hessian(f)),
+        lambda f: cr.jacrev(cr.grad(f)),
+        lambda f: cr.jacfwd(cr.grad(f)),
+        lambda f: jax.jacrev(cr.grad(f)),
+        lambda f: jax.jacfwd(cr.grad(f)),
+        lambda f: cr.jacrev(jax.grad(f)),
+        lambda f: lambda x: jax.vmap(cr.hessian(f))(x[None])[0],
+    ],
+    ids=["hessian", "jit", "rev-rev", "fwd-rev", "jax-rev", "jax-fwd", "rev-jax", "vmap"],
+)
+def test_second_order_differentiates_the_rules_primal(second):
+    """At second order JAX's inner level hands the rule's primal outputs to the
+    outer one, which differentiates the code that computed them (here the
+    sampler, not the function through its rule again): the Hessian of a loss
+    of TFP's reparameterized gamma samples depends on it."""
+    f = lambda a: jnp.sum(_resampled(a) ** 2 / 2)  # noqa: E731
+    x = jnp.asarray([1.0, 0.7, -1.3])
+    np.testing.assert_allclose(second(f)(x), jax.hessian(f)(x), rtol=1e-6, atol=1e-6)

@@ -243,6 +243,12 @@ class Primitive:
                     return self.impl(*args, **params)
         return trace.record(self, args, params)
 
+    def value_below(self, primals: tuple[Any, ...], params: dict[str, Any]) -> Any:
+        """This primitive's value on operands that a transform enclosing this
+        one traces (`Trace.record`, nested): applied there, which records it
+        too. (`custom_jvp_call` computes it otherwise: its rule's primal.)"""
+        return bind(self, *primals, **params)
+
     def evaluate_on_host(
         self, args: Sequence[Any], params: dict[str, Any]
     ) -> tuple[tuple[Any, ...], Any] | None:
@@ -664,7 +670,7 @@ class Trace(jcore.Trace):
                 subnormal = True  # a constant of the user's that XLA reads as zero: JAX's
         primals = tuple(primals)
         if nested and not prim.runs_outside:
-            ans = bind(prim, *primals, **params)
+            ans = prim.value_below(primals, params)
         else:
             ans = NotImplemented
             hosted = None if subnormal else prim.evaluate_on_host(primals, params)

@@ -39,6 +39,7 @@ from jax._src import linear_util as lu
 from jax._src.config import trace_context
 from jax._src.custom_derivatives import lift_jvp
 from jax._src.custom_derivatives import linear_call_p as jax_linear_call_p
+from jax._src.interpreters import ad as jax_ad
 from jax._src.util import weakref_lru_cache
 from jax.extend.core import primitives as jax_primitives
 
@@ -455,9 +456,16 @@ def _current_trace() -> Any:
 
 
 def _custom_jvp_impl(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> list[Any]:
-    """The function's value, from the trace outside (which may record it too)."""
+    """The function's value, from the trace outside (which may record it too);
+    where that trace differentiates (JAX's `jvp`/`linearize` around this
+    transform), the rule's primal, as JAX's own nested transforms compute it
+    (`_rule_primal`)."""
     prim = jax_primitives.custom_jvp_call_p
     trace = _current_trace()
+    if isinstance(trace, _JAX_AD_TRACES):
+        ruled = _rule_primal(args, jvp, symbolic_zeros)
+        if ruled is not None:
+            return ruled
     with host.UNFLUSHED:  # (the user's function: in the thread's own mode, as in JAX)
         return prim.bind_with_trace(
             trace,
@@ -465,6 +473,38 @@ def _custom_jvp_impl(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> li
             None,
             dict(subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros),
         )
+
+
+_JAX_AD_TRACES = (jax_ad.JVPTrace, jax_ad.LinearizeTrace)
+
+
+def _rule_primal(primals: Sequence[Any], jvp: Any, symbolic_zeros: bool) -> list[Any] | None:
+    """The primal outputs of a `custom_jvp` rule at zero tangents, for a value
+    an enclosing transform differentiates further; None where that is the
+    function's own value (a `defjvps` rule recomputes it with a call of the
+    function) or where the rule cannot be asked with zero tangents (symbolic
+    zeros: JAX then calls the function, not the rule).
+
+    Under nested differentiation JAX's inner level hands the rule's primal
+    outputs to the outer one, which differentiates the rule's code that
+    computed them, not the function through its rule again. Where the rule
+    computes its primal by code other than the function (TFP's samplers
+    recompute the sample with the undifferentiated sampler), the second
+    derivative depends on it."""
+    if symbolic_zeros or getattr(jvp.f, "__code__", None) is _DEFJVPS_CODE:
+        return None
+    tangents = [
+        zeros_like(p)
+        if core.is_differentiable(raw(p))
+        else np.zeros(np.shape(raw(p)), jax.dtypes.float0)
+        for p in primals
+    ]
+    for store in jvp.stores:  # (the rule may run again, in the backward pass)
+        if store is not None:
+            store.reset()
+    with host.UNFLUSHED:  # (the user's rule: in the thread's own mode, as in JAX)
+        results = jvp.call_wrapped(*primals, *tangents)
+    return list(results[: len(results) // 2])
 
 
 def _probe_defjvps_code() -> Any:
@@ -579,10 +619,15 @@ _PJIT_FUNCTION = type(jax.jit(lambda: None))
 
 
 class _CustomJVP(Primitive):
-    """Output: the function's. VJP: the transpose of the user's JVP rule."""
+    """Output: the function's (the rule's primal where a transform enclosing
+    this one differentiates it further). VJP: the transpose of the user's JVP rule."""
 
     def apply(self, trace, args, params):
         return list(core.bind(self, *args, **params))
+
+    def value_below(self, primals, params):
+        ruled = _rule_primal(primals, params["jvp"], params["symbolic_zeros"])
+        return super().value_below(primals, params) if ruled is None else ruled
 
     def vjp(self, g: Any, node: Node) -> list[Any]:
         # the rule's operations on these stay on the host (`host.for_user`)
