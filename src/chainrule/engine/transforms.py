@@ -414,8 +414,8 @@ def fwd_and_bwd(
       >>> import jax.numpy as jnp, chainrule as cr
       >>> fwd, bwd = cr.fwd_and_bwd(lambda x, w: jnp.sum(x * w), argnums=1)
       >>> out, residuals = fwd(jnp.arange(3.0), jnp.ones(3))
-      >>> bwd(residuals, 1.0)
-      Array([0., 1., 2.], dtype=float32)
+      >>> bwd(residuals, 1.0).tolist()
+      [0.0, 1.0, 2.0]
     """
     _check_callable(fun, "cr.fwd_and_bwd")
     nums, single = _normalize_argnums(argnums, "cr.fwd_and_bwd")
