@@ -913,11 +913,14 @@ bind = Primitive.bind
 # --- the backward pass ---------------------------------------------------------------
 
 
-def zeros_like(x: Any) -> Any:
-    """A zero cotangent for `x`: NumPy outside JAX traces, `lax.full` inside them
-    (so no large literal is baked into a compiled program)."""
+def zeros_like(x: Any, dtype: Any = None) -> Any:
+    """A zero cotangent for `x` (of `dtype` if given: a cotangent may be wider
+    than its primal): NumPy outside JAX traces, `lax.full` inside them (so no
+    large literal is baked into a compiled program)."""
     value = raw(x)
-    shape, dtype = tuple(np.shape(value)), getattr(value, "dtype", None)
+    shape = tuple(np.shape(value))
+    if dtype is None:
+        dtype = getattr(value, "dtype", None)
     if dtype is None:  # a Python number (an output a function gives eagerly, as JAX does)
         dtype = dtypes.canonicalize_dtype(np.result_type(value))
     if not isinstance(dtype, np.dtype):  # a typed PRNG key's: JAX's float0, as for integers

@@ -499,12 +499,20 @@ def _rule_primal(primals: Sequence[Any], jvp: Any, symbolic_zeros: bool) -> list
         else np.zeros(np.shape(raw(p)), jax.dtypes.float0)
         for p in primals
     ]
-    for store in jvp.stores:  # (the rule may run again, in the backward pass)
+    results = _call_rule(jvp, primals, tangents)
+    return list(results[: len(results) // 2])
+
+
+def _call_rule(jvp: Any, primals: Sequence[Any], tangents: Sequence[Any]) -> Any:
+    """A `custom_jvp` rule's outputs (primals, then tangents). It may run more
+    than once (forward at a nested level, then in each backward pass): its
+    output-structure store is reset first. In the thread's own floating-point
+    mode, as JAX calls the user's rule."""
+    for store in jvp.stores:
         if store is not None:
             store.reset()
-    with host.UNFLUSHED:  # (the user's rule: in the thread's own mode, as in JAX)
-        results = jvp.call_wrapped(*primals, *tangents)
-    return list(results[: len(results) // 2])
+    with host.UNFLUSHED:
+        return jvp.call_wrapped(*primals, *tangents)
 
 
 def _probe_defjvps_code() -> Any:
@@ -674,11 +682,7 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
             tangents[i] = t
         if per_argument is not None:
             return _summed_tangents(per_argument, primals, tangents, outs)
-        for store in jvp.stores:  # the rule may run more than once (vjp_fn twice)
-            if store is not None:
-                store.reset()
-        with host.UNFLUSHED:  # (the user's rule: in the thread's own mode, as in JAX)
-            results = jvp.call_wrapped(*primals, *tangents)
+        results = _call_rule(jvp, primals, tangents)
         out_ts = [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
         for t, o in zip(out_ts, outs, strict=True):
             if np.shape(t) != np.shape(o):  # (JAX's check of a rule's outputs, and its error)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from jax import lax
 from jax._src.lax import lax as lax_internal  # unstack_p (JAX 0.10, pinned)
@@ -243,21 +242,6 @@ unstack_p = primitive(
 )
 
 
-def _zeros_for(x: Any, g: Any) -> Any:
-    """Zeros of `x`'s shape to write the cotangent `g` into, in `g`'s dtype, as
-    JAX's transposes make them: a cotangent may be wider than its primal (a
-    `custom_vjp` whose bwd gives float32 for a bfloat16 input)."""
-    zeros = zeros_like(x)
-    dtype = dtype_of(g)
-    if zeros.dtype == dtype:
-        return zeros
-    return (
-        lax.full(shape_of(x), 0, dtype)
-        if isinstance(zeros, jax.Array)
-        else np.zeros(zeros.shape, dtype)
-    )
-
-
 class _DynamicSlice(Primitive):
     """Index operands are integers: only the array operand(s) get cotangents."""
 
@@ -265,10 +249,10 @@ class _DynamicSlice(Primitive):
         if self.name == "dynamic_slice":
             x, *idx = node.primals
             assert node.argnums == (0,), node.argnums
-            return [dynamic_update_slice(_zeros_for(x, g), g, idx)]
+            return [dynamic_update_slice(zeros_like(x, dtype_of(g)), g, idx)]
         x, update, *idx = node.primals
         rules = {
-            0: lambda: dynamic_update_slice(g, _zeros_for(update, g), idx),
+            0: lambda: dynamic_update_slice(g, zeros_like(update, dtype_of(g)), idx),
             1: lambda: dynamic_slice(g, idx, shape_of(update)),
         }
         return [rules[i]() for i in node.argnums]
@@ -354,7 +338,7 @@ def _gather_vjp(
         scatter_indices_batching_dims=dn.start_indices_batching_dims,
     )
     return lambda g: scatter_add_p.bind(
-        _zeros_for(x, g),
+        zeros_like(x, dtype_of(g)),  # (in g's dtype, as JAX's transpose: it may be wider)
         indices,
         g,
         dimension_numbers=scatter_dn,
