@@ -274,7 +274,7 @@ def test_the_cycle_finder_finds_cycles():
 
 
 def test_the_readme_order_of_the_engine_holds():
-    order = ["host", "core", "rules", "debugging", "arrays", "transforms", "forward"]
+    order = ["host", "core", "linearity", "rules", "debugging", "arrays", "transforms", "forward"]
     graph = _engine_graph()
     rank = {m: i for i, m in enumerate(order)}
 

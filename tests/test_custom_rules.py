@@ -332,3 +332,108 @@ def test_second_order_differentiates_the_rules_primal(second):
     f = lambda a: jnp.sum(_resampled(a) ** 2 / 2)  # noqa: E731
     x = jnp.asarray([1.0, 0.7, -1.3])
     np.testing.assert_allclose(second(f)(x), jax.hessian(f)(x), rtol=1e-6, atol=1e-6)
+
+
+def _sin_with_rule(rule):
+    """`sin` with the JVP rule `rule(x, t)` (the tangent map under test)."""
+
+    @jax.custom_jvp
+    def f(x):
+        return jnp.sin(x)
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return f(x), rule(x, t)
+
+    return f
+
+
+_A = jnp.asarray(np.arange(9.0).reshape(3, 3) / 10 + 2 * np.eye(3))
+NONLINEAR_RULES = {
+    "square": lambda x, t: t**2,
+    "clip": lambda x, t: jnp.clip(t, -1, 1),
+    "product of tangents": lambda x, t: t * t,
+    "divided by a tangent": lambda x, t: t / jnp.sum(t),
+    "sin of the tangent": lambda x, t: jnp.sin(t),
+    "relu of the tangent": lambda x, t: jax.nn.relu(t),
+    "maximum": lambda x, t: jnp.maximum(t, 0) + jnp.minimum(t, 0),
+    "norm": lambda x, t: t * jnp.linalg.norm(t),
+    "where on the tangent": lambda x, t: jnp.where(t > 0, t, 0.0),
+    "sign": lambda x, t: jnp.sign(t) * jnp.cos(x),
+    "stop_gradient, then scaled": lambda x, t: lax.stop_gradient(t) * 2.0,
+    "stop_gradient, added": lambda x, t: t + lax.stop_gradient(t) * 2.0 * jnp.cos(x),
+}
+LINEAR_RULES = {
+    "scaled": lambda x, t: t * jnp.cos(x),
+    "where on the primal": lambda x, t: jnp.where(x > 0, t, 0.0),
+    "matrix product": lambda x, t: _A @ t,
+    "cumsum": lambda x, t: jnp.cumsum(t) * jnp.cos(x),
+    "sum, broadcast": lambda x, t: jnp.sum(t) * jnp.ones_like(x),
+    "divided by the primal": lambda x, t: t / (jnp.cos(x) + 2),
+    "gather by the primal's order": lambda x, t: t[jnp.argsort(x)],
+    "fft round trip": lambda x, t: jnp.real(jnp.fft.ifft(jnp.fft.fft(t))),
+    "scatter at the primal's argmax": lambda x, t: t.at[jnp.argmax(x)].multiply(3.0),
+    "solve": lambda x, t: jnp.linalg.solve(_A, t),
+    "scan": lambda x, t: lax.scan(lambda c, a: (c * 0.5 + a, c), 0.0, t)[1],
+    "cond on the primal": lambda x, t: lax.cond(x[0] > 0, lambda u: 2 * u, lambda u: -u, t),
+    "jit helper": lambda x, t: jax.jit(lambda u: u * 3.0)(t),
+    "complex detour": lambda x, t: jnp.real(t * (1 + 2j)),
+    "checkpoint": lambda x, t: jax.checkpoint(lambda u: u * 2.0)(t),
+    "a cast to an integer (JAX transposes it: zero)": (
+        lambda x, t: t + t.astype(jnp.int32).astype(t.dtype)
+    ),
+    "a dropped check of the tangent": lambda x, t: (jnp.isfinite(t), t * jnp.cos(x))[1],
+}
+_X = jnp.array([0.3, -0.5, 1.2])
+_T = jnp.array([0.7, -0.2, 0.4])
+_W = jnp.array([1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("name", list(NONLINEAR_RULES))
+def test_a_rule_not_linear_in_its_tangents_is_refused(name):
+    """JAX's reverse mode cannot transpose such a rule and raises; chainrule's
+    transposed it at zero tangents and silently gave its slope there (0 for a
+    square, which `jax.jvp` gives as 9 at t = 3). Now it raises, in reverse
+    and in forward mode (built from the transposed rule), and under `jit`."""
+    f = _sin_with_rule(NONLINEAR_RULES[name])
+
+    def loss(x):
+        return jnp.sum(f(x) * _W)
+
+    # JAX refuses it, in its own words (no transpose rule, a nonlinear div, ...)
+    with pytest.raises((AssertionError, NotImplementedError, RuntimeError, ValueError)):
+        jax.grad(loss)(_X)
+    for call in (
+        lambda: cr.grad(loss)(_X),
+        lambda: jax.jit(cr.grad(loss))(_X),
+        lambda: cr.jvp(f, (_X,), (_T,)),
+        lambda: jax.vmap(cr.grad(loss))(jnp.stack([_X, -_X])),
+    ):
+        with pytest.raises(cr.errors.NotLinearError, match="not linear in its tangents"):
+            call()
+
+
+@pytest.mark.parametrize("name", list(LINEAR_RULES))
+def test_a_rule_linear_in_its_tangents_is_transposed(name):
+    """The check refuses no linear rule: each gives `jax.grad`'s gradient
+    (eager, jit, vmap), `jax.jvp`'s tangent, and `jax.hessian`'s Hessian."""
+    f = _sin_with_rule(LINEAR_RULES[name])
+
+    def loss(x):
+        return jnp.sum(f(x) * _W)
+
+    _modes(loss, _X)
+    np.testing.assert_allclose(
+        cr.jvp(f, (_X,), (_T,))[1], jax.jvp(f, (_X,), (_T,))[1], rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(cr.hessian(loss)(_X), jax.hessian(loss)(_X), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_transpose_refuses_what_is_computed_from_a_stop_gradient():
+    """`stop_gradient(t)` is a constant to NumPy: what the code computed from
+    it with NumPy escaped the linearity check (a silent 0, or the identity
+    for `t + 2 * stop_gradient(t)`, where JAX raises)."""
+    for f in (lambda t: lax.stop_gradient(t) * 2.0, lambda t: t + lax.stop_gradient(t) * 2.0):
+        with pytest.raises(cr.errors.NotLinearError, match="stop_gradient"):
+            cr.linear_transpose(f, _X)(_X)

@@ -684,11 +684,18 @@ class Trace(jcore.Trace):
                 on_host = not subnormal and host.host_operands(primals) is not None
                 with jcore.set_current_trace(self if on_host else self.parent), host.FLUSHING:
                     ans = prim.impl(*primals, **params)
+        uses = self.untraced_uses
+        if uses:  # (a watched trace: a constant operand computed from its values)
+            self.carry_untraced_operands(args, primals, argnums)
+        # an untraced result goes on as a host value, except where a transform
+        # watches what is computed from this trace's values: then as a `jax.Array`,
+        # so that what the code computes from it passes `process` too, not NumPy
+        untraced = host.to_jax if uses is not None and argnums else host.immutable
         if not prim.differentiable:  # its output is never traced: no node
             if prim.multiple_results:
-                out: Any = [host.immutable(raw(a)) for a in ans]
+                out: Any = [untraced(raw(a)) for a in ans]
             else:
-                out = host.immutable(raw(ans))
+                out = untraced(raw(ans))
         else:
             node = Node(prim, primals, params, ans, tuple(argnums), tuple(parents))
             if _recorders:
@@ -696,18 +703,28 @@ class Trace(jcore.Trace):
             box = self.tracer_type
             if not prim.multiple_results:
                 diff = is_differentiable(raw(ans))
-                out = box(ans, node, self) if diff else host.immutable(raw(ans))
+                out = box(ans, node, self) if diff else untraced(raw(ans))
             else:
                 n = len(ans)
                 out = [
                     box(a, Node(_Projection(i, n), (), {}, a, (0,), (node,)), self)
                     if is_differentiable(raw(a))
-                    else host.immutable(raw(a))
+                    else untraced(raw(a))
                     for i, a in enumerate(ans)
                 ]
-        if self.untraced_uses is not None and argnums:
+        if uses is not None and argnums:
             self.note_untraced(prim.name, out)
         return out
+
+    def carry_untraced_operands(self, args: tuple, primals: tuple, argnums: list[int]) -> None:
+        """Notes the operands of a node as `untraced_uses` under the key they
+        are recorded with (a `jax.Array` operand is recorded as a NumPy view)."""
+        uses = self.untraced_uses
+        for i, (a, p) in enumerate(zip(args, primals, strict=True)):
+            if i not in argnums and a is not p:
+                use = uses.get(untraced_key(a))
+                if use is not None:
+                    uses[untraced_key(p)] = use
 
     def note_untraced(self, name: str, out: Any) -> None:
         """Notes in `untraced_uses` each untraced value of `out` (a value or a
@@ -741,8 +758,8 @@ class Trace(jcore.Trace):
         uses = self.untraced_uses
         if uses:  # (a transform watching untraced values: they taint what they make)
             names = [uses[k][0] for k in map(untraced_key, tracers) if k in uses]
-            if names and not self._owns(tracers):
-                out = self._process(primitive, tracers, params, for_user)
+            if names and not self._owns(tracers):  # (as `jax.Array`s: see `record`)
+                out = self._process(primitive, tracers, params, for_user=True)
                 self.note_untraced(names[0], out)
                 return out
         return self._process(primitive, tracers, params, for_user)

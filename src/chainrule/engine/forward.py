@@ -29,16 +29,14 @@ confuses perturbations.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as jcore
 
-from chainrule.engine import core, transforms
-from chainrule.engine.core import Tracer
+from chainrule.engine import core, linearity, transforms
 from chainrule.errors import NotLinearError
 
 _tree_flatten = jax.tree_util.tree_flatten
@@ -284,135 +282,6 @@ def linearize(fun: Callable, *primals: Any, has_aux: bool = False):
 
 # --- linear_transpose ------------------------------------------------------------------------
 
-# Primitives linear in all their traced operands together (add, reshape, ...),
-# and those linear in one traced operand at a time (bilinear: mul, dot_general)
-# or in one of them (div: its numerator). Anything else on the path from the
-# inputs to the outputs makes the function nonlinear (or unknown to be linear).
-_LINEAR = frozenset(
-    """add add_any sub neg reduce_sum reshape squeeze expand_dims broadcast_in_dim
-    transpose convert_element_type copy copy_p slice dynamic_slice dynamic_update_slice
-    concatenate stack split tile pad gather scatter-add scatter select_n rev cumsum
-    real imag conj complex reduce_precision projection fft reduce_window_sum""".split()
-)
-_BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
-_LINEAR_IN = {"div": (0,), "triangular_solve": (1,)}
-
-
-def _linear_in(name: str, params: dict, lin: Sequence[bool]) -> list[bool] | None:
-    """Which outputs of the primitive `name` depend (linearly) on its operands
-    flagged in `lin`; None when it is not linear in them together. A loop, a
-    checkpoint, a cond or a custom_jvp function (as JAX: its own definition, not
-    its rule) is as linear as the jaxpr(s) it carries."""
-    dep = {i for i, flag in enumerate(lin) if flag}
-    if not dep:
-        return []  # (no output depends on the linear inputs)
-    if (
-        name in _LINEAR
-        or (name in _BILINEAR and len(dep) == 1)
-        or dep <= set(_LINEAR_IN.get(name, ()))
-    ):
-        return [True]
-    if name == "scan":
-        body, n_c, n_k = params["jaxpr"].jaxpr, params["num_consts"], params["num_carry"]
-        consts, carry, xs = list(lin[:n_c]), list(lin[n_c : n_c + n_k]), list(lin[n_c + n_k :])
-        while True:  # a carry is linear if its initial value or its update is
-            outs = _jaxpr_linear(body, consts + carry + xs)
-            if outs is None:
-                return None
-            new = [c or o for c, o in zip(carry, outs[:n_k], strict=True)]
-            if new == carry:
-                return carry + outs[n_k:]
-            carry = new
-    if name in ("remat2", "checkpoint"):
-        return _jaxpr_linear(params["jaxpr"], list(lin))
-    if name in ("pjit", "jit", "closed_call", "core_call"):
-        jaxpr = params.get("jaxpr", params.get("call_jaxpr"))
-        return _jaxpr_linear(getattr(jaxpr, "jaxpr", jaxpr), list(lin))
-    if name == "custom_jvp_call":  # (as JAX does: its function, not its rule)
-        return _jaxpr_linear(params["call_jaxpr"].jaxpr, list(lin))
-    if name == "cond":
-        if lin[0]:  # the branch taken depends on the inputs
-            return None
-        outs = [_jaxpr_linear(b.jaxpr, list(lin[1:])) for b in params["branches"]]
-        if any(o is None for o in outs):
-            return None
-        return [any(flags) for flags in zip(*outs, strict=True)]
-    if name == "custom_linear_solve":  # linear in b, the operands after the solvers' consts
-        if min(dep) < sum(params["const_lengths"]):
-            return None
-        return [True]
-    return None
-
-
-def _jaxpr_linear(jaxpr: Any, lin: Sequence[bool]) -> list[bool] | None:
-    """Which outputs of `jaxpr` depend on its inputs flagged in `lin`, all
-    linearly; None if one depends on them nonlinearly (or not known-linearly)."""
-    flags: dict[Any, bool] = dict(zip(jaxpr.invars, lin, strict=True))
-
-    def read(v: Any) -> bool:
-        return not isinstance(v, jcore.Literal) and flags.get(v, False)
-
-    for eqn in jaxpr.eqns:
-        lin_in = [read(v) for v in eqn.invars]
-        outs = _linear_in(eqn.primitive.name, eqn.params, lin_in)
-        if outs is None:
-            return None
-        if len(outs) == 1 and len(eqn.outvars) > 1:
-            outs = outs * len(eqn.outvars)
-        for v, flag in zip(eqn.outvars, outs or [False] * len(eqn.outvars), strict=True):
-            if flag and not jnp.issubdtype(v.aval.dtype, jnp.inexact):
-                return None  # (a cast to an integer: refused, as on the tape)
-            flags[v] = flag
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _untraced_use(outputs: Sequence[Any], trace: core.Trace) -> str | None:
-    """The operation that made an untraced value from the inputs (`x > 0`,
-    `stop_gradient(x)`) which reaches the outputs: as an output itself, or as
-    a constant operand of a recorded node they depend on; None if none does
-    (a check whose result is dropped, or read only for its shape)."""
-    uses = trace.untraced_uses or {}
-    for o in outputs:
-        key = core.untraced_key(o)
-        if not (isinstance(o, Tracer) and o._trace is trace) and key in uses:
-            return uses[key][0]
-    for node in _tape(outputs, trace):
-        for i, p in enumerate(node.primals):
-            key = core.untraced_key(p)
-            if i not in node.argnums and key in uses:
-                return uses[key][0]
-    return None
-
-
-def _tape(outputs: Sequence[Any], trace: core.Trace) -> Iterator[core.Node]:
-    """The recorded nodes the outputs depend on, walking back from them."""
-    stack = [o.node for o in outputs if isinstance(o, Tracer) and o._trace is trace]
-    seen: set[core.Node] = set()
-    while stack:
-        node = stack.pop()
-        if node in seen or node.prim is None:
-            continue
-        seen.add(node)
-        yield node
-        stack.extend(node.parents)
-
-
-def _nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | None:
-    """The first recorded node (walking back from `outputs`) that is not linear
-    in the traced inputs, or None: a look at the tape, no second run."""
-    for node in _tape(outputs, trace):
-        name = node.prim.name
-        n = max(len(node.primals), max(node.argnums, default=-1) + 1)
-        lin = [i in node.argnums for i in range(n)]
-        try:
-            linear = _linear_in(name, node.params, lin) is not None
-        except (KeyError, AttributeError, TypeError):  # (parameters laid out otherwise:
-            # not known to be linear)
-            linear = False
-        if not linear:
-            return node
-    return None
-
 
 def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = ()) -> Callable:
     """The transpose of a linear function, like `jax.linear_transpose`.
@@ -460,7 +329,7 @@ def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = 
         )
     out_leaves, out_tree = _tree_flatten(out)
     _check_linear_dtypes(out_leaves, "output")
-    untraced = _untraced_use(out_leaves, trace)
+    untraced = linearity.untraced_use(out_leaves, trace)
     if untraced is not None:
         raise NotLinearError(
             f"cr.linear_transpose: {getattr(fun, '__name__', 'the function')} is not linear "
@@ -469,7 +338,7 @@ def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = 
             "stop_gradient, a cast to an integer). What depends on the inputs through it "
             "cannot be transposed; for a nonlinear function use cr.vjp at a point."
         )
-    node = _nonlinear_node(out_leaves, trace)
+    node = linearity.nonlinear_node(out_leaves, trace)
     if node is not None:
         raise NotLinearError(
             f"cr.linear_transpose: {getattr(fun, '__name__', 'the function')} is not linear "

@@ -43,7 +43,7 @@ from jax._src.interpreters import ad as jax_ad
 from jax._src.util import weakref_lru_cache
 from jax.extend.core import primitives as jax_primitives
 
-from chainrule.engine import core, host
+from chainrule.engine import core, host, linearity
 from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
@@ -493,8 +493,8 @@ def _rule_primal(primals: Sequence[Any], jvp: Any, symbolic_zeros: bool) -> list
     derivative depends on it."""
     if symbolic_zeros or getattr(jvp.f, "__code__", None) is _DEFJVPS_CODE:
         return None
-    tangents = [
-        zeros_like(p)
+    tangents = [  # (as JAX gives them: arrays a rule may call `.at` on)
+        host.to_jax(zeros_like(p))
         if core.is_differentiable(raw(p))
         else np.zeros(np.shape(raw(p)), jax.dtypes.float0)
         for p in primals
@@ -680,10 +680,14 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
         tangents = [zero_tangent(p) for p in primals]
         for i, t in zip(diff, diff_tangents, strict=True):
             tangents[i] = t
+        linearity.watch(diff_tangents)
         if per_argument is not None:
-            return _summed_tangents(per_argument, primals, tangents, outs)
+            out_ts = _summed_tangents(per_argument, primals, tangents, outs)
+            linearity.require_linear(out_ts, diff_tangents, _rule_name(node))
+            return out_ts
         results = _call_rule(jvp, primals, tangents)
         out_ts = [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
+        linearity.require_linear(out_ts, diff_tangents, _rule_name(node))
         for t, o in zip(out_ts, outs, strict=True):
             if np.shape(t) != np.shape(o):  # (JAX's check of a rule's outputs, and its error)
                 raise TypeError(
@@ -699,6 +703,13 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
     cts_in = vjp_flat(tangent_map, zeros, cts, linear=True, structural=True)
     got = dict(zip(diff, cts_in, strict=True))
     return [got.get(i) for i in all_diff]
+
+
+def _rule_name(node: Node) -> str:
+    """'the custom_jvp rule of f', naming the function as JAX's debug info does."""
+    info = getattr(node.params["fun"], "debug_info", None)
+    name = getattr(info, "func_name", None) or "a function"
+    return f"the custom_jvp rule of {name}"
 
 
 # --- the transposed rules of JAX's functions, read once -------------------------------

@@ -49,7 +49,7 @@ from jax._src import ad_util
 from jax._src import core as jcore  # typeof, Primitive (JAX 0.10, pinned)
 from jax._src.interpreters import ad  # the rules libraries register (JAX 0.10, pinned)
 
-from chainrule.engine import core, host
+from chainrule.engine import core, host, linearity
 from chainrule.engine.core import Node, Primitive, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.calls import _instantiate
 from chainrule.engine.rules.forward_only import register_forward_test, transposed_jvp
@@ -163,10 +163,14 @@ def _transposed_jvp(prim: _Foreign, g, primals, outs, argnums, params) -> list[A
         tangents = [ad_util.Zero(_tangent_type(p)) for p in primals]
         for i, t in zip(argnums, traced, strict=True):
             tangents[i] = t
+        linearity.watch(traced)
         with host.UNFLUSHED:  # (the library's code, in the thread's own mode)
             _, out_tangents = jvp(primals, tangents, **params)
         out_tangents = list(out_tangents) if jax_primitive.multiple_results else [out_tangents]
-        return [_instantiate(t, o) for t, o in zip(out_tangents, outs, strict=True)]
+        out_tangents = [_instantiate(t, o) for t, o in zip(out_tangents, outs, strict=True)]
+        rule = f"the JVP rule of the primitive '{jax_primitive.name}'"
+        linearity.require_linear(out_tangents, traced, rule)
+        return out_tangents
 
     zeros = [zeros_like(primals[i]) for i in argnums]
     if not prim.linear:
