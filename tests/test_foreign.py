@@ -558,3 +558,40 @@ def test_library_rules_see_the_types_jax_hands_them(case):
         _GATE_SEEN.clear()
         np.testing.assert_allclose(wrap(cr.grad(f))(a), want, rtol=1e-12)
         assert _GATE_SEEN == seen_by_jax
+
+
+# doubled_p(x) = 2x, whose JVP rule maps a `vmap` over its primals with in_axes
+# built from them as a tuple, as equinox's `vprim` rules do: a list where JAX
+# hands a tuple is no prefix of the tuple, and `vmap` raises
+doubled_p = _define("test_doubled", lambda x: 2 * x, lambda x: x)
+_DOUBLED_SEEN: list = []
+
+
+def _doubled_jvp(primals, tangents):
+    _DOUBLED_SEEN.append((type(primals).__name__, type(tangents).__name__))
+    axes = jax.tree_util.tree_map(lambda _: None, primals)
+    (t,) = tangents
+    out = jax.vmap(lambda *p: doubled_p.bind(*p), in_axes=axes, axis_size=1)(*primals)[0]
+    return out, (t if type(t) is ad.Zero else 2 * t)
+
+
+ad.primitive_jvps[doubled_p] = _doubled_jvp
+
+
+def test_library_jvp_rules_get_tuples_as_jax_hands_them():
+    """The primals and tangents a library's JVP rule gets are tuples, as from
+    JAX's `JVPTrace` (equinox's `vprim` tests failed under `cr.jvp`)."""
+    f = lambda x: jnp.sum(jnp.sin(doubled_p.bind(x)))  # noqa: E731
+    x = jnp.arange(1.0, 4.0)
+    for jax_t, cr_t in (
+        (lambda: jax.grad(f)(x), lambda: cr.grad(f)(x)),
+        (lambda: jax.jvp(f, (x,), (x,)), lambda: cr.jvp(f, (x,), (x,))),
+    ):
+        _DOUBLED_SEEN.clear()
+        want = jax_t()
+        seen_by_jax = set(_DOUBLED_SEEN)
+        _DOUBLED_SEEN.clear()
+        got = cr_t()
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+        assert set(_DOUBLED_SEEN) == seen_by_jax == {("tuple", "tuple")}

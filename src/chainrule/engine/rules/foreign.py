@@ -103,7 +103,10 @@ def _forward(jax_primitive, params, outs, primals, tangents) -> list[Any]:
         for p, t in zip(primals, _for_library(tangents), strict=True)
     ]
     with host.UNFLUSHED:
-        _, out_tangents = ad.primitive_jvps[jax_primitive](list(primals), tangents, **params)
+        # (tuples, as JAX's JVPTrace hands them: equinox's vprim rules build
+        # `vmap` in_axes from them, and a list is not a tuple's prefix)
+        rule = ad.primitive_jvps[jax_primitive]
+        _, out_tangents = rule(tuple(primals), tuple(tangents), **params)
     out_tangents = list(out_tangents) if jax_primitive.multiple_results else [out_tangents]
     return [_instantiate(t, o) for t, o in zip(out_tangents, outs, strict=True)]
 
@@ -165,7 +168,7 @@ def _transposed_jvp(prim: _Foreign, g, primals, outs, argnums, params) -> list[A
             tangents[i] = t
         linearity.watch(traced)
         with host.UNFLUSHED:  # (the library's code, in the thread's own mode)
-            _, out_tangents = jvp(primals, tangents, **params)
+            _, out_tangents = jvp(tuple(primals), tuple(tangents), **params)  # (as JAX's)
         out_tangents = list(out_tangents) if jax_primitive.multiple_results else [out_tangents]
         out_tangents = [_instantiate(t, o) for t, o in zip(out_tangents, outs, strict=True)]
         rule = f"the JVP rule of the primitive '{jax_primitive.name}'"
