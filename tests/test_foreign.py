@@ -595,3 +595,20 @@ def test_library_jvp_rules_get_tuples_as_jax_hands_them():
         for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-6)
         assert set(_DOUBLED_SEEN) == seen_by_jax == {("tuple", "tuple")}
+
+
+def test_linear_transpose_uses_a_librarys_transpose_rule():
+    """`jax.linear_transpose` reads a library's primitive with a transpose rule
+    as linear and transposes it by that rule; chainrule refused it as not known
+    to be linear (equinox's `test_vprim`, hunt P). The rule's answer is
+    JAX's, and `cr.grad` of the same function is unchanged."""
+    c = jnp.array([2.0, -1.0, 0.5, 3.0])
+    f = lambda x: scale(x, c) + 2.0 * x  # noqa: E731
+    ct = jnp.array([1.0, 10.0, -3.0, 0.25])
+    want = jax.linear_transpose(f, X)(ct)
+    for got in (cr.linear_transpose(f, X)(ct), jax.jit(lambda u: cr.linear_transpose(f, X)(u))(ct)):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    # nonlinear in (x, c) together: the library's rule refuses it, for JAX and here
+    for transpose in (jax.linear_transpose, cr.linear_transpose):
+        with pytest.raises(AssertionError):
+            transpose(lambda x: scale(x, x), X)(ct)

@@ -322,6 +322,9 @@ def linear_transpose(fun: Callable, *primals: Any, reduce_axes: Sequence[Any] = 
 
     def watch(trace: core.Trace, boxed: list[Any]) -> None:
         trace.untraced_uses = {}
+        # a linear map's trace: a library's primitive on its values is transposed
+        # by the rule the library registered, as JAX's backward pass does
+        trace.linear = True
 
     with transforms.host.evaluating():
         trace, out, tracers, trees = transforms.trace_call(

@@ -163,9 +163,17 @@ def nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | Non
         except (KeyError, AttributeError, TypeError):  # (parameters laid out otherwise:
             # not known to be linear)
             linear = False
-        if not linear:
+        if not linear and not _library_transposable(node.prim):
             return node
     return None
+
+
+def _library_transposable(prim: Any) -> bool:
+    """Another library's primitive (`rules/foreign.py`) with a transpose rule
+    registered with JAX: linear, as `jax.linear_transpose` reads it, and
+    transposed by that rule (in a trace marked `linear`)."""
+    jax_primitive = getattr(prim, "jax_primitive", None)
+    return jax_primitive is not None and jax_primitive in ad.primitive_transposes
 
 
 @functools.cache
