@@ -718,4 +718,11 @@ def test_forward_mode_of_a_custom_vjp_function_is_refused_as_by_jax():
         for call in calls:
             with pytest.raises(TypeError, match="custom_vjp"):
                 call()
+        # linearize hands back the value (equinox's checkpointed while loop and
+        # diffrax call it for that), and refuses when the linear map is applied
+        for wrap in (lambda f: f, jax.jit):
+            out, f_jvp = wrap(lambda v, m=m: m.linearize(clipped, v))(x)
+            np.testing.assert_allclose(out, jnp.sin(x), rtol=1e-6)
+            with pytest.raises(TypeError, match="custom_vjp"):
+                f_jvp(x)
     np.testing.assert_allclose(cr.grad(lambda x: clipped(x).sum())(x), [0.1, 0.1, -0.1])

@@ -84,6 +84,11 @@ class NotLinearError(ChainruleError, NotImplementedError):
     """`linear_transpose` was given a function that is not linear in its inputs."""
 
 
+class ForwardModeError(ChainruleError, TypeError):
+    """Forward mode met a rule with no forward form: a `custom_vjp` function's
+    `bwd` (as `jax.jvp` refuses it)."""
+
+
 class CallbackDifferentiationError(ChainruleError, ValueError):
     """A `pure_callback` / `io_callback` was given values that need a gradient."""
 

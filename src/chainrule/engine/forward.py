@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chainrule.engine import core, linearity, transforms
-from chainrule.errors import NotLinearError
+from chainrule.errors import ForwardModeError, NotLinearError
 
 _tree_flatten = jax.tree_util.tree_flatten
 _tree_unflatten = jax.tree_util.tree_unflatten
@@ -116,9 +116,27 @@ def _linearize(fun: Callable, primals: tuple, has_aux: bool):
         return pull.pull(_tree_unflatten(out_tree, cts), at_zero=True)
 
     zeros = [_zeros_like(o) for o, f in zip(out_leaves, out_floats, strict=True) if f]
-    _, pushforward_flat = transforms.vjp(pullback_flat, *zeros)
+    try:
+        _, pushforward_flat = transforms.vjp(pullback_flat, *zeros)
+    except ForwardModeError as refused:  # (a custom_vjp function: JAX's linearize
+        # hands back its value, and refuses when the linear map is applied)
+        pushforward_flat = _Refused(str(refused))
     out_likes = [_like(o) for o in out_leaves]
     return out, _Pushforward(pushforward_flat, floats, out_floats, out_likes, out_tree), aux
+
+
+class _Refused:
+    """The linear map of a function forward mode cannot go through: raises
+    `ForwardModeError` when applied (a pytree without leaves)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self, tangents: Any) -> Any:
+        raise ForwardModeError(self.message)
+
+
+jax.tree_util.register_pytree_node(_Refused, lambda r: ((), r.message), lambda m, _: _Refused(m))
 
 
 def _like(x: Any) -> jax.ShapeDtypeStruct:

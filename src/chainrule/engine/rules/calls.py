@@ -49,7 +49,7 @@ from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.engine.rules.shape import retyped, weakly_typed
-from chainrule.errors import NotDifferentiableError, NotLinearError
+from chainrule.errors import ForwardModeError, NotDifferentiableError, NotLinearError
 
 
 def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
@@ -894,7 +894,7 @@ class _CustomVJP(Primitive):
 
     def vjp(self, g, node):
         if core.backward_at_zero():  # forward mode: the user gave a bwd, not a JVP
-            raise TypeError(
+            raise ForwardModeError(
                 "can't apply forward-mode autodiff (jvp) to a custom_vjp function (as "
                 "jax.jvp refuses it too): its bwd rule need not be the transpose of any "
                 "linear map. Use cr.vjp/cr.grad/cr.jacrev, or give the function a "
