@@ -178,8 +178,9 @@ def _library_transposable(prim: Any) -> bool:
 
 @functools.cache
 def _transposable() -> frozenset[str]:
-    """The names of the primitives JAX has a transpose rule for (read once, when
-    first needed: libraries register theirs on import)."""
+    """The names of the primitives JAX has a transpose rule for, read once: JAX's
+    own register theirs when JAX is imported (a library's primitive, which may
+    register later, is told apart by `_library_transposable`, not by this)."""
     return frozenset(p.name for p in ad.primitive_transposes)
 
 
@@ -247,7 +248,7 @@ def require_linear(outputs: Sequence[Any], traced: Sequence[Any], rule: str) -> 
     if use is None and node is None:
         return
     what = (
-        f"'{use}', whose result has no derivative (a comparison, a rounding, a cast to an integer)"
+        f"'{use}', whose result has no derivative (a comparison, a rounding, stop_gradient)"
         if use is not None
         else f"'{node.prim.name}' (to operand(s) {list(node.argnums)})"
     )
