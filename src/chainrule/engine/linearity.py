@@ -21,7 +21,7 @@ linear in its inputs:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -151,19 +151,22 @@ def tape(outputs: Sequence[Any], trace: core.Trace) -> Iterator[core.Node]:
         stack.extend(node.parents)
 
 
+def _known_linear(node: core.Node) -> bool | None:
+    """Whether the table says `node` is linear in its traced operands; None when
+    its parameters are laid out otherwise (not known either way)."""
+    n = max(len(node.primals), max(node.argnums, default=-1) + 1)
+    lin = [i in node.argnums for i in range(n)]
+    try:
+        return linear_in(node.prim.name, node.params, lin) is not None
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
 def nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node | None:
-    """The first recorded node (walking back from `outputs`) that is not linear
-    in the traced inputs, or None: a look at the tape, no second run."""
+    """The first recorded node (walking back from `outputs`) that is not known
+    to be linear in the traced inputs, or None: a look at the tape, no second run."""
     for node in tape(outputs, trace):
-        name = node.prim.name
-        n = max(len(node.primals), max(node.argnums, default=-1) + 1)
-        lin = [i in node.argnums for i in range(n)]
-        try:
-            linear = linear_in(name, node.params, lin) is not None
-        except (KeyError, AttributeError, TypeError):  # (parameters laid out otherwise:
-            # not known to be linear)
-            linear = False
-        if not linear and not _library_transposable(node.prim):
+        if not _known_linear(node) and not _library_transposable(node.prim):
             return node
     return None
 
@@ -200,14 +203,9 @@ def known_nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node
     """The first recorded node (walking back from `outputs`) known not to be
     linear in the traced inputs (see the module's docstring), or None."""
     for node in tape(outputs, trace):
+        if _known_linear(node) is not False:
+            continue  # (linear, or not known either way)
         name = node.prim.name
-        n = max(len(node.primals), max(node.argnums, default=-1) + 1)
-        lin = [i in node.argnums for i in range(n)]
-        try:
-            if linear_in(name, node.params, lin) is not None:
-                continue
-        except (KeyError, AttributeError, TypeError):
-            continue  # (parameters laid out otherwise: not known either way)
         if name in _BILINEAR or name in _LINEAR_IN:
             return node  # (both factors traced, or a traced divisor)
         if (
@@ -220,28 +218,33 @@ def known_nonlinear_node(outputs: Sequence[Any], trace: core.Trace) -> core.Node
     return None
 
 
-def watch(traced: Sequence[Any]) -> None:
-    """Notes, from now on, the untraced values computed from `traced` (the
-    tracers a tangent map runs on), for `require_linear`."""
-    for t in traced:
-        if isinstance(t, Tracer):
-            if t._trace.untraced_uses is None:
-                t._trace.untraced_uses = {}
-            return
+def checked(tangent_map: Callable[..., list[Any]], rule: str) -> Callable[..., list[Any]]:
+    """`tangent_map` (a rule's map from the traced tangents to the output
+    tangents, run once by `core.vjp_flat`), refused with `NotLinearError` where
+    it is known not to be linear in them (`require_linear`). `rule` names the
+    rule in the error."""
+
+    def run(*traced: Any) -> list[Any]:
+        trace = next((t._trace for t in traced if isinstance(t, Tracer)), None)
+        if trace is not None and trace.untraced_uses is None:
+            trace.untraced_uses = {}  # (watched from here: what it computes untraced)
+        outs = tangent_map(*traced)
+        if trace is not None:
+            require_linear(outs, trace, rule)
+        return outs
+
+    return run
 
 
-def require_linear(outputs: Sequence[Any], traced: Sequence[Any], rule: str) -> None:
+def require_linear(outputs: Sequence[Any], trace: core.Trace, rule: str) -> None:
     """Raises `NotLinearError` if the tangent map that computed `outputs` from
-    `traced` (watched since `watch`) is known not to be linear in them.
+    the inputs of `trace` (watched, see `checked`) is known not to be linear.
 
     A rule's tangent map is transposed by chainrule's reverse pass at zero
     tangents, which is its transpose only when the map is linear; a rule that
     squares or clips its tangents would give its slope at zero (often 0)
     silently, where `jax.grad` raises (no transpose rule for the nonlinear
     primitive)."""
-    trace = next((t._trace for t in traced if isinstance(t, Tracer)), None)
-    if trace is None:
-        return
     outputs = [o for o in outputs if o is not None]
     use = untraced_use(outputs, trace, ignore=_transposable())  # (a cast to an integer)
     node = None if use is not None else known_nonlinear_node(outputs, trace)

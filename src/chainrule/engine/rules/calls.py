@@ -680,14 +680,10 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
         tangents = [zero_tangent(p) for p in primals]
         for i, t in zip(diff, diff_tangents, strict=True):
             tangents[i] = t
-        linearity.watch(diff_tangents)
         if per_argument is not None:
-            out_ts = _summed_tangents(per_argument, primals, tangents, outs)
-            linearity.require_linear(out_ts, diff_tangents, _rule_name(node))
-            return out_ts
+            return _summed_tangents(per_argument, primals, tangents, outs)
         results = _call_rule(jvp, primals, tangents)
         out_ts = [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
-        linearity.require_linear(out_ts, diff_tangents, _rule_name(node))
         for t, o in zip(out_ts, outs, strict=True):
             if np.shape(t) != np.shape(o):  # (JAX's check of a rule's outputs, and its error)
                 raise TypeError(
@@ -700,7 +696,8 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
         return out_ts
 
     zeros = [zeros_like(primals[i]) for i in diff]
-    cts_in = vjp_flat(tangent_map, zeros, cts, linear=True, structural=True)
+    checked = linearity.checked(tangent_map, _rule_name(node))
+    cts_in = vjp_flat(checked, zeros, cts, linear=True, structural=True)
     got = dict(zip(diff, cts_in, strict=True))
     return [got.get(i) for i in all_diff]
 

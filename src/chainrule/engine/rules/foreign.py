@@ -166,21 +166,19 @@ def _transposed_jvp(prim: _Foreign, g, primals, outs, argnums, params) -> list[A
         tangents = [ad_util.Zero(_tangent_type(p)) for p in primals]
         for i, t in zip(argnums, traced, strict=True):
             tangents[i] = t
-        linearity.watch(traced)
         with host.UNFLUSHED:  # (the library's code, in the thread's own mode)
             _, out_tangents = jvp(tuple(primals), tuple(tangents), **params)  # (as JAX's)
         out_tangents = list(out_tangents) if jax_primitive.multiple_results else [out_tangents]
-        out_tangents = [_instantiate(t, o) for t, o in zip(out_tangents, outs, strict=True)]
-        rule = f"the JVP rule of the primitive '{jax_primitive.name}'"
-        linearity.require_linear(out_tangents, traced, rule)
-        return out_tangents
+        return [_instantiate(t, o) for t, o in zip(out_tangents, outs, strict=True)]
 
+    rule = f"the JVP rule of the primitive '{jax_primitive.name}'"
+    checked = linearity.checked(tangent_map, rule)
     zeros = [zeros_like(primals[i]) for i in argnums]
     if not prim.linear:
-        return vjp_flat(tangent_map, zeros, cts, linear=True, structural=True)
+        return vjp_flat(checked, zeros, cts, linear=True, structural=True)
     active.add(jax_primitive)  # (until its map is traced and pulled back)
     try:
-        return vjp_flat(tangent_map, zeros, cts, linear=True, structural=True)
+        return vjp_flat(checked, zeros, cts, linear=True, structural=True)
     finally:
         active.discard(jax_primitive)
 
