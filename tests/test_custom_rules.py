@@ -394,8 +394,9 @@ _W = jnp.array([1.0, 2.0, 3.0])
 def test_a_rule_not_linear_in_its_tangents_is_refused(name):
     """JAX's reverse mode cannot transpose such a rule and raises; chainrule's
     transposed it at zero tangents and silently gave its slope there (0 for a
-    square, which `jax.jvp` gives as 9 at t = 3). Now it raises, in reverse
-    and in forward mode (built from the transposed rule), and under `jit`."""
+    square, which `jax.jvp` gives as 9 at t = 3). Now it raises in reverse
+    mode, eagerly, under `jit` and `vmap`; forward mode applies the rule to
+    the tangents, as `jax.jvp` does (`test_forward_mode_applies_the_rule`)."""
     f = _sin_with_rule(NONLINEAR_RULES[name])
 
     def loss(x):
@@ -407,11 +408,49 @@ def test_a_rule_not_linear_in_its_tangents_is_refused(name):
     for call in (
         lambda: cr.grad(loss)(_X),
         lambda: jax.jit(cr.grad(loss))(_X),
-        lambda: cr.jvp(f, (_X,), (_T,)),
         lambda: jax.vmap(cr.grad(loss))(jnp.stack([_X, -_X])),
     ):
         with pytest.raises(cr.errors.NotLinearError, match="not linear in its tangents"):
             call()
+
+
+FORWARD_ONLY_RULES = {
+    **NONLINEAR_RULES,
+    "while loop on the tangent": lambda x, t: lax.while_loop(
+        lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * jnp.cos(x)), (0, t)
+    )[1],
+    "fori loop on the tangent": lambda x, t: lax.fori_loop(0, 2, lambda i, u: u * x + t, t),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_ONLY_RULES))
+def test_forward_mode_applies_the_rule(name):
+    """`jax.jvp` evaluates a custom_jvp rule at the tangents; so does chainrule's
+    forward mode (`cr.jvp`, `cr.linearize`, `cr.jacfwd`, eagerly, under `jit`
+    and `vmap`), where it transposed the transposed rule: a rule that is not
+    linear in its tangents, or that reverse mode cannot transpose (a while
+    loop on the tangents), raised. Reverse mode over forward mode
+    differentiates the rule's code, as JAX does."""
+    f = _sin_with_rule(FORWARD_ONLY_RULES[name])
+    ts = jnp.stack([_T, -2 * _T])
+    calls = (
+        lambda m: m.jvp(f, (_X,), (_T,)),
+        lambda m: jax.jit(lambda x, t: m.jvp(f, (x,), (t,)))(_X, _T),
+        lambda m: jax.vmap(lambda t: m.jvp(f, (_X,), (t,))[1])(ts),
+        lambda m: m.linearize(f, _X)[1](_T),
+        lambda m: m.jacfwd(f)(_X),
+        lambda m: m.grad(lambda t: jnp.sum(m.jvp(f, (_X,), (t,))[1] * _W))(_T),
+    )
+    for call in calls:
+        try:
+            want = call(jax)
+        except ValueError:  # (reverse mode through a while loop: JAX refuses it)
+            with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+                call(cr)
+            continue
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), call(cr), want
+        )
 
 
 @pytest.mark.parametrize("name", list(LINEAR_RULES))

@@ -112,6 +112,50 @@ def test_a_function_returned_from_jit(transform, name, dtype):
         _close(jax.tree_util.tree_map(np.array, eager_fn)(*ts), jax_fn(*ts), dtype)
 
 
+@jax.custom_jvp
+def _rescaled(x):
+    return jnp.sin(x)
+
+
+@_rescaled.defjvp
+def _rescaled_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _rescaled(x), t * jnp.cos(x) * jnp.tanh(t)  # (not linear: jax.jvp applies it)
+
+
+def _solve(a, b):  # a solve without a transpose_solve: forward mode only, in JAX too
+    return lax.custom_linear_solve(lambda v: a @ v, b, lambda mv, r: jnp.linalg.solve(a, r))
+
+
+FORWARD_ONLY = {
+    "while loop": lambda x: lax.while_loop(
+        lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.sin(c[1]) * x), (0, x)
+    )[1],
+    "custom_jvp rule applied to the tangents": lambda x: _rescaled(x) * x,
+    "linear solve": lambda x: _solve(jnp.diag(x**2 + 2.0) + 0.1, x),
+    "dilated max pool": lambda x: lax.reduce_window(
+        jnp.outer(x, x), -jnp.inf, lax.max, (2, 2), (1, 1), "VALID", window_dilation=(1, 2)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_ONLY))
+def test_a_linear_map_from_jit_through_what_only_goes_forward(name):
+    """`cr.linearize`'s linear map returned from `jit`, through primitives that
+    forward mode applies by their JVP (`rules/forward_only.py`): their node
+    holds the arrays that JVP reads as operands, so the map carries them as
+    leaves. They were hidden in the node's parameters, and applying the map
+    outside `jit` raised JAX's UnexpectedTracerError."""
+    f = FORWARD_ONLY[name]
+    x = jnp.asarray([0.3, -0.5, 1.2])
+    t = jnp.asarray([0.7, -0.2, 0.4])
+    out, jax_fn = jax.linearize(f, x)
+    out_cr, cr_fn = jax.jit(lambda a: cr.linearize(f, a))(x)
+    _close(out_cr, out, jnp.float32)
+    _close(cr_fn(t), jax_fn(t), jnp.float32)
+    _close(jax.jit(lambda fn, u: fn(u))(cr_fn, t), jax_fn(t), jnp.float32)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_a_vjp_fn_passed_into_jit_and_rebuilt_from_its_leaves(name, dtype):
     f, args = _args(name, dtype)

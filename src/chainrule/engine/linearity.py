@@ -257,9 +257,9 @@ def require_linear(outputs: Sequence[Any], trace: core.Trace, rule: str) -> None
     )
     raise NotLinearError(
         f"{rule} is not linear in its tangents: it applies {what} to values computed "
-        "from them. chainrule differentiates such a rule by transposing its tangent map, "
-        "in reverse mode and in forward mode (cr.jvp, cr.jacfwd and cr.hessian are built "
-        "from the transposed rule), and only a linear map has a transpose; jax.grad "
-        "refuses it too. A JVP rule must be linear in the tangents (e.g. `t * cos(x)`); "
+        "from them. Reverse mode (cr.grad, cr.vjp, cr.jacrev, cr.hessian) differentiates "
+        "such a rule by transposing its tangent map, and only a linear map has a "
+        "transpose; jax.grad refuses it too (cr.jvp, like jax.jvp, applies the rule "
+        "itself). A JVP rule must be linear in the tangents (e.g. `t * cos(x)`); "
         "to clip or rescale gradients use jax.custom_vjp, whose bwd may do anything."
     )

@@ -644,8 +644,14 @@ class _CustomJVP(Primitive):
         # (None: no cotangent reached that output, JAX's symbolic zero; a rule
         # may refuse any other, as equinox's `nondifferentiable_backward` does)
         cts = list(g) if isinstance(g, tuple) else [g]
-        diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
         per_argument = _per_argument_rules(node)
+        if core.backward_at_zero():
+            # forward mode: the rule applied to the tangents, as `jax.jvp` applies
+            # it, not its transpose transposed again (a rule JAX can only run
+            # forward, e.g. a `lax.while_loop` on the tangents, runs here too)
+            jvp = partial(_rule_jvp, node.params, per_argument, len(primals))
+            return transposed_jvp(cts, primals, node.argnums, jvp, residuals=outs)
+        diff = [i for i, p in enumerate(primals) if core.is_differentiable(raw(p))]
         reached = [ct for ct in cts if ct is not None]
         key = _transposed_rule_key(node, per_argument, (*primals, *outs, *reached))
         if key is None:
@@ -662,7 +668,6 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
     pass over the rule's map from their tangents to the output tangents (linear,
     for fixed primals), taken at tangents = 0. None for one that no output with
     a cotangent depends on (an output without one has None in `cts`)."""
-    jvp, n_out = node.params["jvp"], len(outs)
     all_diff = diff
     if node.params.get("symbolic_zeros", False) and per_argument is None:
         # a rule asking for symbolic zeros gets JAX's SymbolicZero for each
@@ -680,26 +685,53 @@ def _transposed_rule(node, per_argument, diff, primals, outs, cts) -> list[Any]:
         tangents = [zero_tangent(p) for p in primals]
         for i, t in zip(diff, diff_tangents, strict=True):
             tangents[i] = t
-        if per_argument is not None:
-            return _summed_tangents(per_argument, primals, tangents, outs)
-        results = _call_rule(jvp, primals, tangents)
-        out_ts = [_instantiate(t, o) for t, o in zip(results[n_out:], outs, strict=True)]
-        for t, o in zip(out_ts, outs, strict=True):
-            if np.shape(t) != np.shape(o):  # (JAX's check of a rule's outputs, and its error)
-                raise TypeError(
-                    "Custom JVP rule must produce primal and tangent outputs with "
-                    f"corresponding shapes and dtypes: the function's output has shape "
-                    f"{np.shape(o)} but the rule's tangent has shape {np.shape(t)} (under "
-                    "jax.vmap, an output that does not depend on the batched input is not "
-                    "batched: compute it from the input, e.g. x * 0)."
-                )
-        return out_ts
+        return _rule_tangents(node.params, per_argument, primals, tangents, outs)
 
     zeros = [zeros_like(primals[i]) for i in diff]
     checked = linearity.checked(tangent_map, _rule_name(node))
     cts_in = vjp_flat(checked, zeros, cts, linear=True, structural=True)
     got = dict(zip(diff, cts_in, strict=True))
     return [got.get(i) for i in all_diff]
+
+
+def _rule_tangents(params, per_argument, primals, tangents, outs) -> list[Any]:
+    """The output tangents the rule (of the node with `params`) gives for
+    `tangents` (one per primal)."""
+    if per_argument is not None:
+        return _summed_tangents(per_argument, primals, tangents, outs)
+    results = _call_rule(params["jvp"], primals, tangents)
+    out_ts = [_instantiate(t, o) for t, o in zip(results[len(outs) :], outs, strict=True)]
+    for t, o in zip(out_ts, outs, strict=True):
+        if np.shape(t) != np.shape(o):  # (JAX's check of a rule's outputs, and its error)
+            raise TypeError(
+                "Custom JVP rule must produce primal and tangent outputs with "
+                f"corresponding shapes and dtypes: the function's output has shape "
+                f"{np.shape(o)} but the rule's tangent has shape {np.shape(t)} (under "
+                "jax.vmap, an output that does not depend on the batched input is not "
+                "batched: compute it from the input, e.g. x * 0)."
+            )
+    return out_ts
+
+
+def _rule_jvp(params, per_argument, n, values, tangents) -> list[Any]:
+    """The rule's output tangents for the tangents of the traced primals (None
+    for the others), as `jax.jvp` calls it: the others' tangents are zeros
+    (JAX's `SymbolicZero` for a rule that asks for symbolic zeros, float0 for a
+    primal without a derivative). A `forward_only.Jvp`: `values` are the `n`
+    primals, then the outputs."""
+    primals, outs = values[:n], values[n:]
+    symbolic = params.get("symbolic_zeros", False) and per_argument is None
+    full = []
+    for p, t in zip(primals, tangents[:n], strict=True):
+        if t is None:
+            if not core.is_differentiable(raw(p)):
+                t = np.zeros(np.shape(raw(p)), jax.dtypes.float0)
+            elif symbolic:
+                t = ad_util.SymbolicZero(jcore.typeof(raw(p)).to_tangent_aval())
+            else:  # (as JAX gives them: arrays a rule may call `.at` on)
+                t = host.to_jax(zeros_like(p))
+        full.append(t)
+    return _rule_tangents(params, per_argument, primals, full, outs)
 
 
 def _rule_name(node: Node) -> str:

@@ -18,6 +18,7 @@ transpose of the linear map, as in JAX).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax.numpy as jnp
@@ -539,9 +540,9 @@ class _LinearSolve(Primitive):
         lengths, jaxprs = node.params["const_lengths"], node.params["jaxprs"]
         if jaxprs.transpose_solve is None:
             if core.backward_at_zero():  # forward mode needs no transpose_solve, as in JAX
-                jvp = lambda primals, tangents: _linear_solve_jvp(node, tangents)  # noqa: E731
+                jvp = partial(_linear_solve_jvp, node.params, len(node.primals))
                 cts = _output_cotangents(g, node.ans)
-                return transposed_jvp(cts, node.primals, node.argnums, jvp)
+                return transposed_jvp(cts, node.primals, node.argnums, jvp, residuals=node.ans)
             raise NoVJPRuleError(
                 "custom_linear_solve",
                 detail="it has no transpose_solve; pass transpose_solve (or symmetric=True) "
@@ -581,14 +582,16 @@ class _LinearSolve(Primitive):
         return [cts[i] for i in node.argnums]
 
 
-def _linear_solve_jvp(node: Node, tangents: Sequence[Any]) -> list[Any]:
+def _linear_solve_jvp(params, n, values: Sequence[Any], tangents: Sequence[Any]) -> list[Any]:
     """JAX's JVP of a linear solve: dx = A^-1 (db - dA x), dA x the tangent of
     matvec's operands at x (`core.jvp_flat`), by the same solve; the solvers'
-    operands get none (the solve is taken to be exact), nor do aux outputs."""
-    lengths, jaxprs = node.params["const_lengths"], node.params["jaxprs"]
+    operands get none (the solve is taken to be exact), nor do aux outputs.
+    (A `forward_only.Jvp`: `values` are the solve's `n` operands, then its outputs.)"""
+    lengths, jaxprs = params["const_lengths"], params["jaxprs"]
     n_consts = sum(lengths)
-    operands, b = node.primals[:n_consts], node.primals[n_consts:]
-    x = node.ans[: len(b)]
+    primals, ans, tangents = values[:n], values[n:], tangents[:n]
+    operands, b = primals[:n_consts], primals[n_consts:]
+    x = ans[: len(b)]
     rhs = [zeros_like(v) if t is None else t for v, t in zip(b, tangents[n_consts:], strict=True)]
     wanted = [i for i in range(lengths.matvec) if tangents[i] is not None]
     if wanted:
@@ -605,7 +608,7 @@ def _linear_solve_jvp(node: Node, tangents: Sequence[Any]) -> list[Any]:
         )
         rhs = [r - m for r, m in zip(rhs, moved, strict=True)]
     dx = jax_solves.linear_solve_p.bind(*operands, *rhs, const_lengths=lengths, jaxprs=jaxprs)
-    return list(dx[: len(b)]) + [zeros_like(o) for o in node.ans[len(b) :]]
+    return list(dx[: len(b)]) + [zeros_like(o) for o in ans[len(b) :]]
 
 
 def _split(operands: Sequence[Any], lengths: Any) -> Any:

@@ -89,18 +89,20 @@ class _Foreign(Primitive):
         outs = _for_library(node.ans if self.multiple_results else [node.ans])
         if core.backward_at_zero() and self.jax_primitive in ad.primitive_jvps:
             # forward mode: the library's JVP rule itself, as `jax.jvp` runs it
-            jvp = partial(_forward, self.jax_primitive, node.params, outs)
-            return transposed_jvp(_as_list(g), primals, argnums, jvp)
+            jvp = partial(_forward, self.jax_primitive, node.params, len(primals))
+            return transposed_jvp(_as_list(g), primals, argnums, jvp, residuals=outs)
         if self.linear and self.jax_primitive in ad.primitive_transposes:
             return _transposed(self.jax_primitive, g, primals, outs, argnums, node.params)
         return _transposed_jvp(self, g, primals, outs, argnums, node.params)
 
 
-def _forward(jax_primitive, params, outs, primals, tangents) -> list[Any]:
-    """The output tangents by the library's JVP rule (a `forward_only.Jvp`)."""
+def _forward(jax_primitive, params, n, values, tangents) -> list[Any]:
+    """The output tangents by the library's JVP rule (a `forward_only.Jvp`:
+    `values` are the `n` primals, then the outputs)."""
+    primals, outs = values[:n], values[n:]
     tangents = [
         ad_util.Zero(_tangent_type(p)) if t is None else t
-        for p, t in zip(primals, _for_library(tangents), strict=True)
+        for p, t in zip(primals, _for_library(tangents[:n]), strict=True)
     ]
     with host.UNFLUSHED:
         # (tuples, as JAX's JVPTrace hands them: equinox's vprim rules build

@@ -33,20 +33,32 @@ from chainrule.engine import core
 from chainrule.engine.core import Primitive, zeros_like
 
 Jvp = Callable[[Sequence[Any], Sequence[Any]], Sequence[Any]]
-"""`jvp(primals, tangents) -> output tangents`: one tangent per primal, None
-where it is zero; one tangent per output (None for a non-float output)."""
+"""`jvp(values, tangents) -> output tangents`: `values` are the primals, then
+the residuals of `transposed_jvp`; one tangent per value, None where it is zero
+(always, for a residual); one tangent per output (None for a non-float output)."""
 
 
-def transposed_jvp(cts: Sequence[Any], primals: Sequence[Any], argnums: Sequence[int], jvp: Jvp):
+def transposed_jvp(
+    cts: Sequence[Any],
+    primals: Sequence[Any],
+    argnums: Sequence[int],
+    jvp: Jvp,
+    residuals: Sequence[Any] = (),
+):
     """A VJP rule's answer in forward mode's backward pass at zero: the
     cotangents of the traced operands `argnums`, as one `forward_only` node.
 
-    `cts` has one entry per output of the primitive (None where none arrived)."""
+    `cts` has one entry per output of the primitive (None where none arrived).
+    `jvp` gets `primals` followed by `residuals` (arrays it needs beside them,
+    e.g. the primitive's outputs) as its first argument, and must close over
+    no array: the node holds them as operands, so that a tape handed out of
+    `jit` (`cr.linearize`'s linear map) carries them as its leaves."""
     reached = tuple(j for j, ct in enumerate(cts) if ct is not None)
     return core.bind(
         FORWARD_ONLY,
         *[cts[j] for j in reached],
-        primals=tuple(primals),
+        *primals,
+        *residuals,
         argnums=tuple(argnums),
         jvp=jvp,
         reached=reached,
@@ -121,23 +133,29 @@ def _needed(jaxpr: Any) -> bool:
     return False
 
 
-def _zeros(*cts: Any, primals, argnums, jvp, reached) -> list[Any]:
+def _zeros(*operands: Any, argnums, jvp, reached) -> list[Any]:
+    primals = operands[len(reached) :]
     return [zeros_like(primals[i]) for i in argnums]
 
 
 class _ForwardOnly(Primitive):
-    """Linear in the cotangents of the outputs `reached`; its VJP is the JVP."""
+    """Operands: the cotangents of the outputs `reached`, then the primals and
+    residuals the JVP reads. Linear in the cotangents (its value is zeros in
+    the pass at zero, whatever the primals: it depends on them through
+    nothing a backward pass follows); its VJP is the JVP."""
 
     def vjp(self, g: Any, node: core.Node) -> list[Any]:
         params = node.params
+        n = len(params["reached"])
+        primals = node.primals[n:]
         ts = list(g) if isinstance(g, tuple) else [g]
-        tangents: list[Any] = [None] * len(params["primals"])
+        tangents: list[Any] = [None] * len(primals)
         for i, t in zip(params["argnums"], ts, strict=True):
             tangents[i] = t
-        out_tangents = params["jvp"](params["primals"], tangents)
-        return [out_tangents[params["reached"][k]] for k in node.argnums]
+        out_tangents = params["jvp"](primals, tangents)
+        return [out_tangents[params["reached"][k]] if k < n else None for k in node.argnums]
 
 
 FORWARD_ONLY = _ForwardOnly(
-    "forward_only", _zeros, ("primals", "argnums", "jvp", "reached"), multiple_results=True
+    "forward_only", _zeros, ("argnums", "jvp", "reached"), multiple_results=True
 )

@@ -119,7 +119,7 @@ def _scatter_to_selected(
             )
 
             def jvp(primals, tangents):  # linear in the tangent of `operand`
-                return [select_and_gather_add_p.bind(tangents[0], operand, **window)]
+                return [select_and_gather_add_p.bind(tangents[0], primals[0], **window)]
 
             return transposed_jvp([g], [operand], [0], jvp)[0]
         raise NoVJPRuleError(
