@@ -423,15 +423,29 @@ FORWARD_ONLY_RULES = {
 }
 
 
+WHERE = {
+    "called directly": lambda f: f,
+    "in a scan step": lambda f: lambda x: lax.scan(lambda c, _: (f(c) * 0.9, None), x, None, 2)[0],
+    "in a cond branch": lambda f: lambda x: lax.cond(jnp.sum(x) > -1e3, f, jnp.cos, x),
+    "in a checkpoint body": lambda f: jax.checkpoint(lambda x: f(x) * x),
+    "in a while loop body": lambda f: (
+        lambda x: lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, f(c[1]) * 0.9), (0, x))[1]
+    ),
+}
+
+
+@pytest.mark.parametrize("where", list(WHERE))
 @pytest.mark.parametrize("name", list(FORWARD_ONLY_RULES))
-def test_forward_mode_applies_the_rule(name):
+def test_forward_mode_applies_the_rule(name, where):
     """`jax.jvp` evaluates a custom_jvp rule at the tangents; so does chainrule's
     forward mode (`cr.jvp`, `cr.linearize`, `cr.jacfwd`, eagerly, under `jit`
     and `vmap`), where it transposed the transposed rule: a rule that is not
     linear in its tangents, or that reverse mode cannot transpose (a while
-    loop on the tangents), raised. Reverse mode over forward mode
-    differentiates the rule's code, as JAX does."""
-    f = _sin_with_rule(FORWARD_ONLY_RULES[name])
+    loop on the tangents), raised. Inside a scan step, a cond branch or a
+    checkpoint body the enclosing call answers forward mode with its JVP
+    (`forward_only.needs_forward`), where the rule is applied the same way.
+    Reverse mode over forward mode differentiates the rule's code, as JAX does."""
+    f = WHERE[where](_sin_with_rule(FORWARD_ONLY_RULES[name]))
     ts = jnp.stack([_T, -2 * _T])
     calls = (
         lambda m: m.jvp(f, (_X,), (_T,)),

@@ -18,7 +18,8 @@ traced into a jaxpr, where a `forward_only` node could only be a constant.
 So in the pass at zero those call-like rules ask `needs_forward(body)` and, when it
 is true, answer with `transposed_jvp` too: their JVP runs the body forward
 with its tangents (`core.jvp_flat`), where the inner primitive takes this
-same path.
+same path. A `custom_jvp` call in the body counts too: forward mode applies
+its rule to the tangents (`rules.calls`), which need not be linear.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def needs_forward(jaxpr: Any) -> bool:
 
 # Calls whose rules never differentiate their body's jaxpr: a custom rule's VJP
 # is the user's `bwd` (or the transposed JVP rule), so a while loop in the
-# function's own body (in a `custom_vjp`'s `fwd`) is never differentiated.
+# function's own body (in a `custom_vjp`'s `fwd`) is never differentiated. (A
+# `custom_jvp` call itself needs forward mode's JVP, for its rule: `_needed`.)
 _RULE_NOT_BODY = frozenset({"custom_jvp_call", "custom_vjp_call"})
 
 
@@ -125,6 +127,8 @@ def _needed(jaxpr: Any) -> bool:
         if when is not None and when(eqn.params):
             return True
         if any(test(eqn.primitive) for test in _FORWARD_TESTS):
+            return True
+        if name == "custom_jvp_call":  # its rule, applied to the tangents, need not be linear
             return True
         if name not in _RULE_NOT_BODY and any(
             _needed(sub) for sub in jcore.jaxprs_in_params(eqn.params)
