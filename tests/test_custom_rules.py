@@ -467,6 +467,41 @@ def test_forward_mode_applies_the_rule(name, where):
         )
 
 
+@pytest.mark.parametrize("where", list(WHERE))
+def test_forward_over_forward_differentiates_the_rule_code(where):
+    """JAX's JVP of a body computes a custom_jvp function's value with the
+    rule's code, so a JVP enclosing it differentiates that code, not the
+    function again by its rule. chainrule's JVP of a scan step or a loop body
+    (`core.jvp_flat`, inside JAX's tracing of the new body) staged the function
+    itself, and an enclosing forward mode applied the rule to its own tangent:
+    with a rule not linear in the tangents, second-order forward mode was off
+    (-1.61 for JAX's -1.42). Such a trace now computes the rule's primal
+    (`rules/calls.py`, `_custom_jvp_traced`). Every nesting of `jax.jvp` and
+    `cr.jvp`, under `jit`, and `jacfwd` of `jacfwd`."""
+
+    @jax.custom_jvp
+    def g(x):
+        return jnp.sin(x)
+
+    @g.defjvp
+    def g_jvp(primals, tangents):  # (its primal is its own code, not a call of g)
+        (x,), (t,) = primals, tangents
+        return jnp.sin(x), jnp.cos(x) * t + 0.3 * x * t**2
+
+    f = WHERE[where](g)
+
+    def second(outer, inner):
+        return lambda a: outer.jvp(lambda b: inner.jvp(f, (b,), (_T,))[1], (a,), (_W,))[1]
+
+    want = second(jax, jax)(_X)
+    for outer, inner in ((cr, cr), (jax, cr), (cr, jax)):
+        np.testing.assert_allclose(second(outer, inner)(_X), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(second(cr, cr))(_X), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        cr.jacfwd(cr.jacfwd(f))(_X), jax.jacfwd(jax.jacfwd(f))(_X), rtol=1e-5, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("name", list(LINEAR_RULES))
 def test_a_rule_linear_in_its_tangents_is_transposed(name):
     """The check refuses no linear rule: each gives `jax.grad`'s gradient

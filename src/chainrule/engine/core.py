@@ -198,6 +198,13 @@ class Primitive:
         self.formulas: tuple[str, ...] | None = None
         self.family = _defining_family()
         self.exact_on_host = exact_on_host
+        # `traced_impl(trace, *args, **params)`: the implementation when `trace`
+        # records this primitive, for one whose JAX JVP rule computes the value
+        # otherwise than the primitive (eigh decomposes its operand symmetrized,
+        # a custom_jvp function's value is its rule's primal): what `jax.grad`'s
+        # function computes from then on. None: `impl` (a primitive with a
+        # NumPy version takes that instead).
+        self.traced_impl: Callable[..., Any] | None = None
 
     def bind(self, *args: Any, **params: Any) -> Any:
         """Applies this primitive to `args`, recording a node at the highest
@@ -591,6 +598,7 @@ class Trace(jcore.Trace):
         "for_user",
         "untraced_uses",
         "linear",
+        "forward",
     )
 
     def __init__(self, tracer_type: type[Tracer] = Tracer, *, for_user: bool = True):
@@ -606,6 +614,9 @@ class Trace(jcore.Trace):
         # know the values computed from this trace's values that are not traced
         # (`cr.linear_transpose`'s linearity check)
         self.untraced_uses: dict[Any, tuple[str, Any]] | None = None
+        # True for a trace recorded only to be transposed into a JVP (`jvp_flat`):
+        # a `custom_jvp` function's value is then its rule's, as JAX's JVP has it
+        self.forward = False
         # untraced results go to code as JAX hands them (`host.for_user`); False
         # for a trace that only evaluates chainrule's own calls on host values
         self.for_user = for_user
@@ -683,7 +694,10 @@ class Trace(jcore.Trace):
                 # this one for host values (a call's body then runs with NumPy)
                 on_host = not subnormal and host.host_operands(primals) is not None
                 with jcore.set_current_trace(self if on_host else self.parent), host.FLUSHING:
-                    ans = prim.impl(*primals, **params)
+                    if prim.traced_impl is None:
+                        ans = prim.impl(*primals, **params)
+                    else:
+                        ans = prim.traced_impl(self, *primals, **params)
         uses = self.untraced_uses
         if uses:  # (a watched trace: a constant operand computed from its values)
             self.carry_untraced_operands(args, primals, argnums)
@@ -1151,6 +1165,7 @@ def jvp_flat(
     `tangents` is the JVP. Every primal is differentiated (pass only floats).
     Used by rules that need a derivative going forward (a while loop's)."""
     trace = Trace()
+    trace.forward = True
     tracers = [trace.new_input(p) for p in primals]
     try:
         with trace.active():

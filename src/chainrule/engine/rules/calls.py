@@ -478,6 +478,20 @@ def _custom_jvp_impl(*args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> li
 _JAX_AD_TRACES = (jax_ad.JVPTrace, jax_ad.LinearizeTrace)
 
 
+def _custom_jvp_traced(trace, *args: Any, fun: Any, jvp: Any, symbolic_zeros: bool) -> list[Any]:
+    """The value of a node `trace` records (`Primitive.traced_impl`): in a trace
+    recorded for a JVP (`core.jvp_flat`: a scan step's, a cond branch's, a loop
+    body's in forward mode), the rule's primal, which JAX's JVP of the body
+    computes with the rule's code. A transform enclosing that JVP differentiates
+    the code, as in JAX, not the function again by its rule (applied to its
+    tangent, a rule need not be linear)."""
+    if trace.forward:
+        ruled = _rule_primal(args, jvp, symbolic_zeros)
+        if ruled is not None:
+            return ruled
+    return _custom_jvp_impl(*args, fun=fun, jvp=jvp, symbolic_zeros=symbolic_zeros)
+
+
 def _rule_primal(primals: Sequence[Any], jvp: Any, symbolic_zeros: bool) -> list[Any] | None:
     """The primal outputs of a `custom_jvp` rule at zero tangents, for a value
     an enclosing transform differentiates further; None where that is the
@@ -877,6 +891,7 @@ PRIMITIVES["custom_jvp_call"] = _CustomJVP(
 )
 # (its body runs once: an error in it is the user's, JAX's version is not tried)
 PRIMITIVES["custom_jvp_call"].host_errors_fall_back = False
+PRIMITIVES["custom_jvp_call"].traced_impl = _custom_jvp_traced
 
 
 # --- custom_vjp ------------------------------------------------------------------------

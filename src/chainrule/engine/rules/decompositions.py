@@ -313,6 +313,10 @@ def _eigh_rule(g: Any, node: Node) -> list[Any]:
             "eigh", detail=f"subset_by_index={subset}: the derivative of a partial "
             "eigendecomposition is not defined (JAX's neither); use the full one",
         )  # fmt: skip
+    if isinstance(a, core.Tracer):
+        # differentiated again: JAX's JVP computes V and w from (A + A^H) / 2
+        # (see `traced_impl` below), so their own derivative symmetrizes dA
+        v, w = jax_linalg.eigh_p.bind(jax_linalg.symmetrize(a), **node.params)
     v_bar, w_bar = _output_cotangents(g, node.ans)
     inner = 0
     if v_bar is not None:
@@ -330,6 +334,12 @@ eigh_p = _register(
     _eigh_rule,
     multiple_results=True,
 )
+# JAX's JVP of eigh decomposes the operand symmetrized, (A + A^H) / 2, where the
+# primitive reads one triangle: the same matrix for the symmetrized operand of
+# `jnp.linalg.eigh`, another for `symmetrize_input=False` on a matrix that is not
+# symmetric, whose differentiated value and derivative are then those of the
+# symmetrized one, under `jax.grad` and here.
+eigh_p.traced_impl = lambda _, a, **p: jax_linalg.eigh_p.bind(jax_linalg.symmetrize(a), **p)
 
 
 # --- svd -----------------------------------------------------------------------------
