@@ -82,6 +82,24 @@ def test_checkpointed_chain_matches_jax(policy):
     check_against_jax(loss, x, ws, modes=modes)
 
 
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_hessian_through_what_a_policy_keeps(policy):
+    """A second derivative reads the values a policy kept (a rule's `ans`,
+    exp's or tanh's): their cotangent reaches the checkpoint's kept outputs,
+    and flows to its operands through the recomputation. It was dropped, and
+    `cr.hessian` (reverse mode under `vmap`, then forward mode) gave 0 for
+    `exp` under `everything_saveable`, where JAX gives exp(x)."""
+    loss = chain(2, policy=POLICIES[policy])
+    x, ws = _inputs(jnp.float64)
+    want = jax.hessian(loss)(x, ws)
+    np.testing.assert_allclose(cr.hessian(loss)(x, ws), want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        jax.jit(cr.jacrev(cr.jacrev(loss)))(x, ws), want, rtol=1e-10, atol=1e-10
+    )
+    exp = jax.checkpoint(lambda v: jnp.exp(v) * 2.0, policy=POLICIES[policy])
+    np.testing.assert_allclose(cr.hessian(exp)(0.3), jax.hessian(exp)(0.3), rtol=1e-6)
+
+
 def test_checkpoint_without_cse_prevention_and_float32():
     x, ws = _inputs(jnp.float64)
     check_against_jax(chain(2, prevent_cse=False), x, ws, modes=("eager", "jit"))

@@ -70,9 +70,10 @@ def _saves(policy: Any, eqn: Any) -> bool:
 def _evaluate(jaxpr: Any, args: Sequence[Any], policy: Any, reuse: Sequence[Any] | None) -> list:
     """Evaluates `jaxpr` on `args` on the current trace, equation by equation.
 
-    Forward pass (`reuse` None): returns the outputs, then the outputs of the
-    equations `_saves` keeps. Recomputation (`reuse` those kept values):
-    returns the outputs, reusing the kept values (see `_reuse`).
+    Returns the outputs, then the outputs of the equations `_saves` keeps:
+    computed in the forward pass (`reuse` None), in the recomputation (`reuse`
+    those kept values) reused (see `_reuse`), which carry a cotangent that
+    reached the kept values (a second derivative reads them) to the operands.
     """
     env: dict[Any, Any] = dict(zip(jaxpr.invars, args, strict=True))
 
@@ -88,8 +89,8 @@ def _evaluate(jaxpr: Any, args: Sequence[Any], policy: Any, reuse: Sequence[Any]
             outs = _reuse(eqn, ins, [next(kept) for _ in eqn.outvars])
         else:
             outs = _bind(eqn, ins)
-            if keep:
-                saved.extend(outs)
+        if keep:
+            saved.extend(outs)
         env.update(zip(eqn.outvars, outs, strict=True))
     outs = [literal_output(v) if isinstance(v, jcore.Literal) else env[v] for v in jaxpr.outvars]
     return outs + saved
@@ -166,6 +167,12 @@ class _Remat(Primitive):
         n_out = len(jaxpr.outvars)
         kept = node.ans[n_out:]
         cts = _cotangents(g[:n_out] if isinstance(g, tuple) else g, node.ans[:n_out])
+        # the kept values get a cotangent where a backward pass read them and is
+        # differentiated (second order): it flows through the recomputation too
+        reached = [
+            j for j, ct in enumerate(g[n_out:] if isinstance(g, tuple) else ()) if ct is not None
+        ]
+        cts += [g[n_out + j] for j in reached]
         primals = list(node.primals)
         # only the operands differentiated here (a while loop reading only the
         # others is evaluated as is, as JAX leaves what has no tangent)
@@ -184,7 +191,8 @@ class _Remat(Primitive):
             full = list(primals)
             for i, x in zip(diff, diff_primals, strict=True):
                 full[i] = x
-            return _evaluate(jaxpr, full, policy, kept)
+            outs = _evaluate(jaxpr, full, policy, kept)
+            return outs[:n_out] + [outs[n_out + j] for j in reached]
 
         op_cts = vjp_flat(recompute, [primals[i] for i in diff], cts)
         by_operand = dict(zip(diff, op_cts, strict=True))
