@@ -525,3 +525,56 @@ def test_linear_transpose_refuses_what_is_computed_from_a_stop_gradient():
     for f in (lambda t: lax.stop_gradient(t) * 2.0, lambda t: t + lax.stop_gradient(t) * 2.0):
         with pytest.raises(cr.errors.NotLinearError, match="stop_gradient"):
             cr.linear_transpose(f, _X)(_X)
+
+
+PROMOTIONS = {
+    "times an int32 argument": lambda x, k: x * k,
+    "an int32 argument times": lambda x, k: k * x,
+    "plus a NumPy float64 scalar": lambda x, k: x + np.float64(0.5) * k,
+    "minus a NumPy int64 array": lambda x, k: x - np.arange(3, dtype=np.int64) * k,
+    "an int32 argument plus 2.5": lambda x, k: x * (k + 2.5),
+    "matrix product with an int32 matrix": lambda x, k: x @ (np.eye(3, dtype=np.int32) * k),
+}
+
+
+@pytest.mark.parametrize("name", list(PROMOTIONS))
+def test_a_custom_jvp_body_on_the_host_promotes_as_jax(name):
+    """An eager custom_jvp body gets NumPy arrays (`host.HostArray`), whose
+    operators promoted as NumPy does: float32 times an int32 argument (or a
+    NumPy float64 scalar) was float64. Under nested differentiation the rule's
+    primal then failed JAX's dtype check (`cr.hessian` raised TypeError where
+    `jax.hessian` works; found by a differential hunt). Values, gradients and
+    Hessians as JAX's, with the integer given as a Python number and as an
+    int32 array."""
+    body = PROMOTIONS[name]
+
+    @jax.custom_jvp
+    def f(x, k):
+        return body(x, k)
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x, k), (t, _) = primals, tangents
+        return f(x, k), body(t, k) - body(jnp.zeros_like(t), k)
+
+    with jax.enable_x64(False):  # (JAX's default; with x64 a jaxpr literal path differs)
+        x = _X.astype(jnp.float32)
+        for k in (3, jnp.int32(3)):
+
+            def loss(x, k=k):
+                return jnp.sum(f(x, k) ** 2)
+
+            value, grad = cr.value_and_grad(loss)(x)
+            want_value, want_grad = jax.value_and_grad(loss)(x)
+            assert f(x, k).dtype == jax.jit(f)(x, k).dtype
+            assert value.dtype == want_value.dtype and grad.dtype == want_grad.dtype == jnp.float32
+            np.testing.assert_allclose(value, want_value, rtol=1e-6)
+            np.testing.assert_allclose(grad, want_grad, rtol=1e-6)
+            want = jax.hessian(loss)(x)
+            np.testing.assert_allclose(cr.hessian(loss)(x), want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                cr.grad(lambda v: jnp.sum(cr.grad(loss)(v) * _W))(x),
+                jax.grad(lambda v: jnp.sum(jax.grad(loss)(v) * _W))(x),
+                rtol=1e-5,
+                atol=1e-5,
+            )

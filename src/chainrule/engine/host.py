@@ -438,13 +438,39 @@ def _integer_op_as_jax(name: str) -> Any:
     """`HostArray`'s operator `name`: on integers and booleans, JAX's (XLA's
     division and remainder by zero, shifts past the width, `/` to a float of
     JAX's width, negative powers), on a jax.Array of the same value; NumPy's
-    on floats, where the two agree."""
-    numpy_op = getattr(np.ndarray, name)
+    on floats, where the two agree but in promotion (`_op_as_jax`)."""
+    numpy_op = _op_as_jax(name)
 
     def op(self, other):
         if self.dtype.kind in "iub" and not isinstance(other, _jax_core.Tracer):
             return getattr(to_jax(np.asarray(self), copy=True), name)(other)
         return numpy_op(self, other)
+
+    op.__name__ = name
+    return op
+
+
+def _op_as_jax(name: str) -> Any:
+    """`HostArray`'s operator `name`: NumPy's where its result has the dtype
+    JAX's promotion gives, else JAX's on a jax.Array of the same value. They
+    differ where the operands' dtypes differ: float32 times an int32 array, a
+    NumPy float64 scalar or one of JAX's weakly typed literals is float64 to
+    NumPy and float32 to JAX (a custom_jvp rule's primal of the wrong dtype
+    under nested differentiation raised JAX's dtype check)."""
+    numpy_op = getattr(np.ndarray, name)
+
+    def op(self, other):
+        out = numpy_op(self, other)
+        kind = type(other)
+        if out is NotImplemented or (
+            (kind is HostArray or kind is np.ndarray) and other.dtype == self.dtype
+        ):
+            return out
+        if getattr(out, "dtype", self.dtype) == self.dtype and kind in (int, float, bool):
+            return out  # (a Python number beside an array: weak in both)
+        if getattr(out, "dtype", None) != jax.numpy.result_type(self, other):
+            return getattr(to_jax(np.asarray(self), copy=True), name)(other)
+        return out
 
     op.__name__ = name
     return op
@@ -524,6 +550,16 @@ class HostArray(np.ndarray):
     # indexed by a tracer of a loop the user's code traces (`x[i]` in a
     # `fori_loop` body): as the jax.Array JAX would have handed over
     __getitem__ = _method_as_jax("__getitem__")
+
+    # promotion as JAX's
+    __add__ = _op_as_jax("__add__")
+    __radd__ = _op_as_jax("__radd__")
+    __sub__ = _op_as_jax("__sub__")
+    __rsub__ = _op_as_jax("__rsub__")
+    __mul__ = _op_as_jax("__mul__")
+    __rmul__ = _op_as_jax("__rmul__")
+    __matmul__ = _op_as_jax("__matmul__")
+    __rmatmul__ = _op_as_jax("__rmatmul__")
 
     # integers' and booleans' arithmetic as JAX's; methods given a JAX tracer as JAX's
     __truediv__ = _integer_op_as_jax("__truediv__")
