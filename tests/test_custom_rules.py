@@ -578,3 +578,125 @@ def test_a_custom_jvp_body_on_the_host_promotes_as_jax(name):
                 rtol=1e-5,
                 atol=1e-5,
             )
+
+
+# --- custom_vjp functions in a scan step, at second order and in forward mode ----------
+
+
+@jax.custom_vjp
+def _reversed(x):
+    """The identity, whose gradient is reversed (a domain-adversarial layer)."""
+    return x
+
+
+_reversed.defvjp(lambda x: (x, None), lambda _, g: (-g,))
+
+
+@jax.custom_vjp
+def _scaled_by_input(x):
+    """The identity, whose bwd scales by its input (a residual JAX forwards)."""
+    return x
+
+
+_scaled_by_input.defvjp(lambda x: (x, x), lambda x, g: (3.0 * x * g,))
+
+
+@jax.custom_vjp
+def _sin_twice_steeper(x):
+    """sin, whose bwd doubles the slope it saved (a residual fwd computes, and
+    an array the function closes over)."""
+    return jnp.sin(x) * _W
+
+
+_sin_twice_steeper.defvjp(lambda x: (jnp.sin(x) * _W, jnp.cos(x) * _W), lambda c, g: (2.0 * c * g,))
+
+CUSTOM_VJPS = {
+    "reversed": _reversed,
+    "scaled by its input": _scaled_by_input,
+    "a saved slope": _sin_twice_steeper,
+}
+HOLDERS = {
+    "a scan step": lambda h: (
+        lambda x: lax.scan(lambda c, _: (jnp.sin(h(c * c)) * c, None), x, None, 2)[0]
+    ),
+    "a fori_loop body": lambda h: lambda x: lax.fori_loop(0, 2, lambda i, c: jnp.sin(h(c)) * c, x),
+    "a jit in a scan step": lambda h: (
+        lambda x: lax.scan(
+            lambda c, _: (jax.jit(lambda u: jnp.sin(h(u * u)))(c) * c, None), x, None, 2
+        )[0]
+    ),
+    "a cond in a scan step": lambda h: (
+        lambda x: lax.scan(
+            lambda c, _: (lax.cond(c[0] > -5.0, lambda u: jnp.sin(h(u)), jnp.cos, c) * c, None),
+            x,
+            None,
+            2,
+        )[0]
+    ),
+    "a checkpoint in a scan step": lambda h: (
+        lambda x: lax.scan(
+            lambda c, _: (jax.checkpoint(lambda u: jnp.sin(h(u)) * u)(c), None), x, None, 2
+        )[0]
+    ),
+    "a checkpoint body": lambda h: jax.checkpoint(lambda x: jnp.sin(h(x * x)) * x),
+    "a cond branch": lambda h: (
+        lambda x: lax.cond(x[0] > -5.0, lambda u: jnp.sin(h(u * u)) * u, jnp.cos, x)
+    ),
+    "a scan in a scan step": lambda h: (
+        lambda x: lax.scan(
+            lambda c, _: (lax.scan(lambda d, _: (jnp.sin(h(d)) * d, None), c, None, 2)[0], None),
+            x,
+            None,
+            2,
+        )[0]
+    ),
+}
+
+
+@pytest.mark.parametrize("where", list(HOLDERS))
+@pytest.mark.parametrize("name", list(CUSTOM_VJPS))
+def test_second_order_through_a_call_differentiates_fwd(name, where):
+    """Under JAX the inner transform's JVP of a scan body replaces each
+    custom_vjp call by its `fwd` (and a linear call to `bwd`), so the outer
+    transform differentiates `fwd`, and `bwd` in the backward scan. chainrule's
+    scan handed the outer level the body as written, which applied the user's
+    rule there a second time: Hessians through a scan were wrong in every
+    entry (a reversed gradient gave -0.036 for JAX's 0.40), and `jax.jacfwd`
+    of `cr.grad` through a checkpoint raised JAX's forward-mode error. A
+    scan's, cond's or checkpoint's value for the level outside now runs `fwd`
+    (`rules/opening.py`)."""
+    f_step = HOLDERS[where](CUSTOM_VJPS[name])
+    f = lambda x: jnp.sum(f_step(x) * _W)  # noqa: E731
+    x = jnp.asarray([0.7, -0.3, 0.4])
+    want = jax.hessian(f)(x)
+    seconds = [cr.hessian(f), jax.jacfwd(cr.grad(f)), cr.jacrev(cr.grad(f))]
+    if name == "reversed":  # (the other compositions once per place: they compile)
+        seconds += [
+            jax.jit(cr.hessian(f)),
+            jax.jacrev(cr.grad(f)),
+            lambda x: jax.vmap(cr.hessian(f))(x[None])[0],
+        ]
+    for second in seconds:
+        np.testing.assert_allclose(second(x), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cr.grad(f)(x), jax.grad(f)(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "where", ["a scan step", "a fori_loop body", "a jit in a scan step", "a scan in a scan step"]
+)
+def test_forward_mode_refuses_a_custom_vjp_in_a_scan_step(where):
+    """`jax.jvp` refuses a custom_vjp function in a scan step, as anywhere: its
+    bwd need not be the transpose of any linear map. chainrule's forward mode
+    went through the scan's reverse-mode body and silently gave the slope of
+    `bwd`'s transpose; it now raises, as it does outside a scan."""
+    f = HOLDERS[where](_reversed)
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(f, (_X,), (_T,))
+    for call in (
+        lambda: cr.jvp(f, (_X,), (_T,)),
+        lambda: cr.jacfwd(f)(_X),
+        lambda: cr.linearize(f, _X)[1](_T),
+        lambda: jax.jit(lambda x, t: cr.jvp(f, (x,), (t,)))(_X, _T),
+    ):
+        with pytest.raises(cr.errors.ForwardModeError, match="forward-mode autodiff"):
+            call()

@@ -11,7 +11,9 @@ is itself recorded and can be differentiated again (higher order).
 
 The families import one way: `registry` <- `shape` <- `elementwise` <-
 `indexing`, `reductions`, `linalg`, `special` <- `calls` <- `loops` (scan,
-while); `sorting` (sort, top_k); `convolution` (convolutions, on `shape`) <-
+while); `opening` (a body's custom_vjp calls as `fwd`, for the transform
+outside) <- `calls`, `loops`, `remat`; `sorting` (sort, top_k);
+`convolution` (convolutions, on `shape`) <-
 `windows` (pooling: windowed reductions, on `indexing` too);
 `decompositions` (matrix factorizations and solves); `fft` (Fourier
 transforms, on `shape`, `elementwise` and `indexing`); `calls` <- `sparse`

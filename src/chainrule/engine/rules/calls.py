@@ -47,6 +47,8 @@ from chainrule.engine import core, host, linearity
 from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw, vjp_flat, zeros_like
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
+from chainrule.engine.rules.opening import cond as opened_cond
+from chainrule.engine.rules.opening import opened_cond_params
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.engine.rules.shape import retyped, weakly_typed
 from chainrule.errors import ForwardModeError, NotDifferentiableError, NotLinearError
@@ -340,14 +342,20 @@ def _depends(jaxpr: Any, flags: tuple[bool, ...]) -> tuple[bool, ...]:
 
 
 def _cond_impl(index: Any, *operands: Any, **params: Any) -> list[Any]:
-    prim = jax_primitives.cond_p
-    return prim.bind(index, *operands, **params)
+    """The cond, its branches' custom_vjp calls replaced by their `fwd`
+    (`rules.opening`): a transform below this one differentiates `fwd`."""
+    return opened_cond(index, operands, params)
 
 
 class _Cond(Primitive):
     """`lax.cond`/`lax.switch`. VJP: a `lax.switch` over the branches' VJPs, each
     taken by chainrule itself, re-running the branch's forward pass inside the
     backward branch (rematerialisation), so no residuals cross the cond."""
+
+    def value_below(self, primals, params):
+        """The cond's value for the transform enclosing this one, which records
+        it too: its branches' custom_vjp calls are `fwd` there (`rules.opening`)."""
+        return core.bind(self, *primals, **opened_cond_params(params))
 
     def apply(self, trace, args, params):
         index, *operands = args

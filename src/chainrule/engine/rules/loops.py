@@ -49,6 +49,7 @@ from chainrule.engine.rules.forward_only import (
     register_forward_only,
     transposed_jvp,
 )
+from chainrule.engine.rules.opening import holds_custom_vjp, opened_body
 from chainrule.engine.rules.registry import PRIMITIVES
 
 scan_p = jax_primitives.scan_p
@@ -95,7 +96,14 @@ def _with_residuals(body: Any, num_consts: int, num_carry: int) -> tuple[Any, li
 
 
 def _scan_impl(*args, reverse, length, jaxpr, num_consts, num_carry, unroll):
-    """The scan's outputs, then the carry each step started from, stacked."""
+    """The scan's outputs, then the carry each step started from, stacked.
+
+    A node computes them with its body's custom_vjp calls replaced by their
+    `fwd` (`rules.opening`): a JAX transform below this one (`jax.jacfwd` of
+    `cr.grad`) then differentiates `fwd`, as after JAX's own inner JVP."""
+    if holds_custom_vjp(jaxpr.jaxpr):
+        jaxpr, hoisted = opened_body(jaxpr)
+        args, num_consts = (*hoisted, *args), num_consts + len(hoisted)
     step, consts = _with_residuals(jaxpr, num_consts, num_carry)
     return scan_p.bind(
         *consts,
@@ -216,6 +224,16 @@ def _backward_body(
 class _Scan(Primitive):
     """`lax.scan`: one node; its VJP is a reverse scan over VJPs of the body."""
 
+    def value_below(self, primals, params):
+        """The scan's value for the transform enclosing this one, which records
+        it too: its body's custom_vjp calls are `fwd` there (`rules.opening`)."""
+        body = params["jaxpr"]
+        if not holds_custom_vjp(body.jaxpr):
+            return core.bind(self, *primals, **params)
+        opened, hoisted = opened_body(body)
+        params = dict(params, jaxpr=opened, num_consts=params["num_consts"] + len(hoisted))
+        return core.bind(self, *hoisted, *primals, **params)
+
     def apply(self, trace, args, params):
         params = self.taken(params)
         body, nc, nk = params["jaxpr"], params["num_consts"], params["num_carry"]
@@ -237,8 +255,11 @@ class _Scan(Primitive):
         p = node.params
         body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
         g = g if isinstance(g, tuple) else (g,)
-        if core.backward_at_zero() and needs_forward(body):
+        if core.backward_at_zero() and (needs_forward(body) or holds_custom_vjp(body.jaxpr)):
             # forward mode through a body holding a while loop: the scan's JVP
+            # (a custom_vjp function in it refuses forward mode there, as in JAX;
+            # one that a transform inside this one differentiated is its `fwd`
+            # here, `value_below`)
             jvp = lambda primals, tangents: _scan_jvp(primals, tangents, p)  # noqa: E731
             return transposed_jvp(list(g), node.primals, node.argnums, jvp)
         wanted = tuple(sorted(node.argnums))

@@ -39,6 +39,7 @@ from chainrule.engine.core import Node, Primitive, raw, vjp_flat
 from chainrule.engine.rules.calls import _cotangents, eval_body, literal_output
 from chainrule.engine.rules.effects import optimization_barrier
 from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
+from chainrule.engine.rules.opening import open_equation
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
 
 # Debug effects run again in the recomputation, as in JAX (a `jax.debug.print` in a
@@ -67,13 +68,22 @@ def _saves(policy: Any, eqn: Any) -> bool:
     )
 
 
-def _evaluate(jaxpr: Any, args: Sequence[Any], policy: Any, reuse: Sequence[Any] | None) -> list:
+def _evaluate(
+    jaxpr: Any,
+    args: Sequence[Any],
+    policy: Any,
+    reuse: Sequence[Any] | None,
+    opened: bool = False,
+) -> list:
     """Evaluates `jaxpr` on `args` on the current trace, equation by equation.
 
     Returns the outputs, then the outputs of the equations `_saves` keeps:
     computed in the forward pass (`reuse` None), in the recomputation (`reuse`
     those kept values) reused (see `_reuse`), which carry a cotangent that
     reached the kept values (a second derivative reads them) to the operands.
+    With `opened` (a node's forward pass, on the level below it) a custom_vjp
+    call gives its `fwd`'s outputs, which that level differentiates
+    (`rules.opening`).
     """
     env: dict[Any, Any] = dict(zip(jaxpr.invars, args, strict=True))
 
@@ -87,6 +97,8 @@ def _evaluate(jaxpr: Any, args: Sequence[Any], policy: Any, reuse: Sequence[Any]
         keep = _saves(policy, eqn)
         if keep and kept is not None:
             outs = _reuse(eqn, ins, [next(kept) for _ in eqn.outvars])
+        elif opened:
+            outs = open_equation(eqn, ins)
         else:
             outs = _bind(eqn, ins)
         if keep:
@@ -202,7 +214,7 @@ class _Remat(Primitive):
 def _remat_impl(*args: Any, jaxpr: Any, prevent_cse: Any, differentiated: bool, policy: Any):
     """The forward pass on the current trace: outputs, then the kept values."""
     del prevent_cse, differentiated  # they only matter to the recomputation
-    return _evaluate(jaxpr, args, policy, None)
+    return _evaluate(jaxpr, args, policy, None, opened=True)
 
 
 # `checkpoint_name(x, name)`: an identity that policies (`save_only_these_names`) ask about.
