@@ -27,7 +27,7 @@ None of this calls JAX's differentiation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -35,8 +35,6 @@ import jax
 import numpy as np
 from jax import lax
 from jax._src import core as jcore  # jaxpr evaluation and tracing (JAX 0.10, pinned)
-from jax._src.interpreters import partial_eval as pe
-from jax._src.lax.lax import _convert_element_type
 from jax._src.util import weakref_lru_cache
 from jax.extend.core import primitives as jax_primitives
 
@@ -50,30 +48,13 @@ from chainrule.engine.rules.forward_only import (
     transposed_jvp,
 )
 from chainrule.engine.rules.opening import holds_custom_vjp, opened_body
+from chainrule.engine.rules.opening import inexact as _inexact
+from chainrule.engine.rules.opening import trace_body as _trace_body
+from chainrule.engine.rules.opening import typed_as as _as
 from chainrule.engine.rules.registry import PRIMITIVES
 
 scan_p = jax_primitives.scan_p
 while_p = jax_primitives.while_p
-
-
-def _inexact(aval: Any) -> bool:
-    return bool(jax.dtypes.issubdtype(aval.dtype, np.inexact))
-
-
-def _trace_body(fun: Callable, in_avals: Sequence[Any]) -> tuple[Any, list[Any]]:
-    """`fun` traced on `in_avals` as a scan body: a closed jaxpr without consts,
-    and the constants it needs, to be passed as the scan's leading operands."""
-    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in in_avals]
-    closed = jax.make_jaxpr(fun)(*structs)
-    return jcore.ClosedJaxpr(pe.convert_constvars_jaxpr(closed.jaxpr), ()), list(closed.consts)
-
-
-def _as(x: Any, aval: Any) -> Any:
-    """`x` with exactly `aval`'s dtype and weak type (a scan's carry must keep its type)."""
-    got = jcore.typeof(x)
-    if got.dtype == aval.dtype and got.weak_type == aval.weak_type:
-        return x
-    return _convert_element_type(x, aval.dtype, aval.weak_type)
 
 
 # --- scan ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ call: reverse mode cannot go through the one, and the other's rule decides.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -73,7 +73,7 @@ def open_eval(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
 def open_equation(eqn: Any, ins: Sequence[Any]) -> list[Any]:
     """`eqn` applied to `ins` on the current trace, opened as `open_eval` opens."""
     outs = _open_equation(eqn, ins)
-    return [_typed_as(o, v.aval) for o, v in zip(outs, eqn.outvars, strict=True)]
+    return [typed_as(o, v.aval) for o, v in zip(outs, eqn.outvars, strict=True)]
 
 
 def _open_equation(eqn: Any, ins: Sequence[Any]) -> list[Any]:
@@ -106,7 +106,7 @@ def _fwd_outputs(params: dict[str, Any], args: Sequence[Any]) -> list[Any]:
     outputs are then the function's own body's, which `fwd` computes too."""
     nc = params["num_consts"]
     call = params["call_jaxpr"]
-    perturbed = [_inexact(a) for a in call.in_avals[nc:]]
+    perturbed = [inexact(a) for a in call.in_avals[nc:]]
     try:
         fwd_jaxpr, fwd_consts = params["fwd_jaxpr_thunk"].call_wrapped(*perturbed)
     except jax_ad.CustomVJPException:
@@ -118,16 +118,22 @@ def _fwd_outputs(params: dict[str, Any], args: Sequence[Any]) -> list[Any]:
 
 @weakref_lru_cache
 def opened_body(body: Any) -> tuple[Any, list[Any]]:
-    """A scan body (closed jaxpr) opened by `open_eval`, as a closed jaxpr
-    without constants, and the constants it needs, to pass first."""
-    closed = _traced(body)
+    """A scan body (closed jaxpr) opened by `open_eval`, as `trace_body` gives it."""
+    return trace_body(partial(open_eval, body.jaxpr, body.consts), body.in_avals)
+
+
+def trace_body(fun: Callable, in_avals: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """`fun` traced on `in_avals` as a scan body: a closed jaxpr without consts,
+    and the constants it needs, to be passed as the scan's leading operands."""
+    closed = jax.make_jaxpr(fun)(*_structs(in_avals))
     return jcore.ClosedJaxpr(pe.convert_constvars_jaxpr(closed.jaxpr), ()), list(closed.consts)
 
 
 @weakref_lru_cache
 def opened_branch(branch: Any) -> Any:
     """A cond branch (closed jaxpr) opened by `open_eval`, its constants closed over."""
-    return _traced(branch)
+    fun = partial(open_eval, branch.jaxpr, branch.consts)
+    return jax.make_jaxpr(fun)(*_structs(branch.in_avals))
 
 
 def cond(index: Any, operands: Sequence[Any], params: dict[str, Any]) -> list[Any]:
@@ -143,19 +149,17 @@ def opened_cond_params(params: dict[str, Any]) -> dict[str, Any]:
     return dict(params, branches=tuple(opened_branch(b) for b in branches))
 
 
-def _traced(closed: Any) -> Any:
-    structs = [
-        jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in closed.in_avals
-    ]
-    return jax.make_jaxpr(partial(open_eval, closed.jaxpr, closed.consts))(*structs)
+def _structs(avals: Sequence[Any]) -> list[Any]:
+    return [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
 
 
-def _inexact(aval: Any) -> bool:
+def inexact(aval: Any) -> bool:
     return bool(jax.dtypes.issubdtype(aval.dtype, np.inexact))
 
 
-def _typed_as(x: Any, aval: Any) -> Any:
-    """`x` with exactly `aval`'s dtype and weak type (as the call's output was)."""
+def typed_as(x: Any, aval: Any) -> Any:
+    """`x` with exactly `aval`'s dtype and weak type (a call's output, a scan's
+    carry, must keep its type)."""
     got = jcore.typeof(x)
     if got.dtype == aval.dtype and got.weak_type == aval.weak_type:
         return x

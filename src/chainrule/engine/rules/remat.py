@@ -39,7 +39,7 @@ from chainrule.engine.core import Node, Primitive, raw, vjp_flat
 from chainrule.engine.rules.calls import _cotangents, eval_body, literal_output
 from chainrule.engine.rules.effects import optimization_barrier
 from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
-from chainrule.engine.rules.opening import open_equation
+from chainrule.engine.rules.opening import holds_custom_vjp, open_equation
 from chainrule.engine.rules.registry import PRIMITIVES, defvjp, primitive
 
 # Debug effects run again in the recomputation, as in JAX (a `jax.debug.print` in a
@@ -214,7 +214,7 @@ class _Remat(Primitive):
 def _remat_impl(*args: Any, jaxpr: Any, prevent_cse: Any, differentiated: bool, policy: Any):
     """The forward pass on the current trace: outputs, then the kept values."""
     del prevent_cse, differentiated  # they only matter to the recomputation
-    return _evaluate(jaxpr, args, policy, None, opened=True)
+    return _evaluate(jaxpr, args, policy, None, opened=holds_custom_vjp(jaxpr))
 
 
 # `checkpoint_name(x, name)`: an identity that policies (`save_only_these_names`) ask about.
