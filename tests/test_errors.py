@@ -224,6 +224,25 @@ def test_lax_shape_and_dtype_rules_hold_eagerly(case):
 
 
 @pytest.mark.parametrize(
+    "bad",
+    [
+        jnp.ones(4, jnp.float32),  # another shape
+        jnp.ones(3, jnp.int32),  # another dtype
+        np.ones(3, np.int32),  # a NumPy array of another dtype
+        np.ones((3, 1), np.float32),  # another rank
+    ],
+)
+def test_a_checked_lax_call_does_not_pass_other_types(bad):
+    """`check_types` remembers what it checked by operand types: a call that
+    passed once does not let the same `lax` call on other operands through."""
+    x = jnp.arange(1.0, 4.0, dtype=jnp.float32)
+    cr.grad(lambda x: jnp.sum(jax.lax.add(x, jnp.ones(3, jnp.float32))))(x)
+    cr.grad(lambda x: jnp.sum(jax.lax.add(x, np.ones(3, np.float32))))(x)
+    with pytest.raises(TypeError):
+        cr.grad(lambda x: jnp.sum(jax.lax.add(x, bad)))(x)
+
+
+@pytest.mark.parametrize(
     "fun",
     [
         lambda x: x + x[:4],  # shapes that do not broadcast

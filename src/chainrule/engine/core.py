@@ -856,7 +856,7 @@ def check_types(primitive: Any, values: Sequence[Any], params: dict[str, Any]) -
     if primitive in _UNCHECKED:
         return
     try:
-        key = (primitive, *map(_type_of, values), *params.items())
+        key = (primitive, *map(_type_key, values), *params.items())
         if key in _CHECKED:
             return
     except TypeError:  # (an unhashable parameter: arrays)
@@ -871,7 +871,7 @@ def check_types(primitive: Any, values: Sequence[Any], params: dict[str, Any]) -
     rule = getattr(primitive, "abstract_eval", None)
     if rule is not None:
         try:
-            rule(*key[1 : 1 + len(values)], **params)
+            rule(*map(_type_of, values), **params)
         except NotImplementedError:  # (no rule: JAX checks nothing either)
             pass
     if len(_CHECKED) >= _CHECKED_LIMIT:
@@ -896,6 +896,20 @@ def evict_oldest(table: dict) -> None:
         table.pop(next(iter(table)), None)
     except (RuntimeError, StopIteration):  # (changed size during iteration; emptied)
         pass
+
+
+def _type_key(value: Any) -> Any:
+    """What `_type_of(value)` depends on, without building JAX's type: a
+    NumPy value's (boxed or not) shape, dtype and weak type, an array's or JAX
+    tracer's own type, a number's `_type_of` (an `int` too large for JAX's
+    integers raises there, as JAX does). `check_types`' cache key, read on
+    every `lax` call the user makes on traced values."""
+    inner = value.value if isinstance(value, Tracer) else value
+    if isinstance(inner, (np.ndarray, np.generic)):
+        return (inner.shape, inner.dtype, getattr(inner, "weak_type", False))
+    if isinstance(value, jcore.Tracer) or type(value) is host._ArrayImpl:
+        return value.aval
+    return _type_of(value)
 
 
 def _type_of(value: Any) -> Any:
