@@ -639,6 +639,9 @@ HOLDERS = {
         )[0]
     ),
     "a checkpoint body": lambda h: jax.checkpoint(lambda x: jnp.sin(h(x * x)) * x),
+    "a checkpoint saving everything": lambda h: jax.checkpoint(
+        lambda x: jnp.sin(h(x * x)) * x, policy=jax.checkpoint_policies.everything_saveable
+    ),
     "a cond branch": lambda h: (
         lambda x: lax.cond(x[0] > -5.0, lambda u: jnp.sin(h(u * u)) * u, jnp.cos, x)
     ),
@@ -681,14 +684,13 @@ def test_second_order_through_a_call_differentiates_fwd(name, where):
     np.testing.assert_allclose(cr.grad(f)(x), jax.grad(f)(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "where", ["a scan step", "a fori_loop body", "a jit in a scan step", "a scan in a scan step"]
-)
-def test_forward_mode_refuses_a_custom_vjp_in_a_scan_step(where):
-    """`jax.jvp` refuses a custom_vjp function in a scan step, as anywhere: its
-    bwd need not be the transpose of any linear map. chainrule's forward mode
-    went through the scan's reverse-mode body and silently gave the slope of
-    `bwd`'s transpose; it now raises, as it does outside a scan."""
+@pytest.mark.parametrize("where", list(HOLDERS))
+def test_forward_mode_refuses_a_custom_vjp_in_a_call(where):
+    """`jax.jvp` refuses a custom_vjp function in a scan step or a checkpoint
+    body, as anywhere: its bwd need not be the transpose of any linear map.
+    chainrule's forward mode went through the scan's or checkpoint's
+    reverse-mode body and silently gave the slope of `bwd`'s transpose; it
+    now raises, as it does outside them."""
     f = HOLDERS[where](_reversed)
     with pytest.raises(TypeError, match="forward-mode autodiff"):
         jax.jvp(f, (_X,), (_T,))

@@ -48,7 +48,7 @@ from chainrule.engine.core import Node, Primitive, Trace, Tracer, raw, vjp_flat,
 from chainrule.engine.rules.elementwise import masked_product, masks_as_xla_does
 from chainrule.engine.rules.forward_only import jvp_at, needs_forward, transposed_jvp
 from chainrule.engine.rules.opening import cond as opened_cond
-from chainrule.engine.rules.opening import opened_cond_params
+from chainrule.engine.rules.opening import holds_custom_vjp, opened_cond_params
 from chainrule.engine.rules.registry import PRIMITIVES
 from chainrule.engine.rules.shape import retyped, weakly_typed
 from chainrule.errors import ForwardModeError, NotDifferentiableError, NotLinearError
@@ -399,8 +399,13 @@ class _Cond(Primitive):
     def vjp(self, g, node):
         index, *operands = node.primals
         branches = node.params["branches"]
-        if core.backward_at_zero() and any(map(needs_forward, branches)):
+        if core.backward_at_zero() and any(
+            needs_forward(b) or holds_custom_vjp(b.jaxpr) for b in branches
+        ):
             # forward mode through a branch holding a while loop: the cond's JVP
+            # (a custom_vjp function in a branch refuses forward mode there, as
+            # in JAX; the level outside a transform that differentiated it gets
+            # the branches opened, `value_below`)
             jvp = lambda primals, tangents: _cond_jvp(primals, tangents, branches)  # noqa: E731
             cts = list(g) if isinstance(g, tuple) else [g]
             return transposed_jvp(cts, node.primals, node.argnums, jvp)

@@ -96,7 +96,7 @@ def _evaluate(
         ins = [read(v) for v in eqn.invars]
         keep = _saves(policy, eqn)
         if keep and kept is not None:
-            outs = _reuse(eqn, ins, [next(kept) for _ in eqn.outvars])
+            outs = _reuse(eqn, ins, [next(kept) for _ in eqn.outvars], opened)
         elif opened:
             outs = open_equation(eqn, ins)
         else:
@@ -114,16 +114,17 @@ def _bind(eqn: Any, ins: Sequence[Any]) -> list[Any]:
     return list(outs) if eqn.primitive.multiple_results else [outs]
 
 
-def _reuse(eqn: Any, ins: Sequence[Any], values: Sequence[Any]) -> list[Any]:
+def _reuse(eqn: Any, ins: Sequence[Any], values: Sequence[Any], opened: bool) -> list[Any]:
     """The outputs of a kept equation in the recomputation: its kept `values`,
     recorded as a node of its own rule at the recomputed `ins` (so the
     cotangent still flows to them), or as constants for effects and calls,
-    whose outputs are recomputed instead where a gradient needs them."""
+    whose outputs are recomputed instead where a gradient needs them (opened
+    as `_evaluate` opens them)."""
     rule = PRIMITIVES.get(eqn.primitive.name)
     if eqn.effects or not values:
         return list(values)
     if rule is None or type(rule).apply is not Primitive.apply:  # a call: recompute it
-        return _bind(eqn, ins)
+        return open_equation(eqn, ins) if opened else _bind(eqn, ins)
     reused = _Reused(rule, len(values))
     outs = core.bind(reused, *values, *ins, **rule.taken(eqn.params))
     return list(outs) if rule.multiple_results else [outs]
@@ -160,7 +161,18 @@ class _Reused(Primitive):
 
 class _Remat(Primitive):
     """`jax.checkpoint`: one node; forward = the body (keeping what the policy
-    saves), VJP = the VJP of the body run again (see the module docstring)."""
+    saves), VJP = the VJP of the body run again (see the module docstring).
+
+    Its parameter `opened` (chainrule's, not JAX's) marks the node a transform
+    enclosing another one records (`value_below`): there the body's
+    custom_vjp calls are their `fwd`, as after JAX's inner JVP, in the
+    forward pass and in the recomputation alike, so that transform
+    differentiates `fwd` (and forward mode may run through it)."""
+
+    def value_below(self, primals, params):
+        if not holds_custom_vjp(params["jaxpr"]):
+            return core.bind(self, *primals, **params)
+        return core.bind(self, *primals, **dict(params, opened=True))
 
     def apply(self, trace, args, params):
         outs = core.bind(self, *args, **self.taken(params))
@@ -171,9 +183,17 @@ class _Remat(Primitive):
 
     def vjp(self, g: Any, node: Node) -> list[Any]:
         jaxpr, policy = node.params["jaxpr"], node.params["policy"]
-        if core.backward_at_zero() and needs_forward(jaxpr):
+        opened = node.params.get("opened", False)
+        if core.backward_at_zero() and (
+            needs_forward(jaxpr) or (holds_custom_vjp(jaxpr) and not opened)
+        ):
             # forward mode through a body holding a while loop: the body's JVP
-            jvp = lambda primals, tangents: _remat_jvp(primals, tangents, jaxpr, policy)  # noqa: E731
+            # (a custom_vjp function in it refuses forward mode there, as in
+            # JAX; one a transform inside this one differentiated is its `fwd`
+            # here: `opened`)
+            jvp = lambda primals, tangents: _remat_jvp(  # noqa: E731
+                primals, tangents, jaxpr, policy, opened
+            )
             cts = list(g) if isinstance(g, tuple) else [g]
             return transposed_jvp(cts, node.primals, node.argnums, jvp)
         n_out = len(jaxpr.outvars)
@@ -203,7 +223,7 @@ class _Remat(Primitive):
             full = list(primals)
             for i, x in zip(diff, diff_primals, strict=True):
                 full[i] = x
-            outs = _evaluate(jaxpr, full, policy, kept)
+            outs = _evaluate(jaxpr, full, policy, kept, opened)
             return outs[:n_out] + [outs[n_out + j] for j in reached]
 
         op_cts = vjp_flat(recompute, [primals[i] for i in diff], cts)
@@ -211,9 +231,18 @@ class _Remat(Primitive):
         return [by_operand[i] for i in node.argnums]
 
 
-def _remat_impl(*args: Any, jaxpr: Any, prevent_cse: Any, differentiated: bool, policy: Any):
-    """The forward pass on the current trace: outputs, then the kept values."""
-    del prevent_cse, differentiated  # they only matter to the recomputation
+def _remat_impl(
+    *args: Any,
+    jaxpr: Any,
+    prevent_cse: Any,
+    differentiated: bool,
+    policy: Any,
+    opened: bool = False,
+):
+    """The forward pass on the current trace: outputs, then the kept values
+    (its custom_vjp calls their `fwd`, `opened` or not: the level below
+    differentiates `fwd`, and the values are the same)."""
+    del prevent_cse, differentiated, opened  # they only matter to the recomputation
     return _evaluate(jaxpr, args, policy, None, opened=holds_custom_vjp(jaxpr))
 
 
@@ -227,13 +256,15 @@ name_p = primitive(
 defvjp(name_p, lambda ans, x, name: lambda g: g)
 
 
-def _remat_jvp(primals: Sequence[Any], tangents: Sequence[Any], jaxpr: Any, policy: Any) -> list:
+def _remat_jvp(
+    primals: Sequence[Any], tangents: Sequence[Any], jaxpr: Any, policy: Any, opened: bool
+) -> list:
     """The tangents of a checkpoint's outputs and of the values its policy
     keeps (None for a non-float one): the body run again with its tangents
-    (`core.jvp_flat`, chainrule's own rules). `tangents` has one entry per
-    operand, None where it is zero."""
+    (`core.jvp_flat`, chainrule's own rules), opened as `_evaluate` opens it.
+    `tangents` has one entry per operand, None where it is zero."""
     diff = [i for i, t in enumerate(tangents) if t is not None]
-    body = lambda *args: _evaluate(jaxpr, args, policy, None)  # noqa: E731
+    body = lambda *args: _evaluate(jaxpr, args, policy, None, opened)  # noqa: E731
     values, out_ts = jvp_at(body, primals, diff, [tangents[i] for i in diff])
     return [
         t if core.is_differentiable(raw(v)) else None for v, t in zip(values, out_ts, strict=True)
@@ -244,6 +275,6 @@ def _remat_jvp(primals: Sequence[Any], tangents: Sequence[Any], jaxpr: Any, poli
 PRIMITIVES["remat2"] = _Remat(
     "remat2",
     _remat_impl,
-    ("jaxpr", "prevent_cse", "differentiated", "policy"),
+    ("jaxpr", "prevent_cse", "differentiated", "policy", "opened"),
     multiple_results=True,
 )
