@@ -88,7 +88,7 @@ def _run_plan(trace: Trace, plan: _Plan, consts: Sequence[Any], args: Sequence[A
 
 def _eval_equations(trace: Trace, plan: _Plan, env: list[Any]) -> None:
     """`eval_body`'s loop over the equations, `trace` current, filling `env`."""
-    here = jcore.JaxprEqnContext()  # interned: an equation traced in this context is it
+    here = current_context()  # interned: an equation traced in this context is it
     process, owns = trace.process, trace._owns
     for k, (prim, params, ins, outs, plain, eqn, rule, mask) in enumerate(plan.eqns):
         invals = [env[i] for i in ins]
@@ -121,6 +121,25 @@ def _eval_equations(trace: Trace, plan: _Plan, env: list[Any]) -> None:
         else:
             for i, o in zip(outs, out, strict=True):
                 env[i] = o
+
+
+def current_context() -> Any:
+    """`jcore.JaxprEqnContext()`, JAX's context of an equation traced now.
+
+    JAX interns it (the same object for the same settings), which costs 1.5
+    us a call, once per `jit` equation of an eager `jax.numpy` call; the five
+    settings it reads are all part of `config.trace_context()` (0.1 us), so it
+    is remembered by that."""
+    key = trace_context()
+    here = _CONTEXTS.get(key)
+    if here is None:
+        if len(_CONTEXTS) >= 64:
+            _CONTEXTS.clear()
+        here = _CONTEXTS[key] = jcore.JaxprEqnContext()
+    return here
+
+
+_CONTEXTS: dict[Any, Any] = {}  # config.trace_context() -> JaxprEqnContext
 
 
 class _Plan:
