@@ -546,3 +546,87 @@ def test_functions_whose_libm_differs_from_xla_are_xlas_eagerly(fun):
     got = cr.grad(loss, has_aux=True)(x)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+# --- a plan's host program: the general path's bits, decided once -----------------------------
+
+
+def _counting_host_programs():
+    """A list, and a `_HostProgram.run` that appends to it whether each run
+    gave the results (True) or sent the plan back to the general path."""
+    ran = []
+    real_run = calls._HostProgram.run
+
+    def counted(self, plan, consts, args):
+        out = real_run(self, plan, consts, args)
+        ran.append(out is not None)
+        return out
+
+    return ran, counted
+
+
+def _bits(tree):
+    return [
+        (np.asarray(a).dtype, np.asarray(a).shape, np.asarray(a).tobytes())
+        for a in jax.tree_util.tree_leaves(tree)
+    ]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(sorted(JAX_DEFJVPS)),  # (the rules whose transposes have programs)
+    dtype=st.sampled_from([np.float32, np.float64]),
+    values=st.lists(
+        st.one_of(
+            st.floats(-120, 120, width=32),  # (log1mexp: subnormals inside its rule)
+            st.sampled_from(EDGES),
+            st.sampled_from([np.nan, 1e-45, -5e-324, 3e38]),
+        ),
+        min_size=1,
+        max_size=140,  # (past `host._SMALL_SIZE`: the other subnormal test)
+    ),
+    subnormal_cotangent=st.booleans(),
+)
+def test_host_programs_give_the_general_paths_bits(name, dtype, values, subnormal_cotangent):
+    """`calls._HostProgram` evaluates a read-once rule or body with NumPy
+    directly, its path decided once. Forward and backward, its values are
+    those of the general path (`Trace.process` per equation) to the bit, with
+    NaNs, infinities and subnormals among the inputs and a subnormal
+    cotangent (which sends the program back to the general path)."""
+    fn = JAX_DEFJVPS[name]
+    x = jnp.asarray(np.asarray(values, dtype))
+    ct = np.full(x.shape, 1e-40 if subnormal_cotangent else 0.75, dtype)
+
+    def run():
+        out, vjp_fn = cr.vjp(fn, x)
+        return out, vjp_fn(ct)
+
+    real_run = calls._HostProgram.run
+    ran, counted = _counting_host_programs()
+    try:
+        calls._HostProgram.run = counted
+        fast = run()
+        calls._HostProgram.run = lambda *a: None
+        general = run()
+    finally:
+        calls._HostProgram.run = real_run
+    assert ran, "no host program was asked"
+    assert _bits(fast) == _bits(general)
+    want = jax.vjp(fn, x)[1](ct)
+    assert [a.dtype for a in fast[1]] == [a.dtype for a in want]
+
+
+def test_host_programs_run_for_jax_functions_rules():
+    """The host programs are taken where they apply: relu's rule transpose
+    and body (a `jit` call inside it), logit's (`jax.numpy` code read once)."""
+    real_run = calls._HostProgram.run
+    ran, counted = _counting_host_programs()
+    x = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32)
+    calls._HostProgram.run = counted
+    try:
+        for fn in (jax.nn.relu, jax.scipy.special.logit):
+            ran.clear()
+            cr.grad(lambda x, fn=fn: jnp.sum(fn(x) * x))(x)
+            assert ran and all(ran), fn
+    finally:
+        calls._HostProgram.run = real_run
