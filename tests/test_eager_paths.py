@@ -618,7 +618,9 @@ def test_host_programs_give_the_general_paths_bits(name, dtype, values, subnorma
 
 def test_host_programs_run_for_jax_functions_rules():
     """The host programs are taken where they apply: relu's rule transpose
-    and body (a `jit` call inside it), logit's (`jax.numpy` code read once)."""
+    and body (a `jit` call inside it), logit's (`jax.numpy` code read once).
+    relu's transposed rule keeps two of its six equations: its zeros are
+    folded, and the select its tangent map computes forward is never read."""
     real_run = calls._HostProgram.run
     ran, counted = _counting_host_programs()
     x = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32)
@@ -630,3 +632,8 @@ def test_host_programs_run_for_jax_functions_rules():
             assert ran and all(ran), fn
     finally:
         calls._HostProgram.run = real_run
+    calls._TRANSPOSED.clear()
+    cr.grad(lambda x: jnp.sum(jax.nn.relu(x) * x))(x)
+    ((plan, _, _),) = calls._TRANSPOSED.values()
+    assert [e[0].name for e in plan.eqns].count("select_n") == 2
+    assert [impl.__name__ for impl, *_ in plan.host.steps] == ["greater", "_host_select_n"]

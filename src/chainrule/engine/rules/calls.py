@@ -235,7 +235,8 @@ class _HostProgram:
     operands are all weakly typed (literals; JAX's path where it is not
     exact) only if exact on the host; literals and outputs of strong host
     types. An exact equation of literals alone (a zero broadcast to a shape)
-    is computed once, here. What depends on the values is checked per call
+    is computed once, here, and one whose results no output needs not at
+    all (the general path computes and drops them). What depends on the values is checked per call
     (`run`): host evaluation on, the same context, operands NumPy values (or
     concrete `jax.Array`s, read as NumPy views) of host dtypes without
     subnormals; NumPy refusing an operation falls back to the general path,
@@ -301,7 +302,16 @@ class _HostProgram:
                         known.add(i)
                     continue
             steps.append((rule.host_impl, taken, ins, outs))
-        return _HostProgram(tuple(steps), context, template)
+        # only the steps the outputs need (a rule's tangent map transposed
+        # keeps the forward select whose result nothing reads)
+        live = set(plan.outs)
+        needed = []
+        for step in reversed(steps):
+            outs = step[3]
+            if any(i in live for i in (outs if type(outs) is tuple else (outs,))):
+                needed.append(step)
+                live.update(step[2])
+        return _HostProgram(tuple(reversed(needed)), context, template)
 
     def run(self, plan: _Plan, consts: Sequence[Any], args: Sequence[Any]) -> list[Any] | None:
         """The plan's outputs, or None where the general path must run."""
