@@ -219,29 +219,38 @@ def test_eager_results_are_placed_where_jax_places_them():
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
 
 
+_CONTEXTS = """
+from jax._src import config as jax_config
+from jax._src import core as jcore
+from jax.experimental.compute_on import compute_on
+from jax.experimental.xla_metadata import set_xla_metadata
+
+from chainrule.engine.rules.calls import current_context
+
+seen = [current_context()]
+assert seen[0] is jcore.JaxprEqnContext()
+flip = not jax_config.threefry_partitionable.value
+with jax_config.threefry_partitionable(flip):
+    seen.append(current_context())
+    assert seen[-1] is jcore.JaxprEqnContext()
+with compute_on("device_host"):
+    seen.append(current_context())
+    assert seen[-1] is jcore.JaxprEqnContext()
+    with set_xla_metadata(priority="high"):
+        seen.append(current_context())
+        assert seen[-1] is jcore.JaxprEqnContext()
+assert len({id(c) for c in seen}) == len(seen)  # (four settings, four contexts)
+assert current_context() is seen[0]
+print("ok")
+"""
+
+
 def test_the_remembered_equation_context_is_jaxs_under_each_setting():
     """`rules.calls.current_context` remembers JAX's interned equation context
     by `trace_context()`: under every setting that context reads (PRNG
     partitioning, `compute_on`, XLA metadata, nested) it is JAX's own object,
-    so an equation traced under another one is still told apart."""
-    from jax._src import config as jax_config
-    from jax._src import core as jcore
-    from jax.experimental.compute_on import compute_on
-    from jax.experimental.xla_metadata import set_xla_metadata
-
-    from chainrule.engine.rules.calls import current_context
-
-    seen = [current_context()]
-    assert seen[0] is jcore.JaxprEqnContext()
-    flip = not jax_config.threefry_partitionable.value
-    with jax_config.threefry_partitionable(flip):
-        seen.append(current_context())
-        assert seen[-1] is jcore.JaxprEqnContext()
-    with compute_on("device_host"):
-        seen.append(current_context())
-        assert seen[-1] is jcore.JaxprEqnContext()
-        with set_xla_metadata(priority="high"):
-            seen.append(current_context())
-            assert seen[-1] is jcore.JaxprEqnContext()
-    assert len({id(c) for c in seen}) == len(seen)  # (four settings, four contexts)
-    assert current_context() is seen[0]
+    so an equation traced under another one is still told apart. (In a
+    process of its own: importing `compute_on` and `xla_metadata` registers
+    primitives that `tests/test_registry_coverage.py` would then ask about.)"""
+    run = subprocess.run([sys.executable, "-c", _CONTEXTS], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
