@@ -67,18 +67,29 @@ def eval_body(trace: Trace, closed: Any, args: Sequence[Any]) -> list[Any]:
     is reused on every call).
     """
     jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
+    return _run_plan(trace, _plan_of(jaxpr), consts, args)
+
+
+def _plan_of(jaxpr: Any) -> _Plan:
+    """`jaxpr`'s plan, read once (`_PLANS`)."""
     plan = _PLANS.get(jaxpr)
     if plan is None:
         plan = _PLANS[jaxpr] = _Plan(jaxpr)
-    return _run_plan(trace, plan, consts, args)
+    return plan
+
+
+def _program_of(plan: _Plan) -> _HostProgram | bool:
+    """`plan`'s host program (False: it has none), found once."""
+    program = plan.host
+    if program is None:
+        program = plan.host = _HostProgram.of(plan)
+    return program
 
 
 def _run_plan(trace: Trace, plan: _Plan, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
     """The outputs of `plan`'s jaxpr on `consts` and `args`, `trace` current."""
     if trace is _HOST_TRACE:  # chainrule's own evaluation of a rule or body on the host
-        program = plan.host
-        if program is None:
-            program = plan.host = _HostProgram.of(plan)
+        program = _program_of(plan)
         if program:
             outs = program.run(plan, consts, args)
             if outs is not None:
@@ -236,11 +247,11 @@ class _HostProgram:
     exact) only if exact on the host; literals and outputs of strong host
     types. An exact equation of literals alone (a zero broadcast to a shape)
     is computed once, here, and one whose results no output needs not at
-    all (the general path computes and drops them). What depends on the values is checked per call
-    (`run`): host evaluation on, the same context, operands NumPy values (or
-    concrete `jax.Array`s, read as NumPy views) of host dtypes without
-    subnormals; NumPy refusing an operation falls back to the general path,
-    from the start."""
+    all (the general path computes and drops them). What depends on the
+    values is checked per call (`run`): host evaluation on, the same
+    context, operands NumPy values (or concrete `jax.Array`s, read as NumPy
+    views) of host dtypes without subnormals; NumPy refusing an operation
+    falls back to the general path, from the start."""
 
     __slots__ = ("steps", "context", "template")
 
@@ -275,12 +286,8 @@ class _HostProgram:
             all_weak = all(v.aval.weak_type for v in eqn.invars)
             if prim.name == "jit" and type(rule) is _Inline and not all_weak:
                 body = params["jaxpr"]
-                inner = _PLANS.get(body.jaxpr)
-                if inner is None:
-                    inner = _PLANS[body.jaxpr] = _Plan(body.jaxpr)
-                if inner.host is None:
-                    inner.host = _HostProgram.of(inner)
-                if not inner.host:
+                inner = _plan_of(body.jaxpr)
+                if not _program_of(inner):
                     return False
                 steps.append((None, (inner, body.consts), ins, outs))
                 continue
