@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
 import chainrule as cr
+from chainrule.engine import core
 from chainrule.engine.core import PRIMITIVES
 from chainrule.engine.rules import calls
 from tests.oracle import check_against_jax
@@ -637,3 +638,127 @@ def test_host_programs_run_for_jax_functions_rules():
     ((plan, _, _),) = calls._TRANSPOSED.values()
     assert [e[0].name for e in plan.eqns].count("select_n") == 2
     assert [impl.__name__ for impl, *_ in plan.host.steps] == ["greater", "_host_select_n"]
+
+
+# --- `core._bind_on_host`: the common eager case of `bind` in one pass ---------------------
+
+_STEPS = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b,
+    "max": lambda a, b: cr.numpy.maximum(a, b),
+    "min": lambda a, b: jnp.minimum(a, b),
+    "pow": lambda a, b: a**2 * b,
+    "exp": lambda a, b: cr.numpy.exp(a) - b,
+    "tanh": lambda a, b: jnp.tanh(a) * b,
+    "where": lambda a, b: cr.numpy.where(a > b, a, b),
+}
+
+
+def _operand(kind, value, dtype):
+    """A constant of one of the kinds a loss meets: a NumPy array, a NumPy
+    scalar, a `jax.Array` (strong or weak), a Python float."""
+    if kind == "numpy":
+        return np.full((3,), value, dtype)
+    if kind == "numpy scalar":
+        return dtype(value)
+    if kind == "jax":
+        return jnp.full((3,), value, dtype)
+    if kind == "weak jax":
+        return jnp.asarray(float(value))
+    return float(value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([np.float32, np.float64]),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(sorted(_STEPS)),
+            st.sampled_from(["traced", "numpy", "numpy scalar", "jax", "weak jax", "python"]),
+            # (1e-20 times 1e-19: a subnormal product of normal numbers, which
+            # XLA flushes to zero)
+            st.sampled_from([0.5, -2.0, 3.0, 1e-20, 1e-40, -5e-324, 0.0, np.inf, np.nan, 1e30]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    x=st.lists(st.sampled_from([0.75, -1.5, 2.0, 1e-19, 1e-39, 0.0, 1e20]), min_size=3, max_size=3),
+)
+@example(  # a subnormal product of normal numbers (XLA's is 0)
+    dtype=np.float32, steps=[("mul", "numpy", 1e-20)], x=[1e-19, 1e-19, 1e-19]
+)
+@example(dtype=np.float32, steps=[("mul", "jax", 1e-20), ("mul", "traced", 0.0)], x=[1e-19] * 3)
+def test_bind_on_host_gives_the_general_paths_bits(dtype, steps, x):
+    """`Primitive.bind` first tries `core._bind_on_host`, one pass over the
+    operands for the common eager case (NumPy values, strong `jax.Array`s,
+    Tracers of the current trace). Against `bind` without it: the same value
+    and gradients, bit for bit, at first and second order, for operators,
+    `chainrule.numpy` and `jax.numpy` steps on constants of every kind,
+    subnormal, infinite and NaN ones included."""
+    x = jnp.asarray(np.asarray(x, dtype))
+
+    def loss(x):
+        h = x
+        for name, kind, value in steps:
+            other = h if kind == "traced" else _operand(kind, value, dtype)
+            h = _STEPS[name](h, other)
+        return jnp.sum(h)
+
+    def run():
+        with jax.numpy_rank_promotion("allow"):
+            first = cr.value_and_grad(loss)(x)
+            second = cr.grad(lambda x: cr.grad(loss)(x).sum())(x)
+        return first, second
+
+    real = core.Primitive.on_host_first
+    fast = run()
+    try:
+        core.Primitive.on_host_first = property(lambda self: False)
+        general = run()
+    finally:
+        core.Primitive.on_host_first = real
+    assert _bits(fast) == _bits(general)
+
+
+def test_bind_on_host_takes_the_common_case():
+    """Every operation of the tutorial's gradient, forward and backward, takes
+    the one-pass path (operands: Tracers, a `jax.Array` and NumPy values)."""
+    taken = []
+    real = core._bind_on_host
+
+    def counted(prim, args, params):
+        out = real(prim, args, params)
+        taken.append((prim.name, out is not core._GENERAL))
+        return out
+
+    w, x, y = (jnp.asarray(v, jnp.float32) for v in (1.0, 1.0, 2.0))
+    core._bind_on_host = counted
+    try:
+        dw = cr.grad(lambda w, x, y: (w * x - y) ** 2)(w, x, y)
+    finally:
+        core._bind_on_host = real
+    assert float(dw) == -2.0
+    names = [name for name, _ in taken]
+    assert names[:3] == ["mul", "sub", "integer_pow"], names
+    assert all(ok for _, ok in taken), taken
+
+
+def test_bind_on_host_leaves_operators_to_a_function_jax_traces():
+    """An operator on differentiated values that a function JAX traces closes
+    over (`jax.make_jaxpr`, a `lax.cond` branch) belongs to that function
+    (`Primitive.bind`): the one-pass path leaves it to the general one, which
+    stages it there, as under `jax.grad`."""
+    seen = []
+
+    def f(x1, x2):
+        closed = jax.make_jaxpr(lambda: x1 * 3.0 + x2)()
+        seen.append(([e.primitive.name for e in closed.jaxpr.eqns], len(closed.consts)))
+        return jax.core.eval_jaxpr(closed.jaxpr, closed.consts)[0]
+
+    args = (jnp.float32(2.0), jnp.float32(4.0))
+    want = jax.grad(f, argnums=(0, 1))(*args)
+    got = cr.grad(f, argnums=(0, 1))(*args)
+    assert _bits(got) == _bits(want)
+    assert seen[1] == seen[0] == (["mul", "add"], 2)

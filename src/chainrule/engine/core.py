@@ -42,6 +42,7 @@ import numpy as np
 from jax import dtypes, lax
 from jax._src import config as _jax_config
 from jax._src import core as jcore  # the Trace/Tracer interface (JAX 0.10, pinned)
+from jax._src.array import ArrayImpl as _ArrayImpl  # concrete jax.Arrays (JAX 0.10)
 from jax._src.interpreters import partial_eval as pe  # `_Perturbed`'s base only
 from jax.errors import ConcretizationTypeError
 
@@ -206,13 +207,30 @@ class Primitive:
         # NumPy version takes that instead).
         self.traced_impl: Callable[..., Any] | None = None
 
+    @property
+    def on_host_first(self) -> bool:
+        """Whether `bind` tries `_bind_on_host` first: a primitive with a NumPy
+        version that only computes (one result; no user code in it, whose
+        errors are the user's, nor code run on the trace outside)."""
+        return (
+            self.host_impl is not None
+            and not self.multiple_results
+            and self.host_errors_fall_back
+            and not self.runs_outside
+        )
+
     def bind(self, *args: Any, **params: Any) -> Any:
         """Applies this primitive to `args`, recording a node at the highest
         level present (`Trace.record`), or evaluating it when none is traced.
 
         (The hot path of eager differentiation: one call per operation,
-        forward and backward; `core.bind` is this function.)
+        forward and backward; `core.bind` is this function. Its common case,
+        NumPy values on the host, is `_bind_on_host`: one pass over `args`.)
         """
+        if self.on_host_first:
+            out = _bind_on_host(self, args, params)
+            if out is not _GENERAL:
+                return out
         top = None
         level = 0
         for a in args:
@@ -266,21 +284,7 @@ class Primitive:
         operands = host.host_operands(args)
         if operands is None:
             return None
-        st = host._state  # (`host.FLUSHING`, inline: this is the hot path)
-        flush = st.restore and not st.flush_depth
-        if flush:
-            st.flush_depth = 1
-            host.set_mode(st.flushing_ref)
-        try:
-            out = self.host_impl(*operands, **params)
-        except (ValueError, TypeError, IndexError):
-            if not self.host_errors_fall_back:
-                raise
-            return None  # (NumPy refuses the operands: JAX's implementation raises JAX's error)
-        finally:
-            if flush:
-                st.flush_depth = 0
-                host.set_mode(st.saved_ref)
+        out = _host_result(self, operands, params)
         return None if out is NotImplemented else (operands, out)
 
     def apply(self, trace: Trace, args: Sequence[Any], params: dict[str, Any]) -> list[Any]:
@@ -361,6 +365,107 @@ class Primitive:
 
     def __repr__(self) -> str:
         return f"Primitive({self.name})"
+
+
+def _host_result(prim: Primitive, operands: Sequence[Any], params: dict[str, Any]) -> Any:
+    """`prim`'s NumPy version on `operands` in XLA's floating-point mode
+    (`host.FLUSHING`, inline: this is the hot path); `NotImplemented` where it
+    does not cover them or NumPy refuses them (JAX's implementation then
+    raises JAX's error), unless its errors are the user's."""
+    st = host._state
+    flush = st.restore and not st.flush_depth
+    if flush:
+        st.flush_depth = 1
+        host.set_mode(st.flushing_ref)
+    try:
+        return prim.host_impl(*operands, **params)
+    except (ValueError, TypeError, IndexError):
+        if not prim.host_errors_fall_back:
+            raise
+        return NotImplemented
+    finally:
+        if flush:
+            st.flush_depth = 0
+            host.set_mode(st.saved_ref)
+
+
+_GENERAL = object()  # `_bind_on_host`: the general path decides
+
+
+def _bind_on_host(prim: Primitive, args: tuple[Any, ...], params: dict[str, Any]) -> Any:
+    """`prim.bind(*args, **params)` in its common eager case, in one pass over
+    `args`, else `_GENERAL`: every operand a NumPy value of a host dtype (see
+    `host.host_dtype`), a strongly typed CPU `jax.Array`, or a Tracer of one
+    trace (JAX's current one, recording as usual: no watched untraced values)
+    holding a NumPy value. That is exactly the case where `bind` would reach
+    `Primitive.evaluate_on_host` with these operands unchanged by
+    `host.host_operands` (or `_converted`), and record the result; anything
+    else (a Python number, a weak type, a subnormal constant, a JAX tracer,
+    nested levels, NumPy refusing the operands) takes the general path, which
+    gives the same result for these."""
+    st = host._state
+    if not st.host:
+        return _GENERAL
+    trace = None
+    argnums: list[int] = []
+    parents: list[Node] = []
+    operands = list(args)
+    constants = False  # a NumPy operand not computed here (checked for subnormals if traced)
+    seen_host = False
+    plain, host_ok = host.PLAIN_TYPES, host.HOST_DTYPES
+    for i, a in enumerate(args):
+        kind = type(a)
+        if kind in plain:
+            if a.dtype not in host_ok:
+                return _GENERAL
+            seen_host = True
+            constants = constants or kind is not host.HostArray
+        elif kind is _ArrayImpl:
+            if a.dtype not in host_ok or a.weak_type:
+                return _GENERAL
+            a = host._converted(a)
+            if a is None:
+                return _GENERAL
+            operands[i] = a
+        elif isinstance(a, Tracer):
+            t = a._trace
+            if trace is None:
+                trace = t
+            elif t is not trace:
+                return _GENERAL
+            v = a.value
+            if type(v) not in plain or v.dtype not in host_ok:
+                return _GENERAL
+            operands[i] = v
+            argnums.append(i)
+            parents.append(a.node)
+            seen_host = True
+        else:
+            return _GENERAL
+    if not seen_host:
+        return _GENERAL  # (only jax.Arrays: JAX computes it, as `host_operands` says)
+    if trace is not None:
+        if (
+            trace._invalidated
+            or trace.untraced_uses is not None
+            or _current_trace.value is not trace
+        ):
+            return _GENERAL
+        if constants:  # (as `record`: a subnormal constant of the user's is JAX's)
+            for a in args:
+                if type(a) in plain and host.is_unchecked_constant(a) and host.has_subnormal(a):
+                    return _GENERAL
+    ans = _host_result(prim, operands, params)
+    if ans is NotImplemented:
+        return _GENERAL
+    if trace is None:
+        return ans
+    if not prim.differentiable or not is_differentiable(ans):
+        return host.immutable(ans)
+    node = Node(prim, tuple(operands), params, ans, tuple(argnums), tuple(parents))
+    if _recorders:
+        announce(node)
+    return trace.tracer_type(ans, node, trace)
 
 
 def _defining_family() -> str:

@@ -597,6 +597,13 @@ def is_plain_host_value(x: Any) -> bool:
     return isinstance(x, (np.ndarray, np.generic)) and type(x) is not _TypedNdArray
 
 
+HOST_DTYPES = _HOST_OK  # (`host_dtype`'s set, for the hot path's own tests)
+# The exact types of host values (`core._bind_on_host` tests them by type): NumPy
+# arrays, `HostArray`s and the NumPy scalars of the host dtypes (NumPy's results
+# on 0-d arrays); not JAX's typed literals, whose weak type NumPy cannot keep.
+PLAIN_TYPES = frozenset([np.ndarray, HostArray, *(d.type for d in _HOST_OK)])
+
+
 def immutable(x: Any) -> Any:
     """`x` as a `HostArray` if it is a NumPy array (no copy), a strongly typed
     literal of JAX's (JAX's `custom_vjp` call makes one of a NumPy argument)
