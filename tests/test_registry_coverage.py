@@ -44,6 +44,8 @@ JAX_RULE_MODULES = [
     "jax.experimental.multihost_utils",
     "jax.experimental.sparse",
     "jax.experimental.sparse.linalg",
+    "jax.experimental.compute_on",
+    "jax.experimental.xla_metadata",
 ]
 
 _STATE = (

@@ -6,8 +6,10 @@
   eager, under `jit` and `vmap`, first and second order (the oracle).
 * Bits: shifts, `population_count`, `clz` and `bitcast_convert_type` next to
   a differentiated path.
-* Placement: `device_put`, `sharding_constraint`, `copy`, `optimization_barrier`
-  pass the cotangent through.
+* Placement: `device_put`, `sharding_constraint`, `copy`, `optimization_barrier`,
+  `set_xla_metadata` pass the cotangent through; `compute_on`'s body is
+  differentiated inline (results in another memory space are refused, as by
+  `jax.grad`).
 * Printing and callbacks: `jax.debug.print` and `jax.debug.callback` see what
   they see under `jax.grad` (captured stdout and callback arguments compared);
   `pure_callback` / `io_callback` on values that need no gradient run, on
@@ -23,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax._src.core import MemorySpace  # (compute_on's memory spaces; JAX 0.10, pinned)
 from jax.experimental import checkify, io_callback
+from jax.experimental.compute_on import compute_on2
+from jax.experimental.xla_metadata import set_xla_metadata
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 import chainrule as cr
@@ -181,7 +186,16 @@ PLACEMENTS = {
         lambda x: lax.optimization_barrier((x, jnp.cos(x)))[0] * 3.0,
         "optimization_barrier",
     ),
+    "xla metadata": (lambda x: set_xla_metadata(x, tag="a") * x, "xla_metadata_value"),
+    "compute_on the host": (
+        lambda x: _on_host(lambda y, z: (jnp.cos(y) * y, z * z))(x, 2.0 * x)[0] * x,
+        "compute_on",
+    ),
 }
+
+
+def _on_host(f, spaces=MemorySpace.Device):
+    return compute_on2(f, compute_type="device_host", out_memory_spaces=spaces)
 
 
 @pytest.mark.parametrize("name", sorted(PLACEMENTS))
@@ -200,6 +214,29 @@ def test_placement_passes_the_cotangent_through(name):
         got, want = wrap(cr.grad(lambda x: f(x).sum()))(x32), jax.grad(lambda x: f(x).sum())(x32)
         assert got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, **_tol(jnp.float32))
+
+
+def test_xla_metadata_stays_on_the_value_under_jit():
+    """The value keeps its XLA attributes in the program `jit` stages; the
+    cotangent passes through without them, as in JAX."""
+
+    def f(x):
+        return jnp.sum(jnp.sin(set_xla_metadata(x * 2.0, tag="kept")))
+
+    jaxpr = jax.make_jaxpr(cr.grad(f))(jnp.ones(3))
+    params = [e.params for e in jaxpr.eqns if e.primitive.name == "xla_metadata_value"]
+    assert params == [{"xla_metadata_kvs": (("tag", "kept"),)}]
+
+
+def test_compute_on_results_in_host_memory_are_refused():
+    """Results of a differentiated `compute_on` asked for in host memory: refused
+    with the reason and the fix (`jax.grad` refuses them too)."""
+    g = _on_host(lambda y: jnp.cos(y) * y, MemorySpace.Host)
+    x = jnp.linspace(-1.0, 1.0, 3)
+    with pytest.raises(ValueError):
+        jax.grad(lambda x: jnp.sum(g(x)))(x)
+    with pytest.raises(ValueError, match=r"out_memory_spaces=.*Host.*device memory"):
+        cr.grad(lambda x: jnp.sum(g(x)))(x)
 
 
 # --- printing and callbacks ----------------------------------------------------------------

@@ -40,7 +40,8 @@ _LINEAR = frozenset(
     """add add_any sub neg reduce_sum reshape squeeze expand_dims broadcast_in_dim
     transpose convert_element_type copy copy_p slice dynamic_slice dynamic_update_slice
     concatenate stack split tile pad gather scatter-add scatter select_n rev cumsum
-    real imag conj complex reduce_precision projection fft reduce_window_sum""".split()
+    real imag conj complex reduce_precision projection fft reduce_window_sum
+    xla_metadata_value""".split()
 )
 _BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
 _LINEAR_IN = {"div": (0,), "triangular_solve": (1,)}

@@ -466,6 +466,38 @@ for _name, _param in (
     PRIMITIVES[_name] = _Inline(_name, _param)
 
 
+class _ComputeOn(_Inline):
+    """`compute_on` (`jax.experimental.compute_on.compute_on2(f,
+    compute_type=..., out_memory_spaces=...)`): its body is differentiated
+    inline, the same numbers as `jax.grad`'s; on constants alone JAX
+    evaluates the call, placed as asked. Inline, the body's operations (and
+    their rules) run where the rest of the function runs, not on the
+    `compute_type` asked for (JAX keeps its forward and backward there), and
+    its results are in device memory: results asked for in another memory
+    space are refused, as `jax.grad` refuses them (its VJP then expects
+    cotangents in that memory)."""
+
+    def apply(self, trace, args, params):
+        spaces = params.get("out_memory_spaces", ())
+        other = [s for s in spaces if s is not jcore.MemorySpace.Device]
+        if other:
+            raise ValueError(
+                f"compute_on with out_memory_spaces={tuple(spaces)} (used at "
+                f"{core.user_frame()}): chainrule differentiates the body of compute_on "
+                "inline, where its results are in device memory, and jax.grad refuses "
+                "results in another memory space too (its VJP expects cotangents there). "
+                "Return them in device memory (out_memory_spaces=MemorySpace.Device) and "
+                "move them afterwards if needed."
+            )
+        return super().apply(trace, args, params)
+
+    def apply_untraced(self, trace, args, params):
+        return NotImplemented  # JAX evaluates the call, placed as asked
+
+
+PRIMITIVES["compute_on"] = _ComputeOn("compute_on", "jaxpr")
+
+
 def _cotangents(g: Any, outs: Sequence[Any]) -> list[Any]:
     """The cotangents of a multiple-results node, zeros where none arrived."""
     cts = list(g) if isinstance(g, tuple) else [g]

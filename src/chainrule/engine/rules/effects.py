@@ -8,7 +8,10 @@ placement, printing and callbacks.
   (`x * mask`, `mu + sigma * eps`), which carry the gradient.
 * **Placement** (`device_put`, `sharding_constraint`, `optimization_barrier`):
   identities for the values, so the cotangent passes through; a sharding
-  constraint is also applied to the cotangent, as JAX does.
+  constraint is also applied to the cotangent, as JAX does. So does
+  `xla_metadata_value` (`jax.experimental.xla_metadata.set_xla_metadata(x,
+  ...)`, XLA attributes on a value): the value keeps them, the cotangent
+  passes through without them, as in JAX.
 * **Printing and callbacks**: `jax.debug.print` (`debug_print`) and
   `jax.debug.callback` (`debug_callback`) see the primal values, as under
   `jax.grad`, and record nothing; so does `checkify.check` (`check`).
@@ -25,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jax._src import callback, checkify, debugging, dispatch, pjit
+from jax._src import callback, checkify, debugging, dispatch, pjit, xla_metadata
 from jax._src import core as jcore  # set_current_trace (JAX 0.10, pinned)
 from jax._src import mesh as mesh_lib
 from jax._src.lax import lax as jax_lax
@@ -113,6 +116,10 @@ def optimization_barrier(values: Sequence[Any]) -> list[Any]:
     """`lax.optimization_barrier` on a flat list of values, through the table."""
     return list(optimization_barrier_p.bind(*values)) if values else []
 
+
+# set_xla_metadata(x, key=value): the value as it is, with XLA attributes under jit
+xla_metadata_value_p = passthrough(xla_metadata.xla_metadata_value_p, ("xla_metadata_kvs",))
+defvjp(xla_metadata_value_p, lambda ans, x, **params: lambda g: g)
 
 _CONSTRAINT = ("sharding", "layout", "context_mesh", "unconstrained_dims")
 sharding_constraint_p = passthrough(pjit.sharding_constraint_p, _CONSTRAINT)
