@@ -573,9 +573,26 @@ def _bits(tree):
     ]
 
 
+# JAX's functions with a `custom_jvp` function inside their body and rule
+# (logaddexp's): their programs run the inner body's program as a step
+NESTED_CUSTOM_JVP = {
+    "softplus": jax.nn.softplus,
+    "log_sigmoid": jax.nn.log_sigmoid,
+    "logaddexp": lambda z: jnp.logaddexp(z, 0.5 * z - 1.0),
+}
+HOST_PROGRAMS = {**JAX_DEFJVPS, **NESTED_CUSTOM_JVP}
+
+
+@pytest.mark.parametrize("name", sorted(NESTED_CUSTOM_JVP))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_nested_custom_jvp_functions_against_jax(name, dtype):
+    x = jnp.linspace(-30.0, 30.0, 11, dtype=dtype)  # (logaddexp's branches: both far sides)
+    check_against_jax(lambda x: NESTED_CUSTOM_JVP[name](x) * x, x)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
-    name=st.sampled_from(sorted(JAX_DEFJVPS)),  # (the rules whose transposes have programs)
+    name=st.sampled_from(sorted(HOST_PROGRAMS)),  # (the rules whose transposes have programs)
     dtype=st.sampled_from([np.float32, np.float64]),
     values=st.lists(
         st.one_of(
@@ -594,7 +611,7 @@ def test_host_programs_give_the_general_paths_bits(name, dtype, values, subnorma
     those of the general path (`Trace.process` per equation) to the bit, with
     NaNs, infinities and subnormals among the inputs and a subnormal
     cotangent (which sends the program back to the general path)."""
-    fn = JAX_DEFJVPS[name]
+    fn = HOST_PROGRAMS[name]
     x = jnp.asarray(np.asarray(values, dtype))
     ct = np.full(x.shape, 1e-40 if subnormal_cotangent else 0.75, dtype)
 
@@ -633,6 +650,14 @@ def test_host_programs_run_for_jax_functions_rules():
             assert ran and all(ran), fn
     finally:
         calls._HostProgram.run = real_run
+    for fn in NESTED_CUSTOM_JVP.values():
+        ran.clear()
+        calls._HostProgram.run = counted
+        try:
+            cr.grad(lambda x, fn=fn: jnp.sum(fn(x) * x))(x)
+        finally:
+            calls._HostProgram.run = real_run
+        assert ran and all(ran), fn
     calls._TRANSPOSED.clear()
     cr.grad(lambda x: jnp.sum(jax.nn.relu(x) * x))(x)
     ((plan, _, _),) = calls._TRANSPOSED.values()

@@ -278,14 +278,19 @@ class _HostProgram:
             known.add(i)
         steps = []
         for prim, params, ins, outs, plain, eqn, rule, mask in plan.eqns:
-            if not plain or eqn.ctx is not context or eqn.effects or mask is not None:
+            # a `custom_jvp` function inside (softplus's logaddexp, in its rule
+            # too): off a trace, its body (`Trace._custom_call` on host operands)
+            nested = prim.name == "custom_jvp_call"
+            if not (plain or nested) or eqn.ctx is not context or eqn.effects or mask is not None:
                 return False
             avals = [v.aval for v in (*eqn.invars, *eqn.outvars)]
             if not all(isinstance(a.dtype, np.dtype) and host.host_dtype(a.dtype) for a in avals):
                 return False
             all_weak = all(v.aval.weak_type for v in eqn.invars)
-            if prim.name == "jit" and type(rule) is _Inline and not all_weak:
-                body = params["jaxpr"]
+            if nested and all_weak:
+                return False
+            if nested or (prim.name == "jit" and type(rule) is _Inline and not all_weak):
+                body = params["call_jaxpr" if nested else "jaxpr"]
                 inner = _plan_of(body.jaxpr)
                 if not _program_of(inner):
                     return False
